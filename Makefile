@@ -1,0 +1,28 @@
+# The two commands the README starts with. Both create .venv when it is missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+DEMO    := build/demo
+
+.PHONY: demo test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	@mkdir -p $(DEMO)
+	$(BIN)/eiec models/lenet5.onnx -o $(DEMO)/lenet5.eie --calibration models/digits_calib.npz --dump-ir $(DEMO)/ir
+	$(BIN)/eiec inspect $(DEMO)/lenet5.eie
+	$(BIN)/eiec run $(DEMO)/lenet5.eie --input models/digits_test.npz -o $(DEMO)/out.npz --report $(DEMO)/report.json
+	$(BIN)/eiec validate models/lenet5.onnx $(DEMO)/lenet5.eie --input models/digits_test.npz --bisect $(DEMO)/ir
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,108 @@
+"""The canonical IR every pass sees, and how to find its compressible layers.
+
+All IRs are plain ONNX models (IR3/IR4 add eiec custom ops in `EIE_DOMAIN`).
+After import (IR0) every compressible layer is one of:
+
+* FC:   ``Gemm(X, W, B)`` with alpha=1, beta=1, transA=0, transB=1; W is
+  [out, in], B is [out] (always present, zeros when the model had none).
+* Conv: ``Conv(X, W, B)``, 2-D, explicit ``pads``/``strides``/``dilations``/
+  ``group``/``kernel_shape``; W is [out, in/group, kh, kw], B is [out].
+
+The layer's name is its node's name (unique after import). W is produced by:
+
+* IR0/IR1: an initializer named ``<weight>``.
+* IR2:     ``Gather(<weight>.codebook, Cast(<weight>.indices))`` — float codebook
+  [2^bits] with entry 0 = 0.0, uint8 indices shaped like W.
+* IR3:     ``EIEDecode`` (domain ai.onnx.contrib) fed by the packed per-PE streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+EIE_DOMAIN = "ai.onnx.contrib"
+OPSET = 17  # the opset the canonical IR is written in
+
+
+@dataclass
+class Layer:
+    """One compressible layer of a canonical model."""
+
+    name: str  # the Gemm/Conv node's name
+    kind: str  # "fc" or "conv"
+    node: onnx.NodeProto
+    weight: str  # name of W (initializer in IR0/1, a node output later)
+    bias: str  # name of the bias initializer [out]
+    shape: tuple[int, ...]  # shape of W
+
+    def attr(self, name: str, default=None):
+        for a in self.node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+
+def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def find_layers(model: onnx.ModelProto) -> list[Layer]:
+    """The compressible layers of a canonical model, in graph order."""
+    inits = initializer_map(model)
+    prod = producers(model)
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in ("Gemm", "Conv") or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.input) < 3:
+            continue
+        w = node.input[1]
+        src = prod.get(w)
+        if w in inits:
+            shape = tuple(inits[w].dims)
+        elif src is not None and src.op_type == "Gather" and src.input[1] in prod:
+            shape = tuple(inits[prod[src.input[1]].input[0]].dims)  # Cast(indices)
+        elif src is not None and src.op_type == "EIEDecode":
+            shape = tuple(next(a.ints for a in src.attribute if a.name == "shape"))
+        else:
+            continue
+        kind = "fc" if node.op_type == "Gemm" else "conv"
+        layers.append(Layer(node.name, kind, node, w, node.input[2], tuple(int(d) for d in shape)))
+    return layers
+
+
+def get_initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)
+
+
+def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    """Replace (or add) initializer `name` with `value`, keeping its position."""
+    new = numpy_helper.from_array(np.ascontiguousarray(value), name)
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            model.graph.initializer[i].CopyFrom(new)
+            return
+    model.graph.initializer.append(new)
+
+
+def remove_initializer(model: onnx.ModelProto, name: str) -> None:
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            del model.graph.initializer[i]
+            return
+
+
+def matrix_view(w: np.ndarray) -> np.ndarray:
+    """The 2-D matrix EIE stores for a weight: [out, in] for FC, [out, in/g*kh*kw] for conv."""
+    return w.reshape(w.shape[0], -1)

@@ -1,0 +1,210 @@
+"""The YAML recipe: target hardware and per-layer compression choices.
+
+Loaded with ``yaml.safe_load`` and validated strictly: an unknown key, a bad value
+or a layer pattern that matches no layer is a `RecipeError` naming the key.
+See docs/recipe.md for the format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+from .target import ENERGY_KEYS, TARGET_KEYS, Energy, Target
+
+MAX_BITS = 8  # codebook index widths above 8 bits defeat weight sharing
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    """The compression choices for one layer."""
+
+    density: float | str = "auto"  # fraction of weights kept, "keep" or "auto"
+    bits: int | str = "auto"  # codebook index bits, or "auto"
+    skip: bool = False  # leave the layer dense and on the host
+    refit: bool = True  # least-squares refit of codebook values on calibration data
+    bias_correction: bool = True  # re-centre the layer's mean output on calibration data
+    obs: bool = True  # second-order (OBS/SparseGPT-style) update while pruning
+
+
+LAYER_KEYS = tuple(f.name for f in dataclasses.fields(LayerRecipe))
+
+
+@dataclass
+class Recipe:
+    target: Target = field(default_factory=Target)
+    defaults: LayerRecipe = field(default_factory=LayerRecipe)
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # pattern -> overrides
+    path: str | None = None
+    # budget for density/bits "auto": accuracy points with labels, else relative output error
+    max_accuracy_drop: float = 0.5
+    max_output_error: float = 0.05
+
+    def for_layer(self, node_name: str, weight_name: str) -> LayerRecipe:
+        """Defaults overridden by every pattern that matches, in file order."""
+        values = dataclasses.asdict(self.defaults)
+        for pattern, overrides in self.layers.items():
+            if _matches(pattern, node_name) or _matches(pattern, weight_name):
+                values.update(overrides)
+        return LayerRecipe(**values)
+
+    def check_patterns(self, names: list[tuple[str, str]]) -> None:
+        """Every layer pattern must match at least one (node, weight) name."""
+        for pattern in self.layers:
+            if not any(_matches(pattern, n) or _matches(pattern, w) for n, w in names):
+                known = ", ".join(n for n, _ in names) or "none"
+                raise RecipeError(self.path, f"layers.{pattern}: matches no layer (layers: {known})")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target.as_dict(),
+            "defaults": dataclasses.asdict(self.defaults),
+            "layers": {k: dict(v) for k, v in self.layers.items()},
+        }
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _check_density(where: str, v: Any, path: str | None) -> float | str:
+    if v in ("keep", "auto"):
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= 1):
+        raise RecipeError(path, f"{where}: density must be a number in (0, 1], 'keep' or 'auto', got {v!r}")
+    return float(v)
+
+
+def _check_bits(where: str, v: Any, path: str | None, target: Target) -> int | str:
+    if v == "auto":
+        return v
+    limit = min(MAX_BITS, target.weight_bits)
+    if isinstance(v, bool) or not isinstance(v, int) or not (1 <= v <= limit):
+        raise RecipeError(path, f"{where}: bits must be an integer in 1..{limit} (target.weight_bits) or 'auto', got {v!r}")
+    return v
+
+
+def _check_layer(where: str, d: Any, path: str | None, target: Target) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise RecipeError(path, f"{where}: expected a mapping of {', '.join(LAYER_KEYS)}, got {d!r}")
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{where}.{k}"
+        if k not in LAYER_KEYS:
+            raise RecipeError(path, f"{key}: unknown key (known: {', '.join(LAYER_KEYS)})")
+        if k == "density":
+            out[k] = _check_density(key, v, path)
+        elif k == "bits":
+            out[k] = _check_bits(key, v, path, target)
+        elif not isinstance(v, bool):
+            raise RecipeError(path, f"{key}: must be true or false, got {v!r}")
+        else:
+            out[k] = v
+    return out
+
+
+def _check_target(d: Any, path: str | None) -> Target:
+    if not isinstance(d, dict):
+        raise RecipeError(path, f"target: expected a mapping, got {d!r}")
+    values: dict[str, Any] = {}
+    for k, v in d.items():
+        if k not in TARGET_KEYS:
+            raise RecipeError(path, f"target.{k}: unknown key (known: {', '.join(TARGET_KEYS)})")
+        if k == "energy":
+            if not isinstance(v, dict):
+                raise RecipeError(path, f"target.energy: expected a mapping, got {v!r}")
+            for ek, ev in v.items():
+                if ek not in ENERGY_KEYS:
+                    raise RecipeError(path, f"target.energy.{ek}: unknown key (known: {', '.join(ENERGY_KEYS)})")
+                if isinstance(ev, bool) or not isinstance(ev, (int, float)) or ev < 0:
+                    raise RecipeError(path, f"target.energy.{ek}: must be a number >= 0, got {ev!r}")
+            values[k] = Energy(**{ek: float(ev) for ek, ev in v.items()})
+            continue
+        if k == "clock_mhz":
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v <= 1e5
+            v = float(v) if ok else v
+        else:
+            ok = not isinstance(v, bool) and isinstance(v, int) and 1 <= v <= (1 << 30)
+        if not ok:
+            raise RecipeError(path, f"target.{k}: must be a positive number, got {v!r}")
+        values[k] = v
+    t = Target(**values)
+    if t.weight_bits + t.rel_index_bits != 8:
+        raise RecipeError(path, "target: weight_bits + rel_index_bits must be 8 (one-byte entries, 8 to a 64-bit line)")
+    if t.pes > 4096:
+        raise RecipeError(path, f"target.pes: at most 4096, got {t.pes}")
+    if not (8 <= t.act_bits <= 16 and 8 <= t.codebook_bits <= 16 and t.act_bits + t.codebook_bits <= t.acc_bits <= 48):
+        raise RecipeError(path, "target: need 8 <= act_bits, codebook_bits <= 16 and act_bits + codebook_bits <= acc_bits <= 48")
+    return t
+
+
+_TOP_KEYS = ("target", "defaults", "layers", "budget")
+
+
+def parse_recipe(data: Any, path: str | None = None, pes: int | None = None) -> Recipe:
+    """Validate a parsed YAML document into a `Recipe`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(path, f"expected a mapping with keys {', '.join(_TOP_KEYS)}, got {type(data).__name__}")
+    for k in data:
+        if k not in _TOP_KEYS:
+            raise RecipeError(path, f"{k}: unknown key (known: {', '.join(_TOP_KEYS)})")
+    target = _check_target(data.get("target") or {}, path)
+    if pes is not None:
+        target = dataclasses.replace(target, pes=pes)
+    defaults = LayerRecipe(**_check_layer("defaults", data.get("defaults") or {}, path, target))
+    layers_in = data.get("layers") or {}
+    if not isinstance(layers_in, dict):
+        raise RecipeError(path, f"layers: expected a mapping of name pattern -> settings, got {layers_in!r}")
+    layers = {str(p): _check_layer(f"layers.{p}", d, path, target) for p, d in layers_in.items()}
+    recipe = Recipe(target=target, defaults=defaults, layers=layers, path=path)
+    budget = data.get("budget") or {}
+    if not isinstance(budget, dict):
+        raise RecipeError(path, f"budget: expected a mapping, got {budget!r}")
+    for k, v in budget.items():
+        if k not in ("max_accuracy_drop", "max_output_error"):
+            raise RecipeError(path, f"budget.{k}: unknown key (known: max_accuracy_drop, max_output_error)")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise RecipeError(path, f"budget.{k}: must be a number >= 0, got {v!r}")
+        setattr(recipe, k, float(v))
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike | None, pes: int | None = None) -> Recipe:
+    """Read and validate a recipe file; None gives the defaults."""
+    if path is None:
+        return parse_recipe({}, None, pes)
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read((1 << 20) + 1)
+    except OSError as e:
+        raise RecipeError(path, f"cannot read recipe: {e.strerror or e}") from None
+    if len(text) > 1 << 20:
+        raise RecipeError(path, "recipe larger than 1 MiB")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(path, f"recipe does not parse as YAML{where}") from None
+    return parse_recipe(data, path, pes)
+
+
+def dump_recipe(recipe: Recipe, per_layer: dict[str, LayerRecipe]) -> str:
+    """A recipe YAML with every layer's resolved choices, for the user to edit and replay."""
+    t = recipe.target.as_dict()
+    t.pop("energy")
+    doc = {
+        "target": t,
+        "defaults": {"density": "keep", "bits": recipe.target.weight_bits},
+        "layers": {name: {k: v for k, v in dataclasses.asdict(lr).items()} for name, lr in per_layer.items()},
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
