@@ -18,7 +18,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import onnx
 
-from .recipe import Recipe
+from .ir import Layer
+from .recipe import LayerRecipe, Recipe
 from .target import Target
 
 
@@ -38,6 +39,13 @@ class Context:
     @property
     def target(self) -> Target:
         return self.recipe.target
+
+    def layer_recipe(self, layer: Layer) -> LayerRecipe:
+        """The layer's resolved choices: those picked by the auto pass, else the recipe's."""
+        resolved = self.artifacts.get("layer_recipes", {})
+        if layer.name in resolved:
+            return resolved[layer.name]
+        return self.recipe.for_layer(layer.name, layer.weight)
 
 
 @dataclass
