@@ -1,0 +1,274 @@
+"""The encode pass (IR2 -> IR3): per-PE interleaved CSC images with padding zeros.
+
+Pure functions `encode_matrix` / `decode_image` / `count_padding` / `layer_storage` hold the
+math (conventions in eiec.image); `Encode` rewrites each ``Gather(codebook, Cast(indices))``
+into one ``EIEDecode`` node fed by the packed streams, which onnxruntime runs via eiec.runtime.ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from eiec.errors import FormatError, ModelError
+from eiec.image import SparseImage
+from eiec.ir import EIE_DOMAIN, find_layers, initializer_map, matrix_view, producers, remove_initializer
+from eiec.passmanager import Context, PassResult
+from eiec.target import Target
+
+from . import huffman
+
+LINE_BYTES = 8  # one 64-bit sparse-matrix SRAM line
+
+
+def encode_matrix(indices: np.ndarray, pes: int, weight_bits: int = 4, rel_bits: int = 4,
+                  row_lo: int = 0, col_lo: int = 0) -> SparseImage:
+    """The per-PE CSC image of a matrix of codebook indices (0 = zero weight).
+
+    Row r goes to PE r mod pes as local row r // pes. A run of d zeros before an entry
+    (counted from the previous entry of the column in that PE, or from local row 0) is
+    stored as d // (max+1) padding entries (code 0, rel = max) and the entry with
+    rel = d % (max+1), max = 2**rel_bits - 1: each entry, padding or not, advances the local
+    row by rel + 1. Trailing zeros of a column cost nothing.
+    """
+    indices = np.asarray(indices)
+    if indices.ndim != 2:
+        raise ValueError(f"expected a 2-D index matrix, got shape {indices.shape}")
+    if pes < 1:
+        raise ValueError(f"pes must be >= 1, got {pes}")
+    if weight_bits + rel_bits > 8:
+        raise ValueError("an entry is one byte: weight_bits + rel_bits must be <= 8")
+    if indices.size and int(indices.max()) >= 1 << weight_bits:
+        raise ValueError(f"index {int(indices.max())} does not fit in {weight_bits} bits")
+    rows, cols = indices.shape
+    local_rows = -(-rows // pes)
+    period = 1 << rel_bits  # rows one padding entry advances
+
+    # [pes, cols, local_rows] view: nonzero() then yields entries already in storage order
+    padded = np.zeros((local_rows * pes, cols), np.uint8)
+    padded[:rows] = indices
+    stacked = padded.reshape(local_rows, pes, cols).transpose(1, 2, 0)
+    pe, col, local = np.nonzero(stacked)
+    value = stacked[pe, col, local]
+
+    segment = pe.astype(np.int64) * cols + col
+    first = np.ones(segment.size, bool)
+    first[1:] = segment[1:] != segment[:-1]
+    prev = np.where(first, -1, np.roll(local, 1))
+    gap = local - prev - 1
+    n_pad = gap // period
+    span = n_pad + 1  # entries each nonzero costs
+
+    n_entries = int(span.sum())
+    code = np.zeros(n_entries, np.uint8)
+    rel = np.full(n_entries, period - 1, np.uint8)  # padding entries keep rel = max
+    at = np.cumsum(span) - 1  # each nonzero's entry follows its padding
+    code[at] = value
+    rel[at] = gap % period
+
+    per_segment = np.bincount(segment, weights=span, minlength=pes * cols)
+    per_segment = per_segment.astype(np.int64).reshape(pes, cols)
+    col_ptr = np.zeros((pes, cols + 1), np.int64)
+    np.cumsum(per_segment, axis=1, out=col_ptr[:, 1:])
+    pe_start = np.concatenate([[0], np.cumsum(col_ptr[:, -1])]).astype(np.int64)
+    return SparseImage(rows, cols, pes, weight_bits, rel_bits, code, rel, pe_start, col_ptr,
+                       row_lo, col_lo)
+
+
+def entry_positions(img: SparseImage) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) in the image's matrix of every entry, padding included (int64 each).
+
+    Raises FormatError when the pointers do not describe the entries.
+    """
+    col_entries = img.col_entries()
+    if (col_entries.shape != (img.pes, img.cols) or (col_entries < 0).any()
+            or img.pe_start.shape != (img.pes + 1,) or img.pe_start[0] != 0
+            or (np.diff(img.pe_start) != img.col_ptr[:, -1]).any() or (img.col_ptr[:, 0] != 0).any()
+            or img.pe_start[-1] != img.n_entries or img.rel.size != img.n_entries):
+        raise FormatError(None, "sparse image: column pointers do not match the entries")
+    seg_len = col_entries.ravel()
+    seg_id = np.repeat(np.arange(img.pes * img.cols), seg_len)
+    steps = np.cumsum(img.rel.astype(np.int64) + 1)
+    seg_begin = np.concatenate([[0], np.cumsum(seg_len)[:-1]])
+    before = np.concatenate([[0], steps])[seg_begin]  # steps taken before each segment starts
+    local = steps - before[seg_id] - 1
+    pe, col = np.divmod(seg_id, max(img.cols, 1))
+    return pe + local * img.pes, col
+
+
+def decode_image(img: SparseImage) -> np.ndarray:
+    """The uint8 [rows, cols] index matrix an image stores (padding entries decode to 0)."""
+    row, col = entry_positions(img)
+    if row.size and (row.max() >= img.rows):
+        raise FormatError(None, "sparse image: an entry lies below the last row")
+    out = np.zeros((img.rows, img.cols), np.uint8)
+    out[row, col] = img.code
+    return out
+
+
+def count_padding(indices: np.ndarray, pes: int, rel_bits: int) -> int:
+    """Padding entries an image of `indices` needs, from the gaps alone (dense scan by column blocks)."""
+    indices = np.asarray(indices)
+    rows, cols = indices.shape
+    local_rows = -(-rows // pes)
+    period = 1 << rel_bits
+    total = 0
+    block = max(1, (1 << 22) // max(1, local_rows * pes))
+    for c0 in range(0, cols, block):  # bounds memory on 25088 x 4096 layers
+        chunk = np.zeros((local_rows * pes, min(block, cols - c0)), bool)
+        chunk[:rows] = indices[:, c0:c0 + block] != 0
+        nz = chunk.reshape(local_rows, pes, chunk.shape[1])
+        # last nonzero local row strictly above each position (-1 if none) in the same PE/column
+        r = np.arange(local_rows).reshape(-1, 1, 1)
+        last = np.maximum.accumulate(np.where(nz, r, -1), axis=0)
+        above = np.concatenate([np.full((1,) + nz.shape[1:], -1), last[:-1]], axis=0)
+        total += int((((r - above - 1) // period) * nz).sum())
+    return total
+
+
+def image_streams(img: SparseImage) -> dict[str, np.ndarray]:
+    """The arrays IR3 stores for an image: one byte per entry ``(rel << weight_bits) | code``."""
+    entries = (img.rel.astype(np.uint8) << img.weight_bits) | img.code
+    return {"entries": entries.astype(np.uint8), "pe_start": img.pe_start.astype(np.int64),
+            "col_ptr": img.col_ptr.astype(np.int64)}
+
+
+def image_from_streams(entries: np.ndarray, pe_start: np.ndarray, col_ptr: np.ndarray, rows: int,
+                       pes: int, weight_bits: int, rel_bits: int) -> SparseImage:
+    """The inverse of `image_streams` (rows are not recoverable from the streams)."""
+    entries = np.asarray(entries, np.uint8).ravel()
+    col_ptr = np.asarray(col_ptr, np.int64).reshape(pes, -1)
+    code = entries & np.uint8((1 << weight_bits) - 1)
+    rel = entries >> np.uint8(weight_bits)
+    return SparseImage(rows, col_ptr.shape[1] - 1, pes, weight_bits, rel_bits, code, rel,
+                       np.asarray(pe_start, np.int64).ravel(), col_ptr)
+
+
+def layer_storage(img: SparseImage, codebook_len: int, n_bias: int, target: Target) -> dict[str, int]:
+    """Bytes a layer takes, by component: fixed-width (as the SRAMs hold it) and Huffman-coded.
+
+    Compression ratios count everything (Deep Compression): entries, pointers, codebook, bias.
+    """
+    lines = -(-img.entries_per_pe // LINE_BYTES)
+    spmat = int(lines.sum()) * LINE_BYTES
+    col_ptr = -(-img.pes * (img.cols + 1) * target.ptr_bits // 8)
+    codebook = -(-codebook_len * target.codebook_bits // 8)
+    bias = 4 * n_bias
+    code_huffman = huffman.encode(img.code).nbytes
+    rel_huffman = huffman.encode(img.rel).nbytes
+    shared = col_ptr + codebook + bias
+    return {
+        "spmat": spmat, "col_ptr": col_ptr, "codebook": codebook, "bias": bias,
+        "code_huffman": code_huffman, "rel_huffman": rel_huffman,
+        "bytes_fixed": spmat + shared, "bytes_huffman": code_huffman + rel_huffman + shared,
+        "bytes_dense": 4 * (img.rows * img.cols + n_bias),
+    }
+
+
+class Encode:
+    """IR2 -> IR3: each ``Gather(codebook, Cast(indices))`` weight becomes an ``EIEDecode`` node."""
+
+    name = "encode"
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)  # callers (bisect, tests) keep the IR2 they passed in
+        target = ctx.target
+        images: dict[str, SparseImage] = ctx.artifacts.setdefault("images", {})
+        layer_stats: list[dict[str, Any]] = []
+        skipped: list[str] = []
+        for layer in find_layers(out):
+            found = _ir2_weight(out, layer.weight)
+            if found is None:  # dense (skipped) or already encoded
+                skipped.append(layer.name)
+                continue
+            gather, cast, indices_name, codebook_name = found
+            inits = initializer_map(out)
+            indices = numpy_helper.to_array(inits[indices_name])
+            codebook = numpy_helper.to_array(inits[codebook_name]).astype(np.float32)
+            if indices.size and int(indices.max()) >= 1 << target.weight_bits:
+                raise ModelError(None, f"layer {layer.name}: codebook index {int(indices.max())} "
+                                       f"does not fit target.weight_bits = {target.weight_bits}")
+            if codebook.size == 0 or codebook[0] != 0.0:
+                raise ModelError(None, f"layer {layer.name}: codebook entry 0 must be 0.0 (it encodes the zeros)")
+
+            img = encode_matrix(matrix_view(indices), target.pes, target.weight_bits, target.rel_index_bits)
+            images[layer.name] = img
+            _replace_with_decode(out, layer.name, layer.weight, gather, cast, indices_name,
+                                 codebook_name, img, tuple(indices.shape))
+            bias = initializer_map(out).get(layer.bias)
+            n_bias = int(np.prod(bias.dims)) if bias is not None else 0
+            storage = layer_storage(img, codebook.size, n_bias, target)
+            layer_stats.append({
+                "name": layer.name, "shape": list(indices.shape), "pes": img.pes,
+                "entries": img.n_entries, "padding_entries": img.n_padding,
+                "nonzeros": img.n_entries - img.n_padding,
+                "bytes_fixed": storage["bytes_fixed"], "bytes_huffman": storage["bytes_huffman"],
+                "breakdown": storage,
+            })
+        if layer_stats and not any(o.domain == EIE_DOMAIN for o in out.opset_import):
+            out.opset_import.append(helper.make_opsetid(EIE_DOMAIN, 1))
+        stats = {"layers": layer_stats, "skipped": skipped,
+                 "bytes_fixed": sum(s["bytes_fixed"] for s in layer_stats),
+                 "bytes_huffman": sum(s["bytes_huffman"] for s in layer_stats)}
+        return PassResult(out, stats, changed=bool(layer_stats))
+
+
+def _ir2_weight(model: onnx.ModelProto, weight: str) -> tuple[onnx.NodeProto, onnx.NodeProto, str, str] | None:
+    """(Gather, Cast, indices, codebook) when `weight` is IR2's Gather(codebook, Cast(indices))."""
+    prod = producers(model)
+    inits = initializer_map(model)
+    gather = prod.get(weight)
+    if gather is None or gather.op_type != "Gather" or gather.domain not in ("", "ai.onnx"):
+        return None
+    if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+        return None
+    cast = prod.get(gather.input[1])
+    if cast is None or cast.op_type != "Cast" or cast.input[0] not in inits:
+        return None
+    if gather.input[0] not in inits:
+        return None
+    return gather, cast, cast.input[0], gather.input[0]
+
+
+def _replace_with_decode(model: onnx.ModelProto, layer: str, weight: str, gather: onnx.NodeProto,
+                         cast: onnx.NodeProto, indices_name: str, codebook_name: str,
+                         img: SparseImage, shape: tuple[int, ...]) -> None:
+    """Swap Gather for EIEDecode in place; its inputs are all initializers, so order stays valid."""
+    graph = model.graph
+    streams = image_streams(img)
+    names = {k: f"{weight}.{k}" for k in streams}
+    for k, v in streams.items():
+        graph.initializer.append(numpy_helper.from_array(v, names[k]))
+    decode = helper.make_node(
+        "EIEDecode", [names["entries"], names["pe_start"], names["col_ptr"], codebook_name], [weight],
+        name=f"{layer}/eie_decode", domain=EIE_DOMAIN,
+        shape=list(shape), pes=img.pes, weight_bits=img.weight_bits, rel_bits=img.rel_bits,
+        # onnxruntime-extensions Python ops cannot read INTS attributes; the op reads this one
+        shape_csv=",".join(str(d) for d in shape))
+    nodes = list(graph.node)
+    cast_used_elsewhere = any(cast.output[0] in n.input for n in nodes if n is not gather)
+    kept = []
+    for n in nodes:
+        if n is gather:
+            kept.append(decode)
+        elif not (n is cast and not cast_used_elsewhere):
+            kept.append(n)
+    del graph.node[:]
+    graph.node.extend(kept)
+    if not cast_used_elsewhere:
+        _drop_value_info(graph, cast.output[0])
+        if not any(indices_name in n.input for n in kept):
+            remove_initializer(model, indices_name)
+    if not any(v.name == weight for v in graph.value_info):
+        graph.value_info.append(helper.make_tensor_value_info(weight, onnx.TensorProto.FLOAT, list(shape)))
+
+
+def _drop_value_info(graph: onnx.GraphProto, name: str) -> None:
+    for i, v in enumerate(graph.value_info):
+        if v.name == name:
+            del graph.value_info[i]
+            return
