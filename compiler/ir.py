@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 EIE_DOMAIN = "ai.onnx.contrib"
-OPSET = 17  # the opset the canonical IR is written in
+OPSET = 17  # the canonical IR uses max(model opset, 17): older models are converted up to 17
 
 
 @dataclass

@@ -1,0 +1,652 @@
+"""Model import: read an ONNX file safely, check it, and rewrite it into the canonical IR0.
+
+`load_model` is eiec's only door from a user's file: sizes, external-data locations
+and weight values are checked before anything is allocated or run; `canonicalize` then
+folds constants and rewrites FC/conv layers into the forms `eiec.ir` documents.
+
+Opset: models older than 17 are converted up to 17; newer models keep their opset,
+because the version converter's down-adapters are incomplete and could silently change
+semantics, while Gemm/Conv/BatchNormalization mean the same from 17 on. So the canonical
+opset of the default domain is max(model opset, ir.OPSET).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import stat
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnx.inliner
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from .errors import ModelError
+from .ir import OPSET
+
+MAX_FILE_BYTES = 2**31 - 1  # protobuf cannot parse more; bigger models need external data
+MAX_TENSOR_ELEMENTS = 2**31  # per declared tensor, checked before any allocation
+MAX_TOTAL_BYTES = 2**31 - 2**26  # all weights once loaded; keeps the model serialisable
+MAX_FOLD_ELEMENTS = 2**24  # largest tensor constant folding may create
+
+DEFAULT_DOMAINS = ("", "ai.onnx", None)  # graphsurgeon says None for the default domain
+KNOWN_DOMAINS = (*DEFAULT_DOMAINS, "ai.onnx.ml")  # ai.onnx.ml ops run on the host in ORT
+NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                    "Multinomial", "Bernoulli"}
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+_SUBBYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4,
+                 TensorProto.INT2: 2, TensorProto.UINT2: 2,
+                 TensorProto.FLOAT6E2M3: 6, TensorProto.FLOAT6E3M2: 6}
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read, check and canonicalise the ONNX model at `path` (see `canonicalize`)."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ModelError(path, "no such file") from None
+    except OSError as e:
+        raise ModelError(path, f"cannot read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelError(path, "not a regular file")
+    if st.st_size == 0:
+        raise ModelError(path, "empty file, not an ONNX model")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ModelError(path, f"{st.st_size} bytes is over the 2 GiB protobuf limit; "
+                               "save the weights as external data")
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelError(path, f"not an ONNX model or truncated (protobuf parse failed: {e})") from None
+    if not model.HasField("graph"):
+        raise ModelError(path, "not an ONNX model (no graph)")
+    base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    _check_tensors(model, path, base)
+    return canonicalize(model, path)
+
+
+def canonicalize(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
+    """Check `model` and return its canonical IR0 (a new model; `model` is left as is).
+
+    Raises ModelError(path, ...) for anything wrong with the model. External data must
+    already be loaded (`load_model` does that after checking every location).
+    """
+    model = _checked(_copy(model), path)
+    # graphsurgeon warns on stdout about things handled below (non-tensor types, no colours)
+    with gs.logger.G_LOGGER.suppress(gs.logger.G_LOGGER.ERROR):
+        graph = _import_graph(model)
+        _name_nodes(graph)
+        _fold_constants(graph, list(model.opset_import))
+        _Rewriter(graph).run()
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        _name_nodes(graph)
+        out = gs.export_onnx(graph, do_type_check=False, opset_imports=list(model.opset_import))
+    out.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(out.opset_import)))
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, field, getattr(model, field))
+    out.metadata_props.extend(model.metadata_props)
+    # graphsurgeon only knows tensor types: put back the declared ones (maps, sequences, docs)
+    declared = {v.name: v for v in (*model.graph.input, *model.graph.output)}
+    for v in (*out.graph.input, *out.graph.output):
+        if v.name in declared:
+            v.CopyFrom(declared[v.name])
+    del out.graph.value_info[:]
+    # shapes on every edge help later passes; a failure here would be an eiec bug, not a user error
+    out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
+    onnx.checker.check_model(out)
+    return out
+
+
+# ---------------------------------------------------------------- checks before canonicalisation
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _checked(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
+    """Validate, toposort, convert to opset >= 17 and infer shapes."""
+    if len(model.graph.node) == 0:
+        raise ModelError(path, "empty graph: no nodes")
+    if len(model.graph.output) == 0:
+        raise ModelError(path, "empty graph: no outputs")
+    _check_tensors(model, path, base=None)
+    _check_finite(model, path)
+    if model.functions:
+        # model-local functions would hide their ops behind custom domains
+        local = {f.domain for f in model.functions}
+        model = _guard(path, "cannot inline local functions", onnx.inliner.inline_local_functions, model)
+        used = {n.domain for n in model.graph.node}
+        kept = [o for o in model.opset_import if o.domain not in local or o.domain in used]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+    _check_domains(model, path)
+    _sort_nodes(model.graph, path)
+    _guard(path, "invalid model", onnx.checker.check_model, model)
+    version = _default_opset(model)
+    if version < OPSET:
+        model = _guard(path, f"cannot convert opset {version} to {OPSET}",
+                       onnx.version_converter.convert_version, model, OPSET)
+        model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import)))
+        _guard(path, f"invalid after conversion to opset {OPSET}", onnx.checker.check_model, model)
+    return _guard(path, "shape inference failed", onnx.shape_inference.infer_shapes,
+                  model, check_type=True, strict_mode=True, data_prop=True)
+
+
+def _guard(path: str, what: str, fn, *args, **kwargs):
+    """Call an onnx tool; its failure on the user's model becomes one ModelError line."""
+    try:
+        return fn(*args, **kwargs)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError,
+            RuntimeError, ValueError, TypeError, IndexError, KeyError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ModelError(path, f"{what}: {first}") from None
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
+    return max(versions) if versions else 0
+
+
+def _iter_tensors(graph: onnx.GraphProto, where: str = "") -> Iterator[tuple[str, TensorProto]]:
+    """Every TensorProto of the graph and its subgraphs, with a human-readable place."""
+    for t in graph.initializer:
+        yield f"initializer '{t.name}'{where}", t
+    for s in graph.sparse_initializer:
+        yield f"sparse initializer '{s.values.name}'{where}", s.values
+        yield f"sparse initializer indices '{s.values.name}'{where}", s.indices
+    for node in graph.node:
+        for a in node.attribute:
+            here = f"attribute '{a.name}' of node '{node.name or node.op_type}'{where}"
+            if a.HasField("t"):
+                yield here, a.t
+            for t in a.tensors:
+                yield here, t
+            if a.HasField("sparse_tensor"):
+                yield here, a.sparse_tensor.values
+                yield here, a.sparse_tensor.indices
+            for g in [a.g] if a.HasField("g") else list(a.graphs):
+                yield from _iter_tensors(g, f" in subgraph of '{node.name or node.op_type}'")
+
+
+def _tensor_nbytes(dtype: int, count: int) -> int | None:
+    """Bytes of `count` elements stored raw; None for strings."""
+    if dtype == TensorProto.STRING:
+        return None
+    if dtype in _SUBBYTE_BITS:
+        return -(-count * _SUBBYTE_BITS[dtype] // 8)
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)).itemsize
+
+
+def _typed_entries(dtype: int, count: int) -> int:
+    """How many entries the typed *_data field holds for `count` elements."""
+    if dtype in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+        return 2 * count
+    if dtype in _SUBBYTE_BITS:
+        return -(-count * _SUBBYTE_BITS[dtype] // 8)
+    return count
+
+
+def _check_tensors(model: onnx.ModelProto, path: str, base: str | None) -> None:
+    """Declared sizes agree with the data, nothing is huge; load external data from `base`.
+
+    With base=None external data is an error (it should have been loaded already).
+    """
+    total = 0
+    for where, t in _iter_tensors(model.graph):
+        try:
+            onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        except (KeyError, ValueError):
+            raise ModelError(path, f"{where} has unknown data type {t.data_type}") from None
+        if any(d < 0 for d in t.dims):
+            raise ModelError(path, f"{where} has negative dims {list(t.dims)}")
+        count = math.prod(t.dims)
+        if count > MAX_TENSOR_ELEMENTS:
+            raise ModelError(path, f"{where} declares {count} elements (dims {list(t.dims)}), "
+                                   f"over the limit of {MAX_TENSOR_ELEMENTS}")
+        nbytes = _tensor_nbytes(t.data_type, count)
+        if t.data_location == TensorProto.EXTERNAL:
+            if base is None:
+                raise ModelError(path, f"{where} has external data that was not loaded")
+            if nbytes is None:
+                raise ModelError(path, f"{where}: external string tensors are not supported")
+            _load_external(t, where, nbytes, path, base)
+        elif t.HasField("raw_data"):
+            if nbytes is not None and len(t.raw_data) != nbytes:
+                raise ModelError(path, f"{where} declares dims {list(t.dims)} ({nbytes} bytes) "
+                                       f"but holds {len(t.raw_data)} bytes")
+        else:
+            field = onnx.helper.tensor_dtype_to_field(t.data_type)
+            have, want = len(getattr(t, field)), _typed_entries(t.data_type, count)
+            if have != want:
+                raise ModelError(path, f"{where} declares dims {list(t.dims)} ({want} values) "
+                                       f"but holds {have}")
+        total += nbytes or 0
+        if total > MAX_TOTAL_BYTES:
+            raise ModelError(path, f"weights exceed {MAX_TOTAL_BYTES} bytes in total")
+
+
+def _load_external(t: TensorProto, where: str, nbytes: int, path: str, base: str) -> None:
+    """Read one tensor's external data into raw_data after checking where it points."""
+    info = {kv.key: kv.value for kv in t.external_data}
+    location = info.get("location", "")
+    if not location:
+        raise ModelError(path, f"{where} has external data without a location")
+    if os.path.isabs(location) or os.path.splitdrive(location)[0]:
+        raise ModelError(path, f"external data location '{location}' of {where} is an absolute path")
+    try:
+        target = os.path.realpath(os.path.join(base, location))
+    except (ValueError, OSError):
+        raise ModelError(path, f"external data location '{location}' of {where} is not a path") from None
+    # realpath resolves '..' and symlinks, so this also catches links that escape the folder
+    if os.path.commonpath([base, target]) != base or target == base:
+        raise ModelError(path, f"external data location '{location}' of {where} is outside the model's folder")
+    if not os.path.isfile(target):
+        raise ModelError(path, f"external data file '{location}' of {where} is missing")
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else nbytes
+    except ValueError:
+        raise ModelError(path, f"external data of {where} has a non-integer offset or length") from None
+    size = os.path.getsize(target)
+    if offset < 0 or length != nbytes:
+        raise ModelError(path, f"external data of {where} in '{location}': length {length} at offset "
+                               f"{offset} does not match dims {list(t.dims)} ({nbytes} bytes)")
+    if offset + length > size:
+        raise ModelError(path, f"external data of {where}: offset {offset} + length {length} "
+                               f"is past the end of '{location}' ({size} bytes)")
+    with open(target, "rb") as f:
+        f.seek(offset)
+        t.raw_data = f.read(length)
+    del t.external_data[:]
+    t.data_location = TensorProto.DEFAULT
+
+
+def _check_finite(model: onnx.ModelProto, path: str) -> None:
+    for where, t in _iter_tensors(model.graph):
+        if t.data_type in FLOAT_TYPES:
+            value = numpy_helper.to_array(t)
+            if not np.isfinite(value).all():
+                kind = "NaN" if np.isnan(value).any() else "Inf"
+                raise ModelError(path, f"{where} contains {kind}")
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.name in ("value_float", "value_floats"):
+                v = np.asarray(onnx.helper.get_attribute_value(a), np.float32)
+                if not np.isfinite(v).all():
+                    raise ModelError(path, f"attribute '{a.name}' of node '{node.name or node.op_type}' "
+                                           "contains NaN or Inf")
+
+
+def _check_domains(model: onnx.ModelProto, path: str) -> None:
+    for o in model.opset_import:
+        if o.domain not in KNOWN_DOMAINS:
+            raise ModelError(path, f"unsupported operator domain '{o.domain}'")
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.domain not in KNOWN_DOMAINS:
+                raise ModelError(path, f"node '{node.name or node.op_type}' uses unsupported "
+                                       f"operator domain '{node.domain}'")
+            for a in node.attribute:
+                for g in [a.g] if a.HasField("g") else list(a.graphs):
+                    walk(g)
+    walk(model.graph)
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names a node's subgraphs may read (an over-approximation is harmless)."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for g in [a.g] if a.HasField("g") else list(a.graphs):
+            for n in g.node:
+                names.update(n.input)
+                names.update(_subgraph_inputs(n))
+    return names
+
+
+def _sort_nodes(graph: onnx.GraphProto, path: str) -> None:
+    """Reject duplicate tensor names and cycles; otherwise put the nodes in a stable topological order."""
+    nodes = list(graph.node)
+    producer: dict[str, int] = {}
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for i, node in enumerate(nodes):
+        for o in node.output:
+            if not o:
+                continue
+            if o in producer:
+                first = nodes[producer[o]]
+                raise ModelError(path, f"tensor '{o}' is produced twice (nodes '{first.name or first.op_type}' "
+                                       f"and '{node.name or node.op_type}')")
+            if o in defined:
+                raise ModelError(path, f"node '{node.name or node.op_type}' overwrites graph input "
+                                       f"or initializer '{o}'")
+            producer[o] = i
+    deps = [{producer[x] for x in (set(n.input) | _subgraph_inputs(n)) if x in producer} for n in nodes]
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:  # Kahn's algorithm, smallest original index first: stable and deterministic
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        stuck = nodes[next(i for i, w in enumerate(waiting) if w > 0)]
+        raise ModelError(path, f"graph has a cycle through node '{stuck.name or stuck.op_type}'")
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+# ---------------------------------------------------------------- canonicalisation
+
+def _import_graph(model: onnx.ModelProto) -> gs.Graph:
+    # Initializers listed as graph inputs (IR < 4 style) are weights, not inputs: a layer
+    # whose weight could be overridden at run time cannot be compressed.
+    inits = {t.name for t in model.graph.initializer}
+    if any(v.name in inits for v in model.graph.input):
+        kept = [v for v in model.graph.input if v.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+    return gs.import_onnx(model)
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Keep existing unique names; give the rest `<name>_<k>` or `<op>_<k>`, deterministically."""
+    taken: set[str] = set()
+    unnamed = []
+    for node in graph.nodes:
+        if node.name and node.name not in taken:
+            taken.add(node.name)
+        else:
+            unnamed.append(node)
+    counters: dict[str, int] = {}
+    for node in unnamed:
+        base = node.name or node.op
+        k = counters.get(base, 0)
+        while f"{base}_{k}" in taken:
+            k += 1
+        node.name = f"{base}_{k}"
+        counters[base] = k + 1
+        taken.add(node.name)
+
+
+def _is_const(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Constant)
+
+
+def _const_f32(t: gs.Tensor | None, ndim: int | None = None) -> bool:
+    if t is None or not _is_const(t) or t.values.dtype != np.float32:
+        return False
+    return ndim is None or t.values.ndim == ndim
+
+
+def _fold_constants(graph: gs.Graph, opsets: list[onnx.OperatorSetIdProto]) -> None:
+    """Replace every node whose inputs are all constant by its (bounded-size) value."""
+    outputs = {t.name for t in graph.outputs}
+    for node in list(graph.nodes):  # graph order is topological, so chains fold in one sweep
+        if (node.domain not in DEFAULT_DOMAINS or node.op in NONDETERMINISTIC
+                or (not node.inputs and node.op != "Constant")
+                or not all(_is_const(t) or not t.name for t in node.inputs)
+                or any(isinstance(v, gs.Graph) for v in node.attrs.values())
+                or any(o.name in outputs for o in node.outputs)):
+            continue
+        values = _evaluate(node, opsets)
+        if values is None:
+            continue
+        outs = list(node.outputs)
+        node.outputs.clear()
+        for out, v in zip(outs, values):
+            out.to_constant(v)
+
+
+def _evaluate(node: gs.Node, opsets: list[onnx.OperatorSetIdProto]) -> list[np.ndarray] | None:
+    """The node's outputs, or None when their size is unknown, too big, or evaluation fails."""
+    proto = OnnxExporter.export_node(node)
+    inits = [OnnxExporter.export_tensor_proto(t) for t in node.inputs if t.name]
+    version = max((o.version for o in opsets if o.domain in DEFAULT_DOMAINS), default=OPSET)
+    try:
+        schema = onnx.defs.get_schema(node.op, version, "")
+        types = {t.name: onnx.helper.make_tensor_type_proto(t.data_type, t.dims) for t in inits}
+        inferred = onnx.shape_inference.infer_node_outputs(
+            schema, proto, types, {t.name: t for t in inits}, opset_imports=opsets)
+    except Exception:  # onnx raises several types here; not folding is always safe
+        return None
+    dtypes = []
+    for o in proto.output:
+        tt = inferred.get(o, onnx.TypeProto()).tensor_type
+        if not o or not tt.HasField("shape") or not all(d.HasField("dim_value") for d in tt.shape.dim):
+            return None
+        if math.prod(d.dim_value for d in tt.shape.dim) > MAX_FOLD_ELEMENTS:
+            return None
+        dtypes.append(tt.elem_type)
+    sub = onnx.helper.make_model(
+        onnx.helper.make_graph([proto], "fold", [], [onnx.helper.make_empty_tensor_value_info(o)
+                                                      for o in proto.output], inits),
+        opset_imports=opsets)
+    try:
+        values = [np.asarray(v) for v in ReferenceEvaluator(sub).run(None, {})]
+    except Exception:  # leave the node to onnxruntime rather than guess
+        return None
+    for v, dt in zip(values, dtypes):
+        try:
+            if onnx.helper.np_dtype_to_tensor_dtype(v.dtype) != dt:
+                return None
+        except (KeyError, ValueError, TypeError):
+            return None
+    return values
+
+
+def _bias_vector(c: np.ndarray, n: int) -> np.ndarray | None:
+    """`c` as a [n] vector if it broadcasts the same value to every row of an [m, n] output."""
+    if c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
+        return None
+    if c.size == 1:
+        return np.full(n, c.reshape(()), c.dtype)
+    if c.shape[-1] == n:
+        return c.reshape(n)
+    return None
+
+
+class _Rewriter:
+    """The layer rewrites of import: Gemm, MatMul(+Add), Conv, then BatchNormalization folding."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.names = set(graph.tensors().keys())
+        self.canonical: set[int] = set()  # id() of canonical Gemm/Conv nodes
+
+    def run(self) -> None:
+        rewrites = {"Gemm": self.gemm, "MatMul": self.matmul, "Conv": self.conv}
+        for node in list(self.graph.nodes):
+            if node.op in rewrites and node.domain in DEFAULT_DOMAINS and node.outputs:
+                rewrites[node.op](node)
+        for node in list(self.graph.nodes):
+            if node.op == "BatchNormalization" and node.domain in DEFAULT_DOMAINS:
+                self.fold_batchnorm(node)
+
+    # -- helpers
+    def fresh(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.names:
+            name, k = f"{base}_{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def own(self, const: gs.Constant | None, node: gs.Node, values: np.ndarray, suffix: str) -> gs.Constant:
+        """A constant holding `values` that only `node` reads (its weight or bias)."""
+        values = np.ascontiguousarray(values, np.float32)
+        if const is not None and len(const.outputs) == 1:
+            if const.values.shape != values.shape or not np.array_equal(const.values, values):
+                const.values = values
+            return const
+        return gs.Constant(self.fresh(f"{node.name}.{suffix}"), values)
+
+    def variable(self, base: str) -> gs.Variable:
+        return gs.Variable(self.fresh(base), dtype=np.float32)
+
+    def add_node(self, op: str, name: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node:
+        node = gs.Node(op, self.fresh_node(name), attrs or {}, inputs, outputs)
+        self.graph.nodes.append(node)
+        return node
+
+    def fresh_node(self, base: str) -> str:
+        taken = {n.name for n in self.graph.nodes}
+        name, k = base, 0
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        return name
+
+    def make_gemm(self, node: gs.Node, x: gs.Tensor, w: np.ndarray, b: np.ndarray,
+                  w_const: gs.Constant | None, b_const: gs.Constant | None, out: gs.Tensor) -> None:
+        """Turn `node` into the canonical Gemm(x, W[out, in], b[out]) -> out."""
+        wc = self.own(w_const, node, w, "weight")
+        bc = self.own(b_const, node, b, "bias")
+        node.inputs.clear()
+        node.outputs.clear()
+        node.op = "Gemm"
+        node.attrs = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 1}
+        node.inputs.extend([x, wc, bc])
+        node.outputs.append(out)
+        self.canonical.add(id(node))
+
+    # -- rewrites
+    def gemm(self, node: gs.Node) -> None:
+        a, b = node.inputs[0], node.inputs[1]
+        c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        if not _const_f32(b, 2):
+            return  # B computed at run time: a host op
+        alpha = float(node.attrs.get("alpha", 1.0))
+        beta = float(node.attrs.get("beta", 1.0))
+        w = b.values if node.attrs.get("transB", 0) else b.values.T  # [out, in]
+        w = w * np.float32(alpha) if alpha != 1.0 else w
+        n = w.shape[0]
+        y = node.outputs[0]
+        bias, b_const, post = np.zeros(n, np.float32), None, None
+        if c is not None:
+            vec = _bias_vector(c.values, n) if _const_f32(c) else None
+            if vec is not None:
+                bias = vec * np.float32(beta) if beta != 1.0 else vec
+                b_const = c if c.values.shape == (n,) else None
+            else:
+                post = c  # varies per row (or is computed): keep it as an Add after the layer
+        x = a
+        if node.attrs.get("transA", 0):
+            x = self.variable(f"{a.name}.T")
+            self.add_node("Transpose", f"{node.name}.transA", [a], [x], {"perm": [1, 0]})
+        out = y
+        if post is not None:
+            out = self.variable(f"{node.name}.out")
+            if beta != 1.0:
+                if _is_const(post):
+                    post = gs.Constant(self.fresh(f"{node.name}.C"),
+                                       np.ascontiguousarray(post.values * np.float32(beta)))
+                else:
+                    scaled = self.variable(f"{node.name}.betaC")
+                    self.add_node("Mul", f"{node.name}.beta",
+                                  [post, gs.Constant(self.fresh(f"{node.name}.beta"), np.float32(beta))],
+                                  [scaled])
+                    post = scaled
+        self.make_gemm(node, x, w, bias, b, b_const, out)
+        if post is not None:
+            self.add_node("Add", f"{node.name}.C", [out, post], [y])
+
+    def matmul(self, node: gs.Node) -> None:
+        x, b = node.inputs
+        if _is_const(x) or not _const_f32(b, 2) or x.shape is None or len(x.shape) != 2:
+            return  # rank > 2 (or unknown) activations stay a host MatMul
+        w = b.values.T
+        n = w.shape[0]
+        y = node.outputs[0]
+        bias, b_const, out, add = np.zeros(n, np.float32), None, y, None
+        if len(y.outputs) == 1 and y not in self.graph.outputs:
+            add = y.outputs[0]
+            other = [t for t in add.inputs if t is not y]
+            if (add.op == "Add" and add.domain in DEFAULT_DOMAINS and len(other) == 1
+                    and _const_f32(other[0]) and _bias_vector(other[0].values, n) is not None):
+                bias = _bias_vector(other[0].values, n)
+                b_const = other[0] if other[0].values.shape == (n,) else None
+                out = add.outputs[0]
+                add.outputs.clear()
+            else:
+                add = None
+        self.make_gemm(node, x, w, bias, b, b_const, out)
+        if add is not None:
+            add.inputs.clear()  # only now: while the Add reads the bias, the bias keeps its name
+
+    def conv(self, node: gs.Node) -> None:
+        x, w = node.inputs[0], node.inputs[1]
+        b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        if not _const_f32(w, 4) or (b is not None and not _const_f32(b, 1)):
+            return  # 1-D/3-D convs and run-time weights stay host ops
+        kernel = [int(k) for k in w.values.shape[2:]]
+        strides = [int(s) for s in node.attrs.get("strides", [1, 1])]
+        dilations = [int(d) for d in node.attrs.get("dilations", [1, 1])]
+        auto_pad = node.attrs.get("auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            spatial = list(x.shape[2:]) if x.shape is not None else []
+            if len(spatial) != 2 or not all(isinstance(d, int) for d in spatial):
+                return  # padding depends on the run-time image size
+            total = [max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
+                     for size, s, k, d in zip(spatial, strides, kernel, dilations)]
+            small = [t // 2 for t in total]
+            big = [t - t // 2 for t in total]
+            pads = small + big if auto_pad == "SAME_UPPER" else big + small
+        elif auto_pad == "VALID":
+            pads = [0, 0, 0, 0]
+        else:
+            pads = [int(p) for p in node.attrs.get("pads", [0, 0, 0, 0])]
+        out_ch = w.values.shape[0]
+        bias = b.values if b is not None else np.zeros(out_ch, np.float32)
+        wc = self.own(w, node, w.values, "weight")
+        bc = self.own(b, node, bias, "bias")
+        node.attrs = {"dilations": dilations, "group": int(node.attrs.get("group", 1)),
+                      "kernel_shape": kernel, "pads": pads, "strides": strides}
+        node.inputs.clear()  # graphsurgeon's synchronised lists take no slice deletion
+        node.inputs.extend([x, wc, bc])
+        self.canonical.add(id(node))
+
+    def fold_batchnorm(self, node: gs.Node) -> None:
+        x = node.inputs[0]
+        if (node.attrs.get("training_mode", 0) or len([o for o in node.outputs if o.name]) != 1
+                or not all(_const_f32(t, 1) for t in node.inputs[1:5]) or len(x.inputs) != 1):
+            return
+        layer = x.inputs[0]
+        if id(layer) not in self.canonical or len(x.outputs) != 1 or x in self.graph.outputs:
+            return
+        w_const, b_const = layer.inputs[1], layer.inputs[2]
+        gamma, beta, mean, var = (t.values.astype(np.float64) for t in node.inputs[1:5])
+        if gamma.shape != (w_const.values.shape[0],):
+            return
+        scale = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+        w = w_const.values * scale.reshape((-1,) + (1,) * (w_const.values.ndim - 1))
+        b = (b_const.values - mean) * scale + beta
+        y = node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        for i, (const, values, suffix) in enumerate([(w_const, w, "weight"), (b_const, b, "bias")], 1):
+            owned = self.own(const, layer, values, suffix)
+            if owned is not const:
+                layer.inputs[i] = owned
+        layer.outputs.clear()
+        layer.outputs.append(y)
