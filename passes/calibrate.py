@@ -1,0 +1,586 @@
+"""Calibration data: load or make it, capture each layer's inputs, and choose density/bits.
+
+The `auto` recipe: a one-layer-at-a-time sensitivity scan, a greedy path of recipes
+from mildest to most compressed, and a binary search along it with real onnxruntime
+runs, so the recipe returned is one that was measured within budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.lib.stride_tricks import sliding_window_view
+
+from eiec.errors import InputError, ModelError, RecipeError
+from eiec.ir import Layer, get_initializer, matrix_view
+from eiec.target import Target
+
+from . import reconstruct
+
+DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+BITS = (2, 3, 4)
+LABELS_KEY = "labels"
+
+Choice = tuple[float, int]  # (density, bits) of one layer
+Compress = Callable[[Layer, np.ndarray, np.ndarray, float, int | None], tuple[np.ndarray, np.ndarray]]
+Progress = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- graph inputs and running
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | None, ...]  # None = dynamic
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
+    """The model's real inputs (initializers listed as inputs are not)."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
+        out.append(GraphInput(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
+    return out
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # overridable initializers make ORT warn once per weight
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _batch_of(model: onnx.ModelProto) -> int | None:
+    """A fixed leading (batch) dimension of the inputs, or None when it is dynamic."""
+    dims = [gi.dims[0] for gi in graph_inputs(model) if gi.dims]
+    return dims[0] if dims and dims[0] is not None else None
+
+
+def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], names: list[str], batch: int | None) -> list[np.ndarray]:
+    """Run the calibration set, in chunks of the model's fixed batch size if it has one."""
+    n = next(iter(feeds.values())).shape[0]
+    if batch is None or n == batch:
+        return sess.run(names, feeds)
+    chunks = [sess.run(names, {k: v[s : s + batch] for k, v in feeds.items()}) for s in range(0, n, batch)]
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
+
+
+# ---------------------------------------------------------------- calibration data
+
+
+def random_inputs(model: onnx.ModelProto, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """n rows of random data per graph input, for when no calibration file is given.
+
+    Float inputs are standard normal: trained models mostly see normalised inputs, and
+    N(0, 1) exercises both signs of every weight (uniform [0, 1] would not). The
+    leading dimension is the batch (n, or the model's fixed batch size times
+    ceil(n / size)); any other dynamic dimension, or a non-float input, is a
+    ModelError: random data cannot guess it.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    batch = _batch_of(model)
+    rows = n if batch is None else batch * -(-n // batch)
+    for gi in graph_inputs(model):
+        if not np.issubdtype(gi.dtype, np.floating):
+            raise ModelError(None, f"input {gi.name!r} is {gi.dtype}: random calibration data only for float inputs; pass --calibration")
+        if not gi.dims or any(d is None for d in gi.dims[1:]):
+            raise ModelError(None, f"input {gi.name!r} has dynamic dimensions {gi.dims} beyond the batch; pass --calibration")
+        out[gi.name] = rng.standard_normal((rows, *gi.dims[1:])).astype(gi.dtype)
+    return out
+
+
+def load_calibration(path: str | os.PathLike, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Calibration inputs (and optional integer `labels`) from an .npz, checked against the model.
+
+    Keys must be the graph inputs (plus optionally `labels`, 1-D integers, one per
+    row). Each array must cast to its input's dtype (same kind), match its fixed
+    dimensions, share one batch length and be finite. Every problem is an InputError
+    naming the file and the key.
+    """
+    path = os.fspath(path)
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"cannot read calibration data: {e}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise InputError(path, "calibration data must be an .npz archive of named arrays")
+    wanted = {gi.name: gi for gi in graph_inputs(model)}
+    arrays: dict[str, np.ndarray] = {}
+    with npz:
+        for key in npz.files:
+            if key not in wanted and key != LABELS_KEY:
+                raise InputError(path, f"{key}: not an input of the model (inputs: {', '.join(wanted)}; or '{LABELS_KEY}')")
+            try:
+                arrays[key] = npz[key]
+            except ValueError as e:  # object arrays need pickle, which we never allow
+                raise InputError(path, f"{key}: cannot load ({e})") from None
+    missing = [k for k in wanted if k not in arrays]
+    if missing:
+        raise InputError(path, f"{missing[0]}: model input missing from the calibration data")
+    batch = _batch_of(model)
+    n = None
+    inputs: dict[str, np.ndarray] = {}
+    for name, gi in wanted.items():
+        a = arrays[name]
+        if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            raise InputError(path, f"{name}: dtype {a.dtype} is not numeric")
+        if not np.can_cast(a.dtype, gi.dtype, "same_kind"):
+            raise InputError(path, f"{name}: dtype {a.dtype} does not cast to the model's {gi.dtype}")
+        if a.ndim != len(gi.dims) or a.ndim == 0:
+            raise InputError(path, f"{name}: shape {a.shape} has rank {a.ndim}, the model wants {len(gi.dims)} ({_dims(gi.dims)})")
+        for axis, (have, want) in enumerate(zip(a.shape, gi.dims)):
+            if axis > 0 and want is not None and have != want:
+                raise InputError(path, f"{name}: shape {a.shape} does not match the model's ({_dims(gi.dims)})")
+        if a.shape[0] == 0:
+            raise InputError(path, f"{name}: has no rows")
+        if batch is not None and a.shape[0] % batch:
+            raise InputError(path, f"{name}: {a.shape[0]} rows is not a multiple of the model's fixed batch size {batch}")
+        if n is not None and a.shape[0] != n:
+            raise InputError(path, f"{name}: {a.shape[0]} rows, but other inputs have {n}")
+        n = a.shape[0]
+        if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
+            raise InputError(path, f"{name}: contains NaN or Inf")
+        cast = a.astype(gi.dtype)
+        if np.issubdtype(gi.dtype, np.inexact) and not np.all(np.isfinite(cast)):
+            raise InputError(path, f"{name}: values overflow {gi.dtype}")
+        inputs[name] = cast
+    labels = arrays.get(LABELS_KEY)
+    if labels is not None:
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(path, f"{LABELS_KEY}: must be 1-D integers, got {labels.dtype} shape {labels.shape}")
+        if labels.shape[0] != n:
+            raise InputError(path, f"{LABELS_KEY}: {labels.shape[0]} labels for {n} rows")
+        labels = labels.astype(np.int64)
+    return inputs, labels
+
+
+def _dims(dims: tuple[int | None, ...]) -> str:
+    return ", ".join("?" if d is None else str(d) for d in dims)
+
+
+# ---------------------------------------------------------------- layer inputs
+
+
+def conv_params(layer: Layer) -> dict:
+    """The im2col parameters of a canonical Conv layer (explicit pads, see eiec.ir)."""
+    kh, kw = layer.shape[2], layer.shape[3]
+    return {
+        "kernel": tuple(layer.attr("kernel_shape", [kh, kw])),
+        "pads": tuple(layer.attr("pads", [0, 0, 0, 0])),
+        "strides": tuple(layer.attr("strides", [1, 1])),
+        "dilations": tuple(layer.attr("dilations", [1, 1])),
+        "group": int(layer.attr("group", 1)),
+    }
+
+
+def conv_output_hw(hw: tuple[int, int], kernel, pads, strides, dilations) -> tuple[int, int]:
+    """Output height and width of a 2-D conv (ONNX pads order: top, left, bottom, right)."""
+    return tuple(
+        (hw[a] + pads[a] + pads[a + 2] - ((kernel[a] - 1) * dilations[a] + 1)) // strides[a] + 1 for a in range(2)
+    )
+
+
+def im2col(
+    x: np.ndarray,
+    kernel: tuple[int, int],
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0),
+    strides: tuple[int, int] = (1, 1),
+    dilations: tuple[int, int] = (1, 1),
+    group: int = 1,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """Patches of x [N, C, H, W] as [group, N*Ho*Wo, C/group*kh*kw].
+
+    Rows are output positions in (n, ho, wo) order, columns (c, ki, kj) order, so
+    for W [out, C/g, kh, kw] and group i: im2col(...)[i] @ W_i.reshape(out/g, -1).T
+    is the conv output (without bias) of that group's channels. `rows` (flat
+    position indices) picks a subset without materialising the rest.
+    """
+    N, C, H, Wd = x.shape
+    kh, kw = kernel
+    if C % group:
+        raise ValueError(f"{C} channels do not split into {group} groups")
+    Ho, Wo = conv_output_hw((H, Wd), kernel, pads, strides, dilations)
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    span = ((kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1)
+    win = sliding_window_view(xp, span, axis=(2, 3))  # [N, C, Hp-sh+1, Wp-sw+1, span_h, span_w], a view
+    win = win[:, :, : (Ho - 1) * strides[0] + 1 : strides[0], : (Wo - 1) * strides[1] + 1 : strides[1], :: dilations[0], :: dilations[1]]
+    if rows is None:
+        patches = win.transpose(0, 2, 3, 1, 4, 5)  # [N, Ho, Wo, C, kh, kw]
+    else:
+        n_i, rem = np.divmod(np.asarray(rows), Ho * Wo)
+        h_i, w_i = np.divmod(rem, Wo)
+        patches = win[n_i, :, h_i, w_i]  # [rows, C, kh, kw]: only the chosen positions are copied
+    p = patches.reshape(-1, group, C // group * kh * kw)
+    return np.ascontiguousarray(p.transpose(1, 0, 2))
+
+
+def capture_layer_inputs(
+    model: onnx.ModelProto, layers: list[Layer], inputs: dict[str, np.ndarray], max_rows: int = 20000, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Each layer's inputs on the calibration data, as the rows its weight matrix multiplies.
+
+    One onnxruntime run with every layer's input tensor (node.input[0]) added as a
+    graph output. FC: X [n, in]. Conv: im2col patches, [n, in/g*kh*kw] when g = 1,
+    else [g, n, in/g*kh*kw] (the per-group form every `reconstruct` function takes).
+    At most max_rows rows, picked uniformly without replacement (seeded) and kept in
+    order. Memory: all layers' rows at once (float32).
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output} | set(inputs)
+    wanted = []
+    for layer in layers:
+        t = layer.node.input[0]
+        if t not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+            have.add(t)
+        if t not in inputs and t not in wanted:
+            wanted.append(t)
+    values = dict(zip(wanted, _run(_session(m), inputs, wanted, _batch_of(model)))) if wanted else {}
+    values.update(inputs)
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for layer in layers:
+        x = np.asarray(values[layer.node.input[0]])
+        if layer.kind == "fc":
+            x = x.reshape(x.shape[0], -1)
+            out[layer.name] = x[_pick(x.shape[0], max_rows, rng)]
+        else:
+            p = conv_params(layer)
+            Ho, Wo = conv_output_hw(x.shape[2:], p["kernel"], p["pads"], p["strides"], p["dilations"])
+            cols = im2col(x, rows=_pick(x.shape[0] * Ho * Wo, max_rows, rng), **p)
+            out[layer.name] = cols[0] if p["group"] == 1 else cols
+    return out
+
+
+def _pick(n: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+    if n <= max_rows:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=max_rows, replace=False))
+
+
+# ---------------------------------------------------------------- compressing one layer
+
+
+def plain_compress(layer: Layer, w: np.ndarray, b: np.ndarray, density: float, bits: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Deep Compression as in the paper: magnitude pruning, then k-means weight sharing."""
+    from eiec.passes.cluster import quantize_weights
+    from eiec.passes.prune import magnitude_mask
+
+    W = matrix_view(w)
+    if density < 1:
+        W = np.where(magnitude_mask(W, density), W, 0).astype(w.dtype)
+    if bits is not None:
+        codebook, indices = quantize_weights(W, bits)
+        W = np.asarray(codebook)[indices]
+    return W.reshape(w.shape).astype(w.dtype), b
+
+
+def reconstructing_compress(
+    layer_inputs: dict[str, np.ndarray], obs: bool = True, refit: bool = True, bias_correction: bool = True
+) -> Compress:
+    """Deep Compression without retraining: OBS pruning, k-means, codebook refit, bias correction.
+
+    layer_inputs is `capture_layer_inputs`' result; layers missing from it get
+    `plain_compress`. Each layer's Hessian is computed once and cached.
+    """
+    from eiec.passes.cluster import quantize_weights
+    from eiec.passes.prune import magnitude_mask
+
+    @functools.lru_cache(maxsize=None)
+    def hessian(name: str) -> tuple[np.ndarray, np.ndarray]:
+        X = layer_inputs[name]
+        return reconstruct.layer_hessian(X), reconstruct.input_mean(X)
+
+    def compress(layer: Layer, w: np.ndarray, b: np.ndarray, density: float, bits: int | None):
+        if layer.name not in layer_inputs:
+            return plain_compress(layer, w, b, density, bits)
+        H, mean_x = hessian(layer.name)
+        W_ref = matrix_view(w).astype(np.float64)
+        W = W_ref
+        if density < 1:
+            W = reconstruct.obs_prune(W_ref, H, density) if obs else np.where(magnitude_mask(W_ref, density), W_ref, 0.0)
+        if bits is not None:
+            codebook, indices = quantize_weights(W.astype(w.dtype), bits)
+            if refit:
+                codebook = reconstruct.refit_codebook(W_ref, indices, codebook, H, X=layer_inputs[layer.name])
+            W = np.asarray(codebook, dtype=np.float64)[indices]
+        b_new = b
+        if bias_correction:
+            b_new = (b + reconstruct.bias_correction(W_ref, W, mean_x)).astype(b.dtype)
+        return W.reshape(w.shape).astype(w.dtype), b_new
+
+    return compress
+
+
+# ---------------------------------------------------------------- measuring a recipe
+
+
+@dataclass(frozen=True)
+class Score:
+    """A model's outputs against the original on the calibration set."""
+
+    error: float  # ||y - y_ref|| / ||y_ref|| over all outputs
+    accuracy_drop: float | None = None  # accuracy points (percent) lost, with labels
+
+
+class Evaluator:
+    """One onnxruntime session over the model with the layers' weights and biases overridable.
+
+    Running "a copy of the model with one initializer changed" is the same as feeding
+    that initializer as an input, so a whole sensitivity scan needs one session; each
+    `score` costs one forward pass over the calibration set.
+    """
+
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer], inputs: dict[str, np.ndarray], labels: np.ndarray | None = None):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        m.ir_version = max(m.ir_version, 4)  # initializers that are also inputs are overridable
+        inits = {t.name: t for t in m.graph.initializer}
+        self.layers = layers
+        self.weights = {}
+        for layer in layers:
+            for name in (layer.weight, layer.bias):
+                if name not in inits:
+                    raise ModelError(None, f"layer {layer.name}: {name} is not an initializer (compress before clustering)")
+                self.weights[name] = get_initializer(model, name)
+                t = inits[name]
+                m.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+        self.inputs = inputs
+        self.labels = labels
+        self.batch = _batch_of(model)
+        self.session = _session(m)
+        self.output_names = [o.name for o in m.graph.output]
+        self.reference = self.run({})
+        self.reference_accuracy = None if labels is None else self._accuracy(self.reference)
+
+    def run(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = next(iter(self.inputs.values())).shape[0]
+        if self.batch is None or n == self.batch:
+            return self.session.run(self.output_names, {**self.inputs, **overrides})
+        chunks = [
+            self.session.run(self.output_names, {**{k: v[s : s + self.batch] for k, v in self.inputs.items()}, **overrides})
+            for s in range(0, n, self.batch)
+        ]
+        return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]
+
+    def _accuracy(self, outputs: list[np.ndarray]) -> float:
+        y = outputs[0]
+        pred = y.reshape(y.shape[0], -1).argmax(axis=1)
+        return 100.0 * float(np.mean(pred == self.labels))
+
+    def score_outputs(self, outputs: list[np.ndarray]) -> Score:
+        pairs = [(np.asarray(y, np.float64), np.asarray(r, np.float64))
+                 for y, r in zip(outputs, self.reference) if np.issubdtype(r.dtype, np.floating)]
+        num = sum(float(np.sum((y - r) ** 2)) for y, r in pairs)
+        den = sum(float(np.sum(r**2)) for _, r in pairs)
+        error = float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
+        drop = None if self.labels is None else self.reference_accuracy - self._accuracy(outputs)
+        return Score(error, drop)
+
+    def score(self, choices: dict[str, Choice | tuple[float, int | None]], compress: Compress) -> Score:
+        """The model with every layer in `choices` compressed to its (density, bits)."""
+        overrides = {}
+        for layer in self.layers:
+            if layer.name in choices:
+                density, bits = choices[layer.name]
+                w, b = compress(layer, self.weights[layer.weight], self.weights[layer.bias], density, bits)
+                overrides[layer.weight], overrides[layer.bias] = w, b
+        return self.score_outputs(self.run(overrides))
+
+
+# ---------------------------------------------------------------- sensitivity and auto recipe
+
+
+@dataclass
+class LayerSensitivity:
+    """One layer compressed alone (all others untouched): the model's score per setting."""
+
+    name: str
+    weights: int  # number of weights in the layer
+    density: dict[float, Score] = field(default_factory=dict)  # pruning only
+    bits: dict[int, Score] = field(default_factory=dict)  # weight sharing only
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sensitivity(
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    inputs: dict[str, np.ndarray],
+    labels: np.ndarray | None = None,
+    densities: Iterable[float] = DENSITIES,
+    bits: Iterable[int] = BITS,
+    compress: Compress = plain_compress,
+    progress: Progress = lambda msg: None,
+    evaluator: Evaluator | None = None,
+) -> dict[str, LayerSensitivity]:
+    """Per layer, each density alone (no clustering) and each bits alone (no pruning).
+
+    Cost: len(layers) * (len(densities) + len(bits)) forward passes over the
+    calibration set in one onnxruntime session (density 1.0 is free: score 0).
+    """
+    ev = evaluator or Evaluator(model, layers, inputs, labels)
+    zero = Score(0.0, None if labels is None else 0.0)
+    result = {}
+    for i, layer in enumerate(layers):
+        s = LayerSensitivity(layer.name, int(np.prod(layer.shape)))
+        for d in densities:
+            s.density[float(d)] = zero if d >= 1 else ev.score({layer.name: (float(d), None)}, compress)
+        for b in bits:
+            s.bits[int(b)] = ev.score({layer.name: (1.0, int(b))}, compress)
+        result[layer.name] = s
+        progress(f"sensitivity {i + 1}/{len(layers)} {layer.name}: " + ", ".join(f"d={d:g} {v.error:.4f}" for d, v in s.density.items()))
+    return result
+
+
+def stored_bits(weights: int, density: float, bits: int, target: Target = Target()) -> float:
+    """Expected bits a layer stores on EIE: entries * (index + rel_index) + the codebook.
+
+    Gaps between kept weights are ~geometric, so a gap needs floor(gap/2^z) padding
+    zeros on average, z = rel_index_bits: entries = nnz / (1 - (1-density)^(2^z)).
+    """
+    nnz = weights * density
+    q = (1.0 - density) ** (target.max_gap + 1)
+    entries = nnz / (1.0 - q) if q < 1 else nnz
+    return entries * (bits + target.rel_index_bits) + (1 << bits) * target.codebook_bits
+
+
+def recipe_path(
+    sens: dict[str, LayerSensitivity],
+    target: Target = Target(),
+    fixed: dict[str, tuple[float | None, int | None]] | None = None,
+) -> list[dict[str, Choice]]:
+    """Recipes from mildest to most compressed, one layer step at a time.
+
+    A layer's predicted error at (d, b) is its pruning-only plus its clustering-only
+    error; each layer walks its own Pareto front (lower stored bits, higher error) and
+    each step takes the layer with the most bits saved per unit of predicted error.
+    `fixed` pins a layer's density and/or bits (None = free).
+    """
+    fixed = fixed or {}
+    fronts: dict[str, list[tuple[float, float, Choice]]] = {}
+    for name, s in sens.items():
+        fd, fb = fixed.get(name, (None, None))
+        ds = [fd] if fd is not None else sorted(s.density)
+        bs = [fb] if fb is not None else sorted(s.bits)
+        cands = []
+        for d in ds:
+            for b in bs:
+                err = (s.density[d].error if d in s.density else 0.0) + (s.bits[b].error if b in s.bits else 0.0)
+                cands.append((err, stored_bits(s.weights, d, b, target), (d, b)))
+        cands.sort(key=lambda c: (c[0], c[1]))
+        front = []
+        for c in cands:  # keep only settings that store fewer bits than every safer one
+            if not front or c[1] < front[-1][1]:
+                front.append(c)
+        fronts[name] = front
+    pos = {name: 0 for name in fronts}
+    path = [{name: fronts[name][0][2] for name in fronts}]
+    while True:
+        best, best_rate = None, -1.0
+        for name, front in fronts.items():
+            i = pos[name]
+            if i + 1 < len(front):
+                saved = front[i][1] - front[i + 1][1]
+                rate = saved / max(front[i + 1][0] - front[i][0], 1e-12)
+                if rate > best_rate:
+                    best, best_rate = name, rate
+        if best is None:
+            return path
+        pos[best] += 1
+        path.append({**path[-1], best: fronts[best][pos[best]][2]})
+
+
+def choose_recipe(
+    sens: dict[str, LayerSensitivity],
+    budget: float,
+    target: Target = Target(),
+    fixed: dict[str, tuple[float | None, int | None]] | None = None,
+) -> dict[str, Choice]:
+    """Predicted only (no run): the most compressed recipe whose summed layer errors fit `budget`."""
+    best = None
+    for choice in recipe_path(sens, target, fixed):
+        pred = sum(_predicted(sens[n], c) for n, c in choice.items())
+        if best is None or pred <= budget:
+            best = choice
+    return best or {}
+
+
+def _predicted(s: LayerSensitivity, c: Choice) -> float:
+    d, b = c
+    return (s.density[d].error if d in s.density else 0.0) + (s.bits[b].error if b in s.bits else 0.0)
+
+
+def auto_recipe(
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    inputs: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    budget: float,
+    metric: str | None = None,
+    densities: Iterable[float] = DENSITIES,
+    bits: Iterable[int] = BITS,
+    target: Target = Target(),
+    fixed: dict[str, tuple[float | None, int | None]] | None = None,
+    compress: Compress = plain_compress,
+    progress: Progress = lambda msg: None,
+) -> dict[str, Choice]:
+    """Per-layer (density, bits) for `layers`, verified on the calibration set to fit `budget`.
+
+    metric: "accuracy" (budget in accuracy points lost; needs labels) or "error"
+    (relative output error); default accuracy when labels are given. Steps: the
+    sensitivity scan, `recipe_path`, then a binary search along the path where every
+    probe compresses all layers with `compress` and runs the model; the result is
+    the most compressed probe that measured within budget. Pass the compress function
+    the passes use, so the guarantee holds for the compiled model. Raises RecipeError
+    if even the mildest recipe exceeds the budget.
+    Cost: the scan plus ~log2(len(path)) + 1 forward passes.
+    """
+    metric = metric or ("accuracy" if labels is not None else "error")
+    if metric not in ("accuracy", "error"):
+        raise ValueError(f"metric must be 'accuracy' or 'error', got {metric!r}")
+    if metric == "accuracy" and labels is None:
+        raise RecipeError(None, "an accuracy budget needs labels in the calibration data")
+    bits = [b for b in bits if b <= target.weight_bits]
+    ev = Evaluator(model, layers, inputs, labels)
+    sens = sensitivity(model, layers, inputs, labels, densities, bits, compress, progress, ev)
+    path = recipe_path(sens, target, fixed)
+
+    def fits(i: int) -> bool:
+        s = ev.score(path[i], compress)
+        value = s.accuracy_drop if metric == "accuracy" else s.error
+        progress(f"auto: step {i}/{len(path) - 1} {metric} {value:.4f} (budget {budget:g})")
+        return value <= budget
+
+    lo, hi = 0, len(path) - 1
+    if not fits(lo):
+        raise RecipeError(
+            None,
+            f"auto: even the mildest recipe exceeds the {metric} budget {budget:g} on the calibration set; "
+            "raise the budget or fix density/bits per layer",
+        )
+    if fits(hi):
+        return path[hi]
+    hi -= 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return path[lo]

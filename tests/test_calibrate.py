@@ -1,0 +1,337 @@
+"""Calibration: im2col, layer-input capture, .npz loading and the auto recipe, against onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from eiec.errors import InputError, ModelError, RecipeError
+from eiec.ir import OPSET, find_layers, matrix_view
+from eiec.passes.calibrate import (
+    LayerSensitivity,
+    Score,
+    auto_recipe,
+    capture_layer_inputs,
+    choose_recipe,
+    im2col,
+    load_calibration,
+    plain_compress,
+    random_inputs,
+    recipe_path,
+    reconstructing_compress,
+    stored_bits,
+)
+from eiec.target import Target
+
+
+def make_model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def conv_model(c_in, c_out, kernel, pads, strides, dilations, group, rng):
+    w = rng.standard_normal((c_out, c_in // group, *kernel)).astype(np.float32)
+    b = np.zeros(c_out, np.float32)
+    node = helper.make_node(
+        "Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=list(kernel), pads=list(pads),
+        strides=list(strides), dilations=list(dilations), group=group,
+    )
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in, None, None])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c_out, None, None])
+    return make_model([node], [x], [y], {"w": w, "b": b}), w
+
+
+CONV_CASES = [
+    # c_in, c_out, kernel, pads (t, l, b, r), strides, dilations, group
+    (3, 4, (3, 3), (0, 0, 0, 0), (1, 1), (1, 1), 1),
+    (3, 5, (3, 2), (1, 2, 0, 1), (2, 1), (1, 1), 1),
+    (4, 6, (3, 3), (2, 2, 2, 2), (1, 2), (2, 2), 2),
+    (6, 6, (3, 3), (1, 1, 1, 1), (2, 2), (1, 3), 6),  # depthwise, dilated
+    (4, 8, (1, 1), (0, 0, 0, 0), (3, 3), (1, 1), 4),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_im2col_times_weights_equals_onnxruntime_conv(case):
+    c_in, c_out, kernel, pads, strides, dilations, group = case
+    rng = np.random.default_rng(0)
+    model, w = conv_model(c_in, c_out, kernel, pads, strides, dilations, group, rng)
+    x = rng.standard_normal((2, c_in, 9, 11)).astype(np.float32)
+    (y,) = run(model, {"x": x})
+    cols = im2col(x.astype(np.float64), kernel, pads, strides, dilations, group)
+    W = matrix_view(w).astype(np.float64).reshape(group, c_out // group, -1)
+    out = np.einsum("gpi,goi->pgo", cols, W).reshape(2, y.shape[2], y.shape[3], c_out).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(out, y, rtol=1e-4, atol=1e-4)
+
+
+def test_im2col_rows_picks_those_rows_of_the_full_patch_matrix():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 4, 7, 6))
+    args = ((2, 3), (1, 0, 1, 2), (2, 1), (1, 2), 2)
+    full = im2col(x, *args)
+    rows = np.array([0, 5, 17, full.shape[1] - 1])
+    np.testing.assert_array_equal(im2col(x, *args, rows=rows), full[:, rows])
+
+
+def small_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """Conv -> Relu -> grouped Conv -> Relu -> Flatten -> Gemm -> Relu -> Gemm."""
+    inits = {
+        "w1": rng.standard_normal((4, 2, 3, 3)).astype(np.float32),
+        "b1": rng.standard_normal(4).astype(np.float32),
+        "w2": rng.standard_normal((6, 2, 3, 3)).astype(np.float32) * 0.3,
+        "b2": rng.standard_normal(6).astype(np.float32),
+        "w3": rng.standard_normal((16, 6 * 3 * 3)).astype(np.float32) * 0.2,
+        "b3": rng.standard_normal(16).astype(np.float32),
+        "w4": rng.standard_normal((5, 16)).astype(np.float32) * 0.3,
+        "b4": np.zeros(5, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1], group=1),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[0, 0, 0, 0], strides=[2, 2], dilations=[1, 1], group=2),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Flatten", ["r2"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["g3"], name="fc3", transB=1),
+        helper.make_node("Relu", ["g3"], ["r3"]),
+        helper.make_node("Gemm", ["r3", "w4", "b4"], ["y"], name="fc4", transB=1),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 7, 7])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])
+    return make_model(nodes, [x], [y], inits)
+
+
+def intermediate(model: onnx.ModelProto, name: str, feeds) -> np.ndarray:
+    """The oracle: a copy of the model whose only output is `name`."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return run(m, feeds)[0]
+
+
+def test_capture_layer_inputs_are_the_intermediate_tensors():
+    rng = np.random.default_rng(2)
+    model = small_net(rng)
+    layers = find_layers(model)
+    assert [l.name for l in layers] == ["conv1", "conv2", "fc3", "fc4"]
+    feeds = {"x": rng.standard_normal((3, 2, 7, 7)).astype(np.float32)}
+    X = capture_layer_inputs(model, layers, feeds)
+    np.testing.assert_array_equal(X["conv1"], im2col(feeds["x"], (3, 3), (1, 1, 1, 1), (1, 1), (1, 1), 1)[0])
+    assert X["conv1"].shape == (3 * 7 * 7, 2 * 9)
+    r1 = intermediate(model, "r1", feeds)
+    np.testing.assert_allclose(X["conv2"], im2col(r1, (3, 3), (0, 0, 0, 0), (2, 2), (1, 1), 2), rtol=1e-6)
+    assert X["conv2"].shape == (2, 3 * 3 * 3, 2 * 9)
+    np.testing.assert_allclose(X["fc3"], intermediate(model, "f", feeds), rtol=1e-6)
+    np.testing.assert_allclose(X["fc4"], intermediate(model, "r3", feeds), rtol=1e-6)
+    # The layer inputs times the weights are the layer outputs: the Hessian sees what the layer sees.
+    w3 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w3"))
+    b3 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b3"))
+    np.testing.assert_allclose(X["fc3"] @ w3.T + b3, intermediate(model, "g3", feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_capture_layer_inputs_subsamples_rows_deterministically():
+    rng = np.random.default_rng(3)
+    model = small_net(rng)
+    layers = find_layers(model)
+    feeds = {"x": rng.standard_normal((4, 2, 7, 7)).astype(np.float32)}
+    full = capture_layer_inputs(model, layers, feeds)
+    a = capture_layer_inputs(model, layers, feeds, max_rows=10, seed=5)
+    b = capture_layer_inputs(model, layers, feeds, max_rows=10, seed=5)
+    for name in full:
+        np.testing.assert_array_equal(a[name], b[name])
+        assert a[name].shape[-2] == min(10, full[name].shape[-2])
+        # every sampled row is one of the full rows (same rows across groups)
+        f = full[name].reshape(-1, full[name].shape[-1]) if full[name].ndim == 2 else full[name][0]
+        s = a[name] if a[name].ndim == 2 else a[name][0]
+        assert all((f == row).all(axis=1).any() for row in s)
+
+
+def mlp(rng: np.random.Generator, sizes=(12, 32, 24, 6), batch="N") -> onnx.ModelProto:
+    nodes, inits = [], {}
+    prev = "x"
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        inits[f"w{i}"] = (rng.standard_normal((b, a)) / np.sqrt(a)).astype(np.float32)
+        inits[f"b{i}"] = (0.1 * rng.standard_normal(b)).astype(np.float32)
+        out = "y" if i == len(sizes) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [out if out == "y" else f"g{i}"], name=f"fc{i}", transB=1))
+        if out != "y":
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [out]))
+        prev = out
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, sizes[0]])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, sizes[-1]])
+    return make_model(nodes, [x], [y], inits)
+
+
+def test_random_inputs_fill_the_batch_and_refuse_other_dynamic_dims():
+    rng = np.random.default_rng(4)
+    data = random_inputs(mlp(rng), 7, seed=1)
+    assert data["x"].shape == (7, 12) and data["x"].dtype == np.float32
+    np.testing.assert_array_equal(data["x"], random_inputs(mlp(rng), 7, seed=1)["x"])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "L"])
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "L"])], {})
+    with pytest.raises(ModelError, match="'x'"):
+        random_inputs(m, 3)
+
+
+def test_load_calibration_accepts_castable_inputs_and_labels(tmp_path):
+    model = mlp(np.random.default_rng(5))
+    path = tmp_path / "cal.npz"
+    x = np.random.default_rng(0).standard_normal((9, 12))  # float64: casts to the model's float32
+    np.savez(path, x=x, labels=np.arange(9) % 6)
+    inputs, labels = load_calibration(path, model)
+    assert inputs["x"].dtype == np.float32 and inputs["x"].shape == (9, 12)
+    np.testing.assert_array_equal(labels, np.arange(9) % 6)
+    np.savez(path, x=x)
+    assert load_calibration(path, model)[1] is None
+
+
+BAD_CALIBRATION = {
+    "object array": ({"x": np.array([None] * 12, dtype=object)}, "x"),
+    "missing input": ({"z": np.zeros((3, 12), np.float32)}, "z"),
+    "unknown key": ({"x": np.zeros((3, 12), np.float32), "extra": np.zeros(3)}, "extra"),
+    "wrong width": ({"x": np.zeros((3, 11), np.float32)}, "x"),
+    "wrong rank": ({"x": np.zeros((3, 12, 1), np.float32)}, "x"),
+    "nan": ({"x": np.full((3, 12), np.nan, np.float32)}, "x"),
+    "inf": ({"x": np.array([[np.inf] * 12], np.float64)}, "x"),
+    "complex": ({"x": np.zeros((3, 12), np.complex64)}, "x"),
+    "no rows": ({"x": np.zeros((0, 12), np.float32)}, "x"),
+    "float labels": ({"x": np.zeros((3, 12), np.float32), "labels": np.zeros(3)}, "labels"),
+    "short labels": ({"x": np.zeros((3, 12), np.float32), "labels": np.zeros(2, np.int64)}, "labels"),
+    "2-D labels": ({"x": np.zeros((3, 12), np.float32), "labels": np.zeros((3, 1), np.int64)}, "labels"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALIBRATION, ids=list(BAD_CALIBRATION))
+def test_load_calibration_rejects_bad_data_naming_file_and_key(tmp_path, case):
+    arrays, key = BAD_CALIBRATION[case]
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(InputError) as e:
+        load_calibration(path, mlp(np.random.default_rng(6)))
+    assert str(path) in str(e.value) and key in e.value.reason
+
+
+def test_load_calibration_rejects_a_file_that_is_not_an_npz(tmp_path):
+    path = tmp_path / "cal.npz"
+    path.write_text("not numpy")
+    with pytest.raises(InputError, match="cal.npz"):
+        load_calibration(path, mlp(np.random.default_rng(7)))
+
+
+def test_stored_bits_padding_matches_a_simulated_sparse_column():
+    rng = np.random.default_rng(8)
+    target = Target()
+    for density in (0.02, 0.1, 0.5):
+        kept = rng.random(400_000) < density
+        gaps = np.diff(np.flatnonzero(kept), prepend=-1) - 1  # zeros before each kept weight
+        entries = kept.sum() + np.sum(gaps // (target.max_gap + 1))  # one padding entry per 16 zeros
+        predicted = (stored_bits(kept.size, density, 4, target) - 16 * target.codebook_bits) / 8
+        assert predicted == pytest.approx(entries, rel=0.02)
+
+
+def fake_sensitivity(rng) -> dict[str, LayerSensitivity]:
+    sens = {}
+    for i, n in enumerate((1000, 5000, 200)):
+        s = LayerSensitivity(f"l{i}", n)
+        for d in (0.1, 0.3, 1.0):
+            s.density[d] = Score(0.0 if d == 1 else float(rng.uniform(0, 0.2) / d))
+        for b in (2, 4):
+            s.bits[b] = Score(float(rng.uniform(0, 0.05) / b))
+        sens[s.name] = s
+    return sens
+
+
+def test_recipe_path_only_ever_shrinks_the_stored_bits():
+    sens = fake_sensitivity(np.random.default_rng(9))
+    path = recipe_path(sens)
+    sizes = [sum(stored_bits(sens[n].weights, d, b) for n, (d, b) in c.items()) for c in path]
+    assert path[0] == {n: (1.0, 4) for n in sens}
+    assert path[-1] == {n: (0.1, 2) for n in sens}
+    assert all(a > b for a, b in zip(sizes, sizes[1:]))
+    fixed = recipe_path(sens, fixed={"l1": (0.3, None)})
+    assert all(c["l1"][0] == 0.3 for c in fixed)
+
+
+def test_choose_recipe_keeps_the_predicted_error_within_budget():
+    sens = fake_sensitivity(np.random.default_rng(10))
+    choice = choose_recipe(sens, 0.3)
+    pred = sum(sens[n].density[d].error + sens[n].bits[b].error for n, (d, b) in choice.items())
+    assert pred <= 0.3
+    assert choice != {n: (1.0, 4) for n in sens}
+
+
+def independent_score(model, choice, feeds, labels=None, compress=plain_compress):
+    """Recompute a recipe's error from scratch: compressed initializers, a fresh session, numpy."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for layer in find_layers(model):
+        if layer.name in choice:
+            w = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == layer.weight))
+            b = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == layer.bias))
+            w2, b2 = compress(layer, w, b, *choice[layer.name])
+            for i, t in enumerate(m.graph.initializer):
+                if t.name == layer.weight:
+                    m.graph.initializer[i].CopyFrom(numpy_helper.from_array(w2, layer.weight))
+                if t.name == layer.bias:
+                    m.graph.initializer[i].CopyFrom(numpy_helper.from_array(b2, layer.bias))
+    (y_ref,) = run(model, feeds)
+    (y,) = run(m, feeds)
+    error = np.linalg.norm(y.astype(np.float64) - y_ref) / np.linalg.norm(y_ref.astype(np.float64))
+    drop = None if labels is None else 100 * (np.mean(y_ref.argmax(1) == labels) - np.mean(y.argmax(1) == labels))
+    return error, drop
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5])
+def test_auto_recipe_respects_the_output_error_budget(budget):
+    rng = np.random.default_rng(11)
+    model = mlp(rng)
+    feeds = {"x": rng.standard_normal((200, 12)).astype(np.float32)}
+    messages = []
+    choice = auto_recipe(model, find_layers(model), feeds, None, budget, progress=messages.append)
+    assert set(choice) == {"fc0", "fc1", "fc2"}
+    error, _ = independent_score(model, choice, feeds)
+    assert error <= budget
+    size = sum(stored_bits(int(np.prod(l.shape)), *choice[l.name]) for l in find_layers(model))
+    mildest = sum(stored_bits(int(np.prod(l.shape)), 1.0, 4) for l in find_layers(model))
+    assert size < mildest  # it did compress beyond the mildest recipe, not just play safe
+    assert any(m.startswith("sensitivity") for m in messages) and any(m.startswith("auto") for m in messages)
+
+
+def test_auto_recipe_with_reconstruction_respects_the_budget():
+    rng = np.random.default_rng(14)
+    model = mlp(rng)
+    feeds = {"x": rng.standard_normal((200, 12)).astype(np.float32)}
+    layers = find_layers(model)
+    compress = reconstructing_compress(capture_layer_inputs(model, layers, feeds))
+    choice = auto_recipe(model, layers, feeds, None, 0.3, compress=compress)
+    error, _ = independent_score(model, choice, feeds, compress=compress)
+    assert error <= 0.3
+
+
+def test_auto_recipe_respects_the_accuracy_budget():
+    rng = np.random.default_rng(12)
+    model = mlp(rng)
+    feeds = {"x": rng.standard_normal((300, 12)).astype(np.float32)}
+    (y,) = run(model, feeds)
+    labels = y.argmax(1)  # the dense model is 100% right: every flip is a drop
+    choice = auto_recipe(model, find_layers(model), feeds, labels, 30.0)
+    _, drop = independent_score(model, choice, feeds, labels)
+    assert drop <= 30.0
+
+
+def test_auto_recipe_refuses_an_unreachable_budget():
+    rng = np.random.default_rng(13)
+    model = mlp(rng)
+    feeds = {"x": rng.standard_normal((50, 12)).astype(np.float32)}
+    with pytest.raises(RecipeError, match="budget"):
+        auto_recipe(model, find_layers(model), feeds, None, 0.0)

@@ -1,0 +1,212 @@
+"""Reconstruction math (OBS pruning, codebook refit, bias correction) against numpy oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eiec.passes.reconstruct import (
+    bias_correction,
+    input_mean,
+    kept_count,
+    layer_error,
+    layer_hessian,
+    obs_prune,
+    refit_codebook,
+)
+
+
+def correlated_inputs(rng: np.random.Generator, n: int, n_in: int, rank: int = 8) -> np.ndarray:
+    """Calibration rows whose inputs are strongly correlated (low rank plus noise), as in real layers."""
+    return rng.standard_normal((n, rank)) @ rng.standard_normal((rank, n_in)) + 0.3 * rng.standard_normal((n, n_in))
+
+
+def magnitude_prune(W: np.ndarray, density: float) -> np.ndarray:
+    """The obvious oracle: keep the k largest |w| of the layer."""
+    k = kept_count(W.size, density)
+    keep = np.zeros(W.size, bool)
+    keep[np.argsort(-np.abs(W), axis=None, kind="stable")[:k]] = True
+    return np.where(keep.reshape(W.shape), W, 0.0)
+
+
+def output_error(W_ref: np.ndarray, W_new: np.ndarray, X: np.ndarray) -> float:
+    """Relative output MSE computed the slow way, through the outputs themselves."""
+    return float(np.sum((X @ (W_ref - W_new).T) ** 2) / np.sum((X @ W_ref.T) ** 2))
+
+
+def random_codebook_layer(rng: np.random.Generator, out: int, n_in: int, bits: int, density: float):
+    W = rng.standard_normal((out, n_in))
+    K = 1 << bits
+    indices = np.where(rng.random((out, n_in)) < density, rng.integers(1, K, (out, n_in)), 0).astype(np.uint8)
+    codebook = np.concatenate([[0.0], np.sort(rng.standard_normal(K - 1))]).astype(np.float32)
+    return W, indices, codebook
+
+
+def test_layer_hessian_is_xtx_over_n():
+    X = np.random.default_rng(0).standard_normal((50, 7))
+    np.testing.assert_allclose(layer_hessian(X), X.T @ X / 50)
+    Xg = np.stack([X, 2 * X])
+    np.testing.assert_allclose(layer_hessian(Xg)[1], 4 * X.T @ X / 50)
+
+
+def test_layer_error_equals_relative_output_mse():
+    rng = np.random.default_rng(1)
+    X = correlated_inputs(rng, 200, 30)
+    W = rng.standard_normal((12, 30))
+    W_new = W + 0.1 * rng.standard_normal(W.shape)
+    assert layer_error(W, W_new, layer_hessian(X)) == pytest.approx(output_error(W, W_new, X), rel=1e-10)
+
+
+def test_grouped_layer_error_equals_block_diagonal_layer():
+    rng = np.random.default_rng(2)
+    g, out_g, n_in = 3, 4, 5
+    X = rng.standard_normal((g, 40, n_in))
+    W = rng.standard_normal((g * out_g, n_in))
+    W_new = W * (rng.random(W.shape) < 0.5)
+    # The same conv as one dense layer: block-diagonal weights over all groups' inputs.
+    big = scipy.linalg.block_diag(*[W[i * out_g : (i + 1) * out_g] for i in range(g)])
+    big_new = scipy.linalg.block_diag(*[W_new[i * out_g : (i + 1) * out_g] for i in range(g)])
+    X_all = np.concatenate(list(X), axis=1)
+    assert layer_error(W, W_new, layer_hessian(X)) == pytest.approx(output_error(big, big_new, X_all), rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.8])
+def test_obs_prune_beats_magnitude_pruning_at_same_density(seed, density):
+    rng = np.random.default_rng(seed)
+    X = correlated_inputs(rng, 400, 96)
+    W = rng.standard_normal((32, 96))
+    H = layer_hessian(X)
+    W_obs = obs_prune(W, H, density)
+    W_mag = magnitude_prune(W, density)
+    assert np.count_nonzero(W_obs) == np.count_nonzero(W_mag) == kept_count(W.size, density)
+    assert output_error(W, W_obs, X) < output_error(W, W_mag, X)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    out=st.integers(1, 12),
+    n_in=st.integers(1, 40),
+    groups=st.sampled_from([1, 2, 3]),
+    density=st.floats(0.01, 1.0),
+    dead=st.integers(0, 5),
+    zeros=st.floats(0, 0.5),
+    seed=st.integers(0, 2**16),
+)
+def test_obs_prune_keeps_exactly_k_nonzeros_and_never_loses_to_magnitude(out, n_in, groups, density, dead, zeros, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((groups, 30, n_in))
+    X[:, :, : min(dead, n_in)] = 0  # dead inputs: H_jj == 0
+    W = rng.standard_normal((out * groups, n_in)) * (rng.random((out * groups, n_in)) >= zeros)
+    H = layer_hessian(X if groups > 1 else X[0])
+    W_new = obs_prune(W, H, density, block=7)
+    k = kept_count(W.size, density)
+    assert layer_error(W, W_new, H) <= layer_error(W, magnitude_prune(W, density), H) * (1 + 1e-12)
+    if np.count_nonzero(W) >= k:
+        assert np.count_nonzero(W_new) == k
+    else:  # pruning never needs to invent weights; OBS updates may still fill some zeros
+        assert np.count_nonzero(W_new) <= k
+    assert np.all(np.isfinite(W_new))
+
+
+def test_obs_prune_keeps_dead_input_weights_only_as_a_last_resort():
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((100, 10))
+    X[:, 0] = 0
+    W = rng.standard_normal((6, 10))
+    W[:, 0] = 100.0  # huge, but its input is always zero: worthless
+    W_new = obs_prune(W, layer_hessian(X), 0.5)
+    assert np.all(W_new[:, 0] == 0)
+    assert np.count_nonzero(W_new) == 30
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    out=st.integers(1, 10),
+    n_in=st.integers(1, 30),
+    n=st.integers(1, 60),
+    bits=st.integers(1, 4),
+    density=st.floats(0.0, 1.0),
+    dead=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_refit_codebook_never_increases_layer_error(out, n_in, n, bits, density, dead, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, n_in))
+    X[:, : min(dead, n_in)] = 0
+    W, indices, codebook = random_codebook_layer(rng, out, n_in, bits, density)
+    H = layer_hessian(X)
+    for new in (refit_codebook(W, indices, codebook, H), refit_codebook(W, indices, codebook, H, X=X)):
+        assert new[0] == 0.0 and new.dtype == codebook.dtype and new.shape == codebook.shape
+        before = output_error(W, codebook[indices].astype(np.float64), X) if np.any(X @ W.T) else 0.0
+        after = output_error(W, new[indices].astype(np.float64), X) if np.any(X @ W.T) else 0.0
+        assert after <= before * (1 + 1e-9) + 1e-15
+
+
+def test_refit_codebook_is_the_least_squares_solution():
+    rng = np.random.default_rng(4)
+    X = correlated_inputs(rng, 300, 24)
+    W, indices, codebook = random_codebook_layer(rng, 16, 24, 3, 0.6)
+    codebook = codebook.astype(np.float64)
+    new = refit_codebook(W, indices, codebook, layer_hessian(X))
+    # Oracle: outputs are linear in the codebook; one design column per nonzero entry.
+    design = np.stack([(X @ (indices == k).T).ravel() for k in range(1, 8)], axis=1)
+    c = np.linalg.lstsq(design, (X @ W.T).ravel(), rcond=None)[0]
+    np.testing.assert_allclose(new[1:], c, rtol=1e-7, atol=1e-9)
+    assert layer_error(W, new[indices], layer_hessian(X)) < layer_error(W, codebook[indices], layer_hessian(X))
+
+
+def test_refit_codebook_through_x_equals_through_h():
+    rng = np.random.default_rng(5)
+    X = correlated_inputs(rng, 20, 64)  # fewer rows than inputs: the X path is taken
+    W, indices, codebook = random_codebook_layer(rng, 10, 64, 4, 0.3)
+    codebook = codebook.astype(np.float64)
+    H = layer_hessian(X)
+    np.testing.assert_allclose(refit_codebook(W, indices, codebook, H, X=X), refit_codebook(W, indices, codebook, H), rtol=1e-8, atol=1e-10)
+
+
+def test_refit_codebook_grouped_equals_block_diagonal_layer():
+    rng = np.random.default_rng(6)
+    g, out_g, n_in = 2, 5, 9
+    X = rng.standard_normal((g, 80, n_in))
+    W, indices, codebook = random_codebook_layer(rng, g * out_g, n_in, 3, 0.7)
+    codebook = codebook.astype(np.float64)
+    new = refit_codebook(W, indices, codebook, layer_hessian(X))
+    big = scipy.linalg.block_diag(*[W[i * out_g : (i + 1) * out_g] for i in range(g)])
+    big_idx = scipy.linalg.block_diag(*[indices[i * out_g : (i + 1) * out_g] for i in range(g)]).astype(np.uint8)
+    X_all = np.concatenate(list(X), axis=1)
+    np.testing.assert_allclose(new, refit_codebook(big, big_idx, codebook, layer_hessian(X_all)), rtol=1e-8, atol=1e-10)
+
+
+def test_refit_codebook_returns_original_when_already_optimal():
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((100, 12))
+    W, indices, codebook = random_codebook_layer(rng, 8, 12, 2, 0.8)
+    codebook = codebook.astype(np.float64)
+    H = layer_hessian(X)
+    once = refit_codebook(W, indices, codebook, H)
+    np.testing.assert_array_equal(refit_codebook(W, indices, once, H), once)
+
+
+def test_bias_correction_restores_mean_output():
+    rng = np.random.default_rng(8)
+    X = correlated_inputs(rng, 500, 20) + 2.0  # nonzero mean inputs: pruning shifts the outputs
+    W = rng.standard_normal((7, 20))
+    b = rng.standard_normal(7)
+    W_new = magnitude_prune(W, 0.3)
+    delta = bias_correction(W, W_new, input_mean(X))
+    np.testing.assert_allclose((X @ W_new.T + b + delta).mean(axis=0), (X @ W.T + b).mean(axis=0), atol=1e-10)
+
+
+def test_bias_correction_grouped():
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((3, 100, 6)) + 1.0
+    W = rng.standard_normal((6, 6))
+    W_new = magnitude_prune(W, 0.4)
+    delta = bias_correction(W, W_new, input_mean(X))
+    for i in range(3):
+        rows = slice(2 * i, 2 * i + 2)
+        np.testing.assert_allclose((X[i] @ W_new[rows].T + delta[rows]).mean(0), (X[i] @ W[rows].T).mean(0), atol=1e-10)
