@@ -1,0 +1,137 @@
+"""Magnitude pruning: the mask against a sorted slow oracle, the pass against onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from onnx import TensorProto, helper, numpy_helper
+
+from eiec.errors import RecipeError
+from eiec.ir import OPSET, find_layers, get_initializer, set_initializer
+from eiec.passes.prune import Prune, magnitude_mask
+from eiec.passmanager import Context
+from eiec.recipe import parse_recipe
+
+
+def canonical_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv(3->4, 3x3) -> Relu -> Flatten -> Gemm fc1 (256->6) -> Relu -> Gemm fc2 (6->3), canonical IR0."""
+    rng = np.random.default_rng(seed)
+    inits = {
+        "conv1.w": rng.standard_normal((4, 3, 3, 3)), "conv1.b": rng.standard_normal(4),
+        "fc1.w": rng.standard_normal((6, 256)), "fc1.b": rng.standard_normal(6),
+        "fc2.w": rng.standard_normal((3, 6)), "fc2.b": rng.standard_normal(3),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.w", "conv1.b"], ["c1"], name="conv1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1], group=1),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Flatten", ["r1"], ["f1"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["f1", "fc1.w", "fc1.b"], ["g1"], name="fc1", alpha=1.0, beta=1.0, transA=0, transB=1),
+        helper.make_node("Relu", ["g1"], ["r2"], name="relu2"),
+        helper.make_node("Gemm", ["r2", "fc2.w", "fc2.b"], ["y"], name="fc2", alpha=1.0, beta=1.0, transA=0, transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "canonical",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def slow_mask(w: np.ndarray, density: float) -> np.ndarray:
+    """The obvious version: sort flat indices by (-|w|, index) and keep the first k."""
+    flat = w.ravel().tolist()
+    k = max(1, round(density * len(flat)))
+    keep = sorted(range(len(flat)), key=lambda i: (-abs(flat[i]), i))[:k]
+    mask = np.zeros(len(flat), dtype=bool)
+    mask[keep] = True
+    return mask.reshape(w.shape)
+
+
+# small integer-valued weights so that ties at the threshold are common
+tied_weights = arrays(np.float32, st.tuples(st.integers(1, 12), st.integers(1, 12)),
+                      elements=st.integers(-4, 4).map(float))
+real_weights = arrays(np.float32, st.integers(1, 200),
+                      elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False))
+
+
+@settings(max_examples=150, deadline=None)
+@given(w=st.one_of(tied_weights, real_weights), density=st.floats(1e-3, 1.0))
+def test_magnitude_mask_keeps_exactly_k_largest_with_index_tie_break(w, density):
+    mask = magnitude_mask(w, density)
+    assert mask.shape == w.shape and mask.dtype == bool
+    assert mask.sum() == max(1, round(density * w.size))
+    np.testing.assert_array_equal(mask, slow_mask(w, density))
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+def test_magnitude_mask_rejects_density_outside_0_1(density):
+    with pytest.raises(ValueError):
+        magnitude_mask(np.ones(4, np.float32), density)
+
+
+def test_prune_pass_reaches_target_density_per_layer_and_keeps_biases():
+    model = canonical_model()
+    before = copy(model)
+    recipe = parse_recipe({"defaults": {"density": 0.25, "bits": 4},
+                           "layers": {"fc1": {"density": 0.1}, "fc2": {"density": 0.5}}})
+    seen: list[str] = []
+    result = Prune().run(model, Context(recipe=recipe, progress=seen.append))
+    want = {"conv1": 0.25, "fc1": 0.1, "fc2": 0.5}
+    stats = {s["name"]: s for s in result.stats["layers"]}
+    for layer in find_layers(result.model):
+        w0 = get_initializer(before, layer.weight)
+        w1 = get_initializer(result.model, layer.weight)
+        k = max(1, round(want[layer.name] * w0.size))
+        assert np.count_nonzero(w1) == k == stats[layer.name]["kept"]
+        assert stats[layer.name]["density_after"] == pytest.approx(k / w0.size)
+        # the survivors are the original values at the oracle's positions
+        np.testing.assert_array_equal(w1, np.where(slow_mask(w0, want[layer.name]), w0, 0))
+        np.testing.assert_array_equal(get_initializer(result.model, layer.bias), get_initializer(before, layer.bias))
+    assert seen == ["prune conv1", "prune fc1", "prune fc2"]
+
+    # onnxruntime on the pruned model equals onnxruntime on the original with masked weights
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    oracle = copy(before)
+    for layer in find_layers(oracle):
+        w0 = get_initializer(before, layer.weight)
+        set_initializer(oracle, layer.weight, np.where(slow_mask(w0, want[layer.name]), w0, 0))
+    np.testing.assert_array_equal(run_ort(result.model, x), run_ort(oracle, x))
+
+
+def test_keep_and_skip_layers_are_left_untouched():
+    model = canonical_model()
+    before = {t.name: t.SerializeToString() for t in model.graph.initializer}
+    recipe = parse_recipe({"defaults": {"density": 0.2, "bits": 4},
+                           "layers": {"conv1": {"density": "keep"}, "fc2": {"skip": True}}})
+    result = Prune().run(model, Context(recipe=recipe))
+    after = {t.name: t.SerializeToString() for t in result.model.graph.initializer}
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"fc1.w"}
+    actions = {s["name"]: s["action"] for s in result.stats["layers"]}
+    assert actions == {"conv1": "keep", "fc1": "prune", "fc2": "skip"}
+
+
+def test_unresolved_auto_density_is_a_recipe_error():
+    recipe = parse_recipe({"defaults": {"density": "auto", "bits": 4}})
+    with pytest.raises(RecipeError, match="auto"):
+        Prune().run(canonical_model(), Context(recipe=recipe))
