@@ -1,0 +1,75 @@
+"""Signed fixed-point arithmetic of the EIE datapath, array-at-a-time.
+
+A value q with `frac` fractional bits stands for q * 2**-frac. Rounding is always
+round-half-to-even; every narrowing saturates. Integers are carried in int64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """(lowest, highest) value of a signed `bits`-bit integer."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def saturate(x: np.ndarray, bits: int) -> np.ndarray:
+    """Clip integers to the signed `bits`-bit range (int64 out)."""
+    lo, hi = int_range(bits)
+    return np.clip(np.asarray(x, np.int64), lo, hi)
+
+
+def quantize(x: np.ndarray, frac: int, bits: int) -> np.ndarray:
+    """round_half_even(x * 2**frac), saturated to signed `bits`; NaN -> 0, +-inf saturate."""
+    lo, hi = int_range(bits)
+    # float64 holds x * 2**frac exactly for float32 inputs, so rint sees the true value
+    scaled = np.rint(np.asarray(x, np.float64) * math.ldexp(1.0, frac))
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=hi, neginf=lo)
+    return np.clip(scaled, lo, hi).astype(np.int64)
+
+
+def dequantize(q: np.ndarray, frac: int) -> np.ndarray:
+    """q * 2**-frac as float32."""
+    return (np.asarray(q, np.float64) * math.ldexp(1.0, -frac)).astype(np.float32)
+
+
+def round_shift(acc: np.ndarray, shift: int) -> np.ndarray:
+    """acc / 2**shift rounded half to even; shift <= 0 is an exact left shift (no saturation)."""
+    acc = np.asarray(acc, np.int64)
+    shift = int(shift)
+    if shift <= 0:
+        return acc << -shift
+    q = acc >> shift  # floor, also for negatives
+    r = acc - (q << shift)  # 0 <= r < 2**shift
+    half = 1 << (shift - 1)
+    up = (r > half) | ((r == half) & ((q & 1) == 1))
+    return q + up
+
+
+def choose_frac(max_abs: float, bits: int) -> int:
+    """The largest frac with quantize(+-max_abs, frac, bits) not saturating.
+
+    That is the largest frac such that round_half_even(max_abs * 2**frac) <=
+    2**(bits-1) - 1 (the positive limit; the negative one is one larger). frac may be
+    negative for large ranges. max_abs == 0 carries no range information: we return
+    bits - 1 (the format [-1, 1)).
+    """
+    max_abs = float(max_abs)
+    if not math.isfinite(max_abs) or max_abs < 0:
+        raise ValueError(f"choose_frac: max_abs must be finite and >= 0, got {max_abs}")
+    if max_abs == 0.0:
+        return bits - 1
+    hi = (1 << (bits - 1)) - 1
+
+    def fits(frac: int) -> bool:
+        return np.rint(math.ldexp(max_abs, frac)) <= hi
+
+    frac = math.floor(math.log2(hi / max_abs))  # within one of the answer
+    while not fits(frac):
+        frac -= 1
+    while fits(frac + 1):
+        frac += 1
+    return frac

@@ -1,0 +1,276 @@
+"""Functional model of one sparse layer on EIE: bit-exact fixed point, plus a float mode.
+
+Exact semantics (docs/simulator.md): saturating accumulation in broadcast order, then
+bias, round-half-even rescale, saturation and ReLU at write-back. Sums are computed
+with scipy.sparse; only rows whose running sum may leave the accumulator range are
+replayed in hardware order.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from eiec.errors import FormatError
+from eiec.image import SparseImage
+from eiec.passes.encode import entry_positions
+from eiec.runtime.fixedpoint import int_range, round_shift
+from eiec.target import Target
+
+# Prefix checks materialise [batch chunk, entries] int64 arrays; keep them ~32 MB.
+_PREFIX_CHUNK_ELEMS = 1 << 22
+
+
+@dataclass
+class SimStats:
+    """What clipped during one spmv_fixed call (counts over batch x rows)."""
+
+    saturated_accumulators: int = 0  # accumulators clipped while summing or at bias add
+    saturated_outputs: int = 0  # outputs clipped to act_bits at write-back
+
+
+# ---------------------------------------------------------------- per-tile cache
+
+_TILE_CACHE: dict[int, dict[str, object]] = {}
+
+
+def tile_cached(tile: SparseImage, name: str, build: Callable[[SparseImage], object]) -> object:
+    """build(tile), computed once per tile object (tiles are treated as immutable).
+
+    Keyed by id() and dropped when the tile is garbage collected, so a recycled id
+    never returns a stale entry.
+    """
+    key = id(tile)
+    entry = _TILE_CACHE.get(key)
+    if entry is None:
+        entry = _TILE_CACHE[key] = {}
+        weakref.finalize(tile, _TILE_CACHE.pop, key, None)
+    if name not in entry:
+        entry[name] = build(tile)
+    return entry[name]
+
+
+def _code_matrix(tile: SparseImage) -> sp.csr_matrix:
+    row, col = entry_positions(tile)  # raises FormatError on inconsistent pointers
+    code = np.asarray(tile.code, np.int64)
+    real = code != 0  # padding (code 0) decodes to 0.0 and adds nothing
+    row, col, code = row[real], col[real], code[real]
+    if row.size and row.max() >= tile.rows:
+        raise FormatError(None, f"SparseImage: an entry lands on row {int(row.max())} of a "
+                         f"{tile.rows}-row tile")
+    # storage order is PE-major, columns ascending within a PE, and a row belongs to one
+    # PE: the COO->CSR counting sort by row therefore leaves each row's columns ascending
+    m = sp.coo_matrix((code, (row, col)), shape=(tile.rows, tile.cols)).tocsr()
+    m.has_sorted_indices = True
+    return m
+
+
+def tile_matrix(tile: SparseImage) -> sp.csr_matrix:
+    """CSR [tile.rows, tile.cols] of codebook indices of the tile's real (non-padding) entries.
+
+    Cached per tile. Decode with `_decoded(tile, codebook)`.
+    """
+    return tile_cached(tile, "code_csr", _code_matrix)  # type: ignore[return-value]
+
+
+def _decoded(tile: SparseImage, codebook: np.ndarray) -> sp.csr_matrix:
+    m = tile_matrix(tile)
+    return sp.csr_matrix((codebook[m.data], m.indices, m.indptr), shape=m.shape)
+
+
+def _check_tiles(tiles: Sequence[SparseImage], rows: int, cols: int) -> None:
+    area = 0
+    for t in tiles:
+        if t.row_lo < 0 or t.col_lo < 0 or t.row_lo + t.rows > rows or t.col_lo + t.cols > cols:
+            raise FormatError(None, f"tile rows [{t.row_lo}, {t.row_lo + t.rows}) x cols "
+                             f"[{t.col_lo}, {t.col_lo + t.cols}) outside the {rows} x {cols} layer")
+        area += t.rows * t.cols
+    if area != rows * cols:
+        raise FormatError(None, f"tiles cover {area} cells of a {rows} x {cols} layer")
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """concatenate(arange(s, s + c) for s, c in zip(starts, counts)), vectorised."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    offs = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + np.arange(total) - offs
+
+
+def _row_entries(tiles: Sequence[SparseImage], codebook_q: np.ndarray,
+                 rows_sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(position in rows_sel, layer column, decoded value) of the real entries of rows_sel."""
+    pos_all, col_all, val_all = [], [], []
+    for t in tiles:
+        m = tile_matrix(t)
+        inside = (rows_sel >= t.row_lo) & (rows_sel < t.row_lo + t.rows)
+        pos = np.flatnonzero(inside)
+        local = rows_sel[pos] - t.row_lo
+        counts = m.indptr[local + 1] - m.indptr[local]
+        idx = _ranges(m.indptr[local].astype(np.int64), counts.astype(np.int64))
+        pos_all.append(np.repeat(pos, counts))
+        col_all.append(m.indices[idx].astype(np.int64) + t.col_lo)
+        val_all.append(codebook_q[m.data[idx]])
+    return np.concatenate(pos_all), np.concatenate(col_all), np.concatenate(val_all)
+
+
+def _sorted_by(pos: np.ndarray, col: np.ndarray, val: np.ndarray, major: np.ndarray,
+               minor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pos, col, val) ordered by (major, minor); often already so (one tile), then no sort."""
+    key = major * (int(minor.max(initial=0)) + 1) + minor
+    if key.size < 2 or (key[1:] > key[:-1]).all():
+        return pos, col, val
+    order = np.argsort(key, kind="stable")
+    return pos[order], col[order], val[order]
+
+
+def _prefix_leaves(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q: np.ndarray,
+                   rows_sel: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """bool [B, len(rows_sel)]: some prefix (ascending column) of the exact sum leaves [lo, hi]."""
+    pos, col, val = _row_entries(tiles, codebook_q, rows_sel)
+    pos, col, val = _sorted_by(pos, col, val, major=pos, minor=col)
+    batch = x_q.shape[0]
+    out = np.zeros((batch, rows_sel.size), bool)
+    if pos.size == 0:
+        return out
+    seg_first = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+    seg_pos = pos[seg_first]
+    seg_of = np.repeat(np.arange(seg_first.size), np.diff(np.r_[seg_first, pos.size]))
+    chunk = max(1, _PREFIX_CHUNK_ELEMS // pos.size)
+    for b0 in range(0, batch, chunk):
+        prod = val[None, :] * x_q[b0:b0 + chunk, col]
+        incl = np.cumsum(prod, axis=1)
+        excl_first = incl[:, seg_first] - prod[:, seg_first]
+        prefix = incl - excl_first[:, seg_of]
+        pmax = np.maximum.reduceat(prefix, seg_first, axis=1)
+        pmin = np.minimum.reduceat(prefix, seg_first, axis=1)
+        out[b0:b0 + chunk, seg_pos] = (pmax > hi) | (pmin < lo)
+    return out
+
+
+def _replay_saturating(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q: np.ndarray,
+                       rows_sel: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Accumulate rows_sel exactly as the hardware does: one broadcast at a time, ascending j,
+    saturating after every add. Returns (acc [B, n], clipped-at-least-once [B, n])."""
+    pos, col, val = _row_entries(tiles, codebook_q, rows_sel)
+    pos, col, val = _sorted_by(pos, col, val, major=col, minor=pos)
+    batch = x_q.shape[0]
+    acc = np.zeros((batch, rows_sel.size), np.int64)
+    clipped = np.zeros_like(acc, dtype=bool)
+    bcast_cols, first = np.unique(col, return_index=True)
+    last = np.r_[first[1:], col.size]
+    live = x_q[:, bcast_cols].any(axis=0)  # columns no input of the batch broadcasts
+    for j, a, e in zip(bcast_cols[live], first[live], last[live]):
+        p = pos[a:e]  # distinct rows: a PE's column run never repeats a row
+        s = acc[:, p] + val[a:e][None, :] * x_q[:, j][:, None]
+        c = np.clip(s, lo, hi)
+        clipped[:, p] |= s != c
+        acc[:, p] = c
+    return acc, clipped
+
+
+# ---------------------------------------------------------------- public API
+
+def spmv_fixed(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q: np.ndarray,
+               bias_acc: np.ndarray, shift: int, relu: bool,
+               target: Target) -> tuple[np.ndarray, SimStats]:
+    """One sparse layer, bit-exact: y_q [B, rows] in act_bits (frac = in_frac + w_frac - shift).
+
+    codebook_q: int values of the codebook_bits codebook (index 0 = 0); x_q: int64
+    [B, cols] act_bits activations; bias_acc: int64 [rows] in accumulator format.
+    """
+    codebook_q = np.asarray(codebook_q, np.int64)
+    x_q = np.atleast_2d(np.asarray(x_q, np.int64))
+    bias_acc = np.asarray(bias_acc, np.int64)
+    batch, cols = x_q.shape
+    rows = bias_acc.shape[0]
+    _check_tiles(tiles, rows, cols)
+    # exact sums must fit int64: |w x| < 2**(cb+act-2), at most `cols` terms
+    if target.codebook_bits + target.act_bits + math.ceil(math.log2(cols + 1)) > 62:
+        raise ValueError("spmv_fixed: exact int64 sums could overflow for these widths")
+    lo, hi = int_range(target.acc_bits)
+
+    exact = np.zeros((batch, rows), np.int64)
+    reach = np.zeros((batch, rows), np.int64)  # sum_j |w_ij x_j|
+    abs_cb = np.abs(codebook_q)
+    x_t, abs_x_t = x_q.T.copy(), np.abs(x_q).T.copy()
+    for t in tiles:
+        rs, cs = slice(t.row_lo, t.row_lo + t.rows), slice(t.col_lo, t.col_lo + t.cols)
+        exact[:, rs] += (_decoded(t, codebook_q) @ x_t[cs]).T
+        reach[:, rs] += (_decoded(t, abs_cb) @ abs_x_t[cs]).T
+
+    acc = exact
+    clipped = np.zeros((batch, rows), bool)
+    # Every prefix lies within [sum of negative terms, sum of positive terms] =
+    # [(exact - reach) / 2, (exact + reach) / 2]; a row whose full sum is outside the range
+    # certainly clips; only the rows in between need the exact prefix check.
+    surely = (exact < lo) | (exact > hi)
+    maybe = (exact + reach > 2 * hi) | (exact - reach < 2 * lo)
+    suspect = np.flatnonzero(maybe.any(axis=0) & ~surely.any(axis=0))
+    replay = np.flatnonzero(surely.any(axis=0))
+    if suspect.size:
+        leaves = _prefix_leaves(tiles, codebook_q, x_q, suspect, lo, hi)
+        replay = np.union1d(replay, suspect[leaves.any(axis=0)])
+    if replay.size:
+        acc[:, replay], clipped[:, replay] = _replay_saturating(tiles, codebook_q, x_q,
+                                                                replay, lo, hi)
+
+    pre = acc + bias_acc[None, :]
+    clipped |= (pre < lo) | (pre > hi)
+    pre = np.clip(pre, lo, hi)
+    shifted = round_shift(pre, shift)
+    a_lo, a_hi = int_range(target.act_bits)
+    y = np.clip(shifted, a_lo, a_hi)
+    stats = SimStats(int(clipped.sum()), int((y != shifted).sum()))
+    if relu:
+        y = np.maximum(y, 0)
+    return y, stats
+
+
+def spmv_float(tiles: Sequence[SparseImage], codebook: np.ndarray, x: np.ndarray,
+               bias: np.ndarray, relu: bool) -> np.ndarray:
+    """The same layer in floating point (float64 inside): W x + b (+ ReLU), float32 [B, rows]."""
+    codebook = np.asarray(codebook, np.float64)
+    x = np.atleast_2d(np.asarray(x, np.float64))
+    bias = np.asarray(bias, np.float64)
+    batch, cols = x.shape
+    rows = bias.shape[0]
+    _check_tiles(tiles, rows, cols)
+    y = np.zeros((batch, rows)) + bias[None, :]
+    x_t = x.T.copy()
+    for t in tiles:
+        y[:, t.row_lo:t.row_lo + t.rows] += (_decoded(t, codebook) @ x_t[t.col_lo:t.col_lo + t.cols]).T
+    if relu:
+        y = np.maximum(y, 0.0)
+    return y.astype(np.float32)
+
+
+def error_bound(tiles: Sequence[SparseImage], codebook_float: np.ndarray, codebook_q: np.ndarray,
+                w_frac: int, x_abs: np.ndarray, e_x: np.ndarray, in_frac: int, out_frac: int,
+                e_bias: float | np.ndarray | None = None) -> np.ndarray:
+    """Bound on |y_fixed - y_float| per output, float64 [B, rows], valid without saturation.
+
+    sum_j |wq_ij| e_x,j + sum_j |w_ij - wq_ij| |x_j| + e_bias + 2**-(out_frac+1), with
+    wq = codebook_q * 2**-w_frac and x_abs = |x| of the float input. e_bias defaults to
+    the rounding of a bias quantised to the accumulator format: 2**-(in_frac+w_frac+1).
+    ReLU is 1-Lipschitz, so the bound also holds after it and feeds the next layer's e_x.
+    """
+    cb_f = np.asarray(codebook_float, np.float64)
+    wq = np.asarray(codebook_q, np.float64) * math.ldexp(1.0, -w_frac)
+    x_abs_t = np.atleast_2d(np.asarray(x_abs, np.float64)).T.copy()
+    e_x_t = np.atleast_2d(np.asarray(e_x, np.float64)).T.copy()
+    if e_bias is None:
+        e_bias = math.ldexp(1.0, -(in_frac + w_frac + 1))
+    rows = max((t.row_lo + t.rows for t in tiles), default=0)
+    out = np.zeros((x_abs_t.shape[1], rows))
+    for t in tiles:
+        cs = slice(t.col_lo, t.col_lo + t.cols)
+        part = _decoded(t, np.abs(wq)) @ e_x_t[cs] + _decoded(t, np.abs(cb_f - wq)) @ x_abs_t[cs]
+        out[:, t.row_lo:t.row_lo + t.rows] += part.T
+    return out + e_bias + math.ldexp(1.0, -(out_frac + 1))
