@@ -1,0 +1,213 @@
+"""The `eiec` command line: compile, run, validate, inspect, dis.
+
+Exit codes: 0 ok; 1 validation outside tolerance; 2 bad input or usage (one line on
+stderr naming the file and the problem; a traceback only with --debug); 3 an
+internal error in eiec itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Callable
+
+from . import __version__
+from .errors import EiecError
+
+COMMANDS = ("run", "validate", "inspect", "dis")
+
+EPILOG = """commands:
+  eiec MODEL.onnx -o OUT.eie [options]     compile a model (see eiec --help)
+  eiec run OUT.eie --input IN.npz          run on the simulator (eiec run --help)
+  eiec validate MODEL.onnx OUT.eie         check against onnxruntime (eiec validate --help)
+  eiec inspect OUT.eie                     layers, sizes, compression ratio
+  eiec dis OUT.eie                         the instruction stream as text
+
+exit codes: 0 ok, 1 validation outside tolerance, 2 bad input or usage, 3 internal error
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse hook
+        sys.stderr.write(f"eiec: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="eiec", description="Compile an ONNX model for an EIE-style sparse accelerator "
+                "(prune, share weights, encode, lower) into a .eie file.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to compile")
+    p.add_argument("-o", "--output", metavar="OUT.eie", required=True, help="the .eie file to write")
+    p.add_argument("--config", metavar="RECIPE.yaml",
+                   help="recipe: target hardware and per-layer density/bits (docs/recipe.md); "
+                        "default: 64 PEs and automatic per-layer choices")
+    p.add_argument("--calibration", metavar="DATA.npz",
+                   help="calibration inputs keyed by graph input name (optional 'labels'); "
+                        "without it eiec uses random inputs and says so")
+    p.add_argument("--dump-ir", metavar="DIR", help="write DIR/<n>_<pass>.onnx and .json after every pass")
+    p.add_argument("--pes", type=int, metavar="N", help="number of PEs (overrides the recipe's target.pes)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random calibration inputs (default 0)")
+    _common(p)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--version", action="version", version=f"eiec {__version__}")
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="eiec run", description="Run a compiled model: host ops in onnxruntime, "
+                "segments on the EIE simulator; prints a per-layer cycle/energy table.")
+    p.add_argument("eie", metavar="OUT.eie")
+    p.add_argument("--input", metavar="IN.npz", required=True, help="inputs keyed by graph input name")
+    p.add_argument("-o", "--output", metavar="OUT.npz", help="write the outputs, keyed by output name")
+    p.add_argument("--report", metavar="REPORT.json", help="write the cycle/energy report as JSON")
+    p.add_argument("--float", action="store_true", help="run the simulator's float mode (no fixed point)")
+    _common(p)
+    return p
+
+
+def _validate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="eiec validate", description="Check a compiled model against onnxruntime: (1) is "
+                "the accelerator path exact (vs the compressed weights in float, within the bound the "
+                "fixed-point formats imply), (2) how far is it from the original model.")
+    p.add_argument("model", metavar="MODEL.onnx", help="the original model")
+    p.add_argument("eie", metavar="OUT.eie", help="its compiled form")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input", metavar="IN.npz", help="inputs (and optional 'labels') keyed by input name")
+    src.add_argument("--random", type=int, metavar="N", help="N random inputs (default 16)")
+    p.add_argument("--bisect", metavar="DIR", help="a --dump-ir folder: report both measures after every pass")
+    p.add_argument("--max-drop", type=float, metavar="P",
+                   help="exit 1 when top-1 accuracy (or agreement, without labels) drops by more than P points")
+    p.add_argument("--json", metavar="REPORT.json", help="also write the results as JSON")
+    _common(p)
+    return p
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="eiec inspect", description="Show a .eie's layers, sizes, densities, bits and "
+                "compression ratio (fixed 4-bit form and Huffman form).")
+    p.add_argument("eie", metavar="OUT.eie")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="show the per-layer sensitivity scan behind automatic choices")
+    _common(p)
+    return p
+
+
+def _dis_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="eiec dis", description="Print every segment's instruction stream, one per line.")
+    p.add_argument("eie", metavar="OUT.eie")
+    _common(p)
+    return p
+
+
+def _progress(args) -> Callable[[str], None]:
+    if args.quiet or not sys.stderr.isatty():
+        return lambda msg: None
+    return lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)
+
+
+def _cmd_compile(args) -> int:
+    from .driver import compile_model
+    from .report import size_table
+
+    if args.pes is not None and not (1 <= args.pes <= 4096):
+        raise EiecError(None, f"--pes must be in 1..4096, got {args.pes}")
+    res = compile_model(args.model, args.output, args.config, args.calibration, args.dump_ir,
+                        args.pes, args.seed, _progress(args))
+    for note in res.notes:
+        print(f"eiec: note: {note}", file=sys.stderr)
+    if not args.quiet:
+        print(size_table(res.manifest))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .report import cycle_table
+    from eiec.runtime.session import run_file
+
+    report = run_file(args.eie, args.input, args.output, args.report, float_mode=args.float)
+    if not args.quiet:
+        print(cycle_table(report))
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from eiec.runtime.validate import validate_cli
+
+    return validate_cli(args.model, args.eie, args.input, args.random, args.bisect, args.max_drop,
+                        args.json, quiet=args.quiet)
+
+
+def _cmd_inspect(args) -> int:
+    from .artifact import load_eie
+    from .report import inspect_json, sensitivity_table, size_table
+
+    m = load_eie(args.eie).manifest
+    if args.json:
+        print(json.dumps(inspect_json(m), indent=2, sort_keys=True))
+    else:
+        print(size_table(m))
+        if args.sensitivity:
+            print(sensitivity_table(m))
+    return 0
+
+
+def _cmd_dis(args) -> int:
+    from . import isa
+    from .artifact import load_eie
+
+    cm = load_eie(args.eie)
+    for name, seg in cm.segments.items():
+        print(f"{name}: {seg.input} -> {seg.output}  ({len(seg.layers)} layers, "
+              f"{'resident' if seg.resident else 'reloaded per inference'})")
+        print(isa.disassemble(seg.program, [l.name for l in seg.layers]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        cmd, rest = argv[0], argv[1:]
+        parser = {"run": _run_parser, "validate": _validate_parser, "inspect": _inspect_parser,
+                  "dis": _dis_parser}[cmd]()
+        handler = {"run": _cmd_run, "validate": _cmd_validate, "inspect": _cmd_inspect, "dis": _cmd_dis}[cmd]
+    else:
+        parser, handler, rest = _compile_parser(), _cmd_compile, argv
+    args = parser.parse_args(rest)
+    try:
+        return handler(args)
+    except EiecError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(e.line(), file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable input, unwritable output folder, disk full
+        if args.debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"eiec: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eiec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in eiec, not the user's mistake
+        if args.debug:
+            traceback.print_exc()
+        print(f"eiec: internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The compile driver: import -> (auto recipe) -> prune -> cluster -> encode -> lower -> .eie.
+
+`compile_model` is what `eiec MODEL.onnx -o OUT.eie` runs; the CLI only parses flags
+and prints. Everything the passes need travels in the pass `Context`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from .artifact import save_eie
+from .errors import EiecError, ModelError, RecipeError
+from .importer import load_model
+from .ir import find_layers
+from .passmanager import Context, PassManager, PassRecord, dump_stats_json
+from .recipe import LayerRecipe, Recipe, dump_recipe, load_recipe
+
+RANDOM_CALIBRATION_ROWS = 64
+
+
+@dataclass
+class CompileResult:
+    out_path: str
+    manifest: dict[str, Any]
+    records: list[PassRecord]
+    recipe_path: str | None = None  # where an auto-chosen recipe was written
+    notes: list[str] = field(default_factory=list)
+
+
+def default_passes() -> list:
+    from eiec.passes.cluster import Cluster
+    from eiec.passes.encode import Encode
+    from eiec.passes.lower import Lower
+    from eiec.passes.prune import Prune
+
+    return [Prune(), Cluster(), Encode(), Lower()]
+
+
+def check_recipe_layers(recipe: Recipe, model: onnx.ModelProto) -> None:
+    """Every layer pattern must name a compressible layer; naming another op is an error."""
+    layers = find_layers(model)
+    names = [(l.name, l.weight) for l in layers]
+    for pattern in recipe.layers:
+        if any(fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(w, pattern) for n, w in names):
+            continue
+        other = next((n for n in model.graph.node if fnmatch.fnmatchcase(n.name, pattern)), None)
+        if other is not None:
+            raise ModelError(recipe.path, f"layers.{pattern}: node {other.name!r} is a {other.op_type}, "
+                             "which eiec cannot compress (only FC/Gemm/MatMul and 2-D Conv with constant weights)")
+    recipe.check_patterns(names)
+
+
+def compile_model(model_path: str, out_path: str, recipe_path: str | None = None,
+                  calibration_path: str | None = None, dump_dir: str | None = None,
+                  pes: int | None = None, seed: int = 0,
+                  progress: Callable[[str], None] = lambda s: None) -> CompileResult:
+    """Compile MODEL.onnx into OUT.eie. Raises an EiecError on bad input; writes nothing then."""
+    from eiec.passes.calibrate import load_calibration, random_inputs
+
+    recipe = load_recipe(recipe_path, pes)
+    model = load_model(model_path)
+    check_recipe_layers(recipe, model)
+    notes: list[str] = []
+    if calibration_path is not None:
+        inputs, labels = load_calibration(calibration_path, model)
+        is_random = False
+    else:
+        inputs, labels = random_inputs(model, RANDOM_CALIBRATION_ROWS, seed), None
+        is_random = True
+        notes.append(f"no --calibration given: using {RANDOM_CALIBRATION_ROWS} random inputs "
+                     "for formats and automatic choices")
+    ctx = Context(recipe=recipe, seed=seed, calibration=inputs, labels=labels,
+                  calibration_is_random=is_random, progress=progress)
+    records: list[PassRecord] = []
+    if dump_dir is not None:
+        _dump(dump_dir, 0, "import", model, {"layers": [
+            {"name": l.name, "kind": l.kind, "shape": list(l.shape)} for l in find_layers(model)]})
+    original_bytes = _param_bytes(model)  # before the passes rewrite the weights
+    layers_ir0 = find_layers(model)
+    chosen_path = _resolve_auto(model, ctx, out_path, progress, notes)
+    manager = PassManager(default_passes(), dump_dir, on_pass=lambda r: progress(
+        f"pass {r.index} {r.name}: {r.seconds:.2f} s"), save_model=_save_onnx)
+    ir4 = manager.run(model, ctx, start_index=1)
+    records = manager.records
+    manifest = build_manifest(layers_ir0, original_bytes, ir4, ctx, records, seed)
+    save_eie(out_path, ir4, ctx.artifacts.get("segments", []), manifest)
+    return CompileResult(out_path, manifest, records, chosen_path, notes)
+
+
+def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
+                  progress: Callable[[str], None], notes: list[str]) -> str | None:
+    """Pick density/bits for layers left on `auto`; write the chosen recipe beside the output."""
+    layers = find_layers(model)
+    wanted = {l.name: ctx.recipe.for_layer(l.name, l.weight) for l in layers}
+    auto = [l for l in layers if not wanted[l.name].skip and "auto" in (wanted[l.name].density, wanted[l.name].bits)]
+    if not auto:
+        ctx.artifacts["layer_recipes"] = wanted
+        return None
+    from eiec.passes.calibrate import auto_recipe
+
+    chosen = auto_recipe(model, auto, ctx.calibration, ctx.labels, ctx.recipe, fixed=wanted,
+                         progress=progress, seed=ctx.seed)
+    for l in auto:
+        density, bits = chosen[l.name]
+        lr = wanted[l.name]
+        wanted[l.name] = dataclasses.replace(
+            lr, density=density if lr.density == "auto" else lr.density, bits=bits if lr.bits == "auto" else lr.bits)
+    ctx.artifacts["layer_recipes"] = wanted
+    recipe_out = os.path.splitext(out_path)[0] + ".recipe.yaml"
+    _write_text_atomic(recipe_out, dump_recipe(ctx.recipe, wanted))
+    notes.append(f"automatic recipe written to {recipe_out} (edit it and pass it back with --config)")
+    return recipe_out
+
+
+def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: Context,
+                   records: list[PassRecord], seed: int) -> dict[str, Any]:
+    """Everything `eiec inspect` reports, measured from the passes' stats."""
+    stats = {r.name: r.stats for r in records}
+    encode = {l["name"]: l for l in stats.get("encode", {}).get("layers", [])}
+    cluster = {l["name"]: l for l in stats.get("cluster", {}).get("layers", [])}
+    q_formats = {name: q for s in stats.get("lower", {}).get("segments", []) for name, q in s["q_formats"].items()}
+    recipes: dict[str, LayerRecipe] = ctx.artifacts.get("layer_recipes", {})
+    host = _param_bytes(ir4, skip_suffix=".blob")
+    layers = []
+    fixed_total = huffman_total = 0
+    for l in layers_ir0:
+        e = encode.get(l.name)
+        lr = recipes.get(l.name)
+        entry = {"name": l.name, "kind": l.kind, "shape": list(l.shape),
+                 "recipe": dataclasses.asdict(lr) if lr is not None else None}
+        if e is not None and l.name in cluster:
+            entry.update({k: e[k] for k in e if k not in ("name", "breakdown")})
+            entry.update(e["breakdown"])
+            entry["density"] = round(e["nonzeros"] / int(np.prod(l.shape)), 6)
+            entry["bits"] = cluster[l.name]["bits"]
+            entry["codebook_values"] = cluster[l.name]["codebook"]
+            if l.name in q_formats:
+                entry["q_formats"] = dict(zip(("in_frac", "w_frac", "out_frac"), q_formats[l.name]))
+            fixed_total += e["bytes_fixed"]
+            huffman_total += e["bytes_huffman"]
+        else:
+            entry.update({"on_host": True})
+        layers.append(entry)
+    lower = stats.get("lower", {})
+    return {
+        "seed": seed,
+        "target": ctx.target.as_dict(),
+        "inputs": [i.name for i in ir4.graph.input],
+        "outputs": [o.name for o in ir4.graph.output],
+        "calibration": "random" if ctx.calibration_is_random else "file",
+        "layers": layers,
+        "host_ops": lower.get("host_layers", []),
+        "original_bytes": original,
+        "host_bytes": host,
+        "compressed_bytes": fixed_total + host,
+        "compressed_bytes_huffman": huffman_total + host,
+        "compression_ratio": round(original / max(1, fixed_total + host), 4),
+        "compression_ratio_huffman": round(original / max(1, huffman_total + host), 4),
+    }
+
+
+def _param_bytes(model: onnx.ModelProto, skip_suffix: str | None = None) -> int:
+    """Bytes of the model's parameters as stored (initializers), optionally skipping some."""
+    total = 0
+    for t in model.graph.initializer:
+        if skip_suffix and t.name.endswith(skip_suffix):
+            continue
+        n = int(np.prod(t.dims, dtype=np.int64))
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def _save_onnx(model: onnx.ModelProto, path: str) -> None:
+    """Dump an IR; models over 2 GB keep their weights in a side file (protobuf's limit)."""
+    big = model.ByteSize() > (1 << 31) - (1 << 20)
+    onnx.save(model, path, save_as_external_data=big, location=os.path.basename(path) + ".data" if big else None)
+
+
+def _dump(dump_dir: str, index: int, name: str, model: onnx.ModelProto, stats: dict[str, Any]) -> None:
+    os.makedirs(dump_dir, exist_ok=True)
+    stem = os.path.join(dump_dir, f"{index}_{name}")
+    _save_onnx(model, stem + ".onnx")
+    with open(stem + ".json", "w") as f:
+        f.write(dump_stats_json({"pass": name, "index": index, "stats": stats}))
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eiec-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

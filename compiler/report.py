@@ -1,0 +1,91 @@
+"""Human tables and JSON views of what the compiler and the simulator measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1024:,.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def inspect_json(m: dict[str, Any]) -> dict[str, Any]:
+    """The `eiec inspect --json` object."""
+    layers = []
+    for l in m["layers"]:
+        e = {"name": l["name"], "kind": l["kind"], "shape": l["shape"], "on_host": bool(l.get("on_host"))}
+        for k in ("density", "bits", "entries", "padding_entries", "nonzeros", "bytes_fixed",
+                  "bytes_huffman", "bytes_dense", "spmat", "col_ptr", "codebook", "bias",
+                  "code_huffman", "rel_huffman", "q_formats"):
+            if k in l:
+                e[k] = l[k]
+        layers.append(e)
+    return {
+        "original_bytes": m["original_bytes"],
+        "compressed_bytes": m["compressed_bytes"],
+        "compressed_bytes_huffman": m["compressed_bytes_huffman"],
+        "compression_ratio": m["compression_ratio"],
+        "compression_ratio_huffman": m["compression_ratio_huffman"],
+        "host_bytes": m["host_bytes"],
+        "target": m["target"],
+        "layers": layers,
+        "host_ops": m.get("host_ops", []),
+        "segments": [{"name": s["name"], "layers": [l["name"] for l in s["layers"]],
+                      "resident": s["resident"]} for s in m.get("segments", [])],
+    }
+
+
+def size_table(m: dict[str, Any]) -> str:
+    """Per-layer sizes and the model's compression ratio, as `eiec inspect` prints them."""
+    rows = []
+    for l in m["layers"]:
+        if l.get("on_host"):
+            rows.append([l["name"], "x".join(map(str, l["shape"])), "host", "-", "-", "-", "-", "-", "-"])
+            continue
+        rows.append([l["name"], "x".join(map(str, l["shape"])), f"{l['density']:.3f}", str(l["bits"]),
+                     f"{l['entries']:,}", f"{l['padding_entries']:,}", _kb(l["bytes_dense"]),
+                     _kb(l["bytes_fixed"]), _kb(l["bytes_huffman"])])
+    t = m["target"]
+    out = [f"target: {t['pes']} PEs @ {t['clock_mhz']:g} MHz, queue depth {t['queue_depth']}, "
+           f"{t['weight_bits']}-bit codebook index + {t['rel_index_bits']}-bit relative index",
+           _table(["layer", "shape", "density", "bits", "entries", "padding", "dense KB", "fixed KB",
+                   "huffman KB"], rows),
+           f"whole model: {_kb(m['original_bytes'])} KB -> {_kb(m['compressed_bytes'])} KB fixed "
+           f"({m['compression_ratio']:.1f}x), {_kb(m['compressed_bytes_huffman'])} KB Huffman "
+           f"({m['compression_ratio_huffman']:.1f}x); host parameters {_kb(m['host_bytes'])} KB"]
+    host = m.get("host_ops", [])
+    if host:
+        out.append("on the host (not compressed): " + ", ".join(f"{h['name']} ({h['op']})" for h in host))
+    return "\n".join(out)
+
+
+def sensitivity_table(m: dict[str, Any]) -> str:
+    sens = m.get("sensitivity")
+    if not sens:
+        return "no sensitivity scan stored (the recipe fixed every layer's density and bits)"
+    rows = []
+    for name, s in sens.items():
+        for kind in ("density", "bits"):
+            for v, err in s.get(kind, {}).items():
+                rows.append([name, kind, str(v), f"{err:.4f}"])
+    return "sensitivity (relative output error with only this layer compressed):\n" + _table(
+        ["layer", "knob", "value", "error"], rows)
+
+
+def cycle_table(r: dict[str, Any]) -> str:
+    """The per-layer table `eiec run` prints."""
+    rows = [[l["name"], f"{l['cycles']:,.0f}", f"{l['ideal_cycles']:,.0f}", f"{l['latency_us']:.2f}",
+             f"{100 * l['load_balance']:.1f}%", f"{l['entries']:,}", f"{l['padding_entries']:,}",
+             f"{l['nonzero_activations']:,.0f}", f"{l['energy_uj']:.3f}"] for l in r["layers"]]
+    return "\n".join([
+        f"{r['batch']} input(s) on {r['pes']} PEs @ {r['clock_mhz']:g} MHz (per input: mean over the batch)",
+        _table(["layer", "cycles", "ideal", "latency us", "balance", "entries", "padding", "nz acts",
+                "energy uJ"], rows),
+        f"total: {r['total_cycles']:,.0f} cycles for the batch, {r['latency_us']:.2f} us per input, "
+        f"{r['energy_uj']:.3f} uJ per input"])

@@ -1,0 +1,393 @@
+"""The lower pass (IR3 -> IR4): claim the chains of layers the accelerator runs.
+
+A chain is FC/conv layers with their bias and ReLU fused, linked directly or through
+a Flatten/Reshape that only relabels the vector; each becomes one `EIESegment` node
+whose program keeps the activations in the PEs between layers. Everything else stays
+a host op. Also picks each layer's Q-formats from calibration ranges and splits
+images that do not fit the PE memories into tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from eiec import isa
+from eiec.errors import ModelError
+from eiec.image import SparseImage
+from eiec.ir import EIE_DOMAIN, Layer, find_layers, get_initializer, initializer_map, producers, remove_initializer
+from eiec.passmanager import Context, PassResult
+from eiec.segment import ConvGeometry, LayerSpec, Segment
+from eiec.target import Target
+from eiec.runtime.fixedpoint import choose_frac, quantize
+
+from .encode import decode_image, encode_matrix
+
+# Q-formats leave this factor of headroom over the largest calibration value, so inputs a
+# little outside the calibration range still do not saturate.
+RANGE_HEADROOM = 2.0
+RELABEL_OPS = ("Flatten", "Reshape")
+
+
+class Lower:
+    name = "lower"
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        layers = {l.name: l for l in find_layers(model) if _decode_node(model, l) is not None}
+        if not layers:
+            return PassResult(model, {"segments": [], "host_layers": _host_layers(model, {})}, False)
+        values = _run_for_ranges(model, _candidate_tensors(model, layers), ctx)
+        chains = find_chains(model, layers, {t: v.shape[1:] for t, v in values.items()})
+        model = _copy(model)
+        segments = []
+        for i, chain in enumerate(chains):
+            ctx.progress(f"lower segment {i} ({', '.join(chain.names)})")
+            seg = build_segment(f"segment{i}", chain, model, values, ctx.target)
+            _replace_chain(model, chain, seg)
+            segments.append(seg)
+        ctx.artifacts["segments"] = segments
+        stats = {
+            "segments": [{"name": s.name, "layers": [l.name for l in s.layers], "resident": s.resident,
+                          "instructions": len(s.program),
+                          "tiles": {l.name: len(l.tiles) for l in s.layers},
+                          "q_formats": {l.name: [l.in_frac, l.w_frac, l.out_frac] for l in s.layers}}
+                         for s in segments],
+            "host_layers": _host_layers(model, {}),
+        }
+        return PassResult(model, stats)
+
+
+@dataclasses.dataclass
+class ChainLink:
+    layer: Layer
+    relu: onnx.NodeProto | None  # the fused Relu, if any
+    relabel: onnx.NodeProto | None  # a Flatten/Reshape before this layer, inside the chain
+
+    @property
+    def output(self) -> str:
+        return self.relu.output[0] if self.relu is not None else self.layer.node.output[0]
+
+
+@dataclasses.dataclass
+class Chain:
+    links: list[ChainLink]
+
+    @property
+    def names(self) -> list[str]:
+        return [l.layer.name for l in self.links]
+
+    @property
+    def input(self) -> str:
+        first = self.links[0]
+        return first.relabel.input[0] if first.relabel is not None else first.layer.node.input[0]
+
+    @property
+    def output(self) -> str:
+        return self.links[-1].output
+
+    def nodes(self) -> list[onnx.NodeProto]:
+        out = []
+        for l in self.links:
+            out += [n for n in (l.relabel, l.layer.node, l.relu) if n is not None]
+        return out
+
+
+def _decode_node(model: onnx.ModelProto, layer: Layer) -> onnx.NodeProto | None:
+    src = producers(model).get(layer.weight)
+    return src if src is not None and src.op_type == "EIEDecode" else None
+
+
+def _graph(model: onnx.ModelProto) -> tuple[nx.DiGraph, dict[str, list[int]]]:
+    """Node-index DAG of the model and, per tensor, the nodes consuming it."""
+    g = nx.DiGraph()
+    consumers: dict[str, list[int]] = {}
+    prod = {}
+    for i, n in enumerate(model.graph.node):
+        g.add_node(i)
+        for o in n.output:
+            prod[o] = i
+    for i, n in enumerate(model.graph.node):
+        for t in n.input:
+            if t:
+                consumers.setdefault(t, []).append(i)
+                if t in prod:
+                    g.add_edge(prod[t], i)
+    return g, consumers
+
+
+def find_chains(model: onnx.ModelProto, layers: dict[str, Layer],
+                shapes: dict[str, tuple[int, ...]]) -> list[Chain]:
+    """Maximal chains of encoded layers, in topological order.
+
+    `shapes` gives the per-sample shape of the tensors around the layers (from a
+    calibration run); a Flatten/Reshape joins a chain only when it maps the batch
+    to itself and the rest to one vector, i.e. when it only relabels.
+    """
+    g, consumers = _graph(model)
+    nodes = model.graph.node
+    graph_outputs = {o.name for o in model.graph.output}
+    by_node = {l.node.name: l for l in layers.values()}
+
+    def only_consumer(tensor: str) -> onnx.NodeProto | None:
+        users = consumers.get(tensor, [])
+        if len(users) != 1 or tensor in graph_outputs:
+            return None
+        return nodes[users[0]]
+
+    def relabels(n: onnx.NodeProto) -> bool:
+        src, dst = shapes.get(n.input[0]), shapes.get(n.output[0])
+        return (n.op_type in RELABEL_OPS and src is not None and dst is not None
+                and dst == (int(np.prod(src)),))
+
+    claimed: set[str] = set()
+    chains = []
+    for i in nx.lexicographical_topological_sort(g):
+        layer = by_node.get(nodes[i].name)
+        if layer is None or layer.name in claimed:
+            continue
+        links = []
+        relabel = None
+        while layer is not None:
+            claimed.add(layer.name)
+            nxt = only_consumer(layer.node.output[0])
+            relu = nxt if nxt is not None and nxt.op_type == "Relu" else None
+            link = ChainLink(layer, relu, relabel)
+            links.append(link)
+            layer, relabel = None, None
+            after = only_consumer(link.output)
+            if after is not None and relabels(after):
+                relabel, after = after, only_consumer(after.output[0])
+            cand = by_node.get(after.name) if after is not None else None
+            if cand is None or cand.name in claimed or cand.node.input[0] != (
+                    relabel.output[0] if relabel is not None else link.output):
+                continue
+            # conv feeds conv directly; FC reads a vector (after a relabel when 4-D)
+            if cand.kind == "conv" and (relabel is not None or link.layer.kind != "conv"):
+                continue
+            if cand.kind == "fc" and relabel is None and link.layer.kind == "conv":
+                continue
+            layer, relabel = cand, relabel
+        chains.append(Chain(links))
+    return chains
+
+
+def _candidate_tensors(model: onnx.ModelProto, layers: dict[str, Layer]) -> list[str]:
+    """Tensors around the encoded layers whose shapes and ranges the chains may need."""
+    around = set()
+    for l in layers.values():
+        around |= {l.node.input[0], l.node.output[0]}
+    for n in model.graph.node:
+        if n.op_type in ("Relu",) + RELABEL_OPS and (n.input[0] in around or n.output[0] in around):
+            around |= {n.input[0], n.output[0]}
+    for n in model.graph.node:  # relabels after a Relu
+        if n.op_type in RELABEL_OPS and n.input[0] in around:
+            around.add(n.output[0])
+    return sorted(around)
+
+
+def _run_for_ranges(model: onnx.ModelProto, tensors: list[str], ctx: Context) -> dict[str, np.ndarray]:
+    """Run the IR3 model on the calibration inputs, returning the watched tensors."""
+    from eiec.runtime.ops import make_session
+
+    probe = _copy(model)
+    have = {o.name for o in probe.graph.output}
+    for t in tensors:
+        if t not in have:
+            probe.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    sess = make_session(probe)
+    feeds = {i.name: ctx.calibration[i.name] for i in sess.get_inputs()}
+    outs = sess.run(tensors, feeds)
+    return dict(zip(tensors, outs))
+
+
+def _frac(values: np.ndarray, bits: int) -> int:
+    return choose_frac(float(np.max(np.abs(values), initial=0.0)) * RANGE_HEADROOM, bits)
+
+
+def build_segment(name: str, chain: Chain, model: onnx.ModelProto, values: dict[str, np.ndarray],
+                  target: Target) -> Segment:
+    specs = []
+    in_frac = _frac(values[chain.input], target.act_bits)
+    for link in chain.links:
+        layer = link.layer
+        dec = _decode_node(model, layer)
+        codebook = get_initializer(model, dec.input[3]).astype(np.float32)
+        indices = _indices_of(model, dec, layer)
+        bias = get_initializer(model, layer.bias).astype(np.float32).ravel()
+        x = values[layer.node.input[0]]
+        y = values[link.output]
+        out_frac = _frac(y, target.act_bits)
+        w_frac = min(_frac(codebook / RANGE_HEADROOM, target.codebook_bits),  # codebook is exact: no headroom
+                     _acc_frac_limit(indices, codebook, bias, in_frac, target) - in_frac)
+        conv = _conv_geometry(layer) if layer.kind == "conv" else None
+        tiles = tile_layer(layer.name, indices, conv.group if conv else 1, target)
+        nonzero = int(np.count_nonzero(indices))
+        specs.append(LayerSpec(
+            name=layer.name, kind=layer.kind, weight_shape=layer.shape,
+            in_shape=tuple(int(d) for d in x.shape[1:]), out_shape=tuple(int(d) for d in y.shape[1:]),
+            relu=link.relu is not None, bits=int(np.log2(codebook.size)), density=nonzero / indices.size,
+            in_frac=in_frac, w_frac=w_frac, out_frac=out_frac, codebook=codebook,
+            codebook_q=quantize(codebook, w_frac, target.codebook_bits),
+            bias=bias, bias_acc=quantize(bias, in_frac + w_frac, target.acc_bits), tiles=tiles, conv=conv))
+        in_frac = out_frac
+    resident = _fits_at_once(specs, target)
+    seg = Segment(name, chain.input, chain.output, specs, [], target, resident)
+    seg.program = emit_program(seg, in_len=int(np.prod(values[chain.input].shape[1:])))
+    return seg
+
+
+def _acc_frac_limit(indices: np.ndarray, codebook: np.ndarray, bias: np.ndarray, in_frac: int,
+                    target: Target) -> int:
+    """Largest accumulator fraction for which no partial sum can saturate, for any input.
+
+    A row's running sum never exceeds sum_j |w_ij| * x_max (+ |b_i| at write-back), with
+    x_max the largest value the input format holds; keeping that below 2^(acc_bits-1)
+    makes the accumulators exact, so the error bound holds at any compression level.
+    """
+    row_abs = np.zeros(indices.shape[0])
+    for k in range(1, codebook.size):  # per code, not per weight: 2^bits passes over the matrix
+        row_abs += np.count_nonzero(indices == k, axis=1) * abs(float(codebook[k]))
+    x_max = 2.0 ** (target.act_bits - 1 - in_frac)
+    acc_max = float(row_abs.max(initial=0.0)) * x_max + float(np.abs(bias).max(initial=0.0))
+    if acc_max <= 0:
+        return target.acc_bits - 1
+    return target.acc_bits - 1 - int(np.ceil(np.log2(acc_max)))
+
+
+def _fits_at_once(specs: list[LayerSpec], target: Target) -> bool:
+    """Whether every tile of the segment fits the PEs' sparse-matrix SRAMs together."""
+    lines = sum(-(-t.entries_per_pe // 8) for l in specs for t in l.tiles)
+    return bool(np.max(lines) * 8 <= target.spmat_sram_bytes)
+
+
+def _indices_of(model: onnx.ModelProto, dec: onnx.NodeProto, layer: Layer) -> np.ndarray:
+    from .encode import image_from_streams
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in dec.attribute}
+    rows = layer.shape[0]
+    img = image_from_streams(get_initializer(model, dec.input[0]), get_initializer(model, dec.input[1]),
+                             get_initializer(model, dec.input[2]), rows, int(attrs["pes"]),
+                             int(attrs["weight_bits"]), int(attrs["rel_bits"]))
+    return decode_image(img)
+
+
+def _conv_geometry(layer: Layer) -> ConvGeometry:
+    pads = tuple(int(p) for p in layer.attr("pads", [0, 0, 0, 0]))
+    return ConvGeometry(
+        kernel=tuple(int(k) for k in layer.attr("kernel_shape", layer.shape[2:])),
+        pads=(pads[0], pads[1], pads[2], pads[3]),
+        strides=tuple(int(s) for s in layer.attr("strides", [1, 1])),
+        dilations=tuple(int(d) for d in layer.attr("dilations", [1, 1])),
+        group=int(layer.attr("group", 1)))
+
+
+def tile_layer(name: str, indices: np.ndarray, group: int, target: Target) -> list[SparseImage]:
+    """Split a layer's index matrix into tiles whose images fit one PE's memories.
+
+    Rows are cut into blocks (one per conv group, and at most `max_rows_per_pe` rows
+    per PE); each block's columns are cut greedily where a PE's entries or the
+    pointer count would overflow. Tile images keep the global row interleave.
+    """
+    rows, cols = indices.shape
+    row_block = min(target.max_rows_per_pe * target.pes, rows)
+    per_group = rows // group
+    bounds = []
+    for g in range(group):
+        lo, hi = g * per_group, (g + 1) * per_group
+        bounds += [(r, min(r + row_block, hi)) for r in range(lo, hi, row_block)]
+    tiles = []
+    for r0, r1 in bounds:
+        full = encode_matrix(indices[r0:r1], target.pes, target.weight_bits, target.rel_index_bits)
+        work = full.col_entries()  # [pes, cols]
+        c0 = 0
+        while c0 < cols:
+            c1 = _column_cut(work, c0, target)
+            if c1 == c0:
+                raise ModelError(None, f"layer {name}: column {c0} alone needs "
+                                 f"{int(work[:, c0].max())} entries in one PE, more than its "
+                                 f"{target.max_entries_per_pe}-entry memory: no tiling fits")
+            tiles.append(encode_matrix(indices[r0:r1, c0:c1], target.pes, target.weight_bits,
+                                       target.rel_index_bits, row_lo=r0, col_lo=c0))
+            c0 = c1
+    return tiles
+
+
+def _column_cut(work: np.ndarray, c0: int, target: Target) -> int:
+    """Largest c1 such that columns [c0, c1) fit every PE's spmat SRAM and pointer SRAM."""
+    c_end = min(work.shape[1], c0 + target.max_cols_per_tile)
+    cum = np.cumsum(work[:, c0:c_end], axis=1)  # entries per PE up to each column
+    fits = np.all(cum <= target.max_entries_per_pe, axis=0)
+    n = int(np.argmin(fits)) if not fits.all() else fits.size
+    return c0 + n
+
+
+def emit_program(seg: Segment, in_len: int) -> list[isa.Instr]:
+    """The CCU's instruction stream: load each layer's images, run its tiles, ping-pong buffers."""
+    I, Op, F = isa.Instr, isa.Op, isa.Flag
+    prog = [I(Op.LOAD_ACT, dst=0, a=in_len)]
+    src = 0
+    for li, l in enumerate(seg.layers):
+        dst = 1 - src
+        prog.append(I(Op.LOAD_CB, layer=li))
+        col_tiles = {}
+        for t in l.tiles:
+            col_tiles.setdefault(t.row_lo, []).append(t)
+        for ti, t in enumerate(l.tiles):
+            same_rows = col_tiles[t.row_lo]
+            flags = F.BIAS | (F.RELU if l.relu else 0) | (F.CONV if l.kind == "conv" else 0)
+            flags |= (F.FIRST if t is same_rows[0] else 0) | (F.LAST if t is same_rows[-1] else 0)
+            lines = int(np.sum(-(-t.entries_per_pe // 8)))
+            prog += [I(Op.LOAD_PTR, layer=li, tile=ti, a=t.col_lo, b=t.col_lo + t.cols),
+                     I(Op.LOAD_SPMAT, layer=li, tile=ti, a=lines),
+                     I(Op.RUN, flags=int(flags), layer=li, tile=ti, src=src, dst=dst,
+                       a=t.row_lo, b=t.row_lo + t.rows, c=t.col_lo, d=t.col_lo + t.cols)]
+        src = dst
+    out_len = int(np.prod(seg.layers[-1].out_shape))
+    prog += [I(Op.STORE, src=src, a=out_len), I(Op.END)]
+    return prog
+
+
+def _replace_chain(model: onnx.ModelProto, chain: Chain, seg: Segment) -> None:
+    """Swap the chain's nodes (and their decode nodes and weights) for one EIESegment node."""
+    decode_nodes = [_decode_node(model, l.layer) for l in chain.links]
+    dead = {n.name for n in chain.nodes() + decode_nodes}
+    dead_inits = {t for n in decode_nodes for t in n.input} | {l.layer.bias for l in chain.links}
+    blob_name = f"{seg.name}.blob"
+    node = helper.make_node("EIESegment", [chain.input, blob_name], [chain.output], name=seg.name,
+                            domain=EIE_DOMAIN)
+    first = chain.nodes()[0].name
+    new_nodes = []
+    for n in model.graph.node:  # the segment takes the place of the chain's first node
+        if n.name == first:
+            new_nodes.append(node)
+        elif n.name not in dead:
+            new_nodes.append(n)
+    model.graph.ClearField("node")
+    model.graph.node.extend(new_nodes)
+    still_used = {t for n in model.graph.node for t in n.input}
+    for t in dead_inits - still_used:
+        remove_initializer(model, t)
+    model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(seg.to_blob(), np.uint8), blob_name))
+    internal = {l.layer.node.output[0] for l in chain.links} | {l.output for l in chain.links[:-1]}
+    internal |= {l.relabel.output[0] for l in chain.links if l.relabel is not None}
+    keep_vi = [v for v in model.graph.value_info if v.name not in internal - {chain.output}]
+    model.graph.ClearField("value_info")
+    model.graph.value_info.extend(keep_vi)
+
+
+def _host_layers(model: onnx.ModelProto, encoded: dict[str, Layer]) -> list[dict[str, Any]]:
+    """Layers left on the host (dense, not claimed), so inspect can list them."""
+    return [{"name": n.name, "op": n.op_type} for n in model.graph.node
+            if n.op_type in ("Gemm", "Conv", "MatMul", "ConvTranspose") and n.domain in ("", "ai.onnx")
+            and n.name not in encoded]
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m

@@ -1,0 +1,217 @@
+"""Runs one segment's program on the simulator: the CCU's view of the accelerator.
+
+Walks the instruction stream; each RUN hands a tile to the functional model
+(eiec.runtime.simulator) and the cycle model (eiec.runtime.cycles). Activations
+stay in fixed point between the segment's layers, exactly as in the PEs. Conv
+layers run their matrix on every output position's im2col column (the CCU's
+address generation), which the cycle model counts as one mat-vec per position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from eiec import isa
+from eiec.image import SparseImage
+from eiec.segment import LayerSpec, Segment
+from eiec.passes.calibrate import im2col
+
+from .cycles import cycle_layer, latency_us
+from .energy import layer_energy
+from .fixedpoint import dequantize, quantize
+from .simulator import error_bound, spmv_fixed, spmv_float
+
+
+@dataclass
+class LayerRun:
+    """What one layer did for a batch: per-input arrays from the cycle model, summed over positions."""
+
+    name: str
+    cycles: np.ndarray  # [B]
+    ideal_cycles: np.ndarray  # [B]
+    busy: np.ndarray  # [B, pes]
+    nonzero_activations: np.ndarray  # [B]
+    entries: int  # stored entries of the layer (padding included)
+    padding_entries: int
+    entries_processed: np.ndarray  # [B]
+    energy_uj: dict[str, np.ndarray]  # component -> [B]
+    saturated: int = 0
+
+    def summary(self, clock_mhz: float) -> dict[str, Any]:
+        cycles = float(self.cycles.mean())
+        busy = self.busy.sum(axis=1)  # [B]
+        total = self.cycles * self.busy.shape[1]
+        balance = float(np.mean(np.where(total > 0, busy / np.maximum(total, 1), 1.0)))
+        return {
+            "name": self.name, "cycles": cycles, "ideal_cycles": float(self.ideal_cycles.mean()),
+            "latency_us": cycles / clock_mhz, "load_balance": balance,
+            "entries": self.entries, "padding_entries": self.padding_entries,
+            "entries_processed": float(self.entries_processed.mean()),
+            "nonzero_activations": float(self.nonzero_activations.mean()),
+            "energy_uj": float(self.energy_uj["total"].mean()),
+            "energy_breakdown_uj": {k: float(v.mean()) for k, v in self.energy_uj.items()},
+            "pe_busy_cycles": self.busy.mean(axis=0).round(1).tolist(),
+            "saturated": self.saturated,
+        }
+
+
+@dataclass
+class SegmentRun:
+    input: np.ndarray  # float32 [B, *in_shape]: what the host handed the segment
+    output: np.ndarray  # float32 [B, *out_shape]
+    layers: list[LayerRun] = field(default_factory=list)
+    bound: np.ndarray | None = None  # per-output error bound vs float (fixed mode)
+
+    @property
+    def saturated(self) -> int:
+        return sum(l.saturated for l in self.layers)
+
+
+def _positions(x: np.ndarray, spec: LayerSpec) -> list[np.ndarray]:
+    """Per group, the [B * positions, cols] input vectors the layer's matrix multiplies."""
+    if spec.kind == "fc":
+        return [x.reshape(x.shape[0], -1)]
+    c = spec.conv
+    cols = im2col(x, c.kernel, c.pads, c.strides, c.dilations, c.group)
+    return list(cols)
+
+
+def _to_output(ys: list[np.ndarray], spec: LayerSpec, batch: int) -> np.ndarray:
+    """Group results [B*P, rows/g] -> the layer's per-sample output layout."""
+    y = np.concatenate(ys, axis=1) if len(ys) > 1 else ys[0]
+    if spec.kind == "fc":
+        return y.reshape(batch, *spec.out_shape)
+    rows, ho, wo = spec.out_shape
+    return y.reshape(batch, ho, wo, rows).transpose(0, 3, 1, 2)
+
+
+def _group_tiles(spec: LayerSpec, g: int) -> list[SparseImage]:
+    """Group g's tiles with rows renumbered from 0 (each group is its own matrix)."""
+    tiles = spec.tiles_of_group(g)
+    if spec.conv is None or spec.conv.group == 1:
+        return tiles
+    lo = g * (spec.rows // spec.conv.group)
+    return [dataclasses.replace(t, row_lo=t.row_lo - lo) for t in tiles]
+
+
+def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool = True) -> SegmentRun:
+    """Execute the segment's program on a batch `x` (float32 [B, *in_shape]).
+
+    mode "fixed" is the bit-exact datapath; "float" uses the float codebook and bias
+    on the same tiles (for comparisons). With `cycles`, each layer's cycle and energy
+    report is collected.
+    """
+    t = seg.target
+    batch = x.shape[0]
+    first = seg.layers[0]
+    x = np.asarray(x, np.float32).reshape(batch, *first.in_shape)
+    act = quantize(x, first.in_frac, t.act_bits) if mode == "fixed" else x
+    # error bound state: |x| and the error of the activations held in the PEs
+    e_x = np.abs(dequantize(act, first.in_frac) - x) if mode == "fixed" else None
+    run = SegmentRun(input=x, output=np.empty(0, np.float32))
+    buffers: dict[int, np.ndarray] = {}
+    bounds: dict[int, np.ndarray] = {}
+    for ins in seg.program:
+        if ins.op == isa.Op.LOAD_ACT:
+            buffers[ins.dst] = act
+            bounds[ins.dst] = e_x
+        elif ins.op == isa.Op.RUN and ins.flags & isa.Flag.LAST and _last_tile_of_layer(seg, ins):
+            spec = seg.layers[ins.layer]
+            src = buffers[ins.src]
+            out, layer_run, e_out = _run_layer(seg, spec, src, bounds[ins.src], mode, cycles)
+            buffers[ins.dst] = out
+            bounds[ins.dst] = e_out
+            if layer_run is not None:
+                run.layers.append(layer_run)
+        elif ins.op == isa.Op.STORE:
+            last = seg.layers[-1]
+            res = buffers[ins.src]
+            run.output = (dequantize(res, last.out_frac) if mode == "fixed" else res).astype(np.float32)
+            run.bound = bounds[ins.src]
+    return run
+
+
+def _last_tile_of_layer(seg: Segment, ins: isa.Instr) -> bool:
+    """A layer runs as a whole at its last tile: the tiles' effects are exactly the layer's."""
+    return ins.tile == len(seg.layers[ins.layer].tiles) - 1
+
+
+def _run_layer(seg: Segment, spec: LayerSpec, act: np.ndarray, e_in: np.ndarray | None, mode: str,
+               want_cycles: bool) -> tuple[np.ndarray, LayerRun | None, np.ndarray | None]:
+    t = seg.target
+    batch = act.shape[0]
+    groups = spec.conv.group if spec.conv is not None else 1
+    per = spec.rows // groups
+    xs = _positions(act, spec)
+    ys, bnds, runs = [], [], []
+    saturated = 0
+    if e_in is not None:
+        # the float input can be up to e_in larger than the fixed-point one
+        x_abs = _positions(np.abs(dequantize(act, spec.in_frac)) + e_in, spec)
+        e_cols = _positions(e_in, spec)
+    for g in range(groups):
+        tiles = _group_tiles(spec, g)
+        rows = slice(g * per, (g + 1) * per)
+        if mode == "fixed":
+            y, stats = spmv_fixed(tiles, spec.codebook_q, xs[g], spec.bias_acc[rows], spec.shift, spec.relu, t)
+            saturated += stats.saturated_accumulators + stats.saturated_outputs
+            if e_in is not None:
+                bnds.append(error_bound(tiles, spec.codebook, spec.codebook_q, spec.w_frac, x_abs[g],
+                                        e_cols[g], spec.in_frac, spec.out_frac))
+        else:
+            y = spmv_float(tiles, spec.codebook, xs[g], spec.bias[rows], spec.relu)
+        ys.append(y)
+        if want_cycles:
+            runs.append(cycle_layer(tiles, xs[g] != 0, t, resident=seg.resident or spec.kind == "conv"))
+    out = _to_output(ys, spec, batch)
+    e_out = _to_output(bnds, spec, batch) if bnds else None
+    layer_run = _merge_runs(seg, spec, runs, batch, saturated) if want_cycles else None
+    return out, layer_run, e_out
+
+
+def _merge_runs(seg: Segment, spec: LayerSpec, runs: list, batch: int, saturated: int) -> LayerRun:
+    """Sum the cycle model's per-vector results over groups and output positions, per input.
+
+    A conv layer's positions share one load of its tiles per input: when the segment is
+    not resident, that reload is added once per input, not once per position.
+    """
+    t = seg.target
+
+    def per_input(a: np.ndarray) -> np.ndarray:
+        return a.reshape(batch, -1, *a.shape[1:]).sum(axis=1)
+
+    energies = [layer_energy(r, r.reload_bytes, t) for r in runs]
+    energy = {k: sum(per_input(np.asarray(e[k], float)) for e in energies) for k in energies[0]}
+    cycles = sum(per_input(r.cycles) for r in runs)
+    if spec.kind == "conv" and not seg.resident:
+        idle = np.zeros((1, spec.cols), bool)  # no broadcasts: only the reload is counted
+        reload = [cycle_layer(_group_tiles(spec, g), idle, t, resident=False) for g in range(spec.conv.group)]
+        cycles = cycles + sum(int(r.reload_cycles[0]) for r in reload)
+        dram = sum(layer_energy(r, r.reload_bytes, t)["dram"][0] for r in reload)
+        energy["dram"] = energy["dram"] + dram
+        energy["total"] = energy["total"] + dram
+    return LayerRun(
+        name=spec.name,
+        cycles=cycles,
+        ideal_cycles=sum(per_input(r.ideal_cycles) for r in runs),
+        busy=sum(per_input(r.busy) for r in runs),
+        nonzero_activations=sum(per_input(r.nonzero_activations) for r in runs),
+        entries=spec.entries, padding_entries=spec.padding_entries,
+        entries_processed=sum(per_input(r.entries_processed) for r in runs),
+        energy_uj=energy, saturated=saturated)
+
+
+def segment_report(runs: list[LayerRun], target, batch: int) -> dict[str, Any]:
+    """The run report: per layer means over the batch, totals for the batch."""
+    layers = [r.summary(target.clock_mhz) for r in runs]
+    per_input_cycles = float(sum(l["cycles"] for l in layers))
+    return {"pes": target.pes, "clock_mhz": target.clock_mhz, "batch": batch,
+            "total_cycles": float(sum(r.cycles.sum() for r in runs)),
+            "cycles_per_input": per_input_cycles,
+            "latency_us": per_input_cycles / target.clock_mhz,
+            "energy_uj": float(sum(l["energy_uj"] for l in layers)),
+            "layers": layers}

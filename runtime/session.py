@@ -1,0 +1,165 @@
+"""`InferenceSession`: run a .eie (or any IR dump) like onnxruntime does.
+
+The host graph runs on onnxruntime's CPU provider; each `EIESegment` node calls the
+simulator through an onnxruntime-extensions op, the way an execution provider
+takes the nodes it claimed. The cycle/energy report of the last run stays on the
+session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+
+from eiec.artifact import load_eie
+from eiec.errors import FormatError, InputError
+from eiec.segment import Segment
+from eiec.target import Target
+
+from .executor import SegmentRun, run_segment, segment_report
+from .ops import custom_op, make_session
+
+_SEGMENTS: dict[bytes, Segment] = {}  # blob digest -> parsed segment
+_STATE: dict[str, Any] = {"mode": "fixed", "cycles": True, "runs": None}
+
+
+def _segment_of(blob: np.ndarray) -> Segment:
+    data = np.ascontiguousarray(blob, np.uint8).tobytes()
+    key = hashlib.blake2b(data, digest_size=16).digest()
+    seg = _SEGMENTS.get(key)
+    if seg is None:
+        seg = Segment.from_blob(data, "EIESegment blob")
+        _SEGMENTS[key] = seg
+    return seg
+
+
+def _segment_shape(x: np.ndarray, blob: np.ndarray) -> tuple[int, ...]:
+    seg = _segment_of(blob)
+    return (x.shape[0],) + tuple(seg.layers[-1].out_shape)
+
+
+@custom_op("EIESegment", inputs=[1, 2], outputs=[1], attrs={}, output_shape=_segment_shape)
+def eie_segment(x: np.ndarray, blob: np.ndarray) -> np.ndarray:
+    """ai.onnx.contrib::EIESegment(x, blob): run the segment's program on the simulator."""
+    seg = _segment_of(blob)
+    run = run_segment(seg, x, _STATE["mode"], cycles=_STATE["cycles"])
+    if _STATE["runs"] is not None:
+        _STATE["runs"][seg.name] = run
+    return run.output.reshape((x.shape[0],) + tuple(seg.layers[-1].out_shape))
+
+
+@contextlib.contextmanager
+def _collect(mode: str, cycles: bool):
+    runs: dict[str, SegmentRun] = {}
+    saved = dict(_STATE)
+    _STATE.update(mode=mode, cycles=cycles, runs=runs)
+    try:
+        yield runs
+    finally:
+        _STATE.update(saved)
+
+
+class InferenceSession:
+    """Mirrors onnxruntime.InferenceSession for `run`, `get_inputs`, `get_outputs`.
+
+    `path` is a .eie file or an ONNX model (e.g. an IR dump, IR3/IR4 included).
+    `mode` "fixed" runs segments bit-exact; "float" runs the simulator's float mode.
+    After `run`, `last_runs` holds each segment's `SegmentRun` and `last_report` the
+    cycle/energy report.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "fixed", cycles: bool = True):
+        path = os.fspath(path)
+        self.path = path
+        self.mode = mode
+        self.cycles = cycles
+        if path.endswith(".eie"):
+            self.compiled = load_eie(path)
+            self.model = self.compiled.model
+        else:
+            self.compiled = None
+            try:
+                self.model = onnx.load(path)
+            except Exception:  # noqa: BLE001 - protobuf raises several types on bad bytes
+                raise FormatError(path, "not an ONNX model") from None
+        self._sess = make_session(self.model)
+        self.last_runs: dict[str, SegmentRun] = {}
+        self.last_report: dict[str, Any] | None = None
+
+    def get_inputs(self):
+        return self._sess.get_inputs()
+
+    def get_outputs(self):
+        return self._sess.get_outputs()
+
+    def run(self, output_names, input_feed, run_options=None):
+        with _collect(self.mode, self.cycles) as runs:
+            out = self._sess.run(output_names, input_feed, run_options)
+        self.last_runs = runs
+        self.last_report = self._report(runs, input_feed)
+        return out
+
+    @property
+    def target(self) -> Target:
+        """The accelerator this model was compiled for (defaults when it has no segments)."""
+        if self.compiled is not None:
+            return Target.from_dict(self.compiled.manifest["target"])
+        for t in self.model.graph.initializer:
+            if t.name.endswith(".blob"):
+                return _segment_of(onnx.numpy_helper.to_array(t)).target
+        return Target()
+
+    def _report(self, runs: dict[str, SegmentRun], feeds) -> dict[str, Any] | None:
+        if not self.cycles:
+            return None
+        batch = next(iter(feeds.values())).shape[0] if feeds else 1
+        report = segment_report([lr for r in runs.values() for lr in r.layers], self.target, batch)
+        report["segments"] = list(runs)
+        return report
+
+
+def load_inputs(path: str, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Inputs keyed by graph input name (+ optional labels), checked against the model."""
+    from eiec.passes.calibrate import load_calibration
+
+    return load_calibration(path, model)
+
+
+def run_file(eie: str, input_path: str, out_path: str | None, report_path: str | None,
+             float_mode: bool = False) -> dict[str, Any]:
+    """`eiec run`: inputs from .npz, outputs to .npz, report to JSON (each written atomically)."""
+    sess = InferenceSession(eie, mode="float" if float_mode else "fixed")
+    feeds, _ = load_inputs(input_path, sess.model)
+    names = [o.name for o in sess.get_outputs()]
+    outs = sess.run(names, feeds)
+    report = dict(sess.last_report, mode=sess.mode)
+    if out_path is not None:
+        buf = io.BytesIO()
+        np.savez(buf, **dict(zip(names, outs)))
+        write_atomic(out_path, buf.getvalue())
+    if report_path is not None:
+        write_atomic(report_path, json.dumps(report, indent=2, sort_keys=True).encode())
+    return report
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: no partial file is ever left."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eiec-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

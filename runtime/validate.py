@@ -1,0 +1,276 @@
+"""`eiec validate`: onnxruntime as the judge, asking two separate questions.
+
+1. Exactness: is each segment's fixed-point output within the bound its formats
+   imply of onnxruntime running the same compressed weights in float on the same
+   input? (Catches lowering and simulator bugs; must hold at any compression.)
+2. Fidelity: how far is the compiled model's output from the original model's?
+   (Max abs/rel error, cosine, top-1 agreement, accuracy with labels.)
+With a --dump-ir folder, the fidelity of every pass's IR is shown too.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+from onnx import TensorProto, helper, numpy_helper
+
+from eiec.errors import FormatError, ModelError
+from eiec.ir import OPSET
+from eiec.passes.encode import decode_image
+from eiec.segment import Segment
+
+from .ops import make_session
+from .session import InferenceSession, write_atomic
+
+DEFAULT_RANDOM = 16
+FP32_UNIT = 2.0 ** -24  # unit roundoff of onnxruntime's float32 reference
+
+
+@dataclass
+class SegmentCheck:
+    name: str
+    max_error: float  # max |fixed - float reference|
+    max_bound: float  # the largest allowed error
+    worst_ratio: float  # max error / bound over all outputs (<= 1 passes)
+    saturated: int
+
+    @property
+    def ok(self) -> bool:
+        return self.worst_ratio <= 1.0
+
+
+def segment_reference_model(seg: Segment, absolute: bool = False) -> onnx.ModelProto:
+    """The segment as plain float ONNX: W = codebook[indices] from its tiles, Gemm/Conv, Relu.
+
+    With `absolute`, every weight and bias is replaced by its magnitude and ReLU is
+    dropped: run on |x| it gives sum_j |w_ij| |x_j| + |b_i|, the scale of float32
+    rounding error in the reference.
+    """
+    nodes, inits = [], []
+    first = seg.layers[0]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *first.in_shape])
+    cur = "x"
+    for i, l in enumerate(seg.layers):
+        indices = np.zeros((l.rows, l.cols), np.uint8)
+        for t in l.tiles:
+            indices[t.row_lo:t.row_lo + t.rows, t.col_lo:t.col_lo + t.cols] = decode_image(t)
+        w = l.codebook[indices].reshape(l.weight_shape)
+        b = l.bias
+        if absolute:
+            w, b = np.abs(w), np.abs(b)
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(b.astype(np.float32), f"b{i}")]
+        if l.kind == "fc":
+            if len(l.in_shape) != 1 or cur == "x" and len(first.in_shape) != 1:
+                nodes.append(helper.make_node("Flatten", [cur], [f"flat{i}"], axis=1))
+                cur = f"flat{i}"
+            elif i > 0 and seg.layers[i - 1].kind == "conv":
+                nodes.append(helper.make_node("Flatten", [cur], [f"flat{i}"], axis=1))
+                cur = f"flat{i}"
+            nodes.append(helper.make_node("Gemm", [cur, f"w{i}", f"b{i}"], [f"y{i}"], transB=1))
+        else:
+            c = l.conv
+            nodes.append(helper.make_node("Conv", [cur, f"w{i}", f"b{i}"], [f"y{i}"],
+                                          kernel_shape=list(c.kernel), pads=list(c.pads),
+                                          strides=list(c.strides), dilations=list(c.dilations),
+                                          group=c.group))
+        cur = f"y{i}"
+        if l.relu and not absolute:
+            nodes.append(helper.make_node("Relu", [cur], [f"r{i}"]))
+            cur = f"r{i}"
+    y = helper.make_tensor_value_info(cur, TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, f"{seg.name}_reference", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def check_segment(seg: Segment, x: np.ndarray, y_fixed: np.ndarray, bound: np.ndarray,
+                  saturated: int) -> SegmentCheck:
+    """Question 1 for one segment on the input the EIE path actually fed it."""
+    ref = onnxruntime.InferenceSession(segment_reference_model(seg).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+    absm = onnxruntime.InferenceSession(segment_reference_model(seg, absolute=True).SerializeToString(),
+                                        providers=["CPUExecutionProvider"])
+    x = x.astype(np.float32)
+    y_ref = ref.run(None, {"x": x})[0].reshape(y_fixed.shape)
+    scale = absm.run(None, {"x": np.abs(x)})[0].reshape(y_fixed.shape)
+    # float32 dot products of length n are exact to gamma_n = n u / (1 - n u) times sum |w||x|
+    # (Higham, Accuracy and Stability, 3.1); the longest row of any layer bounds n
+    n = max(l.cols for l in seg.layers) + 1
+    gamma = n * FP32_UNIT / (1 - n * FP32_UNIT)
+    allowed = bound.reshape(y_fixed.shape) + len(seg.layers) * gamma * scale
+    err = np.abs(y_fixed.astype(np.float64) - y_ref)
+    ratio = err / np.maximum(allowed, np.finfo(np.float32).tiny)
+    return SegmentCheck(seg.name, float(err.max(initial=0)), float(allowed.max(initial=0)),
+                        float(ratio.max(initial=0)), saturated)
+
+
+def fidelity(ref: list[np.ndarray], out: list[np.ndarray], names: list[str],
+             labels: np.ndarray | None) -> dict[str, Any]:
+    """Question 2: per output error measures and top-1 agreement / accuracy."""
+    res: dict[str, Any] = {"outputs": {}}
+    for name, r, o in zip(names, ref, out):
+        if not np.issubdtype(r.dtype, np.floating):
+            res["outputs"][name] = {"equal_fraction": float(np.mean(r == o))}
+            continue
+        r64, o64 = r.astype(np.float64).ravel(), o.astype(np.float64).ravel()
+        diff = np.abs(r64 - o64)
+        denom = np.linalg.norm(r64) * np.linalg.norm(o64)
+        entry = {"max_abs_error": float(diff.max(initial=0)),
+                 "max_rel_error": float((diff / np.maximum(np.abs(r64), 1e-12)).max(initial=0)),
+                 "rel_l2_error": float(np.linalg.norm(r64 - o64) / max(np.linalg.norm(r64), 1e-30)),
+                 "cosine": float(r64 @ o64 / denom) if denom > 0 else 1.0}
+        if r.ndim == 2 and r.shape[1] > 1:
+            entry["top1_agreement"] = float(np.mean(r.argmax(1) == o.argmax(1)))
+            if labels is not None and len(labels) == r.shape[0]:
+                entry["accuracy_original"] = float(np.mean(r.argmax(1) == labels))
+                entry["accuracy"] = float(np.mean(o.argmax(1) == labels))
+        res["outputs"][name] = entry
+    return res
+
+
+def _drop_points(fid: dict[str, Any]) -> float | None:
+    """Accuracy drop in points (top-1 disagreement without labels) of the first class output."""
+    for e in fid["outputs"].values():
+        if "accuracy" in e:
+            return 100.0 * (e["accuracy_original"] - e["accuracy"])
+        if "top1_agreement" in e:
+            return 100.0 * (1.0 - e["top1_agreement"])
+    return None
+
+
+def _inputs(model_path: str, input_path: str | None, random_n: int | None):
+    from eiec.passes.calibrate import load_calibration, random_inputs
+
+    try:
+        model = onnx.load(model_path, load_external_data=False)
+    except Exception:  # noqa: BLE001
+        raise ModelError(model_path, "not an ONNX model") from None
+    if input_path is not None:
+        return load_calibration(input_path, model)
+    return random_inputs(model, random_n or DEFAULT_RANDOM, 0), None
+
+
+def _original_session(model_path: str) -> onnxruntime.InferenceSession:
+    from eiec.importer import load_model
+
+    load_model(model_path)  # the same checks as compile: clear errors, confined external data
+    try:
+        return onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(model_path, f"onnxruntime cannot run it: {str(e).splitlines()[0]}") from None
+
+
+def validate(model_path: str, eie_path: str, input_path: str | None = None, random_n: int | None = None,
+             bisect_dir: str | None = None) -> dict[str, Any]:
+    """Both measures (and per pass with `bisect_dir`) as one JSON-able dict."""
+    feeds, labels = _inputs(model_path, input_path, random_n)
+    orig = _original_session(model_path)
+    names = [o.name for o in orig.get_outputs()]
+    ref = orig.run(names, feeds)
+    sess = InferenceSession(eie_path)
+    out = sess.run(names, feeds)
+    checks = [check_segment(sess.compiled.segments[n], r.input, r.output, r.bound, r.saturated)
+              for n, r in sess.last_runs.items()]
+    result = {
+        "inputs": int(next(iter(feeds.values())).shape[0]),
+        "exact": {"ok": all(c.ok for c in checks),
+                  "segments": [vars(c) | {"ok": c.ok} for c in checks]},
+        "fidelity": fidelity(ref, out, names, labels),
+    }
+    result["accuracy_drop_points"] = _drop_points(result["fidelity"])
+    if bisect_dir is not None:
+        result["bisect"] = bisect(bisect_dir, feeds, ref, names, labels)
+    return result
+
+
+def bisect(folder: str, feeds, ref, names, labels) -> list[dict[str, Any]]:
+    """Fidelity after every pass, from a --dump-ir folder (IR0 .. IR4)."""
+    dumps = sorted(glob.glob(os.path.join(folder, "*_*.onnx")),
+                   key=lambda p: int(re.match(r"(\d+)_", os.path.basename(p)).group(1))
+                   if re.match(r"(\d+)_", os.path.basename(p)) else 1 << 30)
+    if not dumps:
+        raise FormatError(folder, "no <n>_<pass>.onnx dumps in this folder (make one with --dump-ir)")
+    rows = []
+    for path in dumps:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        sess = InferenceSession(path)
+        out = sess.run(names, feeds)
+        fid = fidelity(ref, out, names, labels)
+        checks = [check_segment(_segment(sess, n), r.input, r.output, r.bound, r.saturated)
+                  for n, r in sess.last_runs.items()]
+        rows.append({"pass": stem, "fidelity": fid, "accuracy_drop_points": _drop_points(fid),
+                     "exact": all(c.ok for c in checks) if checks else None})
+    return rows
+
+
+def _segment(sess: InferenceSession, name: str) -> Segment:
+    for t in sess.model.graph.initializer:
+        if t.name == f"{name}.blob":
+            return Segment.from_blob(numpy_helper.to_array(t).tobytes(), sess.path)
+    raise FormatError(sess.path, f"segment {name} has no blob")
+
+
+def _summary_line(fid: dict[str, Any]) -> str:
+    parts = []
+    for name, e in fid["outputs"].items():
+        if "max_abs_error" not in e:
+            parts.append(f"{name}: {100 * e['equal_fraction']:.1f}% equal")
+            continue
+        s = f"{name}: max abs {e['max_abs_error']:.3g}, rel l2 {e['rel_l2_error']:.3g}, cos {e['cosine']:.5f}"
+        if "top1_agreement" in e:
+            s += f", top-1 agree {100 * e['top1_agreement']:.1f}%"
+        if "accuracy" in e:
+            s += f", accuracy {100 * e['accuracy_original']:.2f}% -> {100 * e['accuracy']:.2f}%"
+        parts.append(s)
+    return "; ".join(parts)
+
+
+def validate_cli(model_path: str, eie_path: str, input_path: str | None, random_n: int | None,
+                 bisect_dir: str | None, max_drop: float | None, json_path: str | None,
+                 quiet: bool = False) -> int:
+    res = validate(model_path, eie_path, input_path, random_n, bisect_dir)
+    ex = res["exact"]
+    lines = [f"validating {eie_path} against {model_path} on {res['inputs']} input(s)",
+             "1) accelerator path vs the same compressed weights in float (onnxruntime):"]
+    for s in ex["segments"]:
+        lines.append(f"   {s['name']}: max error {s['max_error']:.3g}, within bound: "
+                     f"{'yes' if s['ok'] else 'NO'} (worst error/bound {s['worst_ratio']:.3f}"
+                     f"{', saturated ' + str(s['saturated']) if s['saturated'] else ''})")
+    if not ex["segments"]:
+        lines.append("   no segments: every layer runs on the host")
+    lines.append(f"   => {'EXACT within the fixed-point bound' if ex['ok'] else 'OUTSIDE the fixed-point bound'}")
+    lines.append("2) compiled model vs the original model (onnxruntime):")
+    lines.append("   " + _summary_line(res["fidelity"]))
+    drop = res["accuracy_drop_points"]
+    over_budget = max_drop is not None and drop is not None and drop > max_drop
+    if max_drop is not None:
+        lines.append(f"   => drop {drop:.2f} points, budget {max_drop:g}: {'OVER' if over_budget else 'ok'}"
+                     if drop is not None else "   => no class output to measure a drop on")
+    if "bisect" in res:
+        lines.append("after each pass (vs the original):")
+        worst = None
+        for row in res["bisect"]:
+            exact = {None: "", True: "  [exact]", False: "  [NOT exact]"}[row["exact"]]
+            lines.append(f"   {row['pass']:<12} {_summary_line(row['fidelity'])}{exact}")
+        prev = 0.0
+        for row in res["bisect"]:
+            d = row["accuracy_drop_points"] or 0.0
+            if worst is None or d - prev > worst[1]:
+                worst = (row["pass"], d - prev)
+            prev = d
+        if worst is not None and worst[1] > 0:
+            lines.append(f"   largest step: {worst[0]} (+{worst[1]:.2f} points)")
+    if not quiet:
+        print("\n".join(lines))
+    if json_path is not None:
+        write_atomic(json_path, json.dumps(res, indent=2, sort_keys=True).encode())
+    return 0 if ex["ok"] and not over_budget else 1
