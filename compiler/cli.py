@@ -52,6 +52,12 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "without it eiec uses random inputs and says so")
     p.add_argument("--dump-ir", metavar="DIR", help="write DIR/<n>_<pass>.onnx and .json after every pass")
     p.add_argument("--pes", type=int, metavar="N", help="number of PEs (overrides the recipe's target.pes)")
+    p.add_argument("--max-accuracy-drop", type=float, metavar="P",
+                   help="budget for automatic choices: top-1 accuracy points on the calibration labels "
+                        "(overrides the recipe's budget.max_accuracy_drop, default 0.5)")
+    p.add_argument("--max-output-error", type=float, metavar="E",
+                   help="budget for automatic choices without labels: relative L2 output error "
+                        "(overrides budget.max_output_error, default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed for random calibration inputs (default 0)")
     _common(p)
     return p
@@ -122,8 +128,13 @@ def _cmd_compile(args) -> int:
 
     if args.pes is not None and not (1 <= args.pes <= 4096):
         raise EiecError(None, f"--pes must be in 1..4096, got {args.pes}")
+    for flag, v in (("--max-accuracy-drop", args.max_accuracy_drop), ("--max-output-error", args.max_output_error)):
+        if v is not None and not (v >= 0):
+            raise EiecError(None, f"{flag} must be a number >= 0, got {v}")
     res = compile_model(args.model, args.output, args.config, args.calibration, args.dump_ir,
-                        args.pes, args.seed, _progress(args))
+                        args.pes, args.seed, _progress(args),
+                        budget={"max_accuracy_drop": args.max_accuracy_drop,
+                                "max_output_error": args.max_output_error})
     for note in res.notes:
         print(f"eiec: note: {note}", file=sys.stderr)
     if not args.quiet:

@@ -61,11 +61,15 @@ def check_recipe_layers(recipe: Recipe, model: onnx.ModelProto) -> None:
 def compile_model(model_path: str, out_path: str, recipe_path: str | None = None,
                   calibration_path: str | None = None, dump_dir: str | None = None,
                   pes: int | None = None, seed: int = 0,
-                  progress: Callable[[str], None] = lambda s: None) -> CompileResult:
+                  progress: Callable[[str], None] = lambda s: None,
+                  budget: dict[str, float | None] | None = None) -> CompileResult:
     """Compile MODEL.onnx into OUT.eie. Raises an EiecError on bad input; writes nothing then."""
     from eiec.passes.calibrate import load_calibration, random_inputs
 
     recipe = load_recipe(recipe_path, pes)
+    for key, value in (budget or {}).items():  # command-line budgets override the recipe's
+        if value is not None:
+            setattr(recipe, key, float(value))
     model = load_model(model_path)
     check_recipe_layers(recipe, model)
     notes: list[str] = []
