@@ -131,10 +131,15 @@ def _cmd_compile(args) -> int:
     for flag, v in (("--max-accuracy-drop", args.max_accuracy_drop), ("--max-output-error", args.max_output_error)):
         if v is not None and not (v >= 0):
             raise EiecError(None, f"{flag} must be a number >= 0, got {v}")
-    res = compile_model(args.model, args.output, args.config, args.calibration, args.dump_ir,
-                        args.pes, args.seed, _progress(args),
-                        budget={"max_accuracy_drop": args.max_accuracy_drop,
-                                "max_output_error": args.max_output_error})
+    try:
+        res = compile_model(args.model, args.output, args.config, args.calibration, args.dump_ir,
+                            args.pes, args.seed, _progress(args),
+                            budget={"max_accuracy_drop": args.max_accuracy_drop,
+                                    "max_output_error": args.max_output_error})
+    except EiecError as e:  # errors raised deep in a pass are about the model being compiled
+        if e.path is None:
+            e.path = args.model
+        raise
     for note in res.notes:
         print(f"eiec: note: {note}", file=sys.stderr)
     if not args.quiet:

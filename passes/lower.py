@@ -289,31 +289,40 @@ def _conv_geometry(layer: Layer) -> ConvGeometry:
 def tile_layer(name: str, indices: np.ndarray, group: int, target: Target) -> list[SparseImage]:
     """Split a layer's index matrix into tiles whose images fit one PE's memories.
 
-    Rows are cut into blocks (one per conv group, and at most `max_rows_per_pe` rows
-    per PE); each block's columns are cut greedily where a PE's entries or the
-    pointer count would overflow. Tile images keep the global row interleave.
+    Rows are cut into blocks (one per conv group, at most `max_rows_per_pe` rows per
+    PE, halved while one column alone overflows a PE's sparse-matrix SRAM); each
+    block's columns are cut greedily where a PE's entries or the pointer count would
+    overflow. Tile images keep the global row interleave within their block.
     """
+    if target.max_cols_per_tile < 1 or target.max_entries_per_pe < 1:
+        raise ModelError(None, f"layer {name}: the target's PE memories hold no column "
+                         f"(ptr_sram_bytes={target.ptr_sram_bytes}, spmat_sram_bytes="
+                         f"{target.spmat_sram_bytes}): no tiling fits")
     rows, cols = indices.shape
-    row_block = min(target.max_rows_per_pe * target.pes, rows)
     per_group = rows // group
-    bounds = []
-    for g in range(group):
-        lo, hi = g * per_group, (g + 1) * per_group
-        bounds += [(r, min(r + row_block, hi)) for r in range(lo, hi, row_block)]
+    largest = min(target.max_rows_per_pe, -(-per_group // target.pes)) * target.pes
     tiles = []
-    for r0, r1 in bounds:
-        full = encode_matrix(indices[r0:r1], target.pes, target.weight_bits, target.rel_index_bits)
-        work = full.col_entries()  # [pes, cols]
-        c0 = 0
-        while c0 < cols:
-            c1 = _column_cut(work, c0, target)
-            if c1 == c0:
-                raise ModelError(None, f"layer {name}: column {c0} alone needs "
-                                 f"{int(work[:, c0].max())} entries in one PE, more than its "
-                                 f"{target.max_entries_per_pe}-entry memory: no tiling fits")
-            tiles.append(encode_matrix(indices[r0:r1, c0:c1], target.pes, target.weight_bits,
-                                       target.rel_index_bits, row_lo=r0, col_lo=c0))
-            c0 = c1
+    for g in range(group):
+        r0, end = g * per_group, (g + 1) * per_group
+        while r0 < end:
+            block = largest
+            while True:
+                r1 = min(r0 + block, end)
+                work = encode_matrix(indices[r0:r1], target.pes, target.weight_bits,
+                                     target.rel_index_bits).col_entries()  # [pes, cols]
+                if work.max(initial=0) <= target.max_entries_per_pe:
+                    break
+                if block <= target.pes:  # one row per PE: a column holds one entry per PE
+                    raise ModelError(None, f"layer {name}: one column needs {int(work.max())} entries "
+                                     f"in a PE that holds {target.max_entries_per_pe}: no tiling fits")
+                block = max(target.pes, block // 2 // target.pes * target.pes)
+            c0 = 0
+            while c0 < cols:
+                c1 = _column_cut(work, c0, target)
+                tiles.append(encode_matrix(indices[r0:r1, c0:c1], target.pes, target.weight_bits,
+                                           target.rel_index_bits, row_lo=r0, col_lo=c0))
+                c0 = c1
+            r0 = r1
     return tiles
 
 
@@ -323,7 +332,7 @@ def _column_cut(work: np.ndarray, c0: int, target: Target) -> int:
     cum = np.cumsum(work[:, c0:c_end], axis=1)  # entries per PE up to each column
     fits = np.all(cum <= target.max_entries_per_pe, axis=0)
     n = int(np.argmin(fits)) if not fits.all() else fits.size
-    return c0 + n
+    return c0 + max(n, 1)  # the caller made sure a single column fits
 
 
 def emit_program(seg: Segment, in_len: int) -> list[isa.Instr]:
