@@ -191,10 +191,25 @@ def _candidate_tensors(model: onnx.ModelProto, layers: dict[str, Layer]) -> list
 
 
 def _run_for_ranges(model: onnx.ModelProto, tensors: list[str], ctx: Context) -> dict[str, np.ndarray]:
-    """Run the IR3 model on the calibration inputs, returning the watched tensors."""
+    """Run the IR3 model on the calibration inputs, returning the watched tensors.
+
+    Each EIEDecode is replaced by the weight it decodes to, as an initializer: the same
+    model in plain ONNX, without handing VGG-sized weights through a Python op.
+    """
     from eiec.runtime.ops import make_session
 
     probe = _copy(model)
+    decoded = {}
+    for layer in find_layers(model):
+        dec = _decode_node(model, layer)
+        if dec is not None:
+            codebook = get_initializer(model, dec.input[3]).astype(np.float32)
+            decoded[dec.name] = numpy_helper.from_array(
+                codebook[_indices_of(model, dec, layer)].reshape(layer.shape), layer.weight)
+    kept = [n for n in probe.graph.node if n.name not in decoded]
+    probe.graph.ClearField("node")
+    probe.graph.node.extend(kept)
+    probe.graph.initializer.extend(decoded.values())
     have = {o.name for o in probe.graph.output}
     for t in tensors:
         if t not in have:
