@@ -1,7 +1,10 @@
 """Compile speed on VGG-16's FC stack (fc6 25088x4096, fc7 4096x4096, fc8 4096x1000; 120M weights).
 
-Runs the compiler's passes stage by stage on a canonical ONNX model held in memory and
-records wall seconds and peak resident memory per stage. Targets: < 60 s and < 4 GB.
+Runs the compiler's passes (prune, cluster, encode, lower) and the .eie write stage by
+stage on a canonical ONNX model held in memory, recording wall seconds and peak
+resident memory per stage. Targets: prune + cluster < 60 s, the whole compile < 90 s,
+all under 4 GB. Calibration-driven reconstruction is off here (its cost is measured by
+bench/compression.py); Q-format ranges come from 4 random post-ReLU-like inputs.
 Usage: python bench/compile_speed.py [--out bench/results/compile_speed.json]
 """
 
@@ -19,8 +22,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import tempfile
+
+from eiec.artifact import save_eie
 from eiec.ir import OPSET
 from eiec.passes.cluster import Cluster
+from eiec.passes.encode import Encode
+from eiec.passes.lower import Lower
 from eiec.passes.prune import Prune
 from eiec.passmanager import Context
 from eiec.recipe import parse_recipe
@@ -29,7 +37,7 @@ from eiec.recipe import parse_recipe
 FC_LAYERS = [("fc6", 25088, 4096, 0.04), ("fc7", 4096, 4096, 0.04), ("fc8", 4096, 1000, 0.23)]
 BITS = 4
 SEED = 0
-TARGET_SECONDS = 60.0
+TARGET_SECONDS = 90.0  # the whole compile; prune + cluster alone: 60 s
 TARGET_BYTES = 4 << 30
 
 Stage = tuple[str, Callable[[onnx.ModelProto, Context], onnx.ModelProto]]
@@ -54,18 +62,31 @@ def vgg_fc_model(seed: int = SEED) -> onnx.ModelProto:
             x = f"{name}_relu"
     graph = helper.make_graph(
         nodes, "vgg16_fc",
-        [helper.make_tensor_value_info("pool5_flat", TensorProto.FLOAT, [1, FC_LAYERS[0][1]])],
-        [helper.make_tensor_value_info(FC_LAYERS[-1][0], TensorProto.FLOAT, [1, FC_LAYERS[-1][2]])],
+        [helper.make_tensor_value_info("pool5_flat", TensorProto.FLOAT, ["N", FC_LAYERS[0][1]])],
+        [helper.make_tensor_value_info(FC_LAYERS[-1][0], TensorProto.FLOAT, ["N", FC_LAYERS[-1][2]])],
         inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-def stages() -> list[Stage]:
-    """The compile stages in order; later passes (encode, lower) are appended here."""
+def stages(out_dir: str) -> list[Stage]:
+    """The compile stages in order: the four passes, then writing the .eie."""
     def run_pass(p):
         return lambda model, ctx: p.run(model, ctx).model
 
-    return [("prune", run_pass(Prune())), ("cluster", run_pass(Cluster()))]
+    def emit(model, ctx):
+        save_eie(os.path.join(out_dir, "vgg_fc.eie"), model, ctx.artifacts["segments"], {"bench": True})
+        return model
+
+    return [("prune", run_pass(Prune())), ("cluster", run_pass(Cluster())),
+            ("encode", run_pass(Encode())), ("lower", run_pass(Lower())), ("write .eie", emit)]
+
+
+def calibration(seed: int = SEED, rows: int = 4) -> dict[str, np.ndarray]:
+    """Nonnegative inputs with ~60% zeros, like VGG's pool5 after ReLU."""
+    rng = np.random.default_rng(seed + 1)
+    x = rng.random((rows, FC_LAYERS[0][1]), dtype=np.float32)
+    x[rng.random(x.shape) < 0.6] = 0
+    return {"pool5_flat": x}
 
 
 def _reset_peak() -> bool:
@@ -92,15 +113,17 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "compile_speed.json"))
     args = ap.parse_args()
 
-    recipe = parse_recipe({"defaults": {"density": "keep", "bits": BITS},
+    recipe = parse_recipe({"defaults": {"density": "keep", "bits": BITS, "obs": False, "refit": False,
+                                        "bias_correction": False},
                            "layers": {name: {"density": d} for name, _, _, d in FC_LAYERS}})
-    ctx = Context(recipe=recipe, seed=SEED)
+    ctx = Context(recipe=recipe, seed=SEED, calibration=calibration())
+    tmp = tempfile.TemporaryDirectory()
     per_stage = _reset_peak()
     t0 = time.perf_counter()
     model = vgg_fc_model()
     rows = [{"stage": "build model (not compile)", "seconds": time.perf_counter() - t0,
              "peak_bytes": _peak_bytes(per_stage)}]
-    for name, fn in stages():
+    for name, fn in stages(tmp.name):
         per_stage = _reset_peak()
         t0 = time.perf_counter()
         model = fn(model, ctx)
@@ -114,6 +137,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['stage']:<28}{r['seconds']:>10.2f}{r['peak_bytes'] / 2**20:>14.0f}")
     print(f"{'compile total':<28}{total_s:>10.2f}{peak / 2**20:>14.0f}")
+    eie_bytes = os.path.getsize(os.path.join(tmp.name, "vgg_fc.eie"))
+    tmp.cleanup()
+    print(f".eie written: {eie_bytes / 2**20:.1f} MiB")
     ok = total_s < TARGET_SECONDS and peak < TARGET_BYTES
     print(f"targets: < {TARGET_SECONDS:.0f} s and < {TARGET_BYTES >> 30} GiB: {'met' if ok else 'MISSED'}")
 
@@ -126,6 +152,8 @@ def main() -> None:
                            "process peak RSS so far: resource.getrusage(RUSAGE_SELF).ru_maxrss"),
         "stages": rows,
         "compile_seconds": total_s,
+        "eie_bytes": eie_bytes,
+        "command": "python bench/compile_speed.py",
         "compile_peak_bytes": peak,
         "process_peak_bytes": process_peak,
         "targets": {"seconds": TARGET_SECONDS, "peak_bytes": TARGET_BYTES, "met": ok},

@@ -209,7 +209,10 @@ def _run_for_ranges(model: onnx.ModelProto, tensors: list[str], ctx: Context) ->
     kept = [n for n in probe.graph.node if n.name not in decoded]
     probe.graph.ClearField("node")
     probe.graph.node.extend(kept)
-    probe.graph.initializer.extend(decoded.values())
+    used = {t for n in kept for t in n.input}
+    inits = [t for t in probe.graph.initializer if t.name in used] + list(decoded.values())
+    probe.graph.ClearField("initializer")
+    probe.graph.initializer.extend(inits)
     have = {o.name for o in probe.graph.output}
     for t in tensors:
         if t not in have:
