@@ -10,7 +10,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# a regular (non-editable) install, as users get it; reinstalled when any source changes
+SOURCES := $(shell find compiler passes runtime -name '*.py') pyproject.toml
+
+$(VENV)/.installed: $(BIN)/python $(SOURCES)
+	$(BIN)/pip install --quiet --force-reinstall --no-deps .
 	$(BIN)/pip install --quiet ".[test]"
 	touch $@
 
