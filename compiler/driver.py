@@ -84,12 +84,13 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
     ctx = Context(recipe=recipe, seed=seed, calibration=inputs, labels=labels,
                   calibration_is_random=is_random, progress=progress)
     records: list[PassRecord] = []
-    if dump_dir is not None:
-        _dump(dump_dir, 0, "import", model, {"layers": [
-            {"name": l.name, "kind": l.kind, "shape": list(l.shape)} for l in find_layers(model)]})
     original_bytes = _param_bytes(model)  # before the passes rewrite the weights
     layers_ir0 = find_layers(model)
     chosen_path = _resolve_auto(model, ctx, out_path, progress, notes)
+    if dump_dir is not None:  # step 0 is the import plus the automatic choices made on it
+        _dump(dump_dir, 0, "import", model, {
+            "layers": [{"name": l.name, "kind": l.kind, "shape": list(l.shape)} for l in layers_ir0],
+            **{k: ctx.artifacts[k] for k in ("sensitivity", "auto") if k in ctx.artifacts}})
     manager = PassManager(default_passes(), dump_dir, on_pass=lambda r: progress(
         f"pass {r.index} {r.name}: {r.seconds:.2f} s"), save_model=_save_onnx)
     ir4 = manager.run(model, ctx, start_index=1)
@@ -101,27 +102,78 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
 
 def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
                   progress: Callable[[str], None], notes: list[str]) -> str | None:
-    """Pick density/bits for layers left on `auto`; write the chosen recipe beside the output."""
+    """Pick density/bits for layers left on `auto`; write the chosen recipe beside the output.
+
+    The search measures every candidate with the reconstruction the prune and cluster
+    passes will apply (each layer's obs / refit / bias_correction, on the same captured
+    layer inputs), and compresses every layer the passes compress (fixed ones pinned),
+    so the budget it verified on the calibration set holds for the compiled model.
+    The sensitivity scan and the search's probes go to ctx.artifacts["sensitivity"]
+    and ["auto"] (the manifest and the 0_import.json dump carry them).
+    """
     layers = find_layers(model)
     wanted = {l.name: ctx.recipe.for_layer(l.name, l.weight) for l in layers}
+    ctx.artifacts["layer_recipes"] = wanted
     auto = [l for l in layers if not wanted[l.name].skip and "auto" in (wanted[l.name].density, wanted[l.name].bits)]
     if not auto:
-        ctx.artifacts["layer_recipes"] = wanted
         return None
-    from eiec.passes.calibrate import auto_recipe
+    from eiec.passes.calibrate import (Steps, auto_recipe, context_layer_inputs, plain_compress,
+                                       reconstructing_compress)
 
-    chosen = auto_recipe(model, auto, ctx.calibration, ctx.labels, ctx.recipe, fixed=wanted,
-                         progress=progress, seed=ctx.seed)
+    seen: set[str] = set()
+    compressed = []  # every layer the passes compress, once per weight (shared weights follow the first)
+    for l in layers:
+        if not wanted[l.name].skip and l.weight not in seen:
+            seen.add(l.weight)
+            compressed.append(l)
+    fixed = {l.name: (None if wanted[l.name].density == "auto" else
+                      1.0 if wanted[l.name].density == "keep" else float(wanted[l.name].density),
+                      None if wanted[l.name].bits == "auto" else int(wanted[l.name].bits)) for l in compressed}
+    steps = {l.name: Steps(wanted[l.name].obs, wanted[l.name].refit, wanted[l.name].bias_correction)
+             for l in compressed}
+    compress = plain_compress
+    if any(st.obs or st.refit or st.bias_correction for st in steps.values()):
+        progress("auto: capturing layer inputs on the calibration data")
+        layer_inputs = context_layer_inputs(model, compressed, ctx.calibration, ctx.artifacts, ctx.seed)
+        compress = reconstructing_compress(layer_inputs, steps=steps)
+    if ctx.labels is not None:
+        metric, budget = "accuracy", ctx.recipe.max_accuracy_drop
+    else:
+        metric, budget = "error", ctx.recipe.max_output_error
+    report: dict[str, Any] = {}
+    try:
+        chosen = auto_recipe(model, compressed, ctx.calibration, ctx.labels, budget, metric=metric,
+                             target=ctx.target, fixed=fixed, compress=compress, progress=progress,
+                             report=report)
+    except RecipeError as e:
+        raise RecipeError(e.path or ctx.recipe.path, e.reason) from None
     for l in auto:
         density, bits = chosen[l.name]
         lr = wanted[l.name]
         wanted[l.name] = dataclasses.replace(
             lr, density=density if lr.density == "auto" else lr.density, bits=bits if lr.bits == "auto" else lr.bits)
     ctx.artifacts["layer_recipes"] = wanted
+    ctx.artifacts["sensitivity"] = {
+        name: {"density": {_key(d): sc.error for d, sc in s.density.items()},
+               "bits": {_key(b): sc.error for b, sc in s.bits.items()},
+               **({"density_accuracy_lost": {_key(d): sc.accuracy_lost for d, sc in s.density.items()},
+                   "bits_accuracy_lost": {_key(b): sc.accuracy_lost for b, sc in s.bits.items()}}
+                  if ctx.labels is not None else {})}
+        for name, s in report["sensitivity"].items()}
+    ctx.artifacts["auto"] = {
+        "metric": metric, "budget": budget, "calibration": "random" if ctx.calibration_is_random else "file",
+        "path_length": report["path_length"], "chosen_step": report.get("chosen_step"),
+        "probes": [{"step": i, metric: v, "error": e} for i, v, e in report["probes"]],
+        "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}
     recipe_out = os.path.splitext(out_path)[0] + ".recipe.yaml"
     _write_text_atomic(recipe_out, dump_recipe(ctx.recipe, wanted))
     notes.append(f"automatic recipe written to {recipe_out} (edit it and pass it back with --config)")
     return recipe_out
+
+
+def _key(v: float | int) -> str:
+    """A scan setting as a JSON object key: 0.05 -> "0.05", 4 -> "4"."""
+    return f"{v:g}"
 
 
 def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: Context,
@@ -154,7 +206,9 @@ def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: C
             entry.update({"on_host": True})
         layers.append(entry)
     lower = stats.get("lower", {})
+    auto = {k: ctx.artifacts[k] for k in ("sensitivity", "auto") if k in ctx.artifacts}
     return {
+        **auto,
         "seed": seed,
         "target": ctx.target.as_dict(),
         "inputs": [i.name for i in ir4.graph.input],

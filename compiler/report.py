@@ -66,16 +66,29 @@ def size_table(m: dict[str, Any]) -> str:
 
 
 def sensitivity_table(m: dict[str, Any]) -> str:
+    """The scan behind `auto`: per layer and setting, the model's degradation with only that
+    layer compressed (density: pruning alone; bits: weight sharing alone), reconstruction on."""
     sens = m.get("sensitivity")
     if not sens:
         return "no sensitivity scan stored (the recipe fixed every layer's density and bits)"
+    labels = any(f"{kind}_accuracy_lost" in s for s in sens.values() for kind in ("density", "bits"))
     rows = []
     for name, s in sens.items():
         for kind in ("density", "bits"):
+            lost = s.get(f"{kind}_accuracy_lost", {})
             for v, err in s.get(kind, {}).items():
-                rows.append([name, kind, str(v), f"{err:.4f}"])
-    return "sensitivity (relative output error with only this layer compressed):\n" + _table(
-        ["layer", "knob", "value", "error"], rows)
+                row = [name, kind, str(v), f"{err:.4f}"]
+                if labels:
+                    row.append("-" if lost.get(v) is None else f"{lost[v]:.2f}")
+                rows.append(row)
+    header = ["layer", "knob", "value", "output error"] + (["accuracy lost"] if labels else [])
+    auto = m.get("auto")
+    tail = ""
+    if auto:
+        tail = (f"\nauto: budget {auto['budget']:g} ({auto['metric']}, {auto['calibration']} calibration), "
+                f"step {auto['chosen_step']} of {auto['path_length'] - 1} chosen after {len(auto['probes'])} probes")
+    return ("sensitivity (relative output error, and top-1 points lost with labels, with only this layer "
+            "compressed):\n" + _table(header, rows) + tail)
 
 
 def cycle_table(r: dict[str, Any]) -> str:

@@ -7,7 +7,6 @@ runs, so the recipe returned is one that was measured within budget.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -228,15 +227,21 @@ def im2col(
 
 
 def capture_layer_inputs(
-    model: onnx.ModelProto, layers: list[Layer], inputs: dict[str, np.ndarray], max_rows: int = 20000, seed: int = 0
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    inputs: dict[str, np.ndarray],
+    max_rows: int = 20000,
+    seed: int = 0,
+    max_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Each layer's inputs on the calibration data, as the rows its weight matrix multiplies.
 
     One onnxruntime run with every layer's input tensor (node.input[0]) added as a
     graph output. FC: X [n, in]. Conv: im2col patches, [n, in/g*kh*kw] when g = 1,
     else [g, n, in/g*kh*kw] (the per-group form every `reconstruct` function takes).
-    At most max_rows rows, picked uniformly without replacement (seeded) and kept in
-    order. Memory: all layers' rows at once (float32).
+    At most max_rows rows (and, with max_bytes, at most max_bytes of float32 rows per
+    layer), picked uniformly without replacement (seeded) and kept in order.
+    Memory: all layers' rows at once (float32).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -255,15 +260,69 @@ def capture_layer_inputs(
     out: dict[str, np.ndarray] = {}
     for layer in layers:
         x = np.asarray(values[layer.node.input[0]])
+        cols = int(np.prod(layer.shape[1:])) * (int(layer.attr("group", 1)) if layer.kind == "conv" else 1)
+        rows = max_rows if max_bytes is None else min(max_rows, max(1, max_bytes // (4 * max(cols, 1))))
         if layer.kind == "fc":
             x = x.reshape(x.shape[0], -1)
-            out[layer.name] = x[_pick(x.shape[0], max_rows, rng)]
+            out[layer.name] = x[_pick(x.shape[0], rows, rng)]
         else:
             p = conv_params(layer)
             Ho, Wo = conv_output_hw(x.shape[2:], p["kernel"], p["pads"], p["strides"], p["dilations"])
-            cols = im2col(x, rows=_pick(x.shape[0] * Ho * Wo, max_rows, rng), **p)
-            out[layer.name] = cols[0] if p["group"] == 1 else cols
+            patches = im2col(x, rows=_pick(x.shape[0] * Ho * Wo, rows, rng), **p)
+            out[layer.name] = patches[0] if p["group"] == 1 else patches
     return out
+
+
+class LayerInputs:
+    """Captured layer inputs with their Hessians and means, each computed once on demand.
+
+    `hessian` is None for a layer wider than `reconstruct.MAX_HESSIAN_INPUTS` inputs
+    (per group): its H would not fit in memory, so it gets no OBS and no layer-error
+    stats, and its codebook refit goes through the rows X instead.
+    """
+
+    def __init__(self, rows: dict[str, np.ndarray]):
+        self.rows = rows
+        self._hessian: dict[str, np.ndarray | None] = {}
+        self._mean: dict[str, np.ndarray] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.rows
+
+    def X(self, name: str) -> np.ndarray:
+        return self.rows[name]
+
+    def hessian(self, name: str) -> np.ndarray | None:
+        if name not in self._hessian:
+            X = self.rows[name]
+            self._hessian[name] = reconstruct.layer_hessian(X) if X.shape[-1] <= reconstruct.MAX_HESSIAN_INPUTS else None
+        return self._hessian[name]
+
+    def mean(self, name: str) -> np.ndarray:
+        if name not in self._mean:
+            self._mean[name] = reconstruct.input_mean(self.rows[name])
+        return self._mean[name]
+
+
+# Rows per layer the passes and the auto search reconstruct from, and their memory cap.
+CAPTURE_ROWS = 8192
+CAPTURE_BYTES = 256 << 20
+
+
+def context_layer_inputs(model: onnx.ModelProto, layers: list[Layer], calibration: dict[str, np.ndarray],
+                         artifacts: dict, seed: int = 0) -> LayerInputs:
+    """The compile's one capture of every layer's inputs, kept in `artifacts["layer_inputs"]`.
+
+    Captured on the model first asked about (the driver asks on IR0, before any layer is
+    compressed), so the auto search and the prune and cluster passes see the same rows.
+    """
+    cached = artifacts.get("layer_inputs")
+    missing = [l for l in layers if cached is None or l.name not in cached]
+    if cached is None:
+        cached = artifacts["layer_inputs"] = LayerInputs({})
+    if missing:
+        cached.rows.update(capture_layer_inputs(model, missing, calibration, CAPTURE_ROWS, seed, CAPTURE_BYTES))
+    return cached
 
 
 def _pick(n: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -289,38 +348,53 @@ def plain_compress(layer: Layer, w: np.ndarray, b: np.ndarray, density: float, b
     return W.reshape(w.shape).astype(w.dtype), b
 
 
+@dataclass(frozen=True)
+class Steps:
+    """Which reconstruction steps a layer gets (the recipe's obs / refit / bias_correction)."""
+
+    obs: bool = True
+    refit: bool = True
+    bias_correction: bool = True
+
+
 def reconstructing_compress(
-    layer_inputs: dict[str, np.ndarray], obs: bool = True, refit: bool = True, bias_correction: bool = True
+    layer_inputs: dict[str, np.ndarray] | LayerInputs,
+    obs: bool = True,
+    refit: bool = True,
+    bias_correction: bool = True,
+    steps: dict[str, Steps] | None = None,
 ) -> Compress:
     """Deep Compression without retraining: OBS pruning, k-means, codebook refit, bias correction.
 
-    layer_inputs is `capture_layer_inputs`' result; layers missing from it get
-    `plain_compress`. Each layer's Hessian is computed once and cached.
+    layer_inputs is `capture_layer_inputs`' result (or a `LayerInputs`); layers missing
+    from it get `plain_compress`. `steps` overrides obs/refit/bias_correction per layer
+    name. The prune and cluster passes apply exactly these steps in this order, so a
+    recipe measured with this function is the model they compile. Each layer's Hessian
+    is computed once. density "keep" (or 1.0) prunes nothing.
     """
     from eiec.passes.cluster import quantize_weights
-    from eiec.passes.prune import magnitude_mask
 
-    @functools.lru_cache(maxsize=None)
-    def hessian(name: str) -> tuple[np.ndarray, np.ndarray]:
-        X = layer_inputs[name]
-        return reconstruct.layer_hessian(X), reconstruct.input_mean(X)
+    li = layer_inputs if isinstance(layer_inputs, LayerInputs) else LayerInputs(layer_inputs)
+    default = Steps(obs, refit, bias_correction)
+    steps = steps or {}
 
-    def compress(layer: Layer, w: np.ndarray, b: np.ndarray, density: float, bits: int | None):
-        if layer.name not in layer_inputs:
-            return plain_compress(layer, w, b, density, bits)
-        H, mean_x = hessian(layer.name)
+    def compress(layer: Layer, w: np.ndarray, b: np.ndarray, density: float | str, bits: int | None):
+        if layer.name not in li:
+            return plain_compress(layer, w, b, 1.0 if density == "keep" else density, bits)
+        st = steps.get(layer.name, default)
+        H = li.hessian(layer.name)
         W_ref = matrix_view(w).astype(np.float64)
         W = W_ref
-        if density < 1:
-            W = reconstruct.obs_prune(W_ref, H, density) if obs else np.where(magnitude_mask(W_ref, density), W_ref, 0.0)
+        if density != "keep" and density < 1:
+            W = reconstruct.prune_matrix(W_ref, float(density), H if st.obs else None)
         if bits is not None:
             codebook, indices = quantize_weights(W.astype(w.dtype), bits)
-            if refit:
-                codebook = reconstruct.refit_codebook(W_ref, indices, codebook, H, X=layer_inputs[layer.name])
+            if st.refit:
+                codebook = reconstruct.refit_codebook(W_ref, indices, codebook, H, X=li.X(layer.name))
             W = np.asarray(codebook, dtype=np.float64)[indices]
         b_new = b
-        if bias_correction:
-            b_new = (b + reconstruct.bias_correction(W_ref, W, mean_x)).astype(b.dtype)
+        if st.bias_correction:
+            b_new = (b + reconstruct.bias_correction(W_ref, W, li.mean(layer.name))).astype(b.dtype)
         return W.reshape(w.shape).astype(w.dtype), b_new
 
     return compress
@@ -334,7 +408,10 @@ class Score:
     """A model's outputs against the original on the calibration set."""
 
     error: float  # ||y - y_ref|| / ||y_ref|| over all outputs
-    accuracy_drop: float | None = None  # accuracy points (percent) lost, with labels
+    accuracy_drop: float | None = None  # accuracy points (percent) lost, net, with labels
+    # points of the rows the original got right and this model gets wrong: gains on other
+    # rows do not offset them, so this bounds the drop from above (what `auto` budgets)
+    accuracy_lost: float | None = None
 
 
 class Evaluator:
@@ -365,7 +442,8 @@ class Evaluator:
         self.session = _session(m)
         self.output_names = [o.name for o in m.graph.output]
         self.reference = self.run({})
-        self.reference_accuracy = None if labels is None else self._accuracy(self.reference)
+        self.reference_correct = None if labels is None else self._correct(self.reference)
+        self.reference_accuracy = None if labels is None else 100.0 * float(np.mean(self.reference_correct))
 
     def run(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
         n = next(iter(self.inputs.values())).shape[0]
@@ -377,10 +455,16 @@ class Evaluator:
         ]
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]
 
-    def _accuracy(self, outputs: list[np.ndarray]) -> float:
+    def _correct(self, outputs: list[np.ndarray]) -> np.ndarray:
+        """Per row, is the first output's top-1 right: its argmax, or its value when it is an
+        integer label per row (skl2onnx classifiers put `label` before `probabilities`)."""
         y = outputs[0]
-        pred = y.reshape(y.shape[0], -1).argmax(axis=1)
-        return 100.0 * float(np.mean(pred == self.labels))
+        flat = y.reshape(y.shape[0], -1)
+        if np.issubdtype(y.dtype, np.integer) and flat.shape[1] == 1:
+            pred = flat[:, 0]
+        else:
+            pred = flat.argmax(axis=1)
+        return pred == self.labels
 
     def score_outputs(self, outputs: list[np.ndarray]) -> Score:
         pairs = [(np.asarray(y, np.float64), np.asarray(r, np.float64))
@@ -388,8 +472,12 @@ class Evaluator:
         num = sum(float(np.sum((y - r) ** 2)) for y, r in pairs)
         den = sum(float(np.sum(r**2)) for _, r in pairs)
         error = float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
-        drop = None if self.labels is None else self.reference_accuracy - self._accuracy(outputs)
-        return Score(error, drop)
+        if self.labels is None:
+            return Score(error)
+        correct = self._correct(outputs)
+        drop = self.reference_accuracy - 100.0 * float(np.mean(correct))
+        lost = 100.0 * float(np.mean(self.reference_correct & ~correct))
+        return Score(error, drop, lost)
 
     def score(self, choices: dict[str, Choice | tuple[float, int | None]], compress: Compress) -> Score:
         """The model with every layer in `choices` compressed to its (density, bits)."""
@@ -435,7 +523,7 @@ def sensitivity(
     calibration set in one onnxruntime session (density 1.0 is free: score 0).
     """
     ev = evaluator or Evaluator(model, layers, inputs, labels)
-    zero = Score(0.0, None if labels is None else 0.0)
+    zero = Score(0.0) if labels is None else Score(0.0, 0.0, 0.0)
     result = {}
     for i, layer in enumerate(layers):
         s = LayerSensitivity(layer.name, int(np.prod(layer.shape)))
@@ -539,16 +627,20 @@ def auto_recipe(
     fixed: dict[str, tuple[float | None, int | None]] | None = None,
     compress: Compress = plain_compress,
     progress: Progress = lambda msg: None,
+    report: dict | None = None,
 ) -> dict[str, Choice]:
     """Per-layer (density, bits) for `layers`, verified on the calibration set to fit `budget`.
 
-    metric: "accuracy" (budget in accuracy points lost; needs labels) or "error"
+    metric: "accuracy" (budget in accuracy points lost, `Score.accuracy_lost`: rows the
+    original got right that go wrong, not offset by rows that go right; needs labels) or "error"
     (relative output error); default accuracy when labels are given. Steps: the
     sensitivity scan, `recipe_path`, then a binary search along the path where every
     probe compresses all layers with `compress` and runs the model; the result is
     the most compressed probe that measured within budget. Pass the compress function
     the passes use, so the guarantee holds for the compiled model. Raises RecipeError
     if even the mildest recipe exceeds the budget.
+    `report`, when given, receives "sensitivity" (the scan), "metric", "budget",
+    "path_length", "probes" (step, value) and "chosen_step".
     Cost: the scan plus ~log2(len(path)) + 1 forward passes.
     """
     metric = metric or ("accuracy" if labels is not None else "error")
@@ -560,12 +652,21 @@ def auto_recipe(
     ev = Evaluator(model, layers, inputs, labels)
     sens = sensitivity(model, layers, inputs, labels, densities, bits, compress, progress, ev)
     path = recipe_path(sens, target, fixed)
+    probes: list[tuple[int, float, float]] = []  # (step, value, relative output error)
+    if report is not None:
+        report.update(sensitivity=sens, metric=metric, budget=budget, path_length=len(path), probes=probes)
 
     def fits(i: int) -> bool:
         s = ev.score(path[i], compress)
-        value = s.accuracy_drop if metric == "accuracy" else s.error
+        value = s.accuracy_lost if metric == "accuracy" else s.error
+        probes.append((i, value, s.error))
         progress(f"auto: step {i}/{len(path) - 1} {metric} {value:.4f} (budget {budget:g})")
         return value <= budget
+
+    def done(i: int) -> dict[str, Choice]:
+        if report is not None:
+            report["chosen_step"] = i
+        return path[i]
 
     lo, hi = 0, len(path) - 1
     if not fits(lo):
@@ -575,7 +676,7 @@ def auto_recipe(
             "raise the budget or fix density/bits per layer",
         )
     if fits(hi):
-        return path[hi]
+        return done(hi)
     hi -= 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -583,4 +684,4 @@ def auto_recipe(
             lo = mid
         else:
             hi = mid - 1
-    return path[lo]
+    return done(lo)

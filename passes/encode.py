@@ -147,23 +147,76 @@ def image_from_streams(entries: np.ndarray, pe_start: np.ndarray, col_ptr: np.nd
                        np.asarray(pe_start, np.int64).ravel(), col_ptr)
 
 
-def layer_storage(img: SparseImage, codebook_len: int, n_bias: int, target: Target) -> dict[str, int]:
-    """Bytes a layer takes, by component: fixed-width (as the SRAMs hold it) and Huffman-coded.
+def _count_symbols(counts: np.ndarray) -> np.ndarray:
+    """Per-column entry counts as byte symbols: c -> (c // 255) x 255, then c % 255."""
+    counts = np.asarray(counts, np.int64)
+    n = counts // 255 + 1
+    out = np.full(int(n.sum()), 255, np.uint8)
+    out[np.cumsum(n) - 1] = counts % 255
+    return out
 
-    Compression ratios count everything (Deep Compression): entries, pointers, codebook, bias.
+
+def _counts_from_symbols(symbols: np.ndarray) -> np.ndarray:
+    """The inverse of `_count_symbols`."""
+    symbols = np.asarray(symbols, np.uint8)
+    ends = np.flatnonzero(symbols != 255)
+    runs = np.diff(np.concatenate([[-1], ends])) - 1  # 255s before each final symbol
+    return runs * 255 + symbols[ends].astype(np.int64)
+
+
+def storage_streams(indices: np.ndarray, weight_bits: int = 4, rel_bits: int = 4) -> dict[str, huffman.HuffmanStream]:
+    """Deep Compression's storage form of an index matrix: one CSC stream, Huffman-coded.
+
+    The whole matrix as one CSC stream (`encode_matrix` with pes = 1: the relative index
+    runs over the whole column, padding entries bridge longer gaps), its code and rel
+    streams and its per-column entry counts each Huffman-coded with their own table.
+    Every per-PE hardware image follows from it (decode, then `encode_matrix`), so disk
+    and transfer need no per-PE column pointers.
+    """
+    img = encode_matrix(matrix_view(np.asarray(indices)), 1, weight_bits, rel_bits)
+    return {"code": huffman.encode(img.code), "rel": huffman.encode(img.rel),
+            "col_count": huffman.encode(_count_symbols(img.col_entries()[0]))}
+
+
+def decode_storage_streams(streams: dict[str, huffman.HuffmanStream], rows: int, weight_bits: int = 4,
+                           rel_bits: int = 4) -> np.ndarray:
+    """The uint8 [rows, cols] index matrix `storage_streams` stored."""
+    code, rel = huffman.decode(streams["code"]), huffman.decode(streams["rel"])
+    counts = _counts_from_symbols(huffman.decode(streams["col_count"]))
+    col_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    if code.size != rel.size or col_ptr[-1] != code.size:
+        raise FormatError(None, "storage form: column counts do not match the entries")
+    img = SparseImage(rows, counts.size, 1, weight_bits, rel_bits, code, rel,
+                      np.array([0, code.size], np.int64), col_ptr[None])
+    return decode_image(img)
+
+
+def layer_storage(img: SparseImage, codebook_len: int, n_bias: int, target: Target,
+                  indices: np.ndarray | None = None) -> dict[str, int]:
+    """Bytes a layer takes, by component, in two forms. Ratios count everything (Deep
+    Compression): entries, pointers or counts, codebook, bias.
+
+    bytes_fixed: the hardware form, as the PE SRAMs hold it: per PE, one-byte entries in
+    whole 64-bit lines, plus pes x (cols + 1) column pointers of ptr_bits.
+    bytes_huffman: the storage form (`storage_streams`), Deep Compression's file on disk:
+    one CSC stream over the whole matrix, code, rel and per-column counts Huffman-coded
+    (tables and headers included). `indices` (the layer's index matrix) saves decoding img.
     """
     lines = -(-img.entries_per_pe // LINE_BYTES)
     spmat = int(lines.sum()) * LINE_BYTES
     col_ptr = -(-img.pes * (img.cols + 1) * target.ptr_bits // 8)
     codebook = -(-codebook_len * target.codebook_bits // 8)
     bias = 4 * n_bias
-    code_huffman = huffman.encode(img.code).nbytes
-    rel_huffman = huffman.encode(img.rel).nbytes
-    shared = col_ptr + codebook + bias
+    if indices is None:
+        indices = decode_image(img)
+    streams = storage_streams(indices, img.weight_bits, img.rel_bits)
+    code_huffman, rel_huffman, count_huffman = (streams[k].nbytes for k in ("code", "rel", "col_count"))
     return {
         "spmat": spmat, "col_ptr": col_ptr, "codebook": codebook, "bias": bias,
-        "code_huffman": code_huffman, "rel_huffman": rel_huffman,
-        "bytes_fixed": spmat + shared, "bytes_huffman": code_huffman + rel_huffman + shared,
+        "code_huffman": code_huffman, "rel_huffman": rel_huffman, "col_count_huffman": count_huffman,
+        "storage_entries": streams["code"].n_symbols,
+        "bytes_fixed": spmat + col_ptr + codebook + bias,
+        "bytes_huffman": code_huffman + rel_huffman + count_huffman + codebook + bias,
         "bytes_dense": 4 * (img.rows * img.cols + n_bias),
     }
 

@@ -1,7 +1,8 @@
-"""Deep Compression step 1: magnitude pruning (IR0 -> IR1).
+"""Deep Compression step 1: pruning (IR0 -> IR1), by magnitude or OBS-style with calibration data.
 
-Per layer, keep the `density` fraction of W's elements with the largest |w| and set
-the rest to exact zeros. Biases stay dense; "keep" layers and skipped layers are untouched.
+Per layer, keep the `density` fraction of W's elements and set the rest to exact zeros:
+by |w|, or (recipe `obs: true` and calibration inputs) by second-order saliency with the
+kept weights updated to compensate (`reconstruct.obs_prune`). Biases stay dense.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import onnx
 
 from eiec.errors import ModelError, RecipeError
-from eiec.ir import Layer, find_layers, get_initializer, initializer_map, set_initializer
+from eiec.ir import Layer, find_layers, get_initializer, initializer_map, matrix_view, set_initializer
 from eiec.passmanager import Context, PassResult
 
 
@@ -46,7 +47,15 @@ def _density(w: np.ndarray) -> float:
 
 
 class Prune:
-    """Magnitude pruning to each layer's recipe density."""
+    """Pruning to each layer's recipe density; OBS-style when the recipe and calibration allow.
+
+    With calibration inputs (ctx.calibration) the pass captures every layer's inputs once
+    (`calibrate.context_layer_inputs`, shared with the auto search and the cluster pass) and
+    keeps each layer's dense IR0 weight in ctx.artifacts["dense_weights"] for the cluster
+    pass's codebook refit and bias correction. Stats per layer: layer_error_magnitude and
+    layer_error_obs (relative output MSE on the calibration rows, `reconstruct.layer_error`)
+    and `method`, the one kept.
+    """
 
     name = "prune"
 
@@ -54,7 +63,7 @@ class Prune:
         inits = initializer_map(model)
         layer_stats: list[dict[str, Any]] = []
         done: dict[str, str] = {}  # weight name -> layer that pruned it (shared weights)
-        changed = False
+        todo: list[tuple[int, Layer, Any]] = []  # (slot in layer_stats, layer, its recipe)
         for layer in find_layers(model):
             lr = ctx.layer_recipe(layer)
             if lr.skip:
@@ -70,18 +79,36 @@ class Prune:
             if layer.weight not in inits:
                 raise ModelError(None, f"layer {layer.name}: weight {layer.weight} is not an "
                                  "initializer (prune runs on IR0, before cluster)")
-            ctx.progress(f"prune {layer.name}")
             done[layer.weight] = layer.name
-            layer_stats.append(self._prune_layer(model, layer, lr.density))
-            changed = changed or layer_stats[-1]["action"] == "prune"
+            todo.append((len(layer_stats), layer, lr))
+            layer_stats.append({})  # filled below, once the layer inputs are captured
+        layer_inputs = None
+        wants = [l for _, l, lr in todo if lr.obs or lr.refit or lr.bias_correction]
+        if ctx.calibration is not None and wants:
+            from eiec.passes.calibrate import context_layer_inputs
+
+            ctx.progress("prune: capturing layer inputs on the calibration data")
+            layer_inputs = context_layer_inputs(model, wants, ctx.calibration, ctx.artifacts, ctx.seed)
+        dense = ctx.artifacts.setdefault("dense_weights", {})
+        for slot, layer, lr in todo:
+            ctx.progress(f"prune {layer.name}")
+            w = get_initializer(model, layer.weight)
+            if layer_inputs is not None and layer.name in layer_inputs and (lr.refit or lr.bias_correction):
+                dense[layer.name] = w  # the cluster pass refits against the unpruned weights
+            H = layer_inputs.hessian(layer.name) if layer_inputs is not None and layer.name in layer_inputs else None
+            layer_stats[slot] = self._prune_layer(model, layer, lr.density, H, lr.obs)
+        changed = any(s.get("action") == "prune" for s in layer_stats)
         total = sum(s.get("weights", 0) for s in layer_stats)
         nonzero = sum(s.get("nonzero", 0) for s in layer_stats)
         stats = {"layers": layer_stats, "weights": total,
-                 "density": nonzero / total if total else 0.0}
+                 "density": nonzero / total if total else 0.0,
+                 "calibration": "none" if ctx.calibration is None else
+                                ("random" if ctx.calibration_is_random else "file")}
         return PassResult(model, stats, changed)
 
     @staticmethod
-    def _prune_layer(model: onnx.ModelProto, layer: Layer, density: float | str) -> dict[str, Any]:
+    def _prune_layer(model: onnx.ModelProto, layer: Layer, density: float | str,
+                     H: np.ndarray | None = None, obs: bool = False) -> dict[str, Any]:
         w = get_initializer(model, layer.weight)
         if w.dtype != np.float32:
             raise ModelError(None, f"layer {layer.name}: weight {layer.weight} is {w.dtype}, "
@@ -99,9 +126,22 @@ class Prune:
         mask = magnitude_mask(w, float(density))
         kept = int(np.count_nonzero(mask))
         threshold = float(np.abs(w[mask]).min())
-        w = np.where(mask, w, np.float32(0))
-        set_initializer(model, layer.weight, w)
-        nonzero = int(np.count_nonzero(w))
-        stats.update(action="prune", density_after=nonzero / w.size, kept=kept, nonzero=nonzero,
-                     threshold=threshold)
+        w_mag = np.where(mask, w, np.float32(0))
+        w_new, method = w_mag, "magnitude"
+        if H is not None:
+            from . import reconstruct  # imports magnitude_mask from this module
+
+            W_ref = matrix_view(w).astype(np.float64)
+            stats["layer_error_magnitude"] = reconstruct.layer_error(W_ref, matrix_view(w_mag), H)
+            if obs:
+                # the same call as calibrate.reconstructing_compress, so auto's measurements hold
+                w_obs = reconstruct.prune_matrix(W_ref, float(density), H).astype(np.float32).reshape(w.shape)
+                stats["layer_error_obs"] = reconstruct.layer_error(W_ref, matrix_view(w_obs), H)
+                if not np.array_equal(w_obs, w_mag):
+                    w_new, method = w_obs, "obs"
+            stats["layer_error"] = reconstruct.layer_error(W_ref, matrix_view(w_new), H)
+        set_initializer(model, layer.weight, w_new)
+        nonzero = int(np.count_nonzero(w_new))
+        stats.update(action="prune", method=method, density_after=nonzero / w.size, kept=kept,
+                     nonzero=nonzero, threshold=threshold)
         return stats

@@ -19,6 +19,11 @@ import scipy.sparse as sp
 from eiec.passes.prune import magnitude_mask
 
 
+# Widest layer input (per group) that gets a Hessian: H and the ~5 work copies OBS makes
+# of it are in^2 float64 each, 128 MB at 4096. Wider layers: no OBS, refit through X.
+MAX_HESSIAN_INPUTS = 4096
+
+
 def layer_hessian(X: np.ndarray) -> np.ndarray:
     """H = X^T X / n of the layer inputs X [n, in] (or per group: [g, n, in_g] -> [g, in_g, in_g])."""
     X = np.asarray(X, dtype=np.float64)
@@ -161,11 +166,31 @@ def obs_prune(W: np.ndarray, H: np.ndarray, density: float, block: int = 16, dam
     return W_obs.astype(W.dtype, copy=False)
 
 
-def layer_error(W_ref: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
-    """Relative output MSE on calibration data: tr(E H E^T) / tr(W_ref H W_ref^T), E = W_ref - W_new."""
+def prune_matrix(W: np.ndarray, density: float, H: np.ndarray | None = None) -> np.ndarray:
+    """W pruned to `density`: `obs_prune` with the input Hessian H, magnitude pruning without."""
+    if H is not None:
+        return obs_prune(W, H, density)
+    W = np.asarray(W)
+    return np.where(magnitude_mask(W, density), W, 0).astype(W.dtype, copy=False)
+
+
+def layer_error(W_ref: np.ndarray, W_new: np.ndarray, H: np.ndarray,
+                mean_x: np.ndarray | None = None, delta_b: np.ndarray | None = None) -> float:
+    """Relative output MSE on calibration data: tr(E H E^T) / tr(W_ref H W_ref^T), E = W_ref - W_new.
+
+    With a bias change delta_b [out] (and the mean input mean_x), the error is that of the
+    whole affine output, y_new - y_ref = -(E x) + delta_b per row:
+    tr(E H E^T) - 2 delta_b . (E mean_x) + |delta_b|^2 (same denominator). After
+    `bias_correction` (delta_b = E mean_x) that is tr(E H E^T) - |E mean_x|^2.
+    """
     Wr, Hg = _grouped(W_ref, H)
     E = Wr - np.asarray(W_new, dtype=np.float64).reshape(Wr.shape)
     num = float(np.sum((E @ Hg) * E))
+    if delta_b is not None:
+        m = np.asarray(mean_x, dtype=np.float64).reshape(Hg.shape[0], 1, -1)
+        Em = np.sum(E * m, axis=-1).reshape(-1)  # E mean_x, [out]
+        db = np.asarray(delta_b, dtype=np.float64).reshape(-1)
+        num = max(num - 2 * float(db @ Em) + float(db @ db), 0.0)
     den = float(np.sum((Wr @ Hg) * Wr))
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
@@ -173,7 +198,7 @@ def layer_error(W_ref: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
 
 
 def _codebook_normal_equations(
-    W_ref: np.ndarray, indices: np.ndarray, K: int, H: np.ndarray, X: np.ndarray | None
+    W_ref: np.ndarray, indices: np.ndarray, K: int, H: np.ndarray | None, X: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """A [K,K], r [K] with ||X (W_ref - C[idx])^T||^2 / n = c^T A c - 2 r^T c + const.
 
@@ -182,17 +207,23 @@ def _codebook_normal_equations(
     the cost is nnz * in multiply-adds; with X [n, in], n < in, H = F^T F, F = X/sqrt(n)
     and the cost drops to nnz * n.
     """
-    Wg, Hg = _grouped(W_ref, H)
-    g, rows, n_in = Wg.shape
-    idx = np.asarray(indices).reshape(Wg.shape)
-    A = np.zeros((K, K))
-    r = np.zeros(K)
     Xg = None
     if X is not None:
         Xg = np.asarray(X, dtype=np.float64)
         Xg = Xg[None] if Xg.ndim == 2 else Xg
-        if Xg.shape[-2] >= n_in:
+        if H is not None and Xg.shape[-2] >= Xg.shape[-1]:
             Xg = None
+    if H is None:  # too wide for a Hessian: X alone (any number of rows)
+        if Xg is None:
+            raise ValueError("refit_codebook needs H or X")
+        Wg = np.asarray(W_ref, np.float64).reshape(Xg.shape[0], -1, Xg.shape[-1])
+        Hg = None
+    else:
+        Wg, Hg = _grouped(W_ref, H)
+    g, rows, n_in = Wg.shape
+    idx = np.asarray(indices).reshape(Wg.shape)
+    A = np.zeros((K, K))
+    r = np.zeros(K)
     chunk = max(1, int(2**25 // max(1, K * (n_in if Xg is None else Xg.shape[-2]))))  # ~256 MB of Q
     for gi in range(g):
         F = None if Xg is None else Xg[gi].T / np.sqrt(Xg.shape[-2])  # [in, n]
@@ -217,7 +248,7 @@ def _codebook_normal_equations(
 
 
 def refit_codebook(
-    W_ref: np.ndarray, indices: np.ndarray, codebook: np.ndarray, H: np.ndarray, X: np.ndarray | None = None
+    W_ref: np.ndarray, indices: np.ndarray, codebook: np.ndarray, H: np.ndarray | None, X: np.ndarray | None = None
 ) -> np.ndarray:
     """Least-squares codebook values: minimise the layer's output error on calibration data.
 
@@ -226,7 +257,8 @@ def refit_codebook(
     live weight uses keep their value. The result is cast to codebook's dtype and
     accepted only if the cast values lower the error by more than rounding noise;
     otherwise the original codebook comes back, so the refit never increases
-    `layer_error`. X (optional, the rows H came from) speeds up wide FC layers.
+    `layer_error`. X (optional, the rows H came from) speeds up wide FC layers; with
+    H None (a layer too wide for its Hessian) X alone defines the error.
     """
     codebook = np.asarray(codebook)
     K = codebook.shape[0]

@@ -18,7 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 from eiec.errors import ModelError
 from eiec.image import SparseImage
 from eiec.ir import EIE_DOMAIN, find_layers
-from eiec.passes.encode import Encode, count_padding, decode_image, encode_matrix, layer_storage
+from eiec.passes.encode import (Encode, count_padding, decode_image, decode_storage_streams, encode_matrix,
+                                layer_storage, storage_streams)
+from eiec.passes.huffman import HuffmanStream
+from eiec.passes.huffman import decode as huffman_decode
 from eiec.passmanager import Context
 from eiec.recipe import Recipe
 from eiec.runtime.ops import make_session
@@ -216,8 +219,56 @@ def test_layer_storage_counts_lines_pointers_codebook_and_bias():
     assert s["col_ptr"] == 2 * 5 * 2  # pes * (cols + 1) pointers of 16 bits
     assert s["codebook"] == 32 and s["bias"] == 8
     assert s["bytes_fixed"] == 16 + 20 + 32 + 8
-    assert s["bytes_huffman"] == s["code_huffman"] + s["rel_huffman"] + 20 + 32 + 8
+    # the storage form has no per-PE pointers: one stream, its counts, codebook and bias
+    streams = storage_streams(m)
+    assert s["code_huffman"] == streams["code"].nbytes and s["rel_huffman"] == streams["rel"].nbytes
+    assert s["col_count_huffman"] == streams["col_count"].nbytes
+    assert s["bytes_huffman"] == s["code_huffman"] + s["rel_huffman"] + s["col_count_huffman"] + 32 + 8
+    assert s["storage_entries"] == 7  # every column's gaps fit rel: no padding
     assert s["bytes_dense"] == 4 * (8 + 2)
+
+
+def slow_single_stream(m: np.ndarray, rel_bits: int) -> tuple[list[int], list[int], list[int]]:
+    """Oracle: column-major walk of the whole matrix; before each nonzero, one padding entry
+    per full 2**rel_bits zeros of its gap (trailing zeros of a column cost nothing)."""
+    period = 1 << rel_bits
+    code, rel, counts = [], [], []
+    for j in range(m.shape[1]):
+        n, gap = 0, 0
+        for i in range(m.shape[0]):
+            if m[i, j] == 0:
+                gap += 1
+                continue
+            while gap >= period:
+                code.append(0), rel.append(period - 1)
+                n, gap = n + 1, gap - period
+            code.append(int(m[i, j])), rel.append(gap)
+            n, gap = n + 1, 0
+        counts.append(n)
+    return code, rel, counts
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 12), st.floats(0.0, 1.0), st.integers(0, 2**32 - 1))
+def test_storage_form_decodes_back_to_the_index_matrix(rows, cols, density, seed):
+    rng = np.random.default_rng(seed)
+    m = ((rng.random((rows, cols)) < density) * rng.integers(1, 16, (rows, cols))).astype(np.uint8)
+    if rng.random() < 0.3:
+        m[:, 0] = 0  # an empty column
+    streams = storage_streams(m)
+    # round trip through the serialized bytes, as the file on disk would be read
+    back = {k: HuffmanStream.from_bytes(v.to_bytes()) for k, v in streams.items()}
+    np.testing.assert_array_equal(decode_storage_streams(back, rows), m)
+    code, rel, counts = slow_single_stream(m, 4)
+    np.testing.assert_array_equal(huffman_decode(streams["code"]), code)
+    np.testing.assert_array_equal(huffman_decode(streams["rel"]), rel)
+    assert streams["col_count"].n_symbols == sum(c // 255 + 1 for c in counts)
+
+
+def test_storage_form_counts_columns_longer_than_255_entries():
+    m = np.ones((600, 3), np.uint8)  # 600 entries per column: counts need the 255 escape
+    m[:, 1] = 0
+    np.testing.assert_array_equal(decode_storage_streams(storage_streams(m), 600), m)
 
 
 # ---- the pass: IR2 -> IR3, run in onnxruntime ----

@@ -1,0 +1,202 @@
+"""Deep Compression ratios without retraining, on LeNet-300-100 and LeNet-5 (digits).
+
+Compiles each model with a recipe in the spirit of Deep Compression's (their per-layer
+densities, 4-bit codebooks) under each reconstruction ablation (none / +OBS / +refit /
++bias correction / all) and with the automatic recipe (`density: auto`, `bits: auto`,
+budget 0.5 accuracy points on the calibration set). Per run: compression ratio of the
+hardware form (fixed 4-bit entries + per-PE pointers) and of the storage form (one
+Huffman-coded CSC stream), and test accuracy measured by running the compiled model:
+the IR2 dump in onnxruntime and the .eie on the bit-exact simulator.
+Usage: python bench/compression.py [--out bench/results/compression.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import yaml
+
+from eiec.driver import compile_model
+from eiec.runtime.session import InferenceSession
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CALIB = os.path.join(ROOT, "models", "digits_calib.npz")
+TEST = os.path.join(ROOT, "models", "digits_test.npz")
+
+# Deep Compression (Han et al., ICLR 2016), Tables 2 and 3: per-layer densities after pruning,
+# and the published totals (parameters in KB before -> after pruning + quantization + Huffman).
+MODELS = {
+    "lenet_300_100": {
+        "file": "lenet_300_100.onnx", "output": "probabilities",
+        "densities": [0.08, 0.09, 0.26],  # ip1, ip2, ip3
+        "published": {"before_kb": 1070, "after_kb": 27, "ratio": 40, "accuracy_drop": -0.04},
+    },
+    "lenet5": {
+        "file": "lenet5.onnx", "output": "logits",
+        "densities": [0.66, 0.12, 0.08, 0.19],  # conv1, conv2, ip1, ip2
+        "published": {"before_kb": 1720, "after_kb": 44, "ratio": 39, "accuracy_drop": -0.03},
+    },
+}
+BITS = 4
+TARGETS = {"lenet_300_100": 40.0, "lenet5": 39.0}  # total compression, with drop <= 0.5 points
+MAX_DROP = 0.5
+ABLATIONS = {  # name -> (obs, refit, bias_correction)
+    "none": (False, False, False),
+    "+obs": (True, False, False),
+    "+refit": (False, True, False),
+    "+bias_correction": (False, False, True),
+    "all": (True, True, True),
+}
+
+
+def layer_names(model_path: str) -> list[str]:
+    from eiec.importer import load_model
+    from eiec.ir import find_layers
+
+    return [l.name for l in find_layers(load_model(model_path))]
+
+
+def dc_recipe(names: list[str], densities: list[float], steps: tuple[bool, bool, bool]) -> dict[str, Any]:
+    obs, refit, bias = steps
+    return {"defaults": {"bits": BITS, "obs": obs, "refit": refit, "bias_correction": bias},
+            "layers": {n: {"density": d} for n, d in zip(names, densities)}}
+
+
+def accuracy(y: np.ndarray, labels: np.ndarray) -> float:
+    return 100.0 * float(np.mean(y.reshape(y.shape[0], -1).argmax(axis=1) == labels))
+
+
+def run_config(model: str, spec: dict, recipe: dict | None, work: str, tag: str,
+               test: dict, base_acc: float) -> dict[str, Any]:
+    path = os.path.join(ROOT, "models", spec["file"])
+    recipe_path = None
+    if recipe is not None:
+        recipe_path = os.path.join(work, f"{model}_{tag}.yaml")
+        with open(recipe_path, "w") as f:
+            yaml.safe_dump(recipe, f)
+    out = os.path.join(work, f"{model}_{tag}.eie")
+    dump = os.path.join(work, f"{model}_{tag}_ir")
+    t0 = time.perf_counter()
+    res = compile_model(path, out, recipe_path, CALIB, dump)
+    seconds = time.perf_counter() - t0
+    m = res.manifest
+    ir2 = ort.InferenceSession(os.path.join(dump, "2_cluster.onnx"), providers=["CPUExecutionProvider"])
+    acc_ir2 = accuracy(ir2.run([spec["output"]], {"input": test["input"]})[0], test["labels"])
+    sess = InferenceSession(out, cycles=False)
+    names = [o.name for o in sess.get_outputs()]
+    acc_eie = accuracy(sess.run(None, {"input": test["input"]})[names.index(spec["output"])], test["labels"])
+    cluster = {l["name"]: l for l in json.load(open(os.path.join(dump, "2_cluster.json")))["stats"]["layers"]}
+    prune = {l["name"]: l for l in json.load(open(os.path.join(dump, "1_prune.json")))["stats"]["layers"]}
+    layers = []
+    for l in m["layers"]:
+        if l.get("on_host"):
+            continue
+        p, c = prune.get(l["name"], {}), cluster.get(l["name"], {})
+        layers.append({
+            "name": l["name"], "shape": l["shape"], "weights": int(np.prod(l["shape"])),
+            "density": l["density"], "bits": l["bits"], "bytes_dense": l["bytes_dense"],
+            "bytes_fixed": l["bytes_fixed"], "bytes_huffman": l["bytes_huffman"],
+            "ratio_fixed": l["bytes_dense"] / l["bytes_fixed"], "ratio_huffman": l["bytes_dense"] / l["bytes_huffman"],
+            "breakdown": {k: l[k] for k in ("spmat", "col_ptr", "codebook", "bias", "code_huffman",
+                                             "rel_huffman", "col_count_huffman") if k in l},
+            "layer_error": {k: v for k, v in {
+                "magnitude": p.get("layer_error_magnitude"), "obs": p.get("layer_error_obs"),
+                "pruned": p.get("layer_error"), "kmeans": c.get("layer_error_kmeans"),
+                "refit": c.get("layer_error_refit"), "bias_correction": c.get("layer_error_bias_correction"),
+            }.items() if v is not None},
+        })
+    return {
+        "recipe": recipe if recipe is not None else "auto",
+        "chosen": {l["name"]: {"density": l["density"], "bits": l["bits"]} for l in layers},
+        "compile_seconds": round(seconds, 2),
+        "original_bytes": m["original_bytes"],
+        "bytes_fixed": m["compressed_bytes"], "bytes_huffman": m["compressed_bytes_huffman"],
+        "ratio_fixed": m["compression_ratio"], "ratio_huffman": m["compression_ratio_huffman"],
+        "test_accuracy_ir2": acc_ir2, "test_accuracy_eie": acc_eie,
+        "drop_ir2": base_acc - acc_ir2, "drop_eie": base_acc - acc_eie,
+        "calibration_auto": m.get("auto"),
+        "layers": layers,
+    }
+
+
+def fmt_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join(["| " + line(header) + " |", "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + ["| " + line(r) + " |" for r in rows])
+
+
+def layer_table(run: dict[str, Any]) -> str:
+    rows = [[l["name"], f"{l['weights']:,}", f"{l['density']:.3f}", str(l["bits"]),
+             f"{l['bytes_dense'] / 1024:,.1f}", f"{l['bytes_fixed'] / 1024:,.1f}", f"{l['ratio_fixed']:.1f}x",
+             f"{l['bytes_huffman'] / 1024:,.2f}", f"{l['ratio_huffman']:.1f}x"] for l in run["layers"]]
+    w = sum(l["weights"] for l in run["layers"])
+    nz = sum(l["weights"] * l["density"] for l in run["layers"])
+    rows.append(["total", f"{w:,}", f"{nz / w:.3f}", "", f"{run['original_bytes'] / 1024:,.1f}",
+                 f"{run['bytes_fixed'] / 1024:,.1f}", f"{run['ratio_fixed']:.1f}x",
+                 f"{run['bytes_huffman'] / 1024:,.2f}", f"{run['ratio_huffman']:.1f}x"])
+    return fmt_table(["layer", "weights", "density", "bits", "dense KB", "fixed KB", "fixed ratio",
+                      "Huffman KB", "Huffman ratio"], rows)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    rows = []
+    for model, r in results["models"].items():
+        pub = MODELS[model]["published"]
+        rows.append([model, "Deep Compression (published, retrained)", f"{pub['before_kb']} -> {pub['after_kb']} KB",
+                     "-", f"{pub['ratio']}x", f"{pub['accuracy_drop']:+.2f}", "-"])
+        for tag, run in r["runs"].items():
+            rows.append([model, tag, f"{run['original_bytes'] / 1024:,.0f} -> {run['bytes_huffman'] / 1024:,.1f} KB",
+                         f"{run['ratio_fixed']:.1f}x", f"{run['ratio_huffman']:.1f}x",
+                         f"{run['drop_ir2']:+.2f}", f"{run['drop_eie']:+.2f}"])
+    return fmt_table(["model", "recipe / reconstruction", "size (Huffman form)", "fixed ratio",
+                      "Huffman ratio", "test drop (IR2, ORT)", "test drop (.eie, simulator)"], rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "compression.json"))
+    args = ap.parse_args()
+    test = dict(np.load(TEST, allow_pickle=False))
+    results: dict[str, Any] = {"machine": platform.platform(), "python": platform.python_version(),
+                               "bits": BITS, "max_drop": MAX_DROP, "models": {}}
+    with tempfile.TemporaryDirectory() as work:
+        for model, spec in MODELS.items():
+            path = os.path.join(ROOT, "models", spec["file"])
+            dense = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            base = accuracy(dense.run([spec["output"]], {"input": test["input"]})[0], test["labels"])
+            names = layer_names(path)
+            runs = {}
+            for tag, steps in ABLATIONS.items():
+                runs[f"deep-compression densities, {tag}"] = run_config(
+                    model, spec, dc_recipe(names, spec["densities"], steps), work, tag.strip("+"), test, base)
+            runs["auto (budget 0.5 points on calib), all"] = run_config(model, spec, None, work, "auto", test, base)
+            target = TARGETS[model]
+            reached = [t for t, r in runs.items() if r["ratio_huffman"] >= target and r["drop_eie"] <= MAX_DROP]
+            results["models"][model] = {"dense_test_accuracy": base, "layers": names, "runs": runs,
+                                        "target_ratio": target, "target_reached_by": reached}
+            print(f"\n## {model}: dense test accuracy {base:.2f} %")
+            for tag in ("deep-compression densities, all", "auto (budget 0.5 points on calib), all"):
+                print(f"\n{tag}:\n" + layer_table(runs[tag]))
+    print("\n## Summary (test accuracy drop in points on models/digits_test.npz; positive = worse)\n")
+    print(summary_table(results))
+    for model, r in results["models"].items():
+        verdict = ", ".join(r["target_reached_by"]) or "not reached"
+        print(f"{model}: target >= {r['target_ratio']:g}x with drop <= {MAX_DROP} points: {verdict}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Reconstruction through the passes and `auto` through the real compile, against independent oracles.
+
+Oracles: layer outputs computed here with numpy from intermediate tensors that onnxruntime
+produces, and the compiled model's IR2 dump run in onnxruntime on the calibration set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from eiec.container import read_eie
+from eiec.driver import compile_model
+from eiec.ir import OPSET, find_layers, get_initializer, matrix_view
+from eiec.passes.calibrate import Steps, capture_layer_inputs, reconstructing_compress
+from eiec.passes.cluster import Cluster
+from eiec.passes.prune import Prune
+from eiec.passmanager import Context
+from eiec.recipe import parse_recipe
+from eiec.report import sensitivity_table
+
+
+def mlp(seed: int, sizes=(24, 40, 32, 6)) -> onnx.ModelProto:
+    """Gemm+Relu stack, canonical IR0, dynamic batch."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        inits += [numpy_helper.from_array((rng.standard_normal((b, a)) / np.sqrt(a)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array((0.1 * rng.standard_normal(b)).astype(np.float32), f"b{i}")]
+        last = i == len(sizes) - 2
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], ["y" if last else f"g{i}"],
+                                      name=f"fc{i}", transB=1))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [f"h{i}"], name=f"relu{i}"))
+            prev = f"h{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", sizes[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", sizes[-1]])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def correlated_inputs(seed: int, n: int, dim: int = 24) -> np.ndarray:
+    """Inputs with a nonzero mean and strongly correlated features, where OBS has something to use."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((dim, dim)) * (rng.random(dim) < 0.3)
+    return (rng.standard_normal((n, dim)) @ (np.eye(dim) + mix) + 0.5).astype(np.float32)
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for name in names or []:
+        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def ir2_weights(model: onnx.ModelProto, layer) -> np.ndarray:
+    """W of an IR2 layer, decoded here: codebook[indices]."""
+    return get_initializer(model, layer.weight + ".codebook")[get_initializer(model, layer.weight + ".indices")]
+
+
+def layer_output_error(X: np.ndarray, w_ref, b_ref, w_new, b_new) -> float:
+    """Oracle for the passes' layer_error stats: relative output MSE on the rows X, bias included."""
+    X = X.astype(np.float64)
+    y_ref = X @ matrix_view(w_ref).T.astype(np.float64) + b_ref
+    y_new = X @ matrix_view(w_new).T.astype(np.float64) + b_new
+    return float(np.sum((y_new - y_ref) ** 2) / np.sum((X @ matrix_view(w_ref).T.astype(np.float64)) ** 2))
+
+
+def compress_passes(model: onnx.ModelProto, feeds, density: float, bits: int, **steps) -> tuple[onnx.ModelProto, dict]:
+    ctx = Context(recipe=parse_recipe({"defaults": {"density": density, "bits": bits, **steps}}),
+                  calibration=feeds, calibration_is_random=False)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    p = Prune().run(m, ctx)
+    c = Cluster().run(p.model, ctx)
+    return c.model, {"prune": {l["name"]: l for l in p.stats["layers"]},
+                     "cluster": {l["name"]: l for l in c.stats["layers"]}}
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 2**16), st.sampled_from([0.1, 0.3, 0.6, 1.0]), st.sampled_from([2, 3, 4]), st.booleans())
+def test_cluster_pass_refit_never_increases_the_calibration_layer_error(seed, density, bits, obs):
+    model = mlp(seed)
+    feeds = {"x": correlated_inputs(seed, 150)}
+    hidden = run(model, feeds, ["h0", "h1"])
+    X = {"fc0": feeds["x"], "fc1": hidden[1], "fc2": hidden[2]}  # every layer's input on the dense model
+    on, stats = compress_passes(model, feeds, density, bits, obs=obs, refit=True, bias_correction=False)
+    off, _ = compress_passes(model, feeds, density, bits, obs=obs, refit=False, bias_correction=False)
+    for layer in find_layers(model):
+        s = stats["cluster"][layer.name]
+        assert s["layer_error_refit"] <= s["layer_error_kmeans"] * (1 + 1e-9) + 1e-15
+        w0, b0 = get_initializer(model, layer.weight), get_initializer(model, layer.bias)
+        w_on, w_off = ir2_weights(on, layer), ir2_weights(off, layer)
+        e_on = layer_output_error(X[layer.name], w0, b0, w_on, b0)
+        e_off = layer_output_error(X[layer.name], w0, b0, w_off, b0)
+        assert e_on <= e_off * (1 + 1e-6) + 1e-12  # measured independently, through the outputs
+        assert s["layer_error_refit"] == pytest.approx(e_on, rel=1e-4, abs=1e-9)
+        assert s["layer_error_kmeans"] == pytest.approx(e_off, rel=1e-4, abs=1e-9)
+        assert get_initializer(on, layer.weight + ".codebook")[0] == 0.0
+        np.testing.assert_array_equal(w_on == 0, w_off == 0)  # the refit moves values, never the mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prune_pass_obs_beats_magnitude_layer_error_at_the_same_density(seed):
+    model = mlp(seed)
+    feeds = {"x": correlated_inputs(seed, 200)}
+    hidden = run(model, feeds, ["h0", "h1"])
+    X = {"fc0": feeds["x"], "fc1": hidden[1], "fc2": hidden[2]}
+    for obs in (True, False):
+        ctx = Context(recipe=parse_recipe({"defaults": {"density": 0.3, "bits": 4, "obs": obs}}),
+                      calibration=feeds, calibration_is_random=False)
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        res = Prune().run(m, ctx)
+        for layer in find_layers(model):
+            s = next(l for l in res.stats["layers"] if l["name"] == layer.name)
+            w0, b0 = get_initializer(model, layer.weight), get_initializer(model, layer.bias)
+            w1 = get_initializer(res.model, layer.weight)
+            assert np.count_nonzero(w1) == round(0.3 * w1.size)
+            measured = layer_output_error(X[layer.name], w0, b0, w1, b0)
+            assert s["layer_error"] == pytest.approx(measured, rel=1e-4)
+            if obs:
+                assert s["method"] == "obs"
+                assert s["layer_error_obs"] < 0.8 * s["layer_error_magnitude"]
+            else:
+                assert s["method"] == "magnitude" and "layer_error_obs" not in s
+
+
+def test_bias_correction_restores_the_mean_layer_output_and_lowers_the_error():
+    model = mlp(5)
+    feeds = {"x": correlated_inputs(5, 300)}
+    out, stats = compress_passes(model, feeds, 0.2, 3)
+    layer = find_layers(model)[0]  # its input is the same in both models
+    s = stats["cluster"][layer.name]
+    w0, b0 = get_initializer(model, layer.weight), get_initializer(model, layer.bias)
+    w2, b2 = ir2_weights(out, layer), get_initializer(out, layer.bias)
+    X = feeds["x"].astype(np.float64)
+    np.testing.assert_allclose((X @ w2.T + b2).mean(axis=0), (X @ w0.T + b0).mean(axis=0), atol=1e-5)
+    assert s["layer_error_bias_correction"] < s["layer_error_refit"] <= s["layer_error_kmeans"]
+    assert s["layer_error_bias_correction"] == pytest.approx(layer_output_error(X, w0, b0, w2, b2), rel=1e-4)
+
+
+def test_passes_compile_exactly_what_reconstructing_compress_measures():
+    """The auto budget holds for the compiled model only if the passes equal the search's compress."""
+    model = mlp(7)
+    feeds = {"x": correlated_inputs(7, 120)}
+    layers = find_layers(model)
+    recipe = {"defaults": {"density": 0.25, "bits": 3}, "layers": {"fc1": {"obs": False}, "fc2": {"refit": False}}}
+    ctx = Context(recipe=parse_recipe(recipe), calibration=feeds, calibration_is_random=False)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    out = Cluster().run(Prune().run(m, ctx).model, ctx).model
+    steps = {"fc0": Steps(), "fc1": Steps(obs=False), "fc2": Steps(refit=False)}
+    compress = reconstructing_compress(capture_layer_inputs(model, layers, feeds), steps=steps)
+    for layer in layers:
+        w, b = compress(layer, get_initializer(model, layer.weight), get_initializer(model, layer.bias), 0.25, 3)
+        np.testing.assert_array_equal(ir2_weights(out, layer), w)
+        np.testing.assert_array_equal(get_initializer(out, layer.bias), b)
+
+
+def _write_model_and_data(tmp_path, seed: int, n: int, labels: bool) -> tuple[str, str, onnx.ModelProto, dict]:
+    model = mlp(seed)
+    path = str(tmp_path / "mlp.onnx")
+    onnx.save(model, path)
+    feeds = {"x": correlated_inputs(seed, n)}
+    data = dict(feeds)
+    if labels:
+        data["labels"] = run(model, feeds)[0].argmax(axis=1).astype(np.int64)  # dense model: 100 %
+    calib = str(tmp_path / "calib.npz")
+    np.savez(calib, **data)
+    return path, calib, model, data
+
+
+def test_auto_compile_respects_the_accuracy_budget_on_the_calibration_set(tmp_path):
+    path, calib, model, data = _write_model_and_data(tmp_path, 3, 400, labels=True)
+    out, dump = str(tmp_path / "m.eie"), str(tmp_path / "ir")
+    res = compile_model(path, out, calibration_path=calib, dump_dir=dump, budget={"max_accuracy_drop": 25.0})
+    # measured independently: the IR2 dump (what the later passes only re-encode) in onnxruntime
+    (y,) = run(onnx.load(os.path.join(dump, "2_cluster.onnx")), {"x": data["x"]})
+    drop = 100.0 - 100.0 * float(np.mean(y.argmax(axis=1) == data["labels"]))
+    assert drop <= 25.0  # random 6-class nets have thin margins: 4 bits alone loses ~11
+    chosen = {l["name"]: l for l in res.manifest["layers"]}
+    assert any(l["density"] < 1 or l["bits"] < 4 for l in chosen.values())  # it did compress
+    assert res.manifest["auto"]["metric"] == "accuracy"
+    # the scan is in the manifest (for `eiec inspect --sensitivity`) and in the dump stats
+    sens = res.manifest["sensitivity"]
+    assert set(sens) == {"fc0", "fc1", "fc2"} and set(sens["fc0"]) >= {"density", "bits", "density_accuracy_lost"}
+    assert json.load(open(os.path.join(dump, "0_import.json")))["stats"]["sensitivity"] == json.loads(json.dumps(sens))
+    assert "accuracy lost" in sensitivity_table(res.manifest)
+
+
+def test_auto_compile_respects_the_output_error_budget_and_replays_to_the_same_model(tmp_path):
+    path, calib, model, data = _write_model_and_data(tmp_path, 4, 200, labels=False)
+    out, dump = str(tmp_path / "m.eie"), str(tmp_path / "ir")
+    res = compile_model(path, out, calibration_path=calib, dump_dir=dump, budget={"max_output_error": 0.35})
+    (y_ref,) = run(model, {"x": data["x"]})
+    (y,) = run(onnx.load(os.path.join(dump, "2_cluster.onnx")), {"x": data["x"]})
+    error = np.linalg.norm(y.astype(np.float64) - y_ref) / np.linalg.norm(y_ref.astype(np.float64))
+    assert error <= 0.35
+    assert res.recipe_path is not None and res.manifest["auto"]["metric"] == "error"
+    # replaying the written recipe compiles the same model: same members, same manifest
+    # apart from the search's own record
+    again = str(tmp_path / "again.eie")
+    compile_model(path, again, recipe_path=res.recipe_path, calibration_path=calib)
+    a, b = read_eie(out), read_eie(again)
+    assert a.members == b.members
+    ma = {k: v for k, v in a.manifest.items() if k not in ("sensitivity", "auto")}
+    assert ma == b.manifest
