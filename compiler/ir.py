@@ -74,6 +74,8 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
             shape = tuple(next(a.ints for a in src.attribute if a.name == "shape"))
         else:
             continue
+        if len(shape) != (2 if node.op_type == "Gemm" else 4):
+            continue  # 1-D/3-D convs are not canonical layers: they stay host ops
         kind = "fc" if node.op_type == "Gemm" else "conv"
         layers.append(Layer(node.name, kind, node, w, node.input[2], tuple(int(d) for d in shape)))
     return layers

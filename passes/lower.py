@@ -32,6 +32,13 @@ from .encode import decode_image, encode_matrix
 # little outside the calibration range still do not saturate.
 RANGE_HEADROOM = 2.0
 RELABEL_OPS = ("Flatten", "Reshape")
+# ops that hold a layer's weights; any left in IR4 run on the host and `eiec inspect` lists them
+_ONNX_WEIGHTED = ("Gemm", "Conv", "MatMul", "ConvTranspose", "Einsum", "LSTM", "GRU", "RNN")
+HOST_LAYER_OPS = {
+    "": _ONNX_WEIGHTED,
+    "ai.onnx": _ONNX_WEIGHTED,
+    "ai.onnx.ml": ("LinearClassifier", "LinearRegressor", "SVMClassifier", "SVMRegressor"),
+}
 
 
 class Lower:
@@ -40,7 +47,7 @@ class Lower:
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         layers = {l.name: l for l in find_layers(model) if _decode_node(model, l) is not None}
         if not layers:
-            return PassResult(model, {"segments": [], "host_layers": _host_layers(model, {})}, False)
+            return PassResult(model, {"segments": [], "host_layers": _host_layers(model)}, False)
         values = _run_for_ranges(model, _candidate_tensors(model, layers), ctx)
         chains = find_chains(model, layers, {t: v.shape[1:] for t, v in values.items()})
         model = _copy(model)
@@ -57,7 +64,7 @@ class Lower:
                           "tiles": {l.name: len(l.tiles) for l in s.layers},
                           "q_formats": {l.name: [l.in_frac, l.w_frac, l.out_frac] for l in s.layers}}
                          for s in segments],
-            "host_layers": _host_layers(model, {}),
+            "host_layers": _host_layers(model),
         }
         return PassResult(model, stats)
 
@@ -407,11 +414,10 @@ def _replace_chain(model: onnx.ModelProto, chain: Chain, seg: Segment) -> None:
     model.graph.value_info.extend(keep_vi)
 
 
-def _host_layers(model: onnx.ModelProto, encoded: dict[str, Layer]) -> list[dict[str, Any]]:
-    """Layers left on the host (dense, not claimed), so inspect can list them."""
+def _host_layers(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """Weighted ops the lowering left on the host (dense), so inspect can list them."""
     return [{"name": n.name, "op": n.op_type} for n in model.graph.node
-            if n.op_type in ("Gemm", "Conv", "MatMul", "ConvTranspose") and n.domain in ("", "ai.onnx")
-            and n.name not in encoded]
+            if n.op_type in HOST_LAYER_OPS.get(n.domain or "", ())]
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

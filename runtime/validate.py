@@ -15,7 +15,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,10 +42,28 @@ class SegmentCheck:
     max_bound: float  # the largest allowed error
     worst_ratio: float  # max error / bound over all outputs (<= 1 passes)
     saturated: int
+    bad_codebooks: list[str] = field(default_factory=list)  # layers whose registers are off their format
 
     @property
     def ok(self) -> bool:
-        return self.worst_ratio <= 1.0
+        return self.worst_ratio <= 1.0 and not self.bad_codebooks
+
+
+def codebook_faults(seg: Segment) -> list[str]:
+    """Layers whose codebook registers are not their float codebook rounded to the layer's format.
+
+    The error bound charges each weight |codebook - register|, measured from the segment
+    itself, so a wrong register would widen its own bound; the format allows half an LSB
+    (after saturating to the register width) and no more.
+    """
+    bad = []
+    for l in seg.layers:
+        lsb = 2.0 ** -l.w_frac
+        top = 2.0 ** (seg.target.codebook_bits - 1)
+        want = np.clip(l.codebook.astype(np.float64), -top * lsb, (top - 1) * lsb)
+        if np.any(np.abs(l.codebook_q.astype(np.float64) * lsb - want) > lsb / 2):
+            bad.append(l.name)
+    return bad
 
 
 def segment_reference_model(seg: Segment, absolute: bool = False) -> onnx.ModelProto:
@@ -110,7 +128,7 @@ def check_segment(seg: Segment, x: np.ndarray, y_fixed: np.ndarray, bound: np.nd
     err = np.abs(y_fixed.astype(np.float64) - y_ref)
     ratio = err / np.maximum(allowed, np.finfo(np.float32).tiny)
     return SegmentCheck(seg.name, float(err.max(initial=0)), float(allowed.max(initial=0)),
-                        float(ratio.max(initial=0)), saturated)
+                        float(ratio.max(initial=0)), saturated, codebook_faults(seg))
 
 
 def fidelity(ref: list[np.ndarray], out: list[np.ndarray], names: list[str],
@@ -245,6 +263,8 @@ def validate_cli(model_path: str, eie_path: str, input_path: str | None, random_
         lines.append(f"   {s['name']}: max error {s['max_error']:.3g}, within bound: "
                      f"{'yes' if s['ok'] else 'NO'} (worst error/bound {s['worst_ratio']:.3f}"
                      f"{', saturated ' + str(s['saturated']) if s['saturated'] else ''})")
+        if s["bad_codebooks"]:
+            lines.append(f"   {s['name']}: codebook registers off their format in {', '.join(s['bad_codebooks'])}")
     if not ex["segments"]:
         lines.append("   no segments: every layer runs on the host")
     lines.append(f"   => {'EXACT within the fixed-point bound' if ex['ok'] else 'OUTSIDE the fixed-point bound'}")
