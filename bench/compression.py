@@ -2,7 +2,8 @@
 
 Compiles each model with a recipe in the spirit of Deep Compression's (their per-layer
 densities, 4-bit codebooks) under each reconstruction ablation (none / +OBS / +refit /
-+bias correction / all) and with the automatic recipe (`density: auto`, `bits: auto`,
++bias correction / all; sequential: each layer reconstructed on its compressed predecessors'
+outputs against the dense layer's outputs) and with the automatic recipe (`density: auto`, `bits: auto`,
 budget 0.5 accuracy points on the calibration set). Per run: compression ratio of the
 hardware form (fixed 4-bit entries + per-PE pointers) and of the storage form (one
 Huffman-coded CSC stream), and test accuracy measured by running the compiled model:
@@ -108,6 +109,7 @@ def run_config(model: str, spec: dict, recipe: dict | None, work: str, tag: str,
             "breakdown": {k: l[k] for k in ("spmat", "col_ptr", "codebook", "bias", "code_huffman",
                                              "rel_huffman", "col_count_huffman") if k in l},
             "layer_error": {k: v for k, v in {
+                "dense_on_compressed_inputs": p.get("layer_error_dense"),
                 "magnitude": p.get("layer_error_magnitude"), "obs": p.get("layer_error_obs"),
                 "pruned": p.get("layer_error"), "kmeans": c.get("layer_error_kmeans"),
                 "refit": c.get("layer_error_refit"), "bias_correction": c.get("layer_error_bias_correction"),

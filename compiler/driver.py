@@ -105,9 +105,10 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
     """Pick density/bits for layers left on `auto`; write the chosen recipe beside the output.
 
     The search measures every candidate with the reconstruction the prune and cluster
-    passes will apply (each layer's obs / refit / bias_correction, on the same captured
-    layer inputs), and compresses every layer the passes compress (fixed ones pinned),
-    so the budget it verified on the calibration set holds for the compiled model.
+    passes will apply (the same `calibrate.Sequential`, left in ctx.artifacts for the
+    prune pass: each layer's obs / refit / bias_correction on its compressed predecessors'
+    outputs), and compresses every layer the passes compress (fixed ones pinned), so
+    the budget it verified on the calibration set holds for the compiled model.
     The sensitivity scan and the search's probes go to ctx.artifacts["sensitivity"]
     and ["auto"] (the manifest and the 0_import.json dump carry them).
     """
@@ -117,8 +118,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
     auto = [l for l in layers if not wanted[l.name].skip and "auto" in (wanted[l.name].density, wanted[l.name].bits)]
     if not auto:
         return None
-    from eiec.passes.calibrate import (Steps, auto_recipe, context_layer_inputs, plain_compress,
-                                       reconstructing_compress)
+    from eiec.passes.calibrate import Sequential, Steps, auto_recipe, plain_compress
 
     seen: set[str] = set()
     compressed = []  # every layer the passes compress, once per weight (shared weights follow the first)
@@ -131,11 +131,12 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
                       None if wanted[l.name].bits == "auto" else int(wanted[l.name].bits)) for l in compressed}
     steps = {l.name: Steps(wanted[l.name].obs, wanted[l.name].refit, wanted[l.name].bias_correction)
              for l in compressed}
-    compress = plain_compress
-    if any(st.obs or st.refit or st.bias_correction for st in steps.values()):
+    compress: Any = plain_compress
+    if any(st.any for st in steps.values()):
         progress("auto: capturing layer inputs on the calibration data")
-        layer_inputs = context_layer_inputs(model, compressed, ctx.calibration, ctx.artifacts, ctx.seed)
-        compress = reconstructing_compress(layer_inputs, steps=steps)
+        # the prune pass reuses it (same model, steps and rows), so it compiles what was measured
+        compress = ctx.artifacts["sequential"] = Sequential(model, compressed, ctx.calibration, steps,
+                                                             seed=ctx.seed, progress=progress)
     if ctx.labels is not None:
         metric, budget = "accuracy", ctx.recipe.max_accuracy_drop
     else:

@@ -1,6 +1,7 @@
-"""Calibration data: load or make it, capture each layer's inputs, and choose density/bits.
+"""Calibration data: load or make it, capture layer inputs, compress layers in sequence, choose density/bits.
 
-The `auto` recipe: a one-layer-at-a-time sensitivity scan, a greedy path of recipes
+`Sequential` is the reconstruction the passes apply (each layer on its compressed predecessors'
+outputs). The `auto` recipe: a one-layer-at-a-time sensitivity scan, a greedy path of recipes
 from mildest to most compressed, and a binary search along it with real onnxruntime
 runs, so the recipe returned is one that was measured within budget.
 """
@@ -8,6 +9,7 @@ runs, so the recipe returned is one that was measured within budget.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
@@ -64,6 +66,17 @@ def _batch_of(model: onnx.ModelProto) -> int | None:
     """A fixed leading (batch) dimension of the inputs, or None when it is dynamic."""
     dims = [gi.dims[0] for gi in graph_inputs(model) if gi.dims]
     return dims[0] if dims and dims[0] is not None else None
+
+
+def _run_with(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], overrides: dict[str, np.ndarray],
+              names: list[str], batch: int | None) -> list[np.ndarray]:
+    """Run the calibration `inputs` (chunked to a fixed batch size) with whole-tensor `overrides` fed as-is."""
+    n = next(iter(inputs.values())).shape[0]
+    if batch is None or n == batch:
+        return sess.run(names, {**inputs, **overrides})
+    chunks = [sess.run(names, {**{k: v[s : s + batch] for k, v in inputs.items()}, **overrides})
+              for s in range(0, n, batch)]
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
 
 
 def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], names: list[str], batch: int | None) -> list[np.ndarray]:
@@ -226,6 +239,41 @@ def im2col(
     return np.ascontiguousarray(p.transpose(1, 0, 2))
 
 
+def _layer_rows(layer: Layer, x: np.ndarray) -> int:
+    """How many rows the layer's weight matrix multiplies for input tensor x (FC: batch; conv: positions)."""
+    if layer.kind == "fc":
+        return x.shape[0]
+    p = conv_params(layer)
+    Ho, Wo = conv_output_hw(x.shape[2:], p["kernel"], p["pads"], p["strides"], p["dilations"])
+    return x.shape[0] * Ho * Wo
+
+
+def _layer_matrix(layer: Layer, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The chosen rows of the layer's input as its weight matrix sees them ([n, in] or [g, n, in_g])."""
+    if layer.kind == "fc":
+        return x.reshape(x.shape[0], -1)[rows]
+    p = conv_params(layer)
+    patches = im2col(x, rows=rows, **p)
+    return patches[0] if p["group"] == 1 else patches
+
+
+def _row_cap(layer: Layer, max_rows: int, max_bytes: int | None) -> int:
+    cols = int(np.prod(layer.shape[1:])) * (int(layer.attr("group", 1)) if layer.kind == "conv" else 1)
+    return max_rows if max_bytes is None else min(max_rows, max(1, max_bytes // (4 * max(cols, 1))))
+
+
+def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of the model with the tensors `names` (not graph inputs) added as graph outputs."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    for t in names:
+        if t not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+            have.add(t)
+    return m
+
+
 def capture_layer_inputs(
     model: onnx.ModelProto,
     layers: list[Layer],
@@ -243,86 +291,23 @@ def capture_layer_inputs(
     layer), picked uniformly without replacement (seeded) and kept in order.
     Memory: all layers' rows at once (float32).
     """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output} | set(inputs)
-    wanted = []
-    for layer in layers:
-        t = layer.node.input[0]
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-            have.add(t)
-        if t not in inputs and t not in wanted:
-            wanted.append(t)
+    wanted = list(dict.fromkeys(l.node.input[0] for l in layers if l.node.input[0] not in inputs))
+    m = _with_outputs(model, wanted)
     values = dict(zip(wanted, _run(_session(m), inputs, wanted, _batch_of(model)))) if wanted else {}
     values.update(inputs)
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for layer in layers:
         x = np.asarray(values[layer.node.input[0]])
-        cols = int(np.prod(layer.shape[1:])) * (int(layer.attr("group", 1)) if layer.kind == "conv" else 1)
-        rows = max_rows if max_bytes is None else min(max_rows, max(1, max_bytes // (4 * max(cols, 1))))
-        if layer.kind == "fc":
-            x = x.reshape(x.shape[0], -1)
-            out[layer.name] = x[_pick(x.shape[0], rows, rng)]
-        else:
-            p = conv_params(layer)
-            Ho, Wo = conv_output_hw(x.shape[2:], p["kernel"], p["pads"], p["strides"], p["dilations"])
-            patches = im2col(x, rows=_pick(x.shape[0] * Ho * Wo, rows, rng), **p)
-            out[layer.name] = patches[0] if p["group"] == 1 else patches
+        out[layer.name] = _layer_matrix(layer, x, _pick(_layer_rows(layer, x), _row_cap(layer, max_rows, max_bytes), rng))
     return out
-
-
-class LayerInputs:
-    """Captured layer inputs with their Hessians and means, each computed once on demand.
-
-    `hessian` is None for a layer wider than `reconstruct.MAX_HESSIAN_INPUTS` inputs
-    (per group): its H would not fit in memory, so it gets no OBS and no layer-error
-    stats, and its codebook refit goes through the rows X instead.
-    """
-
-    def __init__(self, rows: dict[str, np.ndarray]):
-        self.rows = rows
-        self._hessian: dict[str, np.ndarray | None] = {}
-        self._mean: dict[str, np.ndarray] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.rows
-
-    def X(self, name: str) -> np.ndarray:
-        return self.rows[name]
-
-    def hessian(self, name: str) -> np.ndarray | None:
-        if name not in self._hessian:
-            X = self.rows[name]
-            self._hessian[name] = reconstruct.layer_hessian(X) if X.shape[-1] <= reconstruct.MAX_HESSIAN_INPUTS else None
-        return self._hessian[name]
-
-    def mean(self, name: str) -> np.ndarray:
-        if name not in self._mean:
-            self._mean[name] = reconstruct.input_mean(self.rows[name])
-        return self._mean[name]
 
 
 # Rows per layer the passes and the auto search reconstruct from, and their memory cap.
 CAPTURE_ROWS = 8192
 CAPTURE_BYTES = 256 << 20
-
-
-def context_layer_inputs(model: onnx.ModelProto, layers: list[Layer], calibration: dict[str, np.ndarray],
-                         artifacts: dict, seed: int = 0) -> LayerInputs:
-    """The compile's one capture of every layer's inputs, kept in `artifacts["layer_inputs"]`.
-
-    Captured on the model first asked about (the driver asks on IR0, before any layer is
-    compressed), so the auto search and the prune and cluster passes see the same rows.
-    """
-    cached = artifacts.get("layer_inputs")
-    missing = [l for l in layers if cached is None or l.name not in cached]
-    if cached is None:
-        cached = artifacts["layer_inputs"] = LayerInputs({})
-    if missing:
-        cached.rows.update(capture_layer_inputs(model, missing, calibration, CAPTURE_ROWS, seed, CAPTURE_BYTES))
-    return cached
+# Layer results `Sequential` keeps for reuse (probes sharing a prefix of layer choices).
+CACHE_BYTES = 256 << 20
 
 
 def _pick(n: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -331,7 +316,7 @@ def _pick(n: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size=max_rows, replace=False))
 
 
-# ---------------------------------------------------------------- compressing one layer
+# ---------------------------------------------------------------- compressing layers
 
 
 def plain_compress(layer: Layer, w: np.ndarray, b: np.ndarray, density: float, bits: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -356,48 +341,201 @@ class Steps:
     refit: bool = True
     bias_correction: bool = True
 
+    @property
+    def any(self) -> bool:
+        return self.obs or self.refit or self.bias_correction
 
-def reconstructing_compress(
-    layer_inputs: dict[str, np.ndarray] | LayerInputs,
-    obs: bool = True,
-    refit: bool = True,
-    bias_correction: bool = True,
-    steps: dict[str, Steps] | None = None,
-) -> Compress:
-    """Deep Compression without retraining: OBS pruning, k-means, codebook refit, bias correction.
 
-    layer_inputs is `capture_layer_inputs`' result (or a `LayerInputs`); layers missing
-    from it get `plain_compress`. `steps` overrides obs/refit/bias_correction per layer
-    name. The prune and cluster passes apply exactly these steps in this order, so a
-    recipe measured with this function is the model they compile. Each layer's Hessian
-    is computed once. density "keep" (or 1.0) prunes nothing.
+@dataclass
+class LayerResult:
+    """One layer as `Sequential` compressed it: what the prune and cluster passes write."""
+
+    pruned: np.ndarray  # the IR1 weight (layer shape, float32): pruned, OBS-updated, not clustered
+    weight: np.ndarray  # the weight the compressed model runs: codebook[indices], or `pruned` without bits
+    bias: np.ndarray  # the final bias (bias correction applied)
+    codebook: np.ndarray | None  # float32 [2^bits], entry 0 = 0.0
+    indices: np.ndarray | None  # uint8, layer shape
+    clustering: object | None  # cluster.Clustering of the k-means run (iterations, SSE)
+    prune_stats: dict
+    cluster_stats: dict
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.pruned, self.weight, self.bias, self.indices)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+
+class Sequential:
+    """Compress layers in graph order, each reconstructed on its inputs in the partly compressed model.
+
+    Layer L's calibration inputs X come from running the model with every chosen layer
+    before L already compressed (pruned, clustered, corrected); its target is the dense
+    layer's output on the dense inputs (`reconstruct.LayerTarget`). Per layer:
+    magnitude or OBS pruning (of the target's least-squares weights W*), k-means,
+    codebook refit, bias correction, each switchable by `Steps`. A layer whose steps
+    are all off is compressed as in the paper (magnitude + k-means) but still feeds the
+    later layers its compressed output. `compress` is THE arithmetic: the auto search
+    scores recipes with it and the prune pass writes its results, so what was measured
+    is what is compiled. Layers missing from a `choices` dict stay dense. Results are
+    cached by the prefix of choices up to each layer (at most `cache_bytes`).
+    Cost per layer: one onnxruntime run (none while no earlier layer is compressed),
+    the Hessian (n * in^2) and OBS (~out * in^2 / 2).
     """
-    from eiec.passes.cluster import quantize_weights
 
-    li = layer_inputs if isinstance(layer_inputs, LayerInputs) else LayerInputs(layer_inputs)
-    default = Steps(obs, refit, bias_correction)
-    steps = steps or {}
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer], calibration: dict[str, np.ndarray],
+                 steps: dict[str, Steps] | None = None, default: Steps = Steps(), seed: int = 0,
+                 max_rows: int = CAPTURE_ROWS, max_bytes: int | None = CAPTURE_BYTES,
+                 cache_bytes: int = CACHE_BYTES, progress: Progress = lambda msg: None):
+        order = {n.name: i for i, n in enumerate(model.graph.node)}
+        self.layers = sorted(layers, key=lambda l: order[l.node.name])
+        self.steps = {l.name: (steps or {}).get(l.name, default) for l in self.layers}
+        self.calibration = calibration
+        self.seed = seed
+        self.progress = progress
+        m = _with_outputs(model, [l.node.input[0] for l in self.layers if l.node.input[0] not in calibration])
+        m.ir_version = max(m.ir_version, 4)  # initializers that are also inputs are overridable
+        inits = {t.name: t for t in m.graph.initializer}
+        self.weights: dict[str, np.ndarray] = {}
+        for layer in self.layers:
+            for name in (layer.weight, layer.bias):
+                if name not in inits:
+                    raise ModelError(None, f"layer {layer.name}: {name} is not an initializer")
+                if name not in self.weights:
+                    self.weights[name] = get_initializer(model, name)
+                    t = inits[name]
+                    m.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+        self.session = _session(m)
+        self.batch = _batch_of(model)
+        # the dense capture: every layer's rows (the same rows are taken from every later run)
+        dense = self._tensors(self.layers, {})
+        self.rows: dict[str, np.ndarray] = {}
+        self.X_ref: dict[str, np.ndarray] = {}
+        for i, layer in enumerate(self.layers):
+            x = dense[layer.node.input[0]]
+            rng = np.random.default_rng([seed, i])
+            self.rows[layer.name] = _pick(_layer_rows(layer, x), _row_cap(layer, max_rows, max_bytes), rng)
+            self.X_ref[layer.name] = _layer_matrix(layer, x, self.rows[layer.name])
+        del dense
+        self._targets: dict[str, reconstruct.LayerTarget] = {}  # non-sequential targets, reused
+        self._cache: OrderedDict[tuple, LayerResult] = OrderedDict()
+        self._cache_bytes = 0
+        self.cache_limit = cache_bytes
 
-    def compress(layer: Layer, w: np.ndarray, b: np.ndarray, density: float | str, bits: int | None):
-        if layer.name not in li:
-            return plain_compress(layer, w, b, 1.0 if density == "keep" else density, bits)
-        st = steps.get(layer.name, default)
-        H = li.hessian(layer.name)
-        W_ref = matrix_view(w).astype(np.float64)
-        W = W_ref
-        if density != "keep" and density < 1:
-            W = reconstruct.prune_matrix(W_ref, float(density), H if st.obs else None)
+    def _tensors(self, layers: list[Layer], overrides: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = list(dict.fromkeys(l.node.input[0] for l in layers if l.node.input[0] not in self.calibration))
+        out = dict(zip(names, self._run(names, overrides))) if names else {}
+        out.update({l.node.input[0]: self.calibration[l.node.input[0]] for l in layers
+                    if l.node.input[0] in self.calibration})
+        return out
+
+    def _run(self, names: list[str], overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return _run_with(self.session, self.calibration, overrides, names, self.batch)
+
+    def layer_inputs(self, layer: Layer, overrides: dict[str, np.ndarray]) -> np.ndarray:
+        """The layer's calibration rows ([n, in] or [g, n, in_g]) when the model runs with `overrides`."""
+        x = self._tensors([layer], overrides)[layer.node.input[0]]
+        return _layer_matrix(layer, x, self.rows[layer.name])
+
+    def matches(self, model: onnx.ModelProto, layers: list[Layer], steps: dict[str, Steps],
+                calibration: dict[str, np.ndarray], seed: int) -> bool:
+        """Was this built for these layers (same dense weights), steps, calibration and seed?"""
+        if ([l.name for l in layers] != [l.name for l in self.layers] or steps != self.steps
+                or calibration is not self.calibration or seed != self.seed):
+            return False
+        return all(np.array_equal(get_initializer(model, n), w) for n, w in self.weights.items())
+
+    def compress(self, choices: dict[str, tuple[float, int | None]]) -> dict[str, LayerResult]:
+        """Every layer in `choices` compressed to its (density, bits), in graph order (bits None: no clustering)."""
+        results: dict[str, LayerResult] = {}
+        overrides: dict[str, np.ndarray] = {}
+        prefix: tuple = ()
+        for layer in self.layers:
+            if layer.name not in choices:
+                continue
+            density, bits = choices[layer.name]
+            prefix += ((layer.name, float(density), None if bits is None else int(bits)),)
+            res = self._cache.get(prefix)
+            if res is None:
+                self.progress(f"reconstruct {layer.name}: density {density:g}, bits {bits}")
+                X = self.layer_inputs(layer, overrides) if overrides else None
+                res = self._compress_layer(layer, X, float(density), bits)
+                self._remember(prefix, res)
+            else:
+                self._cache.move_to_end(prefix)
+            results[layer.name] = res
+            overrides[layer.weight], overrides[layer.bias] = res.weight, res.bias
+        return results
+
+    def overrides(self, choices: dict[str, tuple[float, int | None]]) -> dict[str, np.ndarray]:
+        """{weight/bias name: array} of the compressed layers, to run the model with."""
+        out = {}
+        for layer, res in zip(self.layers, map(self.compress(choices).get, (l.name for l in self.layers))):
+            if res is not None:
+                out[layer.weight], out[layer.bias] = res.weight, res.bias
+        return out
+
+    def _remember(self, key: tuple, res: LayerResult) -> None:
+        self._cache[key] = res
+        self._cache_bytes += res.nbytes
+        while self._cache_bytes > self.cache_limit and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes
+
+    def target(self, layer: Layer, X: np.ndarray | None) -> reconstruct.LayerTarget:
+        """The layer's reconstruction target for inputs X (None: the dense inputs, non-sequential)."""
+        W = matrix_view(self.weights[layer.weight]).astype(np.float64)
+        if X is not None:
+            return reconstruct.LayerTarget(W, X, self.X_ref[layer.name])
+        if layer.name not in self._targets:
+            self._targets[layer.name] = reconstruct.LayerTarget(W, self.X_ref[layer.name])
+        return self._targets[layer.name]
+
+    def _compress_layer(self, layer: Layer, X: np.ndarray | None, density: float, bits: int | None) -> LayerResult:
+        from eiec.passes.cluster import MAX_ITER, _quantize
+        from eiec.passes.prune import magnitude_mask
+
+        st = self.steps[layer.name]
+        w, b = self.weights[layer.weight], self.weights[layer.bias]
+        W = matrix_view(w).astype(np.float64)
+        t = self.target(layer, X) if st.any else None
+        ps: dict = {"reference": "none" if t is None else ("sequential" if t.sequential else "dense")}
+        if t is not None:
+            ps["layer_error_dense"] = t.error(W)  # the dense weights on these inputs: the error carried in
+        if density >= 1:  # nothing to prune: W as it is (its own zeros stay zeros)
+            P, method = W, "none"
+        else:
+            P, method = np.where(magnitude_mask(W, density), W, 0.0), "magnitude"
+            if t is not None:
+                ps["layer_error_magnitude"] = e_mag = t.error(P)
+                if st.obs and t.H is not None:
+                    W_obs = reconstruct.obs_prune(t.optimum(), t.H, density)
+                    ps["layer_error_obs"] = e_obs = t.error(W_obs)
+                    if e_obs < e_mag:  # OBS is a heuristic for the mask: never keep it when it loses
+                        P, method = W_obs, "obs"
+        pruned = P.astype(w.dtype).reshape(w.shape)
+        ps["method"] = method
+        if t is not None:
+            ps["layer_error"] = t.error(pruned.reshape(W.shape))
+        cs: dict = {"reference": ps["reference"]}
+        codebook = indices = clustering = None
+        W_new = pruned.reshape(W.shape).astype(np.float64)
         if bits is not None:
-            codebook, indices = quantize_weights(W.astype(w.dtype), bits)
-            if st.refit:
-                codebook = reconstruct.refit_codebook(W_ref, indices, codebook, H, X=li.X(layer.name))
-            W = np.asarray(codebook, dtype=np.float64)[indices]
+            codebook, indices, clustering = _quantize(pruned, bits, MAX_ITER)
+            idx = matrix_view(indices)
+            if t is not None:
+                cs["layer_error_kmeans"] = t.error(np.asarray(codebook, np.float64)[idx])
+                if st.refit:
+                    codebook = t.refit(idx, codebook)
+                    cs["layer_error_refit"] = t.error(np.asarray(codebook, np.float64)[idx])
+            W_new = np.asarray(codebook, np.float64)[idx]
         b_new = b
-        if st.bias_correction:
-            b_new = (b + reconstruct.bias_correction(W_ref, W, li.mean(layer.name))).astype(b.dtype)
-        return W.reshape(w.shape).astype(w.dtype), b_new
-
-    return compress
+        if t is not None and st.bias_correction:
+            b_new = (b + t.bias_correction(W_new)).astype(b.dtype)
+            delta = b_new.astype(np.float64) - b
+            cs["bias_shift_rms"] = float(np.sqrt(np.mean(delta**2))) if delta.size else 0.0
+            cs["layer_error_bias_correction"] = t.error(W_new, delta)
+        weight = pruned if bits is None else np.asarray(codebook)[indices]
+        return LayerResult(pruned, weight.astype(w.dtype), b_new, codebook, indices, clustering, ps, cs)
 
 
 # ---------------------------------------------------------------- measuring a recipe
@@ -446,14 +584,7 @@ class Evaluator:
         self.reference_accuracy = None if labels is None else 100.0 * float(np.mean(self.reference_correct))
 
     def run(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
-        n = next(iter(self.inputs.values())).shape[0]
-        if self.batch is None or n == self.batch:
-            return self.session.run(self.output_names, {**self.inputs, **overrides})
-        chunks = [
-            self.session.run(self.output_names, {**{k: v[s : s + self.batch] for k, v in self.inputs.items()}, **overrides})
-            for s in range(0, n, self.batch)
-        ]
-        return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]
+        return _run_with(self.session, self.inputs, overrides, self.output_names, self.batch)
 
     def _correct(self, outputs: list[np.ndarray]) -> np.ndarray:
         """Per row, is the first output's top-1 right: its argmax, or its value when it is an
@@ -479,8 +610,14 @@ class Evaluator:
         lost = 100.0 * float(np.mean(self.reference_correct & ~correct))
         return Score(error, drop, lost)
 
-    def score(self, choices: dict[str, Choice | tuple[float, int | None]], compress: Compress) -> Score:
-        """The model with every layer in `choices` compressed to its (density, bits)."""
+    def score(self, choices: dict[str, Choice | tuple[float, int | None]], compress: Compress | Sequential) -> Score:
+        """The model with every layer in `choices` compressed to its (density, bits).
+
+        compress: a `Sequential` (layers compressed in order, as the passes do) or a
+        per-layer function such as `plain_compress` (each layer on its own).
+        """
+        if isinstance(compress, Sequential):
+            return self.score_outputs(self.run(compress.overrides(choices)))
         overrides = {}
         for layer in self.layers:
             if layer.name in choices:
@@ -513,7 +650,7 @@ def sensitivity(
     labels: np.ndarray | None = None,
     densities: Iterable[float] = DENSITIES,
     bits: Iterable[int] = BITS,
-    compress: Compress = plain_compress,
+    compress: Compress | Sequential = plain_compress,
     progress: Progress = lambda msg: None,
     evaluator: Evaluator | None = None,
 ) -> dict[str, LayerSensitivity]:
@@ -625,7 +762,7 @@ def auto_recipe(
     bits: Iterable[int] = BITS,
     target: Target = Target(),
     fixed: dict[str, tuple[float | None, int | None]] | None = None,
-    compress: Compress = plain_compress,
+    compress: Compress | Sequential = plain_compress,
     progress: Progress = lambda msg: None,
     report: dict | None = None,
 ) -> dict[str, Choice]:
@@ -636,8 +773,9 @@ def auto_recipe(
     (relative output error); default accuracy when labels are given. Steps: the
     sensitivity scan, `recipe_path`, then a binary search along the path where every
     probe compresses all layers with `compress` and runs the model; the result is
-    the most compressed probe that measured within budget. Pass the compress function
-    the passes use, so the guarantee holds for the compiled model. Raises RecipeError
+    the most compressed probe that measured within budget. Pass the `Sequential` the
+    passes use (or `plain_compress` when they reconstruct nothing), so the guarantee
+    holds for the compiled model. Raises RecipeError
     if even the mildest recipe exceeds the budget.
     `report`, when given, receives "sensitivity" (the scan), "metric", "budget",
     "path_length", "probes" (step, value) and "chosen_step".

@@ -1,8 +1,8 @@
-"""Deep Compression step 2: k-means weight sharing (IR1 -> IR2), then codebook refit and bias correction.
+"""Deep Compression step 2: k-means weight sharing (IR1 -> IR2).
 
 Per layer, the nonzero weights are clustered into 2^bits - 1 shared values; codebook
 entry 0 is 0.0 and holds every pruned weight. W becomes Gather(codebook, Cast(indices)).
-With calibration inputs the codebook is refit by least squares and the bias corrected.
+With sequential reconstruction the prune pass chose the codebook (refit) and bias already.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import onnx
 from onnx import helper
 
 from eiec.errors import ModelError, RecipeError
-from eiec.ir import (Layer, find_layers, get_initializer, initializer_map, matrix_view,
-                     remove_initializer, set_initializer)
+from eiec.ir import Layer, find_layers, get_initializer, initializer_map, remove_initializer, set_initializer
 from eiec.passmanager import Context, PassResult
 
 MAX_ITER = 300
@@ -169,13 +168,13 @@ def quantize_weights(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
 class Cluster:
     """k-means weight sharing per layer, rewriting W as Gather(codebook, Cast(indices)).
 
-    With calibration inputs (shared with the prune pass, `calibrate.context_layer_inputs`)
-    and the recipe's `refit` / `bias_correction`, the codebook values are refit against the
-    dense IR0 weight the prune pass kept (ctx.artifacts["dense_weights"]; the IR1 weight when
-    the prune pass did not run) and the bias is shifted by `reconstruct.bias_correction`.
-    Stats per layer, each the layer's relative output MSE on the calibration rows against the
-    dense weight and bias (`reconstruct.layer_error`, bias change included):
-    layer_error_kmeans, layer_error_refit, layer_error_bias_correction.
+    When the prune pass reconstructed sequentially, it already chose each layer's
+    codebook, indices and corrected bias (ctx.artifacts["clustering"], a
+    `calibrate.LayerResult` per layer, k-means on exactly the IR1 weight found here):
+    this pass writes them, and its stats carry that reconstruction's layer errors
+    (layer_error_kmeans, layer_error_refit, layer_error_bias_correction, bias_shift_rms;
+    `reconstruct.LayerTarget.error`). Otherwise it runs k-means on the IR1 weight itself
+    (plain Deep Compression: no refit, biases unchanged).
     """
 
     name = "cluster"
@@ -187,17 +186,8 @@ class Cluster:
         inits = initializer_map(model)
         layer_stats: list[dict[str, Any]] = []
         done: dict[str, str] = {}  # weight name -> layer that clustered it (shared weights)
-        layers = find_layers(model)
-        layer_inputs = None
-        recipes = {l.name: ctx.layer_recipe(l) for l in layers}
-        wants = [l for l in layers if not recipes[l.name].skip
-                 and (recipes[l.name].refit or recipes[l.name].bias_correction)]
-        if ctx.calibration is not None and wants:
-            from eiec.passes.calibrate import context_layer_inputs
-
-            layer_inputs = context_layer_inputs(model, wants, ctx.calibration, ctx.artifacts, ctx.seed)
-        dense = ctx.artifacts.get("dense_weights", {})
-        for layer in layers:
+        planned = ctx.artifacts.get("clustering", {})
+        for layer in find_layers(model):
             lr = ctx.layer_recipe(layer)
             if lr.skip:
                 layer_stats.append({"name": layer.name, "action": "skip"})
@@ -214,10 +204,7 @@ class Cluster:
                                  "initializer (cluster runs on IR1, once)")
             ctx.progress(f"cluster {layer.name}")
             done[layer.weight] = layer.name
-            steps = None
-            if layer_inputs is not None and layer.name in layer_inputs and (lr.refit or lr.bias_correction):
-                steps = (layer_inputs, dense.pop(layer.name, None), lr.refit, lr.bias_correction)
-            layer_stats.append(self._cluster_layer(model, layer, int(lr.bits), steps))
+            layer_stats.append(self._cluster_layer(model, layer, int(lr.bits), planned.get(layer.name)))
             del inits[layer.weight]  # the TensorProto is gone from the graph
         found = {layer.name for layer in find_layers(model)}
         lost = [s["name"] for s in layer_stats if s["name"] not in found]
@@ -225,9 +212,8 @@ class Cluster:
             raise RuntimeError(f"cluster rewrite lost layers {lost}")  # a bug in this pass
         return PassResult(model, {"layers": layer_stats}, bool(done))
 
-    def _cluster_layer(self, model: onnx.ModelProto, layer: Layer, bits: int,
-                       steps: tuple | None = None) -> dict[str, Any]:
-        """steps: (LayerInputs, dense W or None, refit, bias_correction) when reconstructing."""
+    def _cluster_layer(self, model: onnx.ModelProto, layer: Layer, bits: int, plan: Any = None) -> dict[str, Any]:
+        """plan: the prune pass's `calibrate.LayerResult` for this layer, if it made one."""
         w_name = layer.weight
         w = get_initializer(model, w_name)
         if w.dtype != np.float32:
@@ -239,10 +225,15 @@ class Cluster:
         for suffix in (".codebook", ".indices", ".indices_int64"):
             if w_name + suffix in taken:
                 raise ModelError(None, f"layer {layer.name}: name {w_name + suffix} already used")
-        codebook, indices, result = _quantize(w, bits, self.max_iter)
-        recon = self._reconstruct(model, layer, w, codebook, indices, steps) if steps else {}
-        if recon:
-            codebook = recon.pop("codebook")
+        recon: dict[str, Any] = {"reconstruction": "none"}
+        # the plan holds only if it was made for this IR1 weight and bit width
+        if (plan is not None and plan.codebook is not None and plan.codebook.size == 1 << bits
+                and np.array_equal(plan.pruned, w)):
+            codebook, indices, result = plan.codebook, plan.indices, plan.clustering
+            set_initializer(model, layer.bias, plan.bias)
+            recon = {"reconstruction": "sequential", **plan.cluster_stats}
+        else:
+            codebook, indices, result = _quantize(w, bits, self.max_iter)
         del w
 
         remove_initializer(model, w_name)
@@ -265,38 +256,3 @@ class Cluster:
                 "converged": result.converged, "sse_linear_init": result.sse_linear_init,
                 "sse_final": result.sse_final, "nonzero": int(result.starts[-1]),
                 "weights": int(indices.size), **recon}
-
-    @staticmethod
-    def _reconstruct(model: onnx.ModelProto, layer: Layer, w: np.ndarray, codebook: np.ndarray,
-                     indices: np.ndarray, steps: tuple) -> dict[str, Any]:
-        """Codebook refit and bias correction, in `calibrate.reconstructing_compress`' order and
-        arithmetic (so what the auto search measured is what is compiled); the bias
-        initializer is rewritten in place. Returns the stats and the final "codebook"."""
-        from . import reconstruct
-
-        layer_inputs, w_dense, refit, bias_correction = steps
-        W_ref = matrix_view(w if w_dense is None else w_dense).astype(np.float64)
-        idx = matrix_view(indices)
-        H = layer_inputs.hessian(layer.name)
-        out: dict[str, Any] = {"reference": "ir1" if w_dense is None else "dense"}
-
-        def error(cb: np.ndarray, delta_b: np.ndarray | None = None) -> float | None:
-            if H is None:  # too wide for a Hessian: no error stats
-                return None
-            W = np.asarray(cb, np.float64)[idx]
-            return reconstruct.layer_error(W_ref, W, H, layer_inputs.mean(layer.name), delta_b)
-
-        out["layer_error_kmeans"] = error(codebook)
-        if refit:
-            codebook = reconstruct.refit_codebook(W_ref, idx, codebook, H, X=layer_inputs.X(layer.name))
-            out["layer_error_refit"] = error(codebook)
-        if bias_correction:
-            b = get_initializer(model, layer.bias)
-            W_new = np.asarray(codebook, np.float64)[idx]
-            b_new = (b + reconstruct.bias_correction(W_ref, W_new, layer_inputs.mean(layer.name))).astype(b.dtype)
-            set_initializer(model, layer.bias, b_new)
-            delta = b_new.astype(np.float64) - b
-            out["bias_shift_rms"] = float(np.sqrt(np.mean(delta**2))) if delta.size else 0.0
-            out["layer_error_bias_correction"] = error(codebook, delta)
-        out["codebook"] = codebook
-        return out

@@ -1,8 +1,7 @@
-"""Deep Compression step 1: pruning (IR0 -> IR1), by magnitude or OBS-style with calibration data.
+"""Deep Compression step 1: pruning (IR0 -> IR1), by magnitude or, with calibration data, sequentially.
 
 Per layer, keep the `density` fraction of W's elements and set the rest to exact zeros:
-by |w|, or (recipe `obs: true` and calibration inputs) by second-order saliency with the
-kept weights updated to compensate (`reconstruct.obs_prune`). Biases stay dense.
+by |w|, or with reconstruction on calibration data (`calibrate.Sequential`). Biases stay dense.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import numpy as np
 import onnx
 
 from eiec.errors import ModelError, RecipeError
-from eiec.ir import Layer, find_layers, get_initializer, initializer_map, matrix_view, set_initializer
+from eiec.ir import Layer, find_layers, get_initializer, initializer_map, set_initializer
 from eiec.passmanager import Context, PassResult
 
 
@@ -47,14 +46,21 @@ def _density(w: np.ndarray) -> float:
 
 
 class Prune:
-    """Pruning to each layer's recipe density; OBS-style when the recipe and calibration allow.
+    """Pruning to each layer's recipe density; with calibration, sequential reconstruction.
 
-    With calibration inputs (ctx.calibration) the pass captures every layer's inputs once
-    (`calibrate.context_layer_inputs`, shared with the auto search and the cluster pass) and
-    keeps each layer's dense IR0 weight in ctx.artifacts["dense_weights"] for the cluster
-    pass's codebook refit and bias correction. Stats per layer: layer_error_magnitude and
-    layer_error_obs (relative output MSE on the calibration rows, `reconstruct.layer_error`)
-    and `method`, the one kept.
+    Without calibration inputs, or when no layer asks for obs / refit / bias_correction:
+    magnitude pruning per layer. Otherwise the whole per-layer pipeline runs here, in
+    graph order (`calibrate.Sequential`): capture the layer's inputs from the model with
+    the earlier layers already pruned, clustered and corrected, then prune (magnitude or
+    OBS), k-means, refit and bias-correct against the dense layer's outputs. Pruning
+    layer L+1 must see layer L's final output, so the clustering is decided here too;
+    this pass writes the pruned weights (IR1, biases unchanged) and leaves each layer's
+    codebook, indices and bias in ctx.artifacts["clustering"] for the cluster pass. The
+    `Sequential` the auto search measured with (ctx.artifacts["sequential"]) is reused
+    when it was built for this model, so the compiled layers are the measured ones.
+    Stats per layer (relative output MSE against the dense layer on the calibration rows,
+    `reconstruct.LayerTarget.error`): layer_error_dense (dense weights on the compressed
+    inputs), layer_error_magnitude, layer_error_obs, layer_error (kept) and `method`.
     """
 
     name = "prune"
@@ -81,40 +87,80 @@ class Prune:
                                  "initializer (prune runs on IR0, before cluster)")
             done[layer.weight] = layer.name
             todo.append((len(layer_stats), layer, lr))
-            layer_stats.append({})  # filled below, once the layer inputs are captured
-        layer_inputs = None
-        wants = [l for _, l, lr in todo if lr.obs or lr.refit or lr.bias_correction]
-        if ctx.calibration is not None and wants:
-            from eiec.passes.calibrate import context_layer_inputs
-
-            ctx.progress("prune: capturing layer inputs on the calibration data")
-            layer_inputs = context_layer_inputs(model, wants, ctx.calibration, ctx.artifacts, ctx.seed)
-        dense = ctx.artifacts.setdefault("dense_weights", {})
+            layer_stats.append({})  # filled below
+        plan = None
+        if ctx.calibration is not None and any(lr.obs or lr.refit or lr.bias_correction for _, _, lr in todo):
+            plan = self._plan(model, todo, ctx)
         for slot, layer, lr in todo:
-            ctx.progress(f"prune {layer.name}")
             w = get_initializer(model, layer.weight)
-            if layer_inputs is not None and layer.name in layer_inputs and (lr.refit or lr.bias_correction):
-                dense[layer.name] = w  # the cluster pass refits against the unpruned weights
-            H = layer_inputs.hessian(layer.name) if layer_inputs is not None and layer.name in layer_inputs else None
-            layer_stats[slot] = self._prune_layer(model, layer, lr.density, H, lr.obs)
+            self._check(layer, w)
+            if plan is None:
+                ctx.progress(f"prune {layer.name}")
+                layer_stats[slot] = self._prune_layer(model, layer, lr.density)
+            else:
+                layer_stats[slot] = self._write_planned(model, layer, lr.density, w, plan[layer.name])
         changed = any(s.get("action") == "prune" for s in layer_stats)
         total = sum(s.get("weights", 0) for s in layer_stats)
         nonzero = sum(s.get("nonzero", 0) for s in layer_stats)
         stats = {"layers": layer_stats, "weights": total,
                  "density": nonzero / total if total else 0.0,
+                 "reconstruction": "none" if plan is None else "sequential",
                  "calibration": "none" if ctx.calibration is None else
                                 ("random" if ctx.calibration_is_random else "file")}
         return PassResult(model, stats, changed)
 
     @staticmethod
-    def _prune_layer(model: onnx.ModelProto, layer: Layer, density: float | str,
-                     H: np.ndarray | None = None, obs: bool = False) -> dict[str, Any]:
-        w = get_initializer(model, layer.weight)
+    def _plan(model: onnx.ModelProto, todo: list, ctx: Context) -> dict:
+        """Run (or reuse) the sequential compression of every layer; leave it for the cluster pass."""
+        from eiec.passes.calibrate import Sequential, Steps
+
+        layers = [layer for _, layer, _ in todo]
+        steps = {layer.name: Steps(lr.obs, lr.refit, lr.bias_correction) for _, layer, lr in todo}
+        choices = {}
+        for _, layer, lr in todo:
+            if lr.bits == "auto":
+                raise RecipeError(ctx.recipe.path, f"layer {layer.name}: bits 'auto' must be resolved "
+                                  "before the prune pass runs (sequential reconstruction clusters each "
+                                  "layer before pruning the next)")
+            choices[layer.name] = (1.0 if lr.density == "keep" else float(lr.density), int(lr.bits))
+        for layer in layers:
+            Prune._check(layer, get_initializer(model, layer.weight))
+        seq = ctx.artifacts.get("sequential")
+        if seq is None or not seq.matches(model, layers, steps, ctx.calibration, ctx.seed):
+            ctx.progress("prune: capturing layer inputs on the calibration data")
+            seq = Sequential(model, layers, ctx.calibration, steps, seed=ctx.seed, progress=ctx.progress)
+        plan = seq.compress(choices)
+        ctx.artifacts["clustering"] = plan
+        return plan
+
+    @staticmethod
+    def _check(layer: Layer, w: np.ndarray) -> None:
         if w.dtype != np.float32:
             raise ModelError(None, f"layer {layer.name}: weight {layer.weight} is {w.dtype}, "
                              "the canonical IR needs float32")
         if not np.isfinite(w).all():
             raise ModelError(None, f"layer {layer.name}: weight {layer.weight} has NaN or inf values")
+
+    @staticmethod
+    def _write_planned(model: onnx.ModelProto, layer: Layer, density: float | str, w: np.ndarray,
+                       res: Any) -> dict[str, Any]:
+        before = _density(w)
+        stats: dict[str, Any] = {"name": layer.name, "shape": list(w.shape), "weights": int(w.size),
+                                 "density_before": before}
+        nonzero = int(np.count_nonzero(res.pruned))
+        if density == "keep":
+            stats.update(action="keep", density_after=before, kept=nonzero, nonzero=nonzero, threshold=None)
+        else:
+            set_initializer(model, layer.weight, res.pruned)
+            kept = int(np.count_nonzero(magnitude_mask(w, float(density))))
+            stats.update(action="prune", density_after=nonzero / w.size, kept=kept, nonzero=nonzero,
+                         threshold=float(np.abs(res.pruned[res.pruned != 0]).min()) if nonzero else None)
+        stats.update(res.prune_stats)
+        return stats
+
+    @staticmethod
+    def _prune_layer(model: onnx.ModelProto, layer: Layer, density: float | str) -> dict[str, Any]:
+        w = get_initializer(model, layer.weight)
         before = _density(w)
         stats: dict[str, Any] = {"name": layer.name, "shape": list(w.shape), "weights": int(w.size),
                                  "density_before": before}
@@ -126,22 +172,9 @@ class Prune:
         mask = magnitude_mask(w, float(density))
         kept = int(np.count_nonzero(mask))
         threshold = float(np.abs(w[mask]).min())
-        w_mag = np.where(mask, w, np.float32(0))
-        w_new, method = w_mag, "magnitude"
-        if H is not None:
-            from . import reconstruct  # imports magnitude_mask from this module
-
-            W_ref = matrix_view(w).astype(np.float64)
-            stats["layer_error_magnitude"] = reconstruct.layer_error(W_ref, matrix_view(w_mag), H)
-            if obs:
-                # the same call as calibrate.reconstructing_compress, so auto's measurements hold
-                w_obs = reconstruct.prune_matrix(W_ref, float(density), H).astype(np.float32).reshape(w.shape)
-                stats["layer_error_obs"] = reconstruct.layer_error(W_ref, matrix_view(w_obs), H)
-                if not np.array_equal(w_obs, w_mag):
-                    w_new, method = w_obs, "obs"
-            stats["layer_error"] = reconstruct.layer_error(W_ref, matrix_view(w_new), H)
+        w_new = np.where(mask, w, np.float32(0))
         set_initializer(model, layer.weight, w_new)
         nonzero = int(np.count_nonzero(w_new))
-        stats.update(action="prune", method=method, density_after=nonzero / w.size, kept=kept,
+        stats.update(action="prune", method="magnitude", density_after=nonzero / w.size, kept=kept,
                      nonzero=nonzero, threshold=threshold)
         return stats

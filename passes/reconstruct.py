@@ -1,7 +1,8 @@
 """Deep Compression without retraining: the per-layer reconstruction math.
 
 Second-order (OBS / SparseGPT-style) pruning, least-squares codebook refit and bias
-correction, all against a layer's input Hessian H = X^T X / n on calibration data.
+correction, all against a layer's input Hessian H = X^T X / n on calibration data, and
+`LayerTarget`: the sequential problem (inputs from the compressed model, dense outputs).
 
 Shapes. W is the layer's matrix view [out, in] (`eiec.ir.matrix_view`). For a conv
 with group g > 1 the Hessian is per group: pass H as [g, in_g, in_g] (from X
@@ -198,9 +199,13 @@ def layer_error(W_ref: np.ndarray, W_new: np.ndarray, H: np.ndarray,
 
 
 def _codebook_normal_equations(
-    W_ref: np.ndarray, indices: np.ndarray, K: int, H: np.ndarray | None, X: np.ndarray | None
+    W_ref: np.ndarray, indices: np.ndarray, K: int, H: np.ndarray | None, X: np.ndarray | None,
+    R: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A [K,K], r [K] with ||X (W_ref - C[idx])^T||^2 / n = c^T A c - 2 r^T c + const.
+
+    With R (`LayerTarget.R`), the objective is the sequential one, ||X C[idx]^T - T||^2 / n
+    with X^T T / n = H W_ref^T - R: r drops the sum of R over each class's entries.
 
     A[k,l] = sum_o M_k[o] H M_l[o]^T, r[k] = sum_o M_k[o] H W_ref[o]^T, M_k the one-hot
     mask of index k. Q = M H is a sparse (kept entries only) times dense product, so
@@ -222,6 +227,7 @@ def _codebook_normal_equations(
         Wg, Hg = _grouped(W_ref, H)
     g, rows, n_in = Wg.shape
     idx = np.asarray(indices).reshape(Wg.shape)
+    Rg = None if R is None else np.asarray(R, np.float64).reshape(g, n_in, rows)
     A = np.zeros((K, K))
     r = np.zeros(K)
     chunk = max(1, int(2**25 // max(1, K * (n_in if Xg is None else Xg.shape[-2]))))  # ~256 MB of Q
@@ -244,11 +250,14 @@ def _codebook_normal_equations(
                 Q = np.asarray(M @ F).reshape(K, -1)  # Q[k, o] = M_k[o] F
                 A += Q @ Q.T
                 r += Q @ WF[r0:r1].reshape(-1)
+            if R is not None:  # R[g, i, o] summed over the entries (o, i) of each class
+                r -= np.bincount(cls, weights=Rg[gi][i, o + r0], minlength=K)
     return (A + A.T) / 2, r
 
 
 def refit_codebook(
-    W_ref: np.ndarray, indices: np.ndarray, codebook: np.ndarray, H: np.ndarray | None, X: np.ndarray | None = None
+    W_ref: np.ndarray, indices: np.ndarray, codebook: np.ndarray, H: np.ndarray | None, X: np.ndarray | None = None,
+    R: np.ndarray | None = None,
 ) -> np.ndarray:
     """Least-squares codebook values: minimise the layer's output error on calibration data.
 
@@ -258,11 +267,12 @@ def refit_codebook(
     accepted only if the cast values lower the error by more than rounding noise;
     otherwise the original codebook comes back, so the refit never increases
     `layer_error`. X (optional, the rows H came from) speeds up wide FC layers; with
-    H None (a layer too wide for its Hessian) X alone defines the error.
+    H None (a layer too wide for its Hessian) X alone defines the error. R (optional,
+    `LayerTarget.R`) makes the objective the sequential target's (`LayerTarget.error`).
     """
     codebook = np.asarray(codebook)
     K = codebook.shape[0]
-    A, r = _codebook_normal_equations(W_ref, indices, K, H, X)
+    A, r = _codebook_normal_equations(W_ref, indices, K, H, X, R)
     free = np.diagonal(A) > 0
     free[0] = False
     c_old = codebook.astype(np.float64)
@@ -300,3 +310,99 @@ def bias_correction(W_ref: np.ndarray, W_new: np.ndarray, mean_x: np.ndarray) ->
     if E.ndim != 2 or E.shape[0] % g or E.shape[1] != m.shape[1]:
         raise ValueError(f"W {E.shape} does not fit mean_x {mean_x.shape}")
     return np.einsum("goi,gi->go", E.reshape(g, -1, m.shape[1]), m).reshape(-1)
+
+
+class LayerTarget:
+    """One layer's sequential reconstruction problem on the calibration rows.
+
+    minimise mean ||X W_new^T + b_new - Y_ref||^2 over the rows, where X are the inputs
+    the layer sees once the earlier layers are compressed and Y_ref = X_ref W^T + b is
+    the dense layer's output on its dense inputs X_ref (same rows). With E = W_new - W,
+    D = X W^T - X_ref W^T (the input mismatch), R = X^T D / n and f0 = |D|^2 / n, the
+    bias-free part is tr(E H E^T) + 2 tr(E R) + f0: quadratic in W_new with the layer's
+    Hessian H, so OBS, the codebook refit and bias correction all apply. X_ref None (or
+    X itself) is the non-sequential problem: R = 0, f0 = 0. Shapes: W [out, in]; X,
+    X_ref [n, in] or per group [g, n, in_g]. H is None above MAX_HESSIAN_INPUTS (per group):
+    then no OBS and no error stats, and the refit goes through X.
+    """
+
+    def __init__(self, W: np.ndarray, X: np.ndarray, X_ref: np.ndarray | None = None):
+        self.W = np.asarray(W, np.float64)
+        X = np.asarray(X, np.float64)
+        self.X = X[None] if X.ndim == 2 else X  # [g, n, in_g]
+        g, n, n_in = self.X.shape
+        if n == 0:
+            raise ValueError("LayerTarget needs at least one calibration row")
+        if self.W.ndim != 2 or self.W.shape[1] != n_in or self.W.shape[0] % g:
+            raise ValueError(f"W {self.W.shape} does not fit X {X.shape}")
+        self.groups = g
+        Wg = self.W.reshape(g, -1, n_in)
+        self.H = layer_hessian(self.X) if n_in <= MAX_HESSIAN_INPUTS else None
+        self.mean_x = self.X.mean(axis=1)  # [g, in_g]
+        sequential = X_ref is not None and X_ref is not X
+        Xr = self.X if not sequential else np.asarray(X_ref, np.float64).reshape(self.X.shape)
+        T = Xr @ np.swapaxes(Wg, 1, 2)  # [g, n, out_g]: the dense outputs, bias-free
+        self.energy = float(np.sum(T * T)) / n  # the denominator of every relative error
+        if sequential:
+            D = self.X @ np.swapaxes(Wg, 1, 2) - T
+            self.R = np.swapaxes(self.X, 1, 2) @ D / n  # [g, in_g, out_g]
+            self.f0 = float(np.sum(D * D)) / n
+            self.mean_d = D.mean(axis=1).reshape(-1)  # [out]
+        else:
+            self.R, self.f0, self.mean_d = None, 0.0, np.zeros(self.W.shape[0])
+
+    @property
+    def sequential(self) -> bool:
+        return self.R is not None
+
+    def _E(self, W_new: np.ndarray) -> np.ndarray:
+        return np.asarray(W_new, np.float64).reshape(self.groups, -1, self.X.shape[-1]) - self.W.reshape(
+            self.groups, -1, self.X.shape[-1])
+
+    def mean_residual(self, W_new: np.ndarray) -> np.ndarray:
+        """mean over the rows of X W_new^T - Y_ref + b, per output [out]."""
+        return np.einsum("goi,gi->go", self._E(W_new), self.mean_x).reshape(-1) + self.mean_d
+
+    def error(self, W_new: np.ndarray, delta_b: np.ndarray | None = None) -> float | None:
+        """Relative output MSE against Y_ref, bias change delta_b [out] included: |y_new - Y_ref|^2 / |X_ref W^T|^2.
+
+        None when the layer has no Hessian (too wide). For a non-sequential target without
+        delta_b this is `layer_error(W, W_new, H)`.
+        """
+        if self.H is None:
+            return None
+        E = self._E(W_new)
+        num = float(np.sum((E @ self.H) * E)) + self.f0
+        if self.R is not None:
+            num += 2 * float(np.sum(E * np.swapaxes(self.R, 1, 2)))
+        if delta_b is not None:
+            db = np.asarray(delta_b, np.float64).reshape(-1)
+            num += 2 * float(db @ self.mean_residual(W_new)) + float(db @ db)
+        num = max(num, 0.0)
+        if self.energy <= 0:
+            return 0.0 if num <= 0 else float("inf")
+        return num / self.energy
+
+    def optimum(self, damp: float = 0.01) -> np.ndarray:
+        """The unpruned least-squares weights W* = W - R^T (H + lambda I)^-1 [out, in], the matrix OBS prunes.
+
+        The damping (lambda = damp * mean diag H, as in `obs_prune`) shrinks the correction
+        toward the dense W, never W itself toward zero. W itself when not sequential.
+        """
+        if self.R is None or self.H is None:
+            return self.W.copy()
+        g, n_in = self.groups, self.X.shape[-1]
+        diag = np.diagonal(self.H, axis1=1, axis2=2)
+        lam = damp * np.maximum(diag.mean(axis=1), 1e-12)
+        Hd = self.H + lam[:, None, None] * np.eye(n_in)
+        corr = np.stack([scipy.linalg.solve(Hd[i], self.R[i], assume_a="pos") for i in range(g)])  # [g, in, out_g]
+        return (self.W.reshape(g, -1, n_in) - np.swapaxes(corr, 1, 2)).reshape(self.W.shape)
+
+    def refit(self, indices: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+        """`refit_codebook` against this target: never increases `error` (bias change aside)."""
+        return refit_codebook(self.W, indices, codebook, None if self.H is None else self.H,
+                              X=self.X if self.groups > 1 else self.X[0], R=self.R)
+
+    def bias_correction(self, W_new: np.ndarray) -> np.ndarray:
+        """delta_b [out] to ADD to the bias: mean(Y_ref - X W_new^T - b), the mean output restored."""
+        return -self.mean_residual(W_new)

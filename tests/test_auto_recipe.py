@@ -1,7 +1,8 @@
 """Reconstruction through the passes and `auto` through the real compile, against independent oracles.
 
 Oracles: layer outputs computed here with numpy from intermediate tensors that onnxruntime
-produces, and the compiled model's IR2 dump run in onnxruntime on the calibration set.
+produces (dense inputs from the original model, sequential inputs from the compressed IR2
+model), and the compiled model's IR2 dump run in onnxruntime on the calibration set.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from eiec.container import read_eie
 from eiec.driver import compile_model
-from eiec.ir import OPSET, find_layers, get_initializer, matrix_view
-from eiec.passes.calibrate import Steps, capture_layer_inputs, reconstructing_compress
-from eiec.passes.cluster import Cluster
-from eiec.passes.prune import Prune
+from eiec.ir import OPSET, find_layers, get_initializer, matrix_view, set_initializer
+from eiec.passes.calibrate import Sequential, Steps
+from eiec.passes.cluster import Cluster, quantize_weights
+from eiec.passes.prune import Prune, magnitude_mask
 from eiec.passmanager import Context
 from eiec.recipe import parse_recipe
 from eiec.report import sensitivity_table
@@ -67,90 +68,126 @@ def ir2_weights(model: onnx.ModelProto, layer) -> np.ndarray:
     return get_initializer(model, layer.weight + ".codebook")[get_initializer(model, layer.weight + ".indices")]
 
 
-def layer_output_error(X: np.ndarray, w_ref, b_ref, w_new, b_new) -> float:
-    """Oracle for the passes' layer_error stats: relative output MSE on the rows X, bias included."""
-    X = X.astype(np.float64)
-    y_ref = X @ matrix_view(w_ref).T.astype(np.float64) + b_ref
-    y_new = X @ matrix_view(w_new).T.astype(np.float64) + b_new
-    return float(np.sum((y_new - y_ref) ** 2) / np.sum((X @ matrix_view(w_ref).T.astype(np.float64)) ** 2))
+def layer_output_error(X: np.ndarray, X_ref: np.ndarray, w_ref, b_ref, w_new, b_new) -> float:
+    """Oracle for the sequential layer_error stats: |X W_new^T + b_new - (X_ref W^T + b)|^2 / |X_ref W^T|^2."""
+    X, X_ref = X.astype(np.float64), X_ref.astype(np.float64)
+    y_ref = X_ref @ matrix_view(w_ref).T.astype(np.float64)
+    y_new = X @ matrix_view(w_new).T.astype(np.float64) + b_new - b_ref
+    return float(np.sum((y_new - y_ref) ** 2) / np.sum(y_ref**2))
 
 
-def compress_passes(model: onnx.ModelProto, feeds, density: float, bits: int, **steps) -> tuple[onnx.ModelProto, dict]:
+def layer_inputs(model: onnx.ModelProto, feeds) -> dict[str, np.ndarray]:
+    """Every layer's input in `model`, by onnxruntime (the IR2 dump: the compressed predecessors)."""
+    hidden = run(model, feeds, ["h0", "h1"])
+    return {"fc0": feeds["x"], "fc1": hidden[1], "fc2": hidden[2]}
+
+
+def compress_passes(model: onnx.ModelProto, feeds, density: float, bits: int,
+                    **steps) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
+    """(IR1, IR2, stats) from the prune and cluster passes with calibration inputs `feeds`."""
     ctx = Context(recipe=parse_recipe({"defaults": {"density": density, "bits": bits, **steps}}),
                   calibration=feeds, calibration_is_random=False)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     p = Prune().run(m, ctx)
+    ir1 = onnx.ModelProto()
+    ir1.CopyFrom(p.model)
     c = Cluster().run(p.model, ctx)
-    return c.model, {"prune": {l["name"]: l for l in p.stats["layers"]},
-                     "cluster": {l["name"]: l for l in c.stats["layers"]}}
+    return ir1, c.model, {"prune": {l["name"]: l for l in p.stats["layers"]},
+                          "cluster": {l["name"]: l for l in c.stats["layers"]}}
 
 
 @settings(max_examples=8, deadline=None)
 @given(st.integers(0, 2**16), st.sampled_from([0.1, 0.3, 0.6, 1.0]), st.sampled_from([2, 3, 4]), st.booleans())
-def test_cluster_pass_refit_never_increases_the_calibration_layer_error(seed, density, bits, obs):
+def test_refit_never_increases_the_sequential_target_error(seed, density, bits, obs):
     model = mlp(seed)
     feeds = {"x": correlated_inputs(seed, 150)}
-    hidden = run(model, feeds, ["h0", "h1"])
-    X = {"fc0": feeds["x"], "fc1": hidden[1], "fc2": hidden[2]}  # every layer's input on the dense model
-    on, stats = compress_passes(model, feeds, density, bits, obs=obs, refit=True, bias_correction=False)
-    off, _ = compress_passes(model, feeds, density, bits, obs=obs, refit=False, bias_correction=False)
+    X_ref = layer_inputs(model, feeds)
+    ir1, ir2, stats = compress_passes(model, feeds, density, bits, obs=obs, refit=True, bias_correction=False)
+    X = layer_inputs(ir2, feeds)  # what each layer sees once its predecessors are compressed
     for layer in find_layers(model):
         s = stats["cluster"][layer.name]
+        assert s["reconstruction"] == "sequential"
         assert s["layer_error_refit"] <= s["layer_error_kmeans"] * (1 + 1e-9) + 1e-15
         w0, b0 = get_initializer(model, layer.weight), get_initializer(model, layer.bias)
-        w_on, w_off = ir2_weights(on, layer), ir2_weights(off, layer)
-        e_on = layer_output_error(X[layer.name], w0, b0, w_on, b0)
-        e_off = layer_output_error(X[layer.name], w0, b0, w_off, b0)
-        assert e_on <= e_off * (1 + 1e-6) + 1e-12  # measured independently, through the outputs
-        assert s["layer_error_refit"] == pytest.approx(e_on, rel=1e-4, abs=1e-9)
-        assert s["layer_error_kmeans"] == pytest.approx(e_off, rel=1e-4, abs=1e-9)
-        assert get_initializer(on, layer.weight + ".codebook")[0] == 0.0
-        np.testing.assert_array_equal(w_on == 0, w_off == 0)  # the refit moves values, never the mask
+        # k-means alone, recomputed here from the IR1 weight, and the refit codebook from IR2
+        codebook, indices = quantize_weights(get_initializer(ir1, layer.weight), bits)
+        w_km, w_refit = codebook[indices], ir2_weights(ir2, layer)
+        e_km = layer_output_error(X[layer.name], X_ref[layer.name], w0, b0, w_km, b0)
+        e_refit = layer_output_error(X[layer.name], X_ref[layer.name], w0, b0, w_refit, b0)
+        assert e_refit <= e_km * (1 + 1e-6) + 1e-12  # measured independently, through the outputs
+        assert s["layer_error_refit"] == pytest.approx(e_refit, rel=1e-4, abs=1e-9)
+        assert s["layer_error_kmeans"] == pytest.approx(e_km, rel=1e-4, abs=1e-9)
+        np.testing.assert_array_equal(get_initializer(ir2, layer.weight + ".indices"), indices)
+        assert get_initializer(ir2, layer.weight + ".codebook")[0] == 0.0
+        np.testing.assert_array_equal(get_initializer(ir2, layer.bias), b0)  # bias correction off
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_prune_pass_obs_beats_magnitude_layer_error_at_the_same_density(seed):
     model = mlp(seed)
     feeds = {"x": correlated_inputs(seed, 200)}
-    hidden = run(model, feeds, ["h0", "h1"])
-    X = {"fc0": feeds["x"], "fc1": hidden[1], "fc2": hidden[2]}
+    X_ref = layer_inputs(model, feeds)
     for obs in (True, False):
-        ctx = Context(recipe=parse_recipe({"defaults": {"density": 0.3, "bits": 4, "obs": obs}}),
-                      calibration=feeds, calibration_is_random=False)
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        res = Prune().run(m, ctx)
+        ir1, ir2, stats = compress_passes(model, feeds, 0.3, 4, obs=obs)
+        X = layer_inputs(ir2, feeds)
         for layer in find_layers(model):
-            s = next(l for l in res.stats["layers"] if l["name"] == layer.name)
+            s = stats["prune"][layer.name]
             w0, b0 = get_initializer(model, layer.weight), get_initializer(model, layer.bias)
-            w1 = get_initializer(res.model, layer.weight)
+            w1 = get_initializer(ir1, layer.weight)
             assert np.count_nonzero(w1) == round(0.3 * w1.size)
-            measured = layer_output_error(X[layer.name], w0, b0, w1, b0)
+            measured = layer_output_error(X[layer.name], X_ref[layer.name], w0, b0, w1, b0)
             assert s["layer_error"] == pytest.approx(measured, rel=1e-4)
+            magnitude = np.where(magnitude_mask(w0, 0.3), w0, 0)
+            e_mag = layer_output_error(X[layer.name], X_ref[layer.name], w0, b0, magnitude, b0)
+            assert s["layer_error_magnitude"] == pytest.approx(e_mag, rel=1e-4)
             if obs:
                 assert s["method"] == "obs"
                 assert s["layer_error_obs"] < 0.8 * s["layer_error_magnitude"]
             else:
                 assert s["method"] == "magnitude" and "layer_error_obs" not in s
+                np.testing.assert_array_equal(w1, magnitude)
 
 
-def test_bias_correction_restores_the_mean_layer_output_and_lowers_the_error():
+def test_bias_correction_restores_every_layers_mean_dense_output_and_lowers_the_error():
     model = mlp(5)
     feeds = {"x": correlated_inputs(5, 300)}
-    out, stats = compress_passes(model, feeds, 0.2, 3)
-    layer = find_layers(model)[0]  # its input is the same in both models
-    s = stats["cluster"][layer.name]
-    w0, b0 = get_initializer(model, layer.weight), get_initializer(model, layer.bias)
-    w2, b2 = ir2_weights(out, layer), get_initializer(out, layer.bias)
-    X = feeds["x"].astype(np.float64)
-    np.testing.assert_allclose((X @ w2.T + b2).mean(axis=0), (X @ w0.T + b0).mean(axis=0), atol=1e-5)
-    assert s["layer_error_bias_correction"] < s["layer_error_refit"] <= s["layer_error_kmeans"]
-    assert s["layer_error_bias_correction"] == pytest.approx(layer_output_error(X, w0, b0, w2, b2), rel=1e-4)
+    X_ref = layer_inputs(model, feeds)
+    _, out, stats = compress_passes(model, feeds, 0.2, 3)
+    X = layer_inputs(out, feeds)
+    for layer in find_layers(model):
+        s = stats["cluster"][layer.name]
+        w0, b0 = get_initializer(model, layer.weight), get_initializer(model, layer.bias)
+        w2, b2 = ir2_weights(out, layer), get_initializer(out, layer.bias)
+        x, x_ref = X[layer.name].astype(np.float64), X_ref[layer.name].astype(np.float64)
+        np.testing.assert_allclose((x @ w2.T + b2).mean(axis=0), (x_ref @ w0.T + b0).mean(axis=0), atol=1e-5)
+        assert s["layer_error_bias_correction"] < s["layer_error_refit"] <= s["layer_error_kmeans"]
+        measured = layer_output_error(x, x_ref, w0, b0, w2, b2)
+        assert s["layer_error_bias_correction"] == pytest.approx(measured, rel=1e-4)
 
 
-def test_passes_compile_exactly_what_reconstructing_compress_measures():
-    """The auto budget holds for the compiled model only if the passes equal the search's compress."""
+def test_sequential_reconstruction_lowers_the_model_output_error():
+    """Reconstructing on the compressed predecessors' outputs beats reconstructing on the dense inputs."""
+    model = mlp(6)
+    feeds = {"x": correlated_inputs(6, 300)}
+    (y_ref,) = run(model, feeds)
+    _, ir2, _ = compress_passes(model, feeds, 0.25, 3)
+    # the non-sequential oracle: every layer compressed alone on its dense inputs, then combined
+    seq = Sequential(model, find_layers(model), feeds)
+    alone = {}
+    for layer in find_layers(model):
+        res = seq.compress({layer.name: (0.25, 3)})[layer.name]
+        alone[layer.weight], alone[layer.bias] = res.weight, res.bias
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for name, value in alone.items():
+        set_initializer(m, name, value)
+    error = lambda y: float(np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref))
+    assert error(run(ir2, feeds)[0]) < error(run(m, feeds)[0])
+
+
+def test_passes_compile_exactly_what_the_sequential_compressor_measures():
+    """The auto budget holds for the compiled model only if the passes equal the search's compressor."""
     model = mlp(7)
     feeds = {"x": correlated_inputs(7, 120)}
     layers = find_layers(model)
@@ -160,11 +197,10 @@ def test_passes_compile_exactly_what_reconstructing_compress_measures():
     m.CopyFrom(model)
     out = Cluster().run(Prune().run(m, ctx).model, ctx).model
     steps = {"fc0": Steps(), "fc1": Steps(obs=False), "fc2": Steps(refit=False)}
-    compress = reconstructing_compress(capture_layer_inputs(model, layers, feeds), steps=steps)
+    planned = Sequential(model, layers, feeds, steps).compress({l.name: (0.25, 3) for l in layers})
     for layer in layers:
-        w, b = compress(layer, get_initializer(model, layer.weight), get_initializer(model, layer.bias), 0.25, 3)
-        np.testing.assert_array_equal(ir2_weights(out, layer), w)
-        np.testing.assert_array_equal(get_initializer(out, layer.bias), b)
+        np.testing.assert_array_equal(ir2_weights(out, layer), planned[layer.name].weight)
+        np.testing.assert_array_equal(get_initializer(out, layer.bias), planned[layer.name].bias)
 
 
 def _write_model_and_data(tmp_path, seed: int, n: int, labels: bool) -> tuple[str, str, onnx.ModelProto, dict]:

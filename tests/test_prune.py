@@ -135,3 +135,14 @@ def test_unresolved_auto_density_is_a_recipe_error():
     recipe = parse_recipe({"defaults": {"density": "auto", "bits": 4}})
     with pytest.raises(RecipeError, match="auto"):
         Prune().run(canonical_model(), Context(recipe=recipe))
+
+
+def test_sequential_reconstruction_needs_resolved_bits_but_magnitude_pruning_does_not():
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)}
+    recipe = parse_recipe({"defaults": {"density": 0.3, "bits": "auto"}})
+    with pytest.raises(RecipeError, match="bits 'auto'"):
+        Prune().run(canonical_model(), Context(recipe=recipe, calibration=feeds))
+    plain = parse_recipe({"defaults": {"density": 0.3, "bits": "auto", "obs": False, "refit": False,
+                                       "bias_correction": False}})
+    result = Prune().run(canonical_model(), Context(recipe=plain, calibration=feeds))
+    assert result.stats["reconstruction"] == "none"
