@@ -7,6 +7,7 @@ The container's byte layout and checksums belong to eiec.container.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,9 @@ from onnx import numpy_helper
 
 from . import isa
 from .container import read_eie, write_eie
-from .errors import FormatError
+from .errors import FormatError, ModelError, RecipeError
+from .importer import _check_tensors, check_strings
+from .recipe import target_from_dict
 from .segment import Segment
 from .tensorfile import pack_arrays, unpack_arrays
 
@@ -67,6 +70,11 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
         model.ParseFromString(bytes(members[HOST_MEMBER]))
     except Exception:  # protobuf raises DecodeError and others on damaged bytes
         raise FormatError(path, f"member {HOST_MEMBER} is not an ONNX model") from None
+    try:  # self-contained: external data would make onnxruntime read files beside the user's cwd
+        check_strings(model, path, HOST_MEMBER)
+        _check_tensors(model, path, base=None)
+    except ModelError as e:
+        raise FormatError(path, f"member {HOST_MEMBER}: {e.reason}") from None
     segments: dict[str, Segment] = {}
     seg_meta = manifest.get("segments")
     if not isinstance(seg_meta, list):
@@ -84,4 +92,74 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
     used = {n.name for n in model.graph.node if n.op_type == "EIESegment"}
     if used != set(segments):
         raise FormatError(path, "the host graph's EIESegment nodes do not match the manifest's segments")
+    _check_host_ops(model.graph, path)
+    try:  # the host graph onnxruntime will run: refuse what it would refuse, before any run
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise FormatError(path, f"member {HOST_MEMBER} is not a valid graph: {first}") from None
+    _check_summary(manifest, path)
     return CompiledModel(path, manifest, model, segments)
+
+
+EIE_OPS = frozenset({"EIESegment", "EIEDecode"})  # eiec's own ops in ai.onnx.contrib
+HOST_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+
+
+def _check_host_ops(graph: onnx.GraphProto, path: str) -> None:
+    """Standard ONNX ops plus eiec's own: the extension library's other custom ops
+    (tokenizers, decoders, ...) have no business in a compiled model."""
+    for node in graph.node:
+        if node.domain not in HOST_DOMAINS and not (node.domain == "ai.onnx.contrib" and node.op_type in EIE_OPS):
+            raise FormatError(path, f"member {HOST_MEMBER}: node {node.name or node.op_type!r} uses "
+                                    f"{node.domain}::{node.op_type}, which a compiled model never contains")
+        for a in node.attribute:
+            for g in [a.g] if a.HasField("g") else list(a.graphs):
+                _check_host_ops(g, path)
+
+
+_SUMMARY_COUNTS = ("original_bytes", "compressed_bytes", "compressed_bytes_huffman", "host_bytes")
+_SUMMARY_RATIOS = ("compression_ratio", "compression_ratio_huffman")
+_LAYER_COUNTS = ("bits", "entries", "padding_entries", "bytes_dense", "bytes_fixed", "bytes_huffman")
+
+
+def _check_summary(m: dict[str, Any], path: str) -> None:
+    """The manifest fields `eiec inspect` and the runtime read have their documented types,
+    so a signed-but-edited manifest is a FormatError here, not a crash in a report."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise FormatError(path, f"manifest {what}")
+
+    def count(x: Any) -> bool:
+        return type(x) is int and x >= 0
+
+    def number(x: Any) -> bool:
+        return type(x) in (int, float) and math.isfinite(x)
+
+    try:
+        target_from_dict(m.get("target"), path)
+    except RecipeError as e:
+        raise FormatError(path, f"manifest target: {e.reason}") from None
+    for k in _SUMMARY_COUNTS:
+        need(count(m.get(k)), f"{k} must be a non-negative integer")
+    for k in _SUMMARY_RATIOS:
+        need(number(m.get(k)), f"{k} must be a number")
+    layers = m.get("layers")
+    need(isinstance(layers, list), "layers must be a list")
+    for i, l in enumerate(layers):
+        need(isinstance(l, dict) and isinstance(l.get("name"), str) and isinstance(l.get("kind"), str)
+             and isinstance(l.get("shape"), list) and all(count(d) for d in l["shape"]),
+             f"layers[{i}] needs a name, kind and shape")
+        if not l.get("on_host"):
+            need(number(l.get("density")) and all(count(l.get(k)) for k in _LAYER_COUNTS),
+                 f"layers[{i}] ({l['name']}) needs a density and integer {', '.join(_LAYER_COUNTS)}")
+    host_ops = m.get("host_ops", [])
+    need(isinstance(host_ops, list) and all(isinstance(h, dict) and isinstance(h.get("name"), str)
+                                            and isinstance(h.get("op"), str) for h in host_ops),
+         "host_ops must be a list of {name, op}")
+    sens = m.get("sensitivity")
+    if sens:
+        need(isinstance(sens, dict) and all(
+            isinstance(s, dict) and all(isinstance(s.get(kind, {}), dict) and all(number(e) for e in s.get(kind, {}).values())
+                                        for kind in ("density", "bits")) for s in sens.values()),
+             "sensitivity must map layers to {density|bits: {value: error}}")

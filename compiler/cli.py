@@ -16,6 +16,7 @@ from typing import Callable
 
 from . import __version__
 from .errors import EiecError
+from .tensorfile import check_npz
 
 COMMANDS = ("run", "validate", "inspect", "dis")
 
@@ -131,6 +132,11 @@ def _cmd_compile(args) -> int:
     for flag, v in (("--max-accuracy-drop", args.max_accuracy_drop), ("--max-output-error", args.max_output_error)):
         if v is not None and not (v >= 0):
             raise EiecError(None, f"{flag} must be a number >= 0, got {v}")
+    # every input and the output folder are checked before the first byte is written
+    # (dumps, the automatic recipe), so a bad argument leaves nothing behind
+    _check_output(args.output, [args.model, args.config, args.calibration])
+    if args.calibration is not None:
+        check_npz(args.calibration)
     try:
         res = compile_model(args.model, args.output, args.config, args.calibration, args.dump_ir,
                             args.pes, args.seed, _progress(args),
@@ -148,6 +154,18 @@ def _cmd_compile(args) -> int:
     return 0
 
 
+def _check_output(path: str, inputs: list[str | None]) -> None:
+    """The output can be written: its folder exists, it is not a folder or one of the inputs."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise EiecError(path, f"cannot write here: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise EiecError(path, "is a folder; give a file name for the output")
+    for other in inputs:
+        if other is not None and os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other):
+            raise EiecError(path, f"is also an input ({other}); writing it would destroy the input")
+
+
 def _cmd_run(args) -> int:
     from .report import cycle_table
     from eiec.runtime.session import run_file
@@ -161,6 +179,10 @@ def _cmd_run(args) -> int:
 def _cmd_validate(args) -> int:
     from eiec.runtime.validate import validate_cli
 
+    if args.input is not None:
+        check_npz(args.input)
+    if args.json is not None:
+        _check_output(args.json, [args.model, args.eie, args.input])
     return validate_cli(args.model, args.eie, args.input, args.random, args.bisect, args.max_drop,
                         args.json, quiet=args.quiet)
 

@@ -70,9 +70,23 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(path, f"not an ONNX model or truncated (protobuf parse failed: {e})") from None
     if not model.HasField("graph"):
         raise ModelError(path, "not an ONNX model (no graph)")
+    check_strings(model, path)
     base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     _check_tensors(model, path, base)
     return canonicalize(model, path)
+
+
+def check_strings(msg, path: str, where: str = "model") -> None:
+    """Every string field holds valid UTF-8 (protobuf's upb parser hands back bytes otherwise)."""
+    for fd, value in msg.ListFields():
+        if fd.type not in (fd.TYPE_STRING, fd.TYPE_MESSAGE):
+            continue
+        here = f"{where}.{fd.name}"
+        for v in (value if fd.is_repeated else [value]):
+            if fd.type == fd.TYPE_MESSAGE:
+                check_strings(v, path, here)
+            elif not isinstance(v, str):
+                raise ModelError(path, f"{here} is not valid UTF-8 text ({bytes(v)[:20]!r})")
 
 
 def canonicalize(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
@@ -293,6 +307,11 @@ def _check_domains(model: onnx.ModelProto, path: str) -> None:
     for o in model.opset_import:
         if o.domain not in KNOWN_DOMAINS:
             raise ModelError(path, f"unsupported operator domain '{o.domain}'")
+        try:  # onnx's own table of released opsets; an unknown one would fail deep in export
+            onnx.helper.find_min_ir_version_for([o])
+        except ValueError:
+            raise ModelError(path, f"opset {o.version} of domain '{o.domain or 'ai.onnx'}' is not "
+                                   f"a released version this onnx ({onnx.__version__}) knows") from None
 
     def walk(graph: onnx.GraphProto) -> None:
         for node in graph.node:

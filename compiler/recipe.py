@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,7 +123,7 @@ def _check_target(d: Any, path: str | None) -> Target:
             for ek, ev in v.items():
                 if ek not in ENERGY_KEYS:
                     raise RecipeError(path, f"target.energy.{ek}: unknown key (known: {', '.join(ENERGY_KEYS)})")
-                if isinstance(ev, bool) or not isinstance(ev, (int, float)) or ev < 0:
+                if isinstance(ev, bool) or not isinstance(ev, (int, float)) or not 0 <= ev < math.inf:
                     raise RecipeError(path, f"target.energy.{ek}: must be a number >= 0, got {ev!r}")
             values[k] = Energy(**{ek: float(ev) for ek, ev in v.items()})
             continue
@@ -142,6 +143,11 @@ def _check_target(d: Any, path: str | None) -> Target:
     if not (8 <= t.act_bits <= 16 and 8 <= t.codebook_bits <= 16 and t.act_bits + t.codebook_bits <= t.acc_bits <= 48):
         raise RecipeError(path, "target: need 8 <= act_bits, codebook_bits <= 16 and act_bits + codebook_bits <= acc_bits <= 48")
     return t
+
+
+def target_from_dict(d: Any, path: str | None) -> Target:
+    """A `Target` from a mapping (a recipe's `target`, a .eie segment's), checked like a recipe's."""
+    return _check_target(d, path)
 
 
 _TOP_KEYS = ("target", "defaults", "layers", "budget")
@@ -171,8 +177,8 @@ def parse_recipe(data: Any, path: str | None = None, pes: int | None = None) -> 
     for k, v in budget.items():
         if k not in ("max_accuracy_drop", "max_output_error"):
             raise RecipeError(path, f"budget.{k}: unknown key (known: max_accuracy_drop, max_output_error)")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise RecipeError(path, f"budget.{k}: must be a number >= 0, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise RecipeError(path, f"budget.{k}: must be a finite number >= 0, got {v!r}")
         setattr(recipe, k, float(v))
     return recipe
 
@@ -195,6 +201,8 @@ def load_recipe(path: str | os.PathLike | None, pes: int | None = None) -> Recip
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise RecipeError(path, f"recipe does not parse as YAML{where}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise RecipeError(path, "recipe is nested too deeply") from None
     return parse_recipe(data, path, pes)
 
 

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import isa
-from .errors import FormatError
+from .errors import FormatError, RecipeError
 from .image import SparseImage
 from .target import Target
 from .tensorfile import pack_arrays, unpack_arrays
 from .passes.encode import decode_image, image_from_streams, image_streams
+from .recipe import target_from_dict
+
+MAX_WEIGHT_ELEMENTS = 1 << 31  # the importer's per-tensor limit: no compiled layer is larger
+MAX_FRAC = 64  # Q-format fraction bits a reader accepts; the lower pass stays far inside
 
 
 @dataclass
@@ -146,19 +151,101 @@ class Segment:
     def from_parts(cls, meta: dict, program: bytes, arrays: dict[str, np.ndarray], where: str) -> "Segment":
         """Rebuild from metadata, program bytes and image arrays, checking they agree."""
         try:
-            target = Target.from_dict(meta["target"])
-            layers = [_layer_from(i, m, arrays, target) for i, m in enumerate(meta["layers"])]
+            target = target_from_dict(meta["target"], where)
+            layers: list[LayerSpec] = []
+            for i, m in enumerate(meta["layers"]):
+                layers.append(_layer_from(i, m, arrays, target, layers[-1].out_shape if layers else None))
+            if not all(isinstance(meta[k], str) for k in ("name", "input", "output")):
+                raise ValueError("segment name, input and output must be strings")
             seg = cls(meta["name"], meta["input"], meta["output"], layers,
                       isa.decode(program, where), target, bool(meta["resident"]))
         except FormatError as e:
             raise FormatError(where, e.reason) from None
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except RecipeError as e:  # the target's rules are the recipe's
+            raise FormatError(where, f"segment target: {e.reason}") from None
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
             raise FormatError(where, f"segment metadata is inconsistent ({type(e).__name__}: {e})") from None
         isa.validate_program(seg.program, len(layers), [len(l.tiles) for l in layers], where)
+        _check_program_shapes(seg, where)
         return seg
 
 
-def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target) -> LayerSpec:
+def _check_program_shapes(seg: Segment, where: str) -> None:
+    """The program's operands and data flow agree with the layers (a reader's last check).
+
+    `isa.validate_program` checks ids and load order; this checks what it cannot know:
+    lengths, row/column ranges and line counts are the tiles' own, and each RUN reads
+    the buffer holding the previous layer's output (LOAD_ACT holds the segment input),
+    so a signed-but-tampered program is refused at load instead of failing mid-run.
+    """
+    if not seg.layers:
+        raise FormatError(where, "segment has no layers")
+    holds: dict[int, int] = {}  # buffer -> index of the layer whose output it holds (-1: input)
+    ran = set()
+    for i, ins in enumerate(seg.program):
+        def fail(reason: str) -> None:
+            raise FormatError(where, f"instruction {i} ({ins.op.name}): {reason}")
+
+        if ins.op == isa.Op.LOAD_ACT:
+            want = math.prod(seg.layers[0].in_shape)
+            if ins.a != want:
+                fail(f"length {ins.a}, but the first layer reads {want}")
+            holds[ins.dst] = -1
+        elif ins.op == isa.Op.STORE:
+            want = math.prod(seg.layers[-1].out_shape)
+            if ins.a != want:
+                fail(f"length {ins.a}, but the last layer writes {want}")
+            if holds.get(ins.src) != len(seg.layers) - 1:
+                fail(f"buffer b{ins.src} does not hold the last layer's output")
+        elif ins.op in (isa.Op.LOAD_PTR, isa.Op.LOAD_SPMAT, isa.Op.RUN):
+            layer = seg.layers[ins.layer]
+            t = layer.tiles[ins.tile]
+            cols = (t.col_lo, t.col_lo + t.cols)
+            if ins.op == isa.Op.LOAD_PTR and (ins.a, ins.b) != cols:
+                fail(f"cols {ins.a}..{ins.b} are not tile {ins.tile}'s {cols[0]}..{cols[1]}")
+            if ins.op == isa.Op.LOAD_SPMAT and ins.a != int(np.sum(-(-t.entries_per_pe // 8))):
+                fail(f"{ins.a} lines, but tile {ins.tile} fills {int(np.sum(-(-t.entries_per_pe // 8)))}")
+            if ins.op == isa.Op.RUN:
+                if (ins.a, ins.b, ins.c, ins.d) != (t.row_lo, t.row_lo + t.rows, *cols):
+                    fail(f"rows/cols differ from tile {ins.tile} of layer {layer.name}")
+                if bool(ins.flags & isa.Flag.CONV) != (layer.kind == "conv"):
+                    fail(f"CONV flag does not match layer {layer.name}, a {layer.kind} layer")
+                if holds.get(ins.src) != ins.layer - 1:
+                    fail(f"buffer b{ins.src} does not hold layer {ins.layer}'s input")
+                if ins.flags & isa.Flag.LAST and ins.tile == len(layer.tiles) - 1:
+                    holds[ins.dst] = ins.layer
+                    ran.add(ins.layer)
+    if len(ran) != len(seg.layers):
+        raise FormatError(where, "the program does not run every layer")
+
+
+def _check_shapes(i: int, m: dict, shape: tuple[int, ...], conv: ConvGeometry | None,
+                  prev_out: tuple[int, ...] | None) -> None:
+    """A layer's input/output shapes follow from its weight and geometry and chain on."""
+    in_shape, out_shape = tuple(int(d) for d in m["in_shape"]), tuple(int(d) for d in m["out_shape"])
+    if any(d < 1 for d in (*shape, *in_shape, *out_shape)):
+        raise ValueError(f"layer {i}: shapes must be positive")
+    rows, cols = shape[0], math.prod(shape[1:])
+    if conv is None:
+        if m["kind"] != "fc" or len(shape) != 2 or math.prod(in_shape) != cols or out_shape != (rows,):
+            raise ValueError(f"layer {i}: fc shapes {in_shape} -> {out_shape} do not fit weight {shape}")
+    else:
+        g = conv.group
+        if (m["kind"] != "conv" or len(shape) != 4 or len(in_shape) != 3 or g < 1 or rows % g
+                or in_shape[0] != shape[1] * g or conv.kernel != shape[2:]
+                or min(*conv.strides, *conv.dilations) < 1 or min(conv.pads) < 0):
+            raise ValueError(f"layer {i}: conv geometry does not fit weight {shape} and input {in_shape}")
+        hw = tuple((in_shape[1 + a] + conv.pads[a] + conv.pads[a + 2] - (conv.kernel[a] - 1) * conv.dilations[a] - 1)
+                   // conv.strides[a] + 1 for a in range(2))
+        if out_shape != (rows, *hw):
+            raise ValueError(f"layer {i}: conv output {out_shape} should be {(rows, *hw)}")
+    if prev_out is not None and (in_shape if conv is not None else (math.prod(in_shape),)) != (
+            prev_out if conv is not None else (math.prod(prev_out),)):
+        raise ValueError(f"layer {i} reads {in_shape}, but the layer before writes {prev_out}")
+
+
+def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target,
+                prev_out: tuple[int, ...] | None) -> LayerSpec:
     def arr(name: str, dtype, shape=None) -> np.ndarray:
         a = arrays[f"L{i}.{name}"]
         if a.dtype != dtype or (shape is not None and a.shape != shape):
@@ -166,9 +253,21 @@ def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target) 
         return a
 
     shape = tuple(int(s) for s in m["weight_shape"])
+    if not 1 <= len(shape) <= 4 or min(shape) < 1 or math.prod(shape) > MAX_WEIGHT_ELEMENTS:
+        raise ValueError(f"layer {i}: weight shape {list(shape)} is not a matrix eiec could have compiled")
     rows = shape[0]
-    cols = int(np.prod(shape[1:]))
-    k = 1 << int(m["bits"])
+    cols = math.prod(shape[1:])
+    bits = int(m["bits"])
+    if not 1 <= bits <= target.weight_bits:
+        raise ValueError(f"layer {i}: bits {bits} outside 1..{target.weight_bits}")
+    if any(not -MAX_FRAC <= int(m[f]) <= MAX_FRAC for f in ("in_frac", "w_frac", "out_frac")):
+        raise ValueError(f"layer {i}: a Q-format outside +-{MAX_FRAC} fraction bits")
+    k = 1 << bits
+    # the per-row and per-code arrays first: they bound rows by bytes really in the file
+    codebook, codebook_q = arr("codebook", np.float32, (k,)), arr("codebook_q", np.int16, (k,))
+    bias, bias_acc = arr("bias", np.float32, (rows,)), arr("bias_acc", np.int64, (rows,))
+    if not (np.isfinite(codebook).all() and np.isfinite(bias).all()):
+        raise ValueError(f"layer {i}: codebook or bias holds NaN or Inf")
     tiles = []
     for t, tm in enumerate(m["tiles"]):
         img = image_from_streams(arr(f"T{t}.entries", np.uint8),
@@ -186,11 +285,16 @@ def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target) 
     conv = None
     if "conv" in m:
         c = m["conv"]
-        conv = ConvGeometry(tuple(c["kernel"]), tuple(c["pads"]), tuple(c["strides"]),
-                            tuple(c["dilations"]), int(c["group"]))
+        conv = ConvGeometry(tuple(int(v) for v in c["kernel"]), tuple(int(v) for v in c["pads"]),
+                            tuple(int(v) for v in c["strides"]), tuple(int(v) for v in c["dilations"]),
+                            int(c["group"]))
+        if len(conv.kernel) != 2 or len(conv.pads) != 4 or len(conv.strides) != 2 or len(conv.dilations) != 2:
+            raise ValueError(f"layer {i}: conv geometry is not 2-D")
+    _check_shapes(i, m, shape, conv, prev_out)
+    if not isinstance(m["name"], str):
+        raise ValueError(f"layer {i}: name is not a string")
     return LayerSpec(
-        m["name"], m["kind"], shape, tuple(m["in_shape"]), tuple(m["out_shape"]), bool(m["relu"]),
-        int(m["bits"]), float(m["density"]), int(m["in_frac"]), int(m["w_frac"]), int(m["out_frac"]),
-        arr("codebook", np.float32, (k,)), arr("codebook_q", np.int16, (k,)).astype(np.int64),
-        arr("bias", np.float32, (rows,)), arr("bias_acc", np.int64, (rows,)), tiles, conv)
+        m["name"], m["kind"], shape, tuple(int(d) for d in m["in_shape"]), tuple(int(d) for d in m["out_shape"]),
+        bool(m["relu"]), bits, float(m["density"]), int(m["in_frac"]), int(m["w_frac"]), int(m["out_frac"]),
+        codebook, codebook_q.astype(np.int64), bias, bias_acc, tiles, conv)
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
+import zipfile
 from typing import Any, Iterable
 
 import numpy as np
@@ -27,6 +30,8 @@ MAX_NDIM = 32
 # an empty array with absurd dims would otherwise make numpy raise a non-FormatError.
 MAX_ELEMENTS = 1 << 40
 _ENTRY_KEYS = frozenset(["dtype", "shape", "offset", "nbytes"])
+MAX_NPZ_BYTES = 1 << 31  # all arrays of a user's .npz together, as numpy would hold them
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def align(n: int) -> int:
@@ -184,3 +189,66 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
+
+
+def check_npz(path: str | os.PathLike, max_bytes: int = MAX_NPZ_BYTES) -> list[str]:
+    """Check a user's .npz before numpy loads it; its array names, or FormatError(path, reason).
+
+    Reads only .npy headers and streams the members once (bounded memory) to verify
+    their CRCs: afterwards `np.load(path, allow_pickle=False)` reads every member
+    without error and allocates no more than `max_bytes` in total. Refused: a file that
+    is not a zip of .npy members, a truncated or corrupted one, object (pickled) arrays,
+    repeated names, and shapes that disagree with the bytes stored.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise FormatError(path, f"cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FormatError(path, "not a regular file")
+    if st.st_size == 0:
+        raise FormatError(path, "empty file, not an .npz archive")
+    names: list[str] = []
+    try:
+        with open(path, "rb") as raw:
+            if raw.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+                raise FormatError(path, "not an .npz archive (np.savez output)")
+            with zipfile.ZipFile(raw) as z:
+                infos = z.infolist()
+                declared = sum(i.file_size for i in infos)
+                if declared > max_bytes:
+                    raise FormatError(path, f"arrays take {declared} bytes, over the {max_bytes}-byte limit")
+                for info in infos:
+                    names.append(_check_npy_member(z, info, path))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError,
+            RuntimeError, OSError) as e:  # what zipfile and numpy's header reader raise on bad bytes
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise FormatError(path, f"not a readable .npz archive (truncated or damaged: {reason})") from None
+    if len(set(names)) != len(names):
+        raise FormatError(path, "an array name appears twice")
+    return names
+
+
+def _check_npy_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> str:
+    if not info.filename.endswith(".npy"):
+        raise FormatError(path, f"member {info.filename!r} is not a .npy array")
+    key = info.filename[: -len(".npy")]
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise FormatError(path, f"{key}: .npy format version {version} is not supported")
+        if dtype.hasobject:
+            raise FormatError(path, f"{key}: holds pickled Python objects (object arrays are refused)")
+        header = f.tell()
+        nbytes = math.prod(shape) * dtype.itemsize
+        if header + nbytes != info.file_size:
+            raise FormatError(path, f"{key}: declares shape {tuple(shape)} of {dtype} ({nbytes} bytes) "
+                                    f"but holds {info.file_size - header}")
+        while f.read(1 << 20):  # zipfile checks the CRC when the member's last byte is read
+            pass
+    return key

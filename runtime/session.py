@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import onnxruntime
 from eiec.artifact import load_eie
 from eiec.errors import FormatError, InputError
 from eiec.segment import Segment
+from eiec.tensorfile import check_npz
 from eiec.target import Target
 
 from .executor import SegmentRun, run_segment, segment_report
@@ -91,7 +93,11 @@ class InferenceSession:
                 self.model = onnx.load(path)
             except Exception:  # noqa: BLE001 - protobuf raises several types on bad bytes
                 raise FormatError(path, "not an ONNX model") from None
-        self._sess = make_session(self.model)
+        try:
+            self._sess = make_session(self.model)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a graph it refuses
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise FormatError(path, f"onnxruntime cannot run its graph: {first}") from None
         self.last_runs: dict[str, SegmentRun] = {}
         self.last_report: dict[str, Any] | None = None
 
@@ -136,11 +142,25 @@ def load_inputs(path: str, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray
 
 def run_file(eie: str, input_path: str, out_path: str | None, report_path: str | None,
              float_mode: bool = False) -> dict[str, Any]:
-    """`eiec run`: inputs from .npz, outputs to .npz, report to JSON (each written atomically)."""
+    """`eiec run`: inputs from .npz, outputs to .npz, report to JSON (each written atomically).
+
+    Every input and output path is checked before the run, so a bad one leaves no file.
+    """
+    for out in (out_path, report_path):
+        if out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise InputError(out, "cannot write here: its folder does not exist")
+        if out is not None and os.path.isdir(out):
+            raise InputError(out, "is a folder; give a file name for the output")
+    check_npz(input_path)
     sess = InferenceSession(eie, mode="float" if float_mode else "fixed")
     feeds, _ = load_inputs(input_path, sess.model)
     names = [o.name for o in sess.get_outputs()]
-    outs = sess.run(names, feeds)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = sess.run(names, feeds)
+    failed = [str(w.message) for w in caught if str(w.message).startswith("eiec EIESegment")]
+    if failed:  # a segment's op swallowed an exception (it may not raise inside onnxruntime)
+        raise FormatError(eie, f"a segment cannot run on these inputs ({failed[0]})")
     report = dict(sess.last_report, mode=sess.mode)
     if out_path is not None:
         buf = io.BytesIO()
