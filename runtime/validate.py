@@ -190,8 +190,8 @@ def _original_session(model_path: str) -> onnxruntime.InferenceSession:
 def validate(model_path: str, eie_path: str, input_path: str | None = None, random_n: int | None = None,
              bisect_dir: str | None = None) -> dict[str, Any]:
     """Both measures (and per pass with `bisect_dir`) as one JSON-able dict."""
+    orig = _original_session(model_path)  # checks the model first, so errors name it
     feeds, labels = _inputs(model_path, input_path, random_n)
-    orig = _original_session(model_path)
     names = [o.name for o in orig.get_outputs()]
     ref = orig.run(names, feeds)
     sess = InferenceSession(eie_path)
