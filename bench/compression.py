@@ -1,10 +1,11 @@
 """Deep Compression ratios without retraining, on LeNet-300-100 and LeNet-5 (digits).
 
 Compiles each model with a recipe in the spirit of Deep Compression's (their per-layer
-densities, 4-bit codebooks) under each reconstruction ablation (none / +OBS / +refit /
-+bias correction / all; sequential: each layer reconstructed on its compressed predecessors'
-outputs against the dense layer's outputs) and with the automatic recipe (`density: auto`, `bits: auto`,
-budget 0.5 accuracy points on the calibration set). Per run: compression ratio of the
+densities, 4-bit codebooks) under each reconstruction ablation (none / +OBS / +GPTQ / +refit /
++bias correction / all but GPTQ / all; sequential: each layer reconstructed on its compressed
+predecessors' outputs against the dense layer's outputs) and with the automatic recipe
+(`density: auto`, `bits: auto`, budget 0.5 accuracy points on the held-out half of the
+calibration set, the layers reconstructed on the other half). Per run: compression ratio of the
 hardware form (fixed 4-bit entries + per-PE pointers) and of the storage form (one
 Huffman-coded CSC stream), and test accuracy measured by running the compiled model:
 the IR2 dump in onnxruntime and the .eie on the bit-exact simulator.
@@ -49,12 +50,14 @@ MODELS = {
 BITS = 4
 TARGETS = {"lenet_300_100": 40.0, "lenet5": 39.0}  # total compression, with drop <= 0.5 points
 MAX_DROP = 0.5
-ABLATIONS = {  # name -> (obs, refit, bias_correction)
-    "none": (False, False, False),
-    "+obs": (True, False, False),
-    "+refit": (False, True, False),
-    "+bias_correction": (False, False, True),
-    "all": (True, True, True),
+ABLATIONS = {  # name -> (obs, refit, bias_correction, gptq)
+    "none": (False, False, False, False),
+    "+obs": (True, False, False, False),
+    "+gptq": (False, False, False, True),
+    "+refit": (False, True, False, False),
+    "+bias_correction": (False, False, True, False),
+    "all but gptq": (True, True, True, False),
+    "all": (True, True, True, True),
 }
 
 
@@ -65,9 +68,9 @@ def layer_names(model_path: str) -> list[str]:
     return [l.name for l in find_layers(load_model(model_path))]
 
 
-def dc_recipe(names: list[str], densities: list[float], steps: tuple[bool, bool, bool]) -> dict[str, Any]:
-    obs, refit, bias = steps
-    return {"defaults": {"bits": BITS, "obs": obs, "refit": refit, "bias_correction": bias},
+def dc_recipe(names: list[str], densities: list[float], steps: tuple[bool, bool, bool, bool]) -> dict[str, Any]:
+    obs, refit, bias, gptq = steps
+    return {"defaults": {"bits": BITS, "obs": obs, "refit": refit, "bias_correction": bias, "gptq": gptq},
             "layers": {n: {"density": d} for n, d in zip(names, densities)}}
 
 
@@ -108,11 +111,12 @@ def run_config(model: str, spec: dict, recipe: dict | None, work: str, tag: str,
             "ratio_fixed": l["bytes_dense"] / l["bytes_fixed"], "ratio_huffman": l["bytes_dense"] / l["bytes_huffman"],
             "breakdown": {k: l[k] for k in ("spmat", "col_ptr", "codebook", "bias", "code_huffman",
                                              "rel_huffman", "col_count_huffman") if k in l},
+            "assignment": c.get("assignment"),
             "layer_error": {k: v for k, v in {
                 "dense_on_compressed_inputs": p.get("layer_error_dense"),
                 "magnitude": p.get("layer_error_magnitude"), "obs": p.get("layer_error_obs"),
                 "pruned": p.get("layer_error"), "kmeans": c.get("layer_error_kmeans"),
-                "refit": c.get("layer_error_refit"), "bias_correction": c.get("layer_error_bias_correction"),
+                "gptq": c.get("layer_error_gptq"), "refit": c.get("layer_error_refit"), "bias_correction": c.get("layer_error_bias_correction"),
             }.items() if v is not None},
         })
     return {
@@ -180,13 +184,13 @@ def main() -> None:
             for tag, steps in ABLATIONS.items():
                 runs[f"deep-compression densities, {tag}"] = run_config(
                     model, spec, dc_recipe(names, spec["densities"], steps), work, tag.strip("+"), test, base)
-            runs["auto (budget 0.5 points on calib), all"] = run_config(model, spec, None, work, "auto", test, base)
+            runs["auto (budget 0.5 points on held-out calib), all"] = run_config(model, spec, None, work, "auto", test, base)
             target = TARGETS[model]
             reached = [t for t, r in runs.items() if r["ratio_huffman"] >= target and r["drop_eie"] <= MAX_DROP]
             results["models"][model] = {"dense_test_accuracy": base, "layers": names, "runs": runs,
                                         "target_ratio": target, "target_reached_by": reached}
             print(f"\n## {model}: dense test accuracy {base:.2f} %")
-            for tag in ("deep-compression densities, all", "auto (budget 0.5 points on calib), all"):
+            for tag in ("deep-compression densities, all", "auto (budget 0.5 points on held-out calib), all"):
                 print(f"\n{tag}:\n" + layer_table(runs[tag]))
     print("\n## Summary (test accuracy drop in points on models/digits_test.npz; positive = worse)\n")
     print(summary_table(results))

@@ -106,9 +106,13 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
 
     The search measures every candidate with the reconstruction the prune and cluster
     passes will apply (the same `calibrate.Sequential`, left in ctx.artifacts for the
-    prune pass: each layer's obs / refit / bias_correction on its compressed predecessors'
-    outputs), and compresses every layer the passes compress (fixed ones pinned), so
-    the budget it verified on the calibration set holds for the compiled model.
+    prune pass: each layer's obs / gptq / refit / bias_correction on its compressed
+    predecessors' outputs), and compresses every layer the passes compress (fixed ones
+    pinned). With reconstruction, the calibration rows are split (`split_calibration`):
+    the layers are reconstructed on one part, in the search and in the compile
+    (ctx.artifacts["reconstruction_calibration"]), and every candidate is scored on the
+    held-out part, so the budget it verified on those rows holds for the compiled model.
+    Without reconstruction nothing is fitted to the rows and all of them score.
     The sensitivity scan and the search's probes go to ctx.artifacts["sensitivity"]
     and ["auto"] (the manifest and the 0_import.json dump carry them).
     """
@@ -118,7 +122,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
     auto = [l for l in layers if not wanted[l.name].skip and "auto" in (wanted[l.name].density, wanted[l.name].bits)]
     if not auto:
         return None
-    from eiec.passes.calibrate import Sequential, Steps, auto_recipe, plain_compress
+    from eiec.passes.calibrate import Sequential, Steps, auto_recipe, plain_compress, split_calibration
 
     seen: set[str] = set()
     compressed = []  # every layer the passes compress, once per weight (shared weights follow the first)
@@ -129,13 +133,27 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
     fixed = {l.name: (None if wanted[l.name].density == "auto" else
                       1.0 if wanted[l.name].density == "keep" else float(wanted[l.name].density),
                       None if wanted[l.name].bits == "auto" else int(wanted[l.name].bits)) for l in compressed}
-    steps = {l.name: Steps(wanted[l.name].obs, wanted[l.name].refit, wanted[l.name].bias_correction)
-             for l in compressed}
+    steps = {l.name: Steps(wanted[l.name].obs, wanted[l.name].refit, wanted[l.name].bias_correction,
+                           wanted[l.name].gptq) for l in compressed}
     compress: Any = plain_compress
+    score_inputs, score_labels = ctx.calibration, ctx.labels
+    n_rows = next(iter(ctx.calibration.values())).shape[0]
+    rows = {"reconstruction_rows": 0, "held_out_rows": 0, "scored_rows": n_rows}
     if any(st.any for st in steps.values()):
+        recon = ctx.calibration
+        split = split_calibration(model, ctx.calibration, ctx.labels, ctx.seed)
+        if split is None:
+            notes.append("auto: too few calibration rows to hold any out; the budget is scored on "
+                         "the rows the layers are reconstructed on")
+            rows.update(reconstruction_rows=n_rows)
+        else:
+            recon = ctx.artifacts["reconstruction_calibration"] = split.reconstruction
+            score_inputs, score_labels = split.held_out, split.held_out_labels
+            rows.update(reconstruction_rows=len(split.reconstruction_rows), held_out_rows=len(split.held_out_rows),
+                        scored_rows=len(split.held_out_rows))
         progress("auto: capturing layer inputs on the calibration data")
         # the prune pass reuses it (same model, steps and rows), so it compiles what was measured
-        compress = ctx.artifacts["sequential"] = Sequential(model, compressed, ctx.calibration, steps,
+        compress = ctx.artifacts["sequential"] = Sequential(model, compressed, recon, steps,
                                                              seed=ctx.seed, progress=progress)
     if ctx.labels is not None:
         metric, budget = "accuracy", ctx.recipe.max_accuracy_drop
@@ -143,7 +161,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
         metric, budget = "error", ctx.recipe.max_output_error
     report: dict[str, Any] = {}
     try:
-        chosen = auto_recipe(model, compressed, ctx.calibration, ctx.labels, budget, metric=metric,
+        chosen = auto_recipe(model, compressed, score_inputs, score_labels, budget, metric=metric,
                              target=ctx.target, fixed=fixed, compress=compress, progress=progress,
                              report=report)
     except RecipeError as e:
@@ -163,6 +181,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
         for name, s in report["sensitivity"].items()}
     ctx.artifacts["auto"] = {
         "metric": metric, "budget": budget, "calibration": "random" if ctx.calibration_is_random else "file",
+        **rows, "allowed_rows_lost": report["allowed_rows_lost"],
         "path_length": report["path_length"], "chosen_step": report.get("chosen_step"),
         "probes": [{"step": i, metric: v, "error": e} for i, v, e in report["probes"]],
         "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}

@@ -32,6 +32,7 @@ class LayerRecipe:
     refit: bool = True  # least-squares refit of codebook values on calibration data
     bias_correction: bool = True  # re-centre the layer's mean output on calibration data
     obs: bool = True  # second-order (OBS/SparseGPT-style) update while pruning
+    gptq: bool = True  # GPTQ-style error-compensated assignment of weights to the codebook
 
 
 LAYER_KEYS = tuple(f.name for f in dataclasses.fields(LayerRecipe))

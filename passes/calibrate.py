@@ -3,7 +3,7 @@
 `Sequential` is the reconstruction the passes apply (each layer on its compressed predecessors'
 outputs). The `auto` recipe: a one-layer-at-a-time sensitivity scan, a greedy path of recipes
 from mildest to most compressed, and a binary search along it with real onnxruntime
-runs, so the recipe returned is one that was measured within budget.
+runs on held-out rows, so the recipe returned is one that was measured within budget.
 """
 
 from __future__ import annotations
@@ -182,6 +182,44 @@ def _dims(dims: tuple[int | None, ...]) -> str:
     return ", ".join("?" if d is None else str(d) for d in dims)
 
 
+# Fraction of the calibration rows `auto` holds out from reconstruction to score recipes on.
+HOLD_OUT = 0.5
+
+
+@dataclass
+class CalibrationSplit:
+    """The calibration rows split for `auto`: reconstruct on one part, score the budget on the other."""
+
+    reconstruction: dict[str, np.ndarray]
+    held_out: dict[str, np.ndarray]
+    reconstruction_labels: np.ndarray | None
+    held_out_labels: np.ndarray | None
+    reconstruction_rows: np.ndarray  # row numbers in the calibration set, increasing
+    held_out_rows: np.ndarray
+
+
+def split_calibration(model: onnx.ModelProto, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None,
+                      seed: int = 0, hold_out: float = HOLD_OUT) -> CalibrationSplit | None:
+    """A seeded split of the calibration rows: round(hold_out * units) units held out, the rest reconstruct.
+
+    A unit is a row, or a whole batch when the model's batch size is fixed (every part must
+    run as is). Deterministic in (number of rows, batch, seed); each part keeps the rows'
+    order. None when there are fewer than two units (nothing to hold out).
+    """
+    n = next(iter(inputs.values())).shape[0]
+    size = _batch_of(model) or 1
+    units = n // size
+    if units < 2:
+        return None
+    held = min(units - 1, max(1, int(round(hold_out * units))))
+    perm = np.random.default_rng([seed, 0x5E1D]).permutation(units)
+    unit_rows = lambda u: (np.sort(u)[:, None] * size + np.arange(size)).reshape(-1)
+    rec, out = unit_rows(perm[held:]), unit_rows(perm[:held])
+    pick = lambda rows: {k: v[rows] for k, v in inputs.items()}
+    return CalibrationSplit(pick(rec), pick(out), None if labels is None else labels[rec],
+                            None if labels is None else labels[out], rec, out)
+
+
 # ---------------------------------------------------------------- layer inputs
 
 
@@ -335,15 +373,16 @@ def plain_compress(layer: Layer, w: np.ndarray, b: np.ndarray, density: float, b
 
 @dataclass(frozen=True)
 class Steps:
-    """Which reconstruction steps a layer gets (the recipe's obs / refit / bias_correction)."""
+    """Which reconstruction steps a layer gets (the recipe's obs / refit / bias_correction / gptq)."""
 
     obs: bool = True
     refit: bool = True
     bias_correction: bool = True
+    gptq: bool = True
 
     @property
     def any(self) -> bool:
-        return self.obs or self.refit or self.bias_correction
+        return self.obs or self.refit or self.bias_correction or self.gptq
 
 
 @dataclass
@@ -372,7 +411,8 @@ class Sequential:
     before L already compressed (pruned, clustered, corrected); its target is the dense
     layer's output on the dense inputs (`reconstruct.LayerTarget`). Per layer:
     magnitude or OBS pruning (of the target's least-squares weights W*), k-means,
-    codebook refit, bias correction, each switchable by `Steps`. A layer whose steps
+    GPTQ assignment to the k-means codebook, codebook refit, bias correction, each
+    switchable by `Steps`. A layer whose steps
     are all off is compressed as in the paper (magnitude + k-means) but still feeds the
     later layers its compressed output. `compress` is THE arithmetic: the auto search
     scores recipes with it and the prune pass writes its results, so what was measured
@@ -508,7 +548,7 @@ class Sequential:
             if t is not None:
                 ps["layer_error_magnitude"] = e_mag = t.error(P)
                 if st.obs and t.H is not None:
-                    W_obs = reconstruct.obs_prune(t.optimum(), t.H, density)
+                    W_obs = reconstruct.obs_prune(t.optimum(), t.H, density, factor=t.factor())
                     ps["layer_error_obs"] = e_obs = t.error(W_obs)
                     if e_obs < e_mag:  # OBS is a heuristic for the mask: never keep it when it loses
                         P, method = W_obs, "obs"
@@ -523,7 +563,16 @@ class Sequential:
             codebook, indices, clustering = _quantize(pruned, bits, MAX_ITER)
             idx = matrix_view(indices)
             if t is not None:
-                cs["layer_error_kmeans"] = t.error(np.asarray(codebook, np.float64)[idx])
+                cs["layer_error_kmeans"] = e_near = t.error(np.asarray(codebook, np.float64)[idx])
+                cs["assignment"] = "nearest"
+                if st.gptq and t.H is not None:
+                    # the mask is the IR1 weight's (float32 zeros), as k-means saw it
+                    idx_g = reconstruct.gptq_assign(matrix_view(pruned).astype(np.float64), t.H, codebook,
+                                                    factor=t.factor())
+                    cs["layer_error_gptq"] = e_g = t.error(np.asarray(codebook, np.float64)[idx_g])
+                    if e_g < e_near:  # measured against the sequential target: keep it only when it wins
+                        idx, cs["assignment"] = idx_g, "gptq"
+                        indices = idx_g.reshape(indices.shape)
                 if st.refit:
                     codebook = t.refit(idx, codebook)
                     cs["layer_error_refit"] = t.error(np.asarray(codebook, np.float64)[idx])
@@ -550,6 +599,7 @@ class Score:
     # points of the rows the original got right and this model gets wrong: gains on other
     # rows do not offset them, so this bounds the drop from above (what `auto` budgets)
     accuracy_lost: float | None = None
+    rows_lost: int | None = None  # the same, counted in rows
 
 
 class Evaluator:
@@ -607,8 +657,8 @@ class Evaluator:
             return Score(error)
         correct = self._correct(outputs)
         drop = self.reference_accuracy - 100.0 * float(np.mean(correct))
-        lost = 100.0 * float(np.mean(self.reference_correct & ~correct))
-        return Score(error, drop, lost)
+        lost_rows = int(np.count_nonzero(self.reference_correct & ~correct))
+        return Score(error, drop, 100.0 * lost_rows / correct.size, lost_rows)
 
     def score(self, choices: dict[str, Choice | tuple[float, int | None]], compress: Compress | Sequential) -> Score:
         """The model with every layer in `choices` compressed to its (density, bits).
@@ -660,7 +710,7 @@ def sensitivity(
     calibration set in one onnxruntime session (density 1.0 is free: score 0).
     """
     ev = evaluator or Evaluator(model, layers, inputs, labels)
-    zero = Score(0.0) if labels is None else Score(0.0, 0.0, 0.0)
+    zero = Score(0.0) if labels is None else Score(0.0, 0.0, 0.0, 0)
     result = {}
     for i, layer in enumerate(layers):
         s = LayerSensitivity(layer.name, int(np.prod(layer.shape)))
@@ -766,11 +816,15 @@ def auto_recipe(
     progress: Progress = lambda msg: None,
     report: dict | None = None,
 ) -> dict[str, Choice]:
-    """Per-layer (density, bits) for `layers`, verified on the calibration set to fit `budget`.
+    """Per-layer (density, bits) for `layers`, verified on the rows `inputs` to fit `budget`.
 
-    metric: "accuracy" (budget in accuracy points lost, `Score.accuracy_lost`: rows the
-    original got right that go wrong, not offset by rows that go right; needs labels) or "error"
-    (relative output error); default accuracy when labels are given. Steps: the
+    inputs / labels are the rows every candidate is scored on. With a `Sequential`, pass
+    rows it was NOT built on (`split_calibration`'s held-out part): a recipe scored on
+    the rows it was reconstructed on looks better than it is.
+    metric: "accuracy" (budget in accuracy points, counted in rows: a recipe fits when at
+    most floor(budget * n / 100) of the n scored rows that the original gets right go
+    wrong (`Score.rows_lost`; rows that go right do not offset them); needs labels) or
+    "error" (relative output error); default accuracy when labels are given. Steps: the
     sensitivity scan, `recipe_path`, then a binary search along the path where every
     probe compresses all layers with `compress` and runs the model; the result is
     the most compressed probe that measured within budget. Pass the `Sequential` the
@@ -778,7 +832,8 @@ def auto_recipe(
     holds for the compiled model. Raises RecipeError
     if even the mildest recipe exceeds the budget.
     `report`, when given, receives "sensitivity" (the scan), "metric", "budget",
-    "path_length", "probes" (step, value) and "chosen_step".
+    "rows" (scored), "allowed_rows_lost" (accuracy metric), "path_length", "probes"
+    (step, value, error) and "chosen_step".
     Cost: the scan plus ~log2(len(path)) + 1 forward passes.
     """
     metric = metric or ("accuracy" if labels is not None else "error")
@@ -791,15 +846,19 @@ def auto_recipe(
     sens = sensitivity(model, layers, inputs, labels, densities, bits, compress, progress, ev)
     path = recipe_path(sens, target, fixed)
     probes: list[tuple[int, float, float]] = []  # (step, value, relative output error)
+    rows = next(iter(inputs.values())).shape[0]
+    # the budget in whole rows (the epsilon: 0.5 points of 200 rows is 1 row, not 0.9999)
+    allowed = int(np.floor(budget * rows / 100.0 + 1e-9)) if metric == "accuracy" else None
     if report is not None:
-        report.update(sensitivity=sens, metric=metric, budget=budget, path_length=len(path), probes=probes)
+        report.update(sensitivity=sens, metric=metric, budget=budget, rows=rows, allowed_rows_lost=allowed,
+                      path_length=len(path), probes=probes)
 
     def fits(i: int) -> bool:
         s = ev.score(path[i], compress)
         value = s.accuracy_lost if metric == "accuracy" else s.error
         probes.append((i, value, s.error))
         progress(f"auto: step {i}/{len(path) - 1} {metric} {value:.4f} (budget {budget:g})")
-        return value <= budget
+        return s.rows_lost <= allowed if metric == "accuracy" else value <= budget
 
     def done(i: int) -> dict[str, Choice]:
         if report is not None:
@@ -810,7 +869,8 @@ def auto_recipe(
     if not fits(lo):
         raise RecipeError(
             None,
-            f"auto: even the mildest recipe exceeds the {metric} budget {budget:g} on the calibration set; "
+            f"auto: even the mildest recipe exceeds the {metric} budget {budget:g} on the {rows} scored "
+            "calibration rows; "
             "raise the budget or fix density/bits per layer",
         )
     if fits(hi):

@@ -57,7 +57,9 @@ class Prune:
     this pass writes the pruned weights (IR1, biases unchanged) and leaves each layer's
     codebook, indices and bias in ctx.artifacts["clustering"] for the cluster pass. The
     `Sequential` the auto search measured with (ctx.artifacts["sequential"]) is reused
-    when it was built for this model, so the compiled layers are the measured ones.
+    when it was built for this model, so the compiled layers are the measured ones; the
+    rows are ctx.artifacts["reconstruction_calibration"] when `auto` held some out, else
+    all calibration rows.
     Stats per layer (relative output MSE against the dense layer on the calibration rows,
     `reconstruct.LayerTarget.error`): layer_error_dense (dense weights on the compressed
     inputs), layer_error_magnitude, layer_error_obs, layer_error (kept) and `method`.
@@ -89,7 +91,7 @@ class Prune:
             todo.append((len(layer_stats), layer, lr))
             layer_stats.append({})  # filled below
         plan = None
-        if ctx.calibration is not None and any(lr.obs or lr.refit or lr.bias_correction for _, _, lr in todo):
+        if ctx.calibration is not None and any(lr.obs or lr.refit or lr.bias_correction or lr.gptq for _, _, lr in todo):
             plan = self._plan(model, todo, ctx)
         for slot, layer, lr in todo:
             w = get_initializer(model, layer.weight)
@@ -115,7 +117,7 @@ class Prune:
         from eiec.passes.calibrate import Sequential, Steps
 
         layers = [layer for _, layer, _ in todo]
-        steps = {layer.name: Steps(lr.obs, lr.refit, lr.bias_correction) for _, layer, lr in todo}
+        steps = {layer.name: Steps(lr.obs, lr.refit, lr.bias_correction, lr.gptq) for _, layer, lr in todo}
         choices = {}
         for _, layer, lr in todo:
             if lr.bits == "auto":
@@ -125,10 +127,12 @@ class Prune:
             choices[layer.name] = (1.0 if lr.density == "keep" else float(lr.density), int(lr.bits))
         for layer in layers:
             Prune._check(layer, get_initializer(model, layer.weight))
+        # `auto` reconstructs on part of the rows and scores on the rest: compile on that part
+        rows = ctx.artifacts.get("reconstruction_calibration", ctx.calibration)
         seq = ctx.artifacts.get("sequential")
-        if seq is None or not seq.matches(model, layers, steps, ctx.calibration, ctx.seed):
+        if seq is None or not seq.matches(model, layers, steps, rows, ctx.seed):
             ctx.progress("prune: capturing layer inputs on the calibration data")
-            seq = Sequential(model, layers, ctx.calibration, steps, seed=ctx.seed, progress=ctx.progress)
+            seq = Sequential(model, layers, rows, steps, seed=ctx.seed, progress=ctx.progress)
         plan = seq.compress(choices)
         ctx.artifacts["clustering"] = plan
         return plan

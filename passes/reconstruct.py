@@ -1,8 +1,9 @@
 """Deep Compression without retraining: the per-layer reconstruction math.
 
-Second-order (OBS / SparseGPT-style) pruning, least-squares codebook refit and bias
-correction, all against a layer's input Hessian H = X^T X / n on calibration data, and
-`LayerTarget`: the sequential problem (inputs from the compressed model, dense outputs).
+Second-order (OBS / SparseGPT-style) pruning, GPTQ-style assignment to the codebook,
+least-squares codebook refit and bias correction, all against a layer's input Hessian
+H = X^T X / n on calibration data, and `LayerTarget`: the sequential problem (inputs from
+the compressed model, dense outputs).
 
 Shapes. W is the layer's matrix view [out, in] (`eiec.ir.matrix_view`). For a conv
 with group g > 1 the Hessian is per group: pass H as [g, in_g, in_g] (from X
@@ -68,6 +69,17 @@ def _keep_priority(score: np.ndarray, w: np.ndarray, live: np.ndarray) -> np.nda
     return rank
 
 
+def _upper_inverse_factor(H: np.ndarray) -> np.ndarray:
+    """Upper triangular U, positive diagonal, with H^-1 = U^T U for a batch H [b, n, n].
+
+    With J the reversal, J H J = L L^T gives H = R R^T, R = J L J upper, so U = R^-1 =
+    J L^-1 J: one Cholesky and one triangular inverse instead of inverting H and
+    factoring H^-1 again.
+    """
+    L = np.linalg.cholesky(H[:, ::-1, ::-1])
+    return np.linalg.inv(L)[:, ::-1, ::-1]
+
+
 def _inverse_cholesky(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
     """Upper Cholesky factor U of the damped inverse Hessian (H^-1 = U^T U) and the live-input mask.
 
@@ -86,17 +98,14 @@ def _inverse_cholesky(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarra
         try:
             Hl = Hd.copy()
             Hl[:, idx, idx] += lam[:, None]
-            L = np.linalg.cholesky(Hl)
-            Linv = np.linalg.inv(L)
-            Hinv = np.swapaxes(Linv, 1, 2) @ Linv
-            U = np.swapaxes(np.linalg.cholesky(Hinv), 1, 2)
-            return U, live
+            return _upper_inverse_factor(Hl), live
         except np.linalg.LinAlgError:
             lam = lam * 10 + 1e-12
     raise np.linalg.LinAlgError("Hessian is not positive definite even with heavy damping")
 
 
-def obs_prune(W: np.ndarray, H: np.ndarray, density: float, block: int = 16, damp: float = 0.01) -> np.ndarray:
+def obs_prune(W: np.ndarray, H: np.ndarray, density: float, block: int = 16, damp: float = 0.01,
+              factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Prune W [out, in] to k = max(1, round(density*W.size)) weights, compensating the rest (SparseGPT).
 
     Columns (inputs) are processed left to right in blocks of `block` (16: on
@@ -110,7 +119,8 @@ def obs_prune(W: np.ndarray, H: np.ndarray, density: float, block: int = 16, dam
     not-yet-processed weights of its row through U (the OBS update).
     Never worse on the calibration data than magnitude pruning to the same k, which it
     falls back to. Returns W's dtype with exactly k nonzeros (fewer only if W had fewer).
-    Cost: a Cholesky and inverse of H, plus ~out*in^2/2 multiply-adds.
+    Cost: a Cholesky and inverse of H (none when `factor`, `_inverse_cholesky(H, damp)`
+    of the grouped H, is passed in), plus ~out*in^2/2 multiply-adds.
     """
     W = np.asarray(W)
     if not 0 < density <= 1:
@@ -120,7 +130,7 @@ def obs_prune(W: np.ndarray, H: np.ndarray, density: float, block: int = 16, dam
         return W.copy()
     Wg, Hg = _grouped(W, H)
     g, rows, n_in = Wg.shape
-    U, live = _inverse_cholesky(Hg, damp)
+    U, live = factor if factor is not None else _inverse_cholesky(Hg, damp)
     live_e = np.broadcast_to(live[:, None, :], Wg.shape)
 
     # Per (group, block) quota from a global ranking of the dense layer by the same
@@ -165,6 +175,156 @@ def obs_prune(W: np.ndarray, H: np.ndarray, density: float, block: int = 16, dam
     if layer_error(W, W_mag, H) < layer_error(W, W_obs, H):
         W_obs = W_mag
     return W_obs.astype(W.dtype, copy=False)
+
+
+def _nearest_code(values: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Position in sorted `values` of the entry nearest to each w (a tie goes to the lower one)."""
+    pos = np.searchsorted(values, w)
+    left = np.clip(pos - 1, 0, values.size - 1)
+    right = np.clip(pos, 0, values.size - 1)
+    return np.where(np.abs(w - values[left]) <= np.abs(values[right] - w), left, right)
+
+
+def nearest_assign(W: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Indices of W's nearest codebook entries: 0 for W's zeros, 1..K-1 (nearest nonzero entry) otherwise."""
+    W = np.asarray(W, np.float64)
+    c = np.asarray(codebook, np.float64)
+    order = np.argsort(c[1:], kind="stable") + 1
+    return np.where(W != 0, order[_nearest_code(c[order], W)], 0).astype(np.uint8)
+
+
+# Per-row GPTQ solves one kept-weights-only problem per output row, ~sum over rows of
+# m_r^3 multiply-adds (m_r = the row's kept weights); above this, only the shared-H pass runs.
+MAX_MASKED_GPTQ_FLOPS = 2e9
+
+
+def gptq_assign(W: np.ndarray, H: np.ndarray, codebook: np.ndarray, block: int = 16, damp: float = 0.01,
+                factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Codebook indices for W [out, in] by GPTQ / OBQ: nearest entry input by input, error compensated.
+
+    The sparsity mask is W's: a zero of W gets index 0 (entry 0, the pruned weight) and
+    every nonzero gets one of 1..K-1. Two candidates, the better one (by `layer_error`
+    against W, never worse than `nearest_assign`, which is the third) is returned:
+    `_gptq_shared`, the GPTQ pass over the whole rows with one H, whose compensation
+    also lands on pruned entries (they are set back to zero when their column comes), and
+    `_gptq_masked`, the same per row on the Hessian of that row's kept inputs only, so all
+    the compensation goes to weights that stay (skipped when the sum over rows of the
+    cube of their kept weights exceeds MAX_MASKED_GPTQ_FLOPS).
+    `factor`: `_inverse_cholesky(H, damp)` of the grouped H, if already computed.
+    Returns uint8 indices shaped like W.
+    """
+    W = np.asarray(W, np.float64)
+    c = np.asarray(codebook, np.float64)
+    best = nearest_assign(W, c)
+    if c.size < 2 or not np.any(W):
+        return best
+    best_err = layer_error(W, c[best], H)
+    cands = [lambda: _gptq_shared(W, H, c, block, damp, factor)]
+    kept = np.count_nonzero(W, axis=1).astype(np.float64)
+    if float(np.sum(kept**3)) <= MAX_MASKED_GPTQ_FLOPS:
+        cands.append(lambda: _gptq_masked(W, H, c, damp))
+    for make in cands:
+        try:
+            idx = make()
+        except np.linalg.LinAlgError:
+            continue
+        err = layer_error(W, c[idx], H)
+        if err < best_err:
+            best, best_err = idx, err
+    return best
+
+
+def _sorted_codes(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, values): codebook entries 1..K-1 sorted by value, and their values."""
+    order = np.argsort(c[1:], kind="stable") + 1
+    return order, c[order]
+
+
+def _gptq_shared(W: np.ndarray, H: np.ndarray, c: np.ndarray, block: int, damp: float,
+                 factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """GPTQ over whole rows with the layer's H: columns left to right in blocks of `block`, lazy
+    updates between blocks; each column's error (rounding, or a pruned entry's drift set
+    back to zero) is pushed onto the later columns through U (upper Cholesky of damped H^-1)."""
+    order, values = _sorted_codes(c)
+    Wg, Hg = _grouped(W, H)
+    g, rows, n_in = Wg.shape
+    keep = Wg != 0
+    U, _ = factor if factor is not None else _inverse_cholesky(Hg, damp)
+    idx = np.zeros(Wg.shape, np.uint8)
+    Wall = Wg.copy()
+    for c0 in range(0, n_in, block):
+        c1 = min(c0 + block, n_in)
+        W1 = Wall[:, :, c0:c1]
+        U1 = U[:, c0:c1, c0:c1]
+        d = np.diagonal(U1, axis1=1, axis2=2)
+        err = np.zeros_like(W1)
+        for j in range(c1 - c0):  # whole-column steps over all rows and groups
+            w = W1[:, :, j]
+            pos = _nearest_code(values, w)
+            kept = keep[:, :, c0 + j]
+            q = np.where(kept, values[pos], 0.0)
+            idx[:, :, c0 + j] = np.where(kept, order[pos], 0)
+            e = (w - q) / d[:, None, j]
+            W1[:, :, j:] -= e[:, :, None] * U1[:, None, j, j:]
+            err[:, :, j] = e
+        if c1 < n_in:
+            Wall[:, :, c1:] -= err @ U[:, c0:c1, c1:]
+    return idx.reshape(W.shape)
+
+
+def _gptq_masked(W: np.ndarray, H: np.ndarray, c: np.ndarray, damp: float, chunk_bytes: int = 64 << 20) -> np.ndarray:
+    """GPTQ per row on H restricted to the row's kept inputs (OBQ with the mask fixed).
+
+    Rows are taken in order of their kept count, in chunks padded to the chunk's largest
+    count m (padding: identity Hessian, zero weight), each chunk one batch: a batched
+    Cholesky of each row's damped H_SS^-1, then m whole-chunk steps over the kept
+    positions in input order.
+    """
+    order, values = _sorted_codes(c)
+    Wg, Hg = _grouped(W, H)
+    g, rows, n_in = Wg.shape
+    diag = np.diagonal(Hg, axis1=1, axis2=2)
+    live = diag > 0
+    Hd = Hg.copy()
+    ar = np.arange(n_in)
+    # damping as in `_inverse_cholesky`: 1 % of the live inputs' mean diagonal; dead inputs unit
+    mean_diag = np.where(live.any(axis=1), np.where(live, diag, 0).sum(axis=1) / np.maximum(live.sum(axis=1), 1), 1.0)
+    Hd[:, ar, ar] = np.where(live, diag, 1.0) + damp * mean_diag[:, None]
+    Wf = Wg.reshape(g * rows, n_in)
+    grp = np.repeat(np.arange(g), rows)
+    keep = Wf != 0
+    count = keep.sum(axis=1)
+    by_count = np.argsort(count, kind="stable")
+    # per row, its kept columns first (in input order), then the others
+    cols_all = np.argsort(~keep, axis=1, kind="stable")
+    idx = np.zeros(Wf.shape, np.uint8)
+    r0 = int(np.searchsorted(count[by_count], 1))  # rows with nothing kept stay all 0
+    while r0 < len(by_count):
+        m = int(count[by_count[min(len(by_count) - 1, r0)]])
+        # grow the chunk while it fits the memory cap at its largest row's count
+        r1 = r0 + 1
+        while r1 < len(by_count) and (r1 - r0 + 1) * 32 * int(count[by_count[r1]]) ** 2 <= chunk_bytes:
+            r1 += 1
+        rows_c = by_count[r0:r1]
+        m = int(count[rows_c[-1]])
+        cl = cols_all[rows_c, :m]
+        vl = np.take_along_axis(keep[rows_c], cl, axis=1)
+        Hs = Hd[grp[rows_c, None, None], cl[:, :, None], cl[:, None, :]]
+        Hs = np.where(vl[:, :, None] & vl[:, None, :], Hs, np.eye(m))  # padding: decoupled unit inputs
+        U = _upper_inverse_factor(Hs)
+        w = np.where(vl, np.take_along_axis(Wf[rows_c], cl, axis=1), 0.0)
+        code = np.zeros(w.shape, np.uint8)
+        for j in range(m):  # whole-chunk steps: the j-th kept weight of every row
+            pos = _nearest_code(values, w[:, j])
+            q = np.where(vl[:, j], values[pos], 0.0)
+            code[:, j] = np.where(vl[:, j], order[pos], 0)
+            e = (w[:, j] - q) / U[:, j, j]
+            w[:, j:] -= e[:, None] * U[:, j, j:]
+        sub = np.zeros((len(rows_c), n_in), np.uint8)
+        np.put_along_axis(sub, cl, np.where(vl, code, 0), axis=1)
+        idx[rows_c] = sub
+        r0 = r1
+    return idx.reshape(W.shape)
 
 
 def prune_matrix(W: np.ndarray, density: float, H: np.ndarray | None = None) -> np.ndarray:
@@ -397,6 +557,13 @@ class LayerTarget:
         Hd = self.H + lam[:, None, None] * np.eye(n_in)
         corr = np.stack([scipy.linalg.solve(Hd[i], self.R[i], assume_a="pos") for i in range(g)])  # [g, in, out_g]
         return (self.W.reshape(g, -1, n_in) - np.swapaxes(corr, 1, 2)).reshape(self.W.shape)
+
+    def factor(self, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+        """`_inverse_cholesky` of H (computed once per damping): shared by OBS and GPTQ."""
+        cache = self.__dict__.setdefault("_factors", {})
+        if damp not in cache:
+            cache[damp] = _inverse_cholesky(self.H, damp)
+        return cache[damp]
 
     def refit(self, indices: np.ndarray, codebook: np.ndarray) -> np.ndarray:
         """`refit_codebook` against this target: never increases `error` (bias change aside)."""

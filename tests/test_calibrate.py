@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from eiec.errors import InputError, ModelError, RecipeError
@@ -22,6 +24,7 @@ from eiec.passes.calibrate import (
     plain_compress,
     random_inputs,
     recipe_path,
+    split_calibration,
     stored_bits,
 )
 from eiec.target import Target
@@ -353,15 +356,65 @@ def test_auto_recipe_respects_the_output_error_budget(budget):
     assert any(m.startswith("sensitivity") for m in messages) and any(m.startswith("auto") for m in messages)
 
 
-def test_auto_recipe_with_reconstruction_respects_the_budget():
+def test_auto_recipe_with_reconstruction_respects_the_budget_on_the_held_out_rows():
     rng = np.random.default_rng(14)
     model = mlp(rng)
     feeds = {"x": rng.standard_normal((200, 12)).astype(np.float32)}
     layers = find_layers(model)
-    compress = Sequential(model, layers, feeds)
-    choice = auto_recipe(model, layers, feeds, None, 0.3, compress=compress)
-    error, _ = independent_score(model, choice, feeds, compress=compress)
+    split = split_calibration(model, feeds)
+    compress = Sequential(model, layers, split.reconstruction)
+    choice = auto_recipe(model, layers, split.held_out, None, 0.3, compress=compress)
+    error, _ = independent_score(model, choice, split.held_out, compress=compress)
     assert error <= 0.3
+
+
+@pytest.mark.parametrize("budget, rows, allowed", [(30.0, 300, 90), (0.5, 150, 0), (0.5, 200, 1), (1.0, 150, 1)])
+def test_auto_recipe_accuracy_budget_counts_whole_rows_lost(budget, rows, allowed):
+    rng = np.random.default_rng(15)
+    model = mlp(rng)
+    feeds = {"x": rng.standard_normal((rows, 12)).astype(np.float32)}
+    (y,) = run(model, feeds)
+    labels = y.argmax(1)
+    report: dict = {}
+    try:
+        choice = auto_recipe(model, find_layers(model), feeds, labels, budget, report=report)
+    except RecipeError:
+        choice = None
+    assert report["rows"] == rows and report["allowed_rows_lost"] == allowed
+    if choice is not None:  # the chosen probe lost at most `allowed` rows, checked from scratch
+        _, drop = independent_score(model, choice, feeds, labels)
+        assert drop * rows / 100 <= allowed + 1e-9  # dense is 100 % right here: lost rows = drop
+
+
+def fixed_batch_model(batch: int | None) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch if batch else "N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch if batch else "N", 3])
+    return make_model([helper.make_node("Relu", ["x"], ["y"])], [x], [y], {})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.sampled_from([None, 1, 2, 4]), st.integers(0, 3))
+def test_split_calibration_partitions_the_rows_in_whole_batches(units, batch, seed):
+    size = batch or 1
+    n = units * size
+    model = fixed_batch_model(batch)
+    feeds = {"x": np.arange(3 * n, dtype=np.float32).reshape(n, 3)}
+    labels = np.arange(n) * 7
+    split = split_calibration(model, feeds, labels, seed)
+    if units < 2:
+        assert split is None
+        return
+    rec, out = split.reconstruction_rows, split.held_out_rows
+    assert np.array_equal(np.sort(np.concatenate([rec, out])), np.arange(n))  # a partition
+    assert np.all(np.diff(rec) > 0) and np.all(np.diff(out) > 0)  # each part keeps the order
+    assert len(out) == size * min(units - 1, max(1, round(units / 2)))
+    for rows in (rec, out):  # whole batches only: every part runs on a fixed-batch model
+        assert np.array_equal(rows.reshape(-1, size) % size, np.broadcast_to(np.arange(size), (len(rows) // size, size)))
+    np.testing.assert_array_equal(split.reconstruction["x"], feeds["x"][rec])
+    np.testing.assert_array_equal(split.held_out["x"], feeds["x"][out])
+    np.testing.assert_array_equal(split.held_out_labels, labels[out])
+    again = split_calibration(model, feeds, labels, seed)
+    np.testing.assert_array_equal(again.held_out_rows, out)  # deterministic
 
 
 def test_auto_recipe_respects_the_accuracy_budget():

@@ -143,6 +143,6 @@ def test_sequential_reconstruction_needs_resolved_bits_but_magnitude_pruning_doe
     with pytest.raises(RecipeError, match="bits 'auto'"):
         Prune().run(canonical_model(), Context(recipe=recipe, calibration=feeds))
     plain = parse_recipe({"defaults": {"density": 0.3, "bits": "auto", "obs": False, "refit": False,
-                                       "bias_correction": False}})
+                                       "bias_correction": False, "gptq": False}})
     result = Prune().run(canonical_model(), Context(recipe=plain, calibration=feeds))
     assert result.stats["reconstruction"] == "none"

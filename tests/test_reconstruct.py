@@ -1,4 +1,4 @@
-"""Reconstruction math (OBS pruning, codebook refit, bias correction) against numpy oracles."""
+"""Reconstruction math (OBS pruning, GPTQ assignment, codebook refit, bias correction) against numpy oracles."""
 
 from __future__ import annotations
 
@@ -8,12 +8,17 @@ import scipy.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eiec.passes.cluster import quantize_weights
 from eiec.passes.reconstruct import (
+    _gptq_masked,
+    _gptq_shared,
     bias_correction,
+    gptq_assign,
     input_mean,
     kept_count,
     layer_error,
     layer_hessian,
+    nearest_assign,
     obs_prune,
     refit_codebook,
 )
@@ -210,3 +215,105 @@ def test_bias_correction_grouped():
     for i in range(3):
         rows = slice(2 * i, 2 * i + 2)
         np.testing.assert_allclose((X[i] @ W_new[rows].T + delta[rows]).mean(0), (X[i] @ W[rows].T).mean(0), atol=1e-10)
+
+
+def nearest_oracle(W: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """argmin |w - c| over entries 1..K-1 (sorted by k-means, so the lowest index wins a tie); 0 for zeros."""
+    c = codebook.astype(np.float64)
+    d = np.abs(W[..., None] - c[None, None, 1:])
+    return np.where(W != 0, 1 + np.argmin(d, axis=-1), 0)
+
+
+def obq_oracle(W: np.ndarray, H: np.ndarray, codebook: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """Textbook OBQ/GPTQ, one row and one column at a time, with explicit H^-1 downdates (no Cholesky)."""
+    n_in = H.shape[0]
+    Hd = H + damp * np.mean(np.diag(H)) * np.eye(n_in)
+    c = codebook.astype(np.float64)
+    idx = np.zeros(W.shape, np.int64)
+    for r in range(W.shape[0]):
+        w = W[r].astype(np.float64).copy()
+        Hinv = np.linalg.inv(Hd)
+        for j in range(n_in):
+            code = 0 if W[r, j] == 0 else 1 + int(np.argmin(np.abs(w[j] - c[1:])))
+            err = (w[j] - c[code]) / Hinv[j, j]
+            w -= err * Hinv[j]  # the OBS update of the not-yet-quantized weights
+            Hinv = Hinv - np.outer(Hinv[:, j], Hinv[j]) / Hinv[j, j]  # remove input j
+            idx[r, j] = code
+    return idx
+
+
+def pruned_layer(rng: np.random.Generator, out: int, n_in: int, density: float) -> np.ndarray:
+    W = rng.standard_normal((out, n_in)).astype(np.float32)
+    return magnitude_prune(W, density).astype(np.float32).astype(np.float64)
+
+
+def masked_obq_oracle(W: np.ndarray, H: np.ndarray, codebook: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """OBQ with the mask fixed, row by row: the textbook loop on the row's kept inputs only."""
+    n_in = H.shape[0]
+    Hd = H + damp * np.mean(np.diag(H)) * np.eye(n_in)
+    idx = np.zeros(W.shape, np.int64)
+    for r in range(W.shape[0]):
+        S = np.flatnonzero(W[r])
+        if S.size:
+            # obq_oracle damps its H again: hand it H_SS undamped plus the same absolute damping
+            sub = Hd[np.ix_(S, S)]
+            idx[r, S] = obq_oracle(W[r : r + 1, S], sub, codebook, damp=0.0)[0]
+    return idx
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gptq_passes_equal_the_textbook_obq_loops(seed):
+    rng = np.random.default_rng(seed)
+    X = correlated_inputs(rng, 300, 40)
+    H = layer_hessian(X)
+    W = pruned_layer(rng, 9, 40, 0.4)
+    codebook, _ = quantize_weights(W.astype(np.float32), 3)
+    oracle = obq_oracle(W, H, codebook)
+    np.testing.assert_array_equal(_gptq_shared(W, H, codebook.astype(np.float64), 7, 0.01), oracle)
+    np.testing.assert_array_equal(_gptq_shared(W, H, codebook.astype(np.float64), 64, 0.01), oracle)
+    masked = masked_obq_oracle(W, H, codebook)
+    np.testing.assert_array_equal(_gptq_masked(W, H, codebook.astype(np.float64), 0.01), masked)
+    np.testing.assert_array_equal(_gptq_masked(W, H, codebook.astype(np.float64), 0.01, chunk_bytes=1), masked)
+    e = {k: layer_error(W, codebook[v].astype(np.float64), H)
+         for k, v in (("shared", oracle), ("masked", masked), ("nearest", nearest_oracle(W, codebook)))}
+    assert layer_error(W, codebook[gptq_assign(W, H, codebook)].astype(np.float64), H) == pytest.approx(min(e.values()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("bits", [3, 4])  # at 2 bits (3 levels) the greedy order often cannot win
+def test_gptq_assign_beats_nearest_centroid_on_correlated_inputs(seed, bits):
+    rng = np.random.default_rng(10 + seed)
+    X = correlated_inputs(rng, 400, 96)
+    H = layer_hessian(X)
+    W = pruned_layer(rng, 32, 96, 0.3)
+    codebook, indices = quantize_weights(W.astype(np.float32), bits)
+    idx = gptq_assign(W, H, codebook)
+    assert output_error(W, codebook[idx].astype(np.float64), X) < 0.8 * output_error(
+        W, codebook[indices].astype(np.float64), X)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    out=st.integers(1, 10),
+    n_in=st.integers(1, 40),
+    groups=st.sampled_from([1, 2, 3]),
+    density=st.floats(0.01, 1.0),
+    bits=st.integers(1, 4),
+    dead=st.integers(0, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_gptq_assign_keeps_the_mask_and_never_loses_to_nearest(out, n_in, groups, density, bits, dead, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((groups, 40, 4)) @ rng.standard_normal((4, n_in)) + 0.2 * rng.standard_normal((groups, 40, n_in))
+    X[:, :, : min(dead, n_in)] = 0  # dead inputs: H_jj == 0
+    H = layer_hessian(X if groups > 1 else X[0])
+    W = pruned_layer(rng, out * groups, n_in, density)
+    codebook, indices = quantize_weights(W.astype(np.float32), bits)
+    np.testing.assert_array_equal(nearest_assign(W, codebook), nearest_oracle(W, codebook))
+    np.testing.assert_array_equal(nearest_assign(W, codebook), indices)  # k-means' own assignment
+    idx = gptq_assign(W, H, codebook, block=5)
+    assert idx.dtype == np.uint8 and idx.shape == W.shape
+    assert np.array_equal(idx == 0, W == 0)  # pruned weights: entry 0; kept ones: never entry 0
+    assert idx.max() < 1 << bits
+    e_near = layer_error(W, codebook[indices].astype(np.float64), H)
+    assert layer_error(W, codebook[idx].astype(np.float64), H) <= e_near * (1 + 1e-12) + 1e-300
