@@ -16,7 +16,6 @@ from typing import Callable
 
 from . import __version__
 from .errors import EiecError
-from .tensorfile import check_npz
 
 COMMANDS = ("run", "validate", "inspect", "dis")
 
@@ -135,8 +134,6 @@ def _cmd_compile(args) -> int:
     # every input and the output folder are checked before the first byte is written
     # (dumps, the automatic recipe), so a bad argument leaves nothing behind
     _check_output(args.output, [args.model, args.config, args.calibration])
-    if args.calibration is not None:
-        check_npz(args.calibration)
     try:
         res = compile_model(args.model, args.output, args.config, args.calibration, args.dump_ir,
                             args.pes, args.seed, _progress(args),
@@ -179,8 +176,6 @@ def _cmd_run(args) -> int:
 def _cmd_validate(args) -> int:
     from eiec.runtime.validate import validate_cli
 
-    if args.input is not None:
-        check_npz(args.input)
     if args.json is not None:
         _check_output(args.json, [args.model, args.eie, args.input])
     return validate_cli(args.model, args.eie, args.input, args.random, args.bisect, args.max_drop,

@@ -86,7 +86,7 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
     records: list[PassRecord] = []
     original_bytes = _param_bytes(model)  # before the passes rewrite the weights
     layers_ir0 = find_layers(model)
-    chosen_path = _resolve_auto(model, ctx, out_path, progress, notes)
+    chosen_recipe = _resolve_auto(model, ctx, progress, notes)
     if dump_dir is not None:  # step 0 is the import plus the automatic choices made on it
         _dump(dump_dir, 0, "import", model, {
             "layers": [{"name": l.name, "kind": l.kind, "shape": list(l.shape)} for l in layers_ir0],
@@ -97,12 +97,17 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
     records = manager.records
     manifest = build_manifest(layers_ir0, original_bytes, ir4, ctx, records, seed)
     save_eie(out_path, ir4, ctx.artifacts.get("segments", []), manifest)
+    chosen_path = None
+    if chosen_recipe is not None:  # only once the .eie is written: a failed compile leaves nothing
+        chosen_path = os.path.splitext(out_path)[0] + ".recipe.yaml"
+        _write_text_atomic(chosen_path, chosen_recipe)
+        notes.append(f"automatic recipe written to {chosen_path} (edit it and pass it back with --config)")
     return CompileResult(out_path, manifest, records, chosen_path, notes)
 
 
-def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
+def _resolve_auto(model: onnx.ModelProto, ctx: Context,
                   progress: Callable[[str], None], notes: list[str]) -> str | None:
-    """Pick density/bits for layers left on `auto`; write the chosen recipe beside the output.
+    """Pick density/bits for layers left on `auto`; returns the chosen recipe as YAML (or None).
 
     The search measures every candidate with the reconstruction the prune and cluster
     passes will apply (the same `calibrate.Sequential`, left in ctx.artifacts for the
@@ -185,10 +190,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context, out_path: str,
         "path_length": report["path_length"], "chosen_step": report.get("chosen_step"),
         "probes": [{"step": i, metric: v, "error": e} for i, v, e in report["probes"]],
         "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}
-    recipe_out = os.path.splitext(out_path)[0] + ".recipe.yaml"
-    _write_text_atomic(recipe_out, dump_recipe(ctx.recipe, wanted))
-    notes.append(f"automatic recipe written to {recipe_out} (edit it and pass it back with --config)")
-    return recipe_out
+    return dump_recipe(ctx.recipe, wanted)
 
 
 def _key(v: float | int) -> str:

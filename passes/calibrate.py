@@ -18,7 +18,8 @@ import onnx
 import onnxruntime as ort
 from numpy.lib.stride_tricks import sliding_window_view
 
-from eiec.errors import InputError, ModelError, RecipeError
+from eiec.errors import FormatError, InputError, ModelError, RecipeError
+from eiec.tensorfile import check_npz
 from eiec.ir import Layer, get_initializer, matrix_view
 from eiec.target import Target
 
@@ -122,6 +123,10 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto) -> tuple[d
     naming the file and the key.
     """
     path = os.fspath(path)
+    try:  # bounded memory, no pickles, intact members: np.load below cannot blow up
+        check_npz(path)
+    except FormatError as e:
+        raise InputError(path, e.reason) from None
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:

@@ -24,7 +24,6 @@ import onnxruntime
 from eiec.artifact import load_eie
 from eiec.errors import FormatError, InputError
 from eiec.segment import Segment
-from eiec.tensorfile import check_npz
 from eiec.target import Target
 
 from .executor import SegmentRun, run_segment, segment_report
@@ -151,7 +150,6 @@ def run_file(eie: str, input_path: str, out_path: str | None, report_path: str |
             raise InputError(out, "cannot write here: its folder does not exist")
         if out is not None and os.path.isdir(out):
             raise InputError(out, "is a folder; give a file name for the output")
-    check_npz(input_path)
     sess = InferenceSession(eie, mode="float" if float_mode else "fixed")
     feeds, _ = load_inputs(input_path, sess.model)
     names = [o.name for o in sess.get_outputs()]

@@ -187,10 +187,7 @@ def test_bad_model_is_one_line_exit_2_and_no_output(case, work, out, tmp_path, c
     assert reason in line
 
 
-VALIDATE_MODEL_CASES = [pytest.param(c, marks=pytest.mark.xfail(
-    strict=True, reason="validate makes random inputs before checking the model: "
-                        "ModelError(None, ...) names no file (reported to runtime/validate.py's owner)"))
-    if c == "string graph input" else c for c in MODEL_CASES]
+VALIDATE_MODEL_CASES = MODEL_CASES
 
 
 @pytest.mark.parametrize("case", VALIDATE_MODEL_CASES)
@@ -617,8 +614,6 @@ def test_a_pass_failing_after_dumps_keeps_the_dumps_but_writes_no_eie(work, out,
     assert "0_import.onnx" in os.listdir(out / "ir")
 
 
-@pytest.mark.xfail(strict=True, reason="compiler/driver.py writes OUT.recipe.yaml before the passes run; "
-                                       "reported to its owner (write it after the .eie, or remove it on failure)")
 def test_a_failed_automatic_compile_leaves_no_recipe_file(work, out, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY_SRAMS + "budget: {max_output_error: 100}\n")
