@@ -1,8 +1,8 @@
 """Cycle model of one sparse layer on EIE: broadcasts, per-PE activation queues, stalls.
 
 The model and every choice the paper leaves open are in docs/simulator.md. Pure
-functions over SparseImage tiles; the queue recurrence loops over broadcasts and is
-vectorised over (batch, pe).
+functions over SparseImage tiles; the queue recurrence is solved in closed form over
+blocks of broadcasts, vectorised over (broadcast, batch, pe).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import scipy.sparse as sp
 
 from eiec.errors import FormatError
 from eiec.image import SparseImage
@@ -22,6 +23,16 @@ from eiec.target import Target
 POINTER_READ_CYCLES = 1
 # Pointers sit in two banks (even / odd columns): two pointers written per cycle on reload.
 POINTER_BANKS = 2
+
+# _queue_span block sizes: at most this many [block, batch, pes] elements per array
+# (memory); below the second figure per block numpy's per-call overhead dominates, so
+# blocks grow past the queue depth (up to _MAX_BLOCK_ROUNDS times it) and are iterated.
+_BLOCK_ELEMS = 1 << 21
+_SMALL_BLOCK_ELEMS = 1 << 13
+_MAX_BLOCK_ROUNDS = 32
+_SCAN_ROW_ELEMS = 256  # rows at least this wide are scanned one numpy call per row
+_INT32_TIMES = 1 << 29  # cycle times below this are solved in int32
+_NEVER = -(1 << 40)  # an int64 time below any real one: never wins a max
 
 
 @dataclass
@@ -53,12 +64,13 @@ class LayerCycles:
 
 
 def _column_tables(tile: SparseImage) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """entries [pes, cols], work cycles [cols, pes], padding entries [pes, cols] (int64)."""
+    """entries [pes, cols] int64, work cycles [cols, pes] int32 (every entry of a column
+    run advances a row, so a run is at most the tile's rows), padding entries [pes, cols] int64."""
     entries = tile.col_entries().astype(np.int64)
     work = np.maximum(entries, POINTER_READ_CYCLES)
     run = np.repeat(np.arange(entries.size), entries.ravel())  # storage order is PE-major
     padding = np.bincount(run[np.asarray(tile.code) == 0], minlength=entries.size)
-    return entries, np.ascontiguousarray(work.T), padding.reshape(entries.shape).astype(np.int64)
+    return entries, np.ascontiguousarray(work.T, np.int32), padding.reshape(entries.shape).astype(np.int64)
 
 
 def _line_table(tile: SparseImage, per_line: int) -> np.ndarray:
@@ -69,15 +81,107 @@ def _line_table(tile: SparseImage, per_line: int) -> np.ndarray:
     return np.where(end > start, (end - 1) // per_line - start // per_line + 1, 0)
 
 
+def _event_table(tile: SparseImage, per_line: int) -> np.ndarray:
+    """int64 [cols, pes + 2]: per column, each PE's entries, then the padding entries and
+    the SRAM lines over all PEs: what one broadcast of the column costs in events."""
+    entries, _, padding = tile_cached(tile, "column_tables", _column_tables)
+    lines = _line_table(tile, per_line)
+    table = np.column_stack([entries.T, padding.sum(axis=0), lines.sum(axis=0)])
+    return np.ascontiguousarray(table, np.int64)  # scipy would copy a non-C-order operand per call
+
+
+def _scan(op: np.ufunc, a: np.ndarray) -> np.ndarray:
+    """op.accumulate along axis 0, in place. numpy's accumulate walks wide rows slowly
+    (strided); one call per row is faster once rows are wide."""
+    if a.shape[0] > 1 and a[0].size >= _SCAN_ROW_ELEMS:
+        for i in range(1, a.shape[0]):
+            op(a[i - 1], a[i], out=a[i])
+    else:
+        op.accumulate(a, axis=0, out=a)
+    return a
+
+
 def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
                 depth: int) -> tuple[np.ndarray, np.ndarray]:
     """Finish time of the last PE and broadcast stall cycles, [B] each.
 
     work [cols, pes] cycles per (column, PE); cols_k [K, B] the column of broadcast k
     of each input, valid [K, B]; invalid items (padding of shorter broadcast lists) sit
-    at the end and do not advance time. Recurrence:
+    at the end and do not advance time. Recurrence (docs/simulator.md):
     b_k = max(b_{k-1} + 1, max_p s[p, k-depth]); s = max(f_prev, b_k); f = s + work.
+
+    Solved a block of L broadcasts at a time. Given the issue times b of a block, each
+    PE's finish times have a closed form, f[k] = c[k] + max(f[k0-1], max_{m<=k} (b_m -
+    c[m-1])) with c the block's running sum of work; given the pop times s, b has one
+    too, b_k = k + max(b_{k0-1} + 1 - k0, max_{m<=k} (g_m - m)) with g_m = max_p
+    s[p, m-depth]. With L <= depth every g a block needs comes from earlier blocks, so
+    one pass is exact. A longer block (used when B * pes is small, where per-call numpy
+    overhead would dominate) iterates the two closed forms from g = -1 until b stops
+    changing: each round fixes at least `depth` more broadcasts, and the iterates rise
+    monotonically to the recurrence's unique solution, usually in two or three rounds.
     """
+    n_bcast, batch = cols_k.shape
+    pes = work.shape[1]
+    n_valid = valid.sum(axis=0)
+    if n_bcast == 0:
+        return np.zeros(batch, np.int64), np.zeros(batch, np.int64)
+    elems = batch * pes
+    block = min(depth, max(1, _BLOCK_ELEMS // elems))
+    if depth * elems < _SMALL_BLOCK_ELEMS and elems < _SCAN_ROW_ELEMS:
+        block = min(max(depth, _SMALL_BLOCK_ELEMS // elems), _MAX_BLOCK_ROUNDS * depth)
+    block = min(block, n_bcast)
+    if block == 1:  # wide rows and depth 1: the plain recurrence has fewer numpy calls per step
+        return _queue_span_stepwise(work, cols_k, valid, depth)
+    all_valid = int(n_valid.min(initial=0))  # broadcasts before this are valid for every input
+    # every time is below n_bcast * (max work + 1): int32 halves the memory traffic when it fits
+    small = n_bcast * (int(work.max(initial=0)) + 1) < _INT32_TIMES
+    dtype = np.int32 if small else np.int64
+    never = -2 * _INT32_TIMES if small else _NEVER  # below any b - c: never wins a max
+    work = work.astype(dtype, copy=False)
+    finish = np.zeros((batch, pes), dtype)  # f of the previous block's last broadcast
+    issue = np.full(batch, -1, dtype)  # b of the previous block's last broadcast
+    # smax[k + depth] = max_p s[p, k]; the first `depth` rows stand for "no item" (-1)
+    smax = np.full((n_bcast + depth, batch), -1, dtype)
+    issue_all = np.empty((n_bcast, batch), dtype)
+    for k0 in range(0, n_bcast, block):
+        k1 = min(n_bcast, k0 + block)
+        ks = np.arange(k0, k1, dtype=dtype)[:, None]
+        w = work[cols_k[k0:k1]]  # [L, B, pes]
+        masked = k1 > all_valid
+        if masked:
+            w *= valid[k0:k1, :, None]
+        c = _scan(np.add, w.copy())
+        c_before = c - w
+        b = None
+        while True:
+            g = smax[k0:k1] - ks
+            np.maximum.accumulate(g, axis=0, out=g)
+            np.maximum(g, issue + 1 - k0, out=g)
+            g += ks
+            if b is not None and np.array_equal(g, b):
+                break
+            b = g
+            t = b[:, :, None] - c_before
+            if masked:
+                t[~valid[k0:k1]] = never  # an invalid item issues nothing
+            np.maximum(t[0], finish, out=t[0])
+            _scan(np.maximum, t)  # now f - c
+            f_last = t[-1] + c[-1]
+            t += c_before  # s = f - w
+            smax[k0 + depth:k1 + depth] = t.max(axis=2)
+            if k1 - k0 <= depth:
+                break
+        issue_all[k0:k1] = b
+        finish, issue = f_last, b[-1]
+    # valid items are a prefix: sum_k (b_k - b_{k-1} - 1) telescopes to b_last + 1 - n
+    last = issue_all[np.maximum(n_valid - 1, 0), np.arange(batch)]
+    stall = np.where(n_valid > 0, last.astype(np.int64) + 1 - n_valid, 0)
+    return finish.max(axis=1, initial=0).astype(np.int64), stall
+
+
+def _queue_span_stepwise(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
+                         depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """_queue_span one broadcast at a time, vectorised over (batch, pe)."""
     n_bcast, batch = cols_k.shape
     finish = np.zeros((batch, work.shape[1]), np.int64)
     issue = np.full(batch, -1, np.int64)
@@ -89,7 +193,6 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
         stall += np.where(valid[k], b_k - earliest, 0)
         issue = np.where(valid[k], b_k, issue)
         start = np.maximum(finish, issue[:, None])
-        # gathered per broadcast: a [K, B, pes] table would not fit for conv position batches
         finish = start + np.where(valid[k][:, None], work[cols_k[k]], 0)
         slot_free[k % depth] = start.max(axis=1)
     return finish.max(axis=1, initial=0), stall
@@ -125,9 +228,9 @@ def cycle_layer(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target: Tar
     order = sorted(range(len(tiles)), key=lambda i: (tiles[i].row_lo, tiles[i].rows, tiles[i].col_lo))
     for n, i in enumerate(order):
         t = tiles[i]
-        col_entries, work, pad = tile_cached(t, "column_tables", _column_tables)
-        line_tab = tile_cached(t, f"lines{target.entries_per_line}",
-                               lambda tt: _line_table(tt, target.entries_per_line))
+        _, work, _ = tile_cached(t, "column_tables", _column_tables)
+        events = tile_cached(t, f"events{target.entries_per_line}",
+                             lambda tt: _event_table(tt, target.entries_per_line))
         nz = x_nonzero[:, t.col_lo:t.col_lo + t.cols]
         count = nz.sum(axis=1)
         n_bcast = int(count.max(initial=0))
@@ -139,10 +242,14 @@ def cycle_layer(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target: Tar
         valid[k_idx, b_idx] = True
         span, pass_stall = _queue_span(work, cols_k, valid, target.queue_depth)
 
-        nz_i = nz.astype(np.int64)
-        busy += nz_i @ col_entries.T
-        padding += nz_i @ pad.sum(axis=0)
-        lines += nz_i @ line_tab.sum(axis=0)
+        # sum of the event rows of each input's broadcast columns, as a sparse product
+        # (touches only the broadcasts; a dense [B, cols] product would touch every column)
+        picked = sp.csr_matrix((np.ones(j_idx.size, np.int64), j_idx, np.r_[0, np.cumsum(count)]),
+                               shape=nz.shape)
+        per_input = np.asarray(picked @ events).reshape(batch, pes + 2)
+        busy += per_input[:, :pes]
+        padding += per_input[:, pes]
+        lines += per_input[:, pes + 1]
         broadcasts += count
         stall += pass_stall
         cycles += target.pipeline_depth + span

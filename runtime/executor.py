@@ -10,8 +10,9 @@ address generation), which the cycle model counts as one mat-vec per position.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from eiec.passes.calibrate import im2col
 from .cycles import cycle_layer, latency_us
 from .energy import layer_energy
 from .fixedpoint import dequantize, quantize
-from .simulator import error_bound, spmv_fixed, spmv_float
+from .simulator import error_bound, spmv_fixed, spmv_float, tile_cached
 
 
 @dataclass
@@ -64,7 +65,13 @@ class SegmentRun:
     input: np.ndarray  # float32 [B, *in_shape]: what the host handed the segment
     output: np.ndarray  # float32 [B, *out_shape]
     layers: list[LayerRun] = field(default_factory=list)
-    bound: np.ndarray | None = None  # per-output error bound vs float (fixed mode)
+    bound_of: Callable[[], np.ndarray | None] = field(default=lambda: None, repr=False)
+
+    @functools.cached_property
+    def bound(self) -> np.ndarray | None:
+        """Per-output error bound vs float (fixed mode). Computed on first use: running
+        does not need it, validation does, and it costs as much as the layers themselves."""
+        return self.bound_of()
 
     @property
     def saturated(self) -> int:
@@ -114,11 +121,11 @@ def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool =
     e_x = np.abs(dequantize(act, first.in_frac) - x) if mode == "fixed" else None
     run = SegmentRun(input=x, output=np.empty(0, np.float32))
     buffers: dict[int, np.ndarray] = {}
-    bounds: dict[int, np.ndarray] = {}
+    bounds: dict[int, Callable[[], np.ndarray | None]] = {}
     for ins in seg.program:
         if ins.op == isa.Op.LOAD_ACT:
             buffers[ins.dst] = act
-            bounds[ins.dst] = e_x
+            bounds[ins.dst] = lambda: e_x
         elif ins.op == isa.Op.RUN and ins.flags & isa.Flag.LAST and _last_tile_of_layer(seg, ins):
             spec = seg.layers[ins.layer]
             src = buffers[ins.src]
@@ -131,7 +138,7 @@ def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool =
             last = seg.layers[-1]
             res = buffers[ins.src]
             run.output = (dequantize(res, last.out_frac) if mode == "fixed" else res).astype(np.float32)
-            run.bound = bounds[ins.src]
+            run.bound_of = bounds[ins.src]
     return run
 
 
@@ -140,37 +147,46 @@ def _last_tile_of_layer(seg: Segment, ins: isa.Instr) -> bool:
     return ins.tile == len(seg.layers[ins.layer].tiles) - 1
 
 
-def _run_layer(seg: Segment, spec: LayerSpec, act: np.ndarray, e_in: np.ndarray | None, mode: str,
-               want_cycles: bool) -> tuple[np.ndarray, LayerRun | None, np.ndarray | None]:
+def _run_layer(seg: Segment, spec: LayerSpec, act: np.ndarray, e_in: Callable[[], np.ndarray | None],
+               mode: str, want_cycles: bool
+               ) -> tuple[np.ndarray, LayerRun | None, Callable[[], np.ndarray | None]]:
+    """Run one layer. e_in gives the input's error bound, and the returned function the
+    output's: both are only evaluated when SegmentRun.bound is read."""
     t = seg.target
     batch = act.shape[0]
     groups = spec.conv.group if spec.conv is not None else 1
     per = spec.rows // groups
     xs = _positions(act, spec)
-    ys, bnds, runs = [], [], []
+    ys, runs = [], []
     saturated = 0
-    if e_in is not None:
-        # the float input can be up to e_in larger than the fixed-point one
-        x_abs = _positions(np.abs(dequantize(act, spec.in_frac)) + e_in, spec)
-        e_cols = _positions(e_in, spec)
     for g in range(groups):
         tiles = _group_tiles(spec, g)
         rows = slice(g * per, (g + 1) * per)
         if mode == "fixed":
             y, stats = spmv_fixed(tiles, spec.codebook_q, xs[g], spec.bias_acc[rows], spec.shift, spec.relu, t)
             saturated += stats.saturated_accumulators + stats.saturated_outputs
-            if e_in is not None:
-                bnds.append(error_bound(tiles, spec.codebook, spec.codebook_q, spec.w_frac, x_abs[g],
-                                        e_cols[g], spec.in_frac, spec.out_frac))
         else:
             y = spmv_float(tiles, spec.codebook, xs[g], spec.bias[rows], spec.relu)
         ys.append(y)
         if want_cycles:
             runs.append(cycle_layer(tiles, xs[g] != 0, t, resident=seg.resident or spec.kind == "conv"))
     out = _to_output(ys, spec, batch)
-    e_out = _to_output(bnds, spec, batch) if bnds else None
+    e_out = functools.cache(lambda: _layer_bound(spec, act, e_in(), batch))
     layer_run = _merge_runs(seg, spec, runs, batch, saturated) if want_cycles else None
     return out, layer_run, e_out
+
+
+def _layer_bound(spec: LayerSpec, act: np.ndarray, e_in: np.ndarray | None, batch: int) -> np.ndarray | None:
+    """Error bound of the layer's fixed-point output vs float, from its input's (None: float mode)."""
+    if e_in is None:
+        return None
+    # the float input can be up to e_in larger than the fixed-point one
+    x_abs = _positions(np.abs(dequantize(act, spec.in_frac)) + e_in, spec)
+    e_cols = _positions(e_in, spec)
+    groups = spec.conv.group if spec.conv is not None else 1
+    bnds = [error_bound(_group_tiles(spec, g), spec.codebook, spec.codebook_q, spec.w_frac, x_abs[g],
+                        e_cols[g], spec.in_frac, spec.out_frac) for g in range(groups)]
+    return _to_output(bnds, spec, batch)
 
 
 def _merge_runs(seg: Segment, spec: LayerSpec, runs: list, batch: int, saturated: int) -> LayerRun:
@@ -200,7 +216,8 @@ def _merge_runs(seg: Segment, spec: LayerSpec, runs: list, batch: int, saturated
         ideal_cycles=sum(per_input(r.ideal_cycles) for r in runs),
         busy=sum(per_input(r.busy) for r in runs),
         nonzero_activations=sum(per_input(r.nonzero_activations) for r in runs),
-        entries=spec.entries, padding_entries=spec.padding_entries,
+        entries=spec.entries,  # padding counted once per tile: a full scan of the codes otherwise
+        padding_entries=sum(tile_cached(t, "n_padding", lambda tt: tt.n_padding) for t in spec.tiles),
         entries_processed=sum(per_input(r.entries_processed) for r in runs),
         energy_uj=energy, saturated=saturated)
 

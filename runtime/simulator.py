@@ -24,6 +24,8 @@ from eiec.target import Target
 
 # Prefix checks materialise [batch chunk, entries] int64 arrays; keep them ~32 MB.
 _PREFIX_CHUNK_ELEMS = 1 << 22
+# spmv_fixed multiplies only the broadcast columns when fewer than this fraction are.
+_SELECT_COLUMNS = 0.5
 
 
 @dataclass
@@ -78,9 +80,37 @@ def tile_matrix(tile: SparseImage) -> sp.csr_matrix:
     return tile_cached(tile, "code_csr", _code_matrix)  # type: ignore[return-value]
 
 
+def _codebook_key(kind: str, codebook: np.ndarray) -> str:
+    return f"{kind}:{codebook.dtype.str}:{codebook.tobytes().hex()}"
+
+
 def _decoded(tile: SparseImage, codebook: np.ndarray) -> sp.csr_matrix:
-    m = tile_matrix(tile)
-    return sp.csr_matrix((codebook[m.data], m.indices, m.indptr), shape=m.shape)
+    """tile_matrix with every code replaced by its codebook value. Cached per codebook: a
+    layer is called with the same few codebooks every run; the indices are shared."""
+    def build(t: SparseImage) -> sp.csr_matrix:
+        m = tile_matrix(t)
+        return sp.csr_matrix((codebook[m.data], m.indices, m.indptr), shape=m.shape)
+
+    return tile_cached(tile, _codebook_key("decoded", codebook), build)  # type: ignore[return-value]
+
+
+def _sign_split(tile: SparseImage, codebook_q: np.ndarray) -> sp.csc_matrix:
+    """int64 CSC [2 * rows, cols]: row 2i holds |w| of row i's positive weights, row 2i+1
+    |w| of its negative ones (zero-valued codes dropped). Cached per codebook.
+
+    One product with x >= 0 gives both W x (even - odd rows) and |W| x (even + odd).
+    Column-major, so the columns no input broadcasts can be dropped cheaply.
+    """
+    def build(t: SparseImage) -> sp.csc_matrix:
+        m = tile_matrix(t)
+        value = codebook_q[m.data]
+        keep = value != 0
+        row = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
+        split_row = (2 * row + (value < 0))[keep]
+        return sp.csc_matrix((np.abs(value[keep]), (split_row, m.indices[keep])),
+                             shape=(2 * m.shape[0], m.shape[1]))
+
+    return tile_cached(tile, _codebook_key("sign_split", codebook_q), build)  # type: ignore[return-value]
 
 
 def _check_tiles(tiles: Sequence[SparseImage], rows: int, cols: int) -> None:
@@ -198,12 +228,18 @@ def spmv_fixed(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q: np.nda
 
     exact = np.zeros((batch, rows), np.int64)
     reach = np.zeros((batch, rows), np.int64)  # sum_j |w_ij x_j|
-    abs_cb = np.abs(codebook_q)
-    x_t, abs_x_t = x_q.T.copy(), np.abs(x_q).T.copy()
+    x_t = x_q.T.copy()
+    abs_x_t = x_t if (x_q >= 0).all() else np.abs(x_t)  # ReLU inputs: one product, not two
     for t in tiles:
         rs, cs = slice(t.row_lo, t.row_lo + t.rows), slice(t.col_lo, t.col_lo + t.cols)
-        exact[:, rs] += (_decoded(t, codebook_q) @ x_t[cs]).T
-        reach[:, rs] += (_decoded(t, abs_cb) @ abs_x_t[cs]).T
+        split, x_cols, abs_cols = _sign_split(t, codebook_q), x_t[cs], abs_x_t[cs]
+        live = np.flatnonzero(x_cols.any(axis=1))  # zero activations are never broadcast
+        if live.size < _SELECT_COLUMNS * t.cols:  # copying the live columns beats reading all
+            split, x_cols, abs_cols = split[:, live], x_cols[live], abs_cols[live]
+        signed = split @ x_cols  # [2 * t.rows, B]: sums of |w| x over w > 0 and w < 0
+        magnitude = signed if abs_x_t is x_t else split @ abs_cols
+        exact[:, rs] += (signed[0::2] - signed[1::2]).T
+        reach[:, rs] += (magnitude[0::2] + magnitude[1::2]).T
 
     acc = exact
     clipped = np.zeros((batch, rows), bool)

@@ -1,0 +1,322 @@
+"""The EIE paper's nine benchmark layers, compiled by eiec and run on its simulator.
+
+Each layer (reference/eie.md, benchmark table) is a one-Gemm ONNX model with random normal
+weights at exactly the table's weight density and one input at exactly its activation
+density (nonnegative, as after ReLU), from a fixed seed. eiec compiles it with
+`density: keep` and a 4-bit codebook for 64 PEs; the simulator runs it. In the same run,
+on this machine: onnxruntime's dense fp32 Gemm and scipy.sparse CSR on the same
+matrix-vector product.
+Usage: python bench/eie_layers.py [--layers Alex-6 ...] [--out bench/results/eie_layers.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import onnxruntime
+import scipy
+import scipy.sparse as sp
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from compile_speed import _peak_bytes, _reset_peak
+from eiec.artifact import load_eie
+from eiec.driver import compile_model
+from eiec.ir import OPSET
+from eiec.runtime.cycles import cycle_layer
+from eiec.runtime.executor import run_segment
+from eiec.runtime.fixedpoint import quantize
+from eiec.segment import Segment
+
+SEED = 0
+PES = 64
+BITS = 4
+CALIBRATION_ROWS = 32
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass(frozen=True)
+class BenchLayer:
+    """One row of the paper's benchmark table."""
+
+    name: str
+    inputs: int
+    outputs: int
+    weight_density: float
+    act_density: float
+
+
+LAYERS = [
+    BenchLayer("Alex-6", 9216, 4096, 0.09, 0.351),
+    BenchLayer("Alex-7", 4096, 4096, 0.09, 0.353),
+    BenchLayer("Alex-8", 4096, 1000, 0.25, 0.375),
+    BenchLayer("VGG-6", 25088, 4096, 0.04, 0.183),
+    BenchLayer("VGG-7", 4096, 4096, 0.04, 0.375),
+    BenchLayer("VGG-8", 4096, 1000, 0.23, 0.411),
+    BenchLayer("NT-We", 4096, 600, 0.10, 1.0),
+    BenchLayer("NT-Wd", 600, 8791, 0.11, 1.0),
+    BenchLayer("NT-LSTM", 1201, 2400, 0.10, 1.0),
+]
+LAYER_BY_NAME = {l.name: l for l in LAYERS}
+
+
+# ---------------------------------------------------------------- workload
+
+def layer_rng(layer: BenchLayer, stream: int, seed: int = SEED) -> np.random.Generator:
+    """Independent streams per layer (0 weights, 1 input, 2 calibration): a layer's data
+    does not depend on which other layers run."""
+    return np.random.default_rng([seed, LAYERS.index(layer), stream])
+
+
+def random_positions(rng: np.random.Generator, size: int, k: int) -> np.ndarray:
+    """k distinct flat positions in [0, size), uniformly at random (without a size-long permutation)."""
+    picked = np.zeros(0, np.int64)
+    while picked.size < k:
+        extra = rng.integers(0, size, int((k - picked.size) * 1.1) + 16)
+        picked = np.unique(np.concatenate([picked, extra]))
+    return rng.permutation(picked)[:k]
+
+
+def layer_weights(layer: BenchLayer, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """W float32 [outputs, inputs] with exactly round(density * size) nonzeros, and a bias."""
+    rng = layer_rng(layer, 0, seed)
+    w = np.zeros((layer.outputs, layer.inputs), np.float32)
+    k = round(layer.weight_density * w.size)
+    values = rng.standard_normal(k, dtype=np.float32)
+    values[values == 0] = 1.0  # a nonzero weight must stay nonzero
+    # He scale over the kept fan-in, so outputs have a trained layer's magnitude
+    w.flat[random_positions(rng, w.size, k)] = values * np.float32(np.sqrt(2.0 / (layer.inputs * layer.weight_density)))
+    bias = (0.01 * rng.standard_normal(layer.outputs)).astype(np.float32)
+    return w, bias
+
+
+def layer_inputs(layer: BenchLayer, rows: int, stream: int = 1, seed: int = SEED) -> np.ndarray:
+    """float32 [rows, inputs]: each row has exactly round(act_density * inputs) nonzeros, |N(0, 1)|."""
+    rng = layer_rng(layer, stream, seed)
+    x = np.zeros((rows, layer.inputs), np.float32)
+    k = round(layer.act_density * layer.inputs)
+    for r in range(rows):  # a few rows: per-row sampling keeps each row's count exact
+        x[r, random_positions(rng, layer.inputs, k)] = np.abs(rng.standard_normal(k, dtype=np.float32)) + np.float32(1e-3)
+    return x
+
+
+def layer_model(layer: BenchLayer, w: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    """y = x W^T + b as one Gemm (transB=1), batch dimension dynamic."""
+    node = helper.make_node("Gemm", ["x", "weight", "bias"], ["y"], name=layer.name.replace("-", "_"),
+                            alpha=1.0, beta=1.0, transA=0, transB=1)
+    graph = helper.make_graph(
+        [node], layer.name.replace("-", "_"),
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", layer.inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", layer.outputs])],
+        [numpy_helper.from_array(w, "weight"), numpy_helper.from_array(bias, "bias")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def recipe_dict(pes: int = PES) -> dict[str, Any]:
+    return {"target": {"pes": pes, "clock_mhz": 800, "queue_depth": 8},
+            "defaults": {"density": "keep", "bits": BITS}}
+
+
+# ---------------------------------------------------------------- measuring
+
+def seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """(median, fastest) wall seconds of fn over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def ort_session(model: onnx.ModelProto, threads: int = 0) -> onnxruntime.InferenceSession:
+    """CPU provider; threads 0 = onnxruntime's default (one per core)."""
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def machine_info() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "scipy": scipy.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+            "load_average_1min": os.getloadavg()[0]}  # other processes share the CPUs: timings vary
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable)] + sys.argv)
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- one layer
+
+def compile_layer(layer: BenchLayer, workdir: str, seed: int = SEED,
+                  pes: int = PES) -> tuple[str, onnx.ModelProto, np.ndarray, dict[str, Any]]:
+    """Build and compile one layer. Returns (eie path, float model, W, compile record)."""
+    w, bias = layer_weights(layer, seed)
+    model = layer_model(layer, w, bias)
+    stem = os.path.join(workdir, layer.name)
+    onnx.save(model, stem + ".onnx")
+    np.savez(stem + ".calib.npz", x=layer_inputs(layer, CALIBRATION_ROWS, stream=2, seed=seed))
+    with open(stem + ".recipe.yaml", "w") as f:
+        yaml.safe_dump(recipe_dict(pes), f)
+    per_stage = _reset_peak()
+    t0 = time.perf_counter()
+    res = compile_model(stem + ".onnx", stem + ".eie", stem + ".recipe.yaml", stem + ".calib.npz", seed=seed)
+    seconds = time.perf_counter() - t0
+    record = {"seconds": seconds, "peak_bytes": _peak_bytes(per_stage),
+              "passes": {r.name: r.seconds for r in res.records},
+              "compression_ratio": res.manifest["compression_ratio"],
+              "density": res.manifest["layers"][0].get("density")}
+    return stem + ".eie", model, w, record
+
+
+def segment_of(eie_path: str) -> Segment:
+    segments = load_eie(eie_path).segments
+    if len(segments) != 1:
+        raise RuntimeError(f"{eie_path}: expected one segment, got {len(segments)}")
+    return next(iter(segments.values()))
+
+
+def run_layer(layer: BenchLayer, eie_path: str, model: onnx.ModelProto, w: np.ndarray,
+              repeats: int, seed: int = SEED) -> dict[str, Any]:
+    """Simulate one input; time onnxruntime dense and scipy CSR on the same product."""
+    seg = segment_of(eie_path)
+    spec, target = seg.layers[0], seg.target
+    x = layer_inputs(layer, 1, seed=seed)
+
+    t0 = time.perf_counter()
+    run = run_segment(seg, x)
+    sim_first = time.perf_counter() - t0
+    sim_median, _ = seconds(lambda: run_segment(seg, x), max(3, repeats // 10), warmup=0)
+    summary = run.layers[0].summary(target.clock_mhz)
+    # padding among the entries actually processed (the summary keeps only stored counts)
+    x_nonzero = quantize(x, spec.in_frac, target.act_bits) != 0
+    cyc = cycle_layer(spec.tiles, x_nonzero, target, resident=seg.resident)
+
+    sess = ort_session(model)
+    y_ort = sess.run(None, {"x": x})[0]
+    ort_s, ort_min = seconds(lambda: sess.run(None, {"x": x}), repeats)
+    sess1 = ort_session(model, threads=1)
+    ort1_s, _ = seconds(lambda: sess1.run(None, {"x": x}), repeats)
+    csr = sp.csr_matrix(w)
+    x_vec = x[0]
+    csr_s, csr_min = seconds(lambda: csr @ x_vec, repeats)
+
+    err = float(np.linalg.norm(run.output - y_ort) / max(np.linalg.norm(y_ort), 1e-30))
+    return {
+        "cycles": summary["cycles"], "ideal_cycles": summary["ideal_cycles"],
+        "latency_us": summary["latency_us"], "ideal_latency_us": summary["ideal_cycles"] / target.clock_mhz,
+        "load_balance": summary["load_balance"],
+        "padding_overhead": float(cyc.padding_overhead[0]),
+        "stored_padding_fraction": spec.padding_entries / max(spec.entries, 1),
+        "entries": spec.entries, "padding_entries": spec.padding_entries,
+        "entries_processed": summary["entries_processed"],
+        "nonzero_activations": summary["nonzero_activations"],
+        "stall_cycles": int(cyc.stall_cycles[0]), "reload_cycles": int(cyc.reload_cycles[0]),
+        "tiles": len(spec.tiles), "resident": seg.resident,
+        "energy_uj": summary["energy_uj"], "saturated": summary["saturated"],
+        "rel_l2_error_vs_float": err,
+        "sim_first_ms": sim_first * 1e3, "sim_median_ms": sim_median * 1e3,
+        "ort_dense_us": ort_s * 1e6, "ort_dense_1thread_us": ort1_s * 1e6, "scipy_csr_us": csr_s * 1e6,
+        "ort_dense_fastest_us": ort_min * 1e6, "scipy_csr_fastest_us": csr_min * 1e6,
+    }
+
+
+# ---------------------------------------------------------------- table
+
+COLUMNS = [  # (header, format, key)
+    ("layer", "{}", "name"), ("in x out", "{}", "shape"), ("W dens", "{:.0%}", "weight_density"),
+    ("act dens", "{:.1%}", "act_density"), ("EIE sim us", "{:.2f}", "latency_us"),
+    ("ideal us", "{:.2f}", "ideal_latency_us"), ("load bal", "{:.1%}", "load_balance"),
+    ("padding", "{:.1%}", "padding_overhead"), ("ORT dense us", "{:.0f}", "ort_dense_us"),
+    ("scipy CSR us", "{:.0f}", "scipy_csr_us"), ("compile s", "{:.1f}", "compile_s"),
+]
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    return [[fmt.format(r[key]) for _, fmt, key in COLUMNS] for r in rows]
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    cells = [[h for h, _, _ in COLUMNS]] + table_rows(rows)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  ".join("-" * wd for wd in widths))
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = [h for h, _, _ in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", nargs="+", choices=list(LAYER_BY_NAME), default=[l.name for l in LAYERS])
+    ap.add_argument("--repeats", type=int, default=50, help="timed runs of onnxruntime and scipy (median)")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "eie_layers.json"))
+    ap.add_argument("--keep", metavar="DIR", help="keep the models and .eie files in DIR")
+    args = ap.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="eie_layers-") as tmp:
+        workdir = args.keep or tmp
+        os.makedirs(workdir, exist_ok=True)
+        for name in args.layers:
+            layer = LAYER_BY_NAME[name]
+            print(f"{name}: compiling ...", file=sys.stderr, flush=True)
+            eie_path, model, w, comp = compile_layer(layer, workdir)
+            print(f"{name}: compiled in {comp['seconds']:.1f} s; running ...", file=sys.stderr, flush=True)
+            measured = run_layer(layer, eie_path, model, w, args.repeats)
+            rows.append({**asdict(layer), "shape": f"{layer.inputs} x {layer.outputs}",
+                         "compile_s": comp["seconds"], "compile": comp, **measured})
+            del model, w
+
+    print_table(rows)
+    worst = max(r["rel_l2_error_vs_float"] for r in rows)
+    print(f"simulator output vs onnxruntime float (4-bit weight sharing included): "
+          f"relative L2 error <= {worst:.3g}")
+    result = {
+        "benchmark": "eie_layers",
+        "command": command_line(),
+        "seed": SEED,
+        "setup": {"pes": PES, "bits": BITS, "density": "keep", "clock_mhz": 800, "queue_depth": 8,
+                  "recipe": recipe_dict(), "calibration_rows": CALIBRATION_ROWS, "batch": 1,
+                  "timing": f"median of {args.repeats} runs after 2 warm-ups; onnxruntime CPU provider, "
+                            "default threads (ort_dense_us) and 1 thread (ort_dense_1thread_us)"},
+        "machine": machine_info(),
+        "layers": rows,
+        "markdown": markdown_table(rows),
+    }
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The simulator's fast paths against obvious reimplementations: the blocked queue
+recurrence of the cycle model, and the per-codebook caches of the functional model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from eiec.passes.encode import encode_matrix
+from eiec.runtime.cycles import _queue_span
+from eiec.runtime.simulator import spmv_fixed, spmv_float
+from eiec.target import Target
+
+
+def scalar_queue_span(work: np.ndarray, cols: list[int], depth: int) -> tuple[int, int]:
+    """docs/simulator.md's recurrence, one broadcast and one PE at a time, in plain Python."""
+    pes = work.shape[1]
+    finish, starts, issue, stall = [0] * pes, [], -1, 0
+    for k, j in enumerate(cols):
+        b = issue + 1
+        if k >= depth:
+            b = max(b, max(starts[k - depth]))
+        stall += b - (issue + 1)
+        start = [max(finish[p], b) for p in range(pes)]
+        finish = [start[p] + int(work[j, p]) for p in range(pes)]
+        starts.append(start)
+        issue = b
+    return max(finish, default=0), stall
+
+
+def broadcast_lists(x_nonzero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cols_k / valid [K, B] as cycle_layer builds them: each input's nonzero columns, padded."""
+    batch = x_nonzero.shape[0]
+    lists = [np.flatnonzero(row) for row in x_nonzero]
+    n = max((len(l) for l in lists), default=0)
+    cols_k, valid = np.zeros((n, batch), np.int64), np.zeros((n, batch), bool)
+    for b, l in enumerate(lists):
+        cols_k[:len(l), b], valid[:len(l), b] = l, True
+    return cols_k, valid
+
+
+def check_against_scalar(work: np.ndarray, x_nonzero: np.ndarray, depth: int) -> None:
+    cols_k, valid = broadcast_lists(x_nonzero)
+    span, stall = _queue_span(work, cols_k, valid, depth)
+    for b, row in enumerate(x_nonzero):
+        assert (span[b], stall[b]) == scalar_queue_span(work, list(np.flatnonzero(row)), depth)
+
+
+@given(seed=st.integers(0, 2 ** 32 - 1), pes=st.sampled_from([1, 3, 8, 64, 80]),
+       batch=st.integers(1, 5), depth=st.sampled_from([1, 2, 3, 8, 16, 64]),
+       huge=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_queue_span_matches_the_scalar_recurrence(seed, pes, batch, depth, huge):
+    # pes x batch spans all three code paths: iterated long blocks (narrow rows), one pass
+    # per block of <= depth broadcasts (wide rows), and the stepwise loop (depth 1, wide);
+    # huge work values force int64 times instead of int32
+    rng = np.random.default_rng(seed)
+    cols = int(rng.integers(1, 40))
+    work = rng.integers(0, int(rng.integers(1, 20)), (cols, pes)) * (1 << 26 if huge else 1)
+    x_nonzero = rng.random((batch, cols)) < rng.choice([0.1, 0.5, 1.0])
+    check_against_scalar(work, x_nonzero, depth)
+
+
+def test_queue_span_over_many_blocks_matches_the_scalar_recurrence():
+    rng = np.random.default_rng(7)
+    for pes, cols, depth in [(4, 700, 8), (64, 400, 8), (64, 300, 1), (2, 500, 3)]:
+        work = np.maximum(rng.integers(0, 12, (cols, pes)), 1)
+        x_nonzero = rng.random((2, cols)) < np.array([[0.9], [0.6]])
+        check_against_scalar(work, x_nonzero, depth)
+
+
+def test_one_tile_with_two_codebooks_gives_each_codebooks_product():
+    rng = np.random.default_rng(3)
+    idx = (rng.integers(1, 16, (40, 30)) * (rng.random((40, 30)) < 0.3)).astype(np.uint8)
+    tiles = [encode_matrix(idx, 4)]
+    target = dataclasses.replace(Target(), pes=4)
+    x = rng.integers(-20, 20, (3, 30))  # sums stay inside 16-bit outputs
+    for _ in range(2):  # the second round runs on the cached matrices
+        for codebook in (np.r_[0, rng.integers(-30, 30, 15)], np.r_[0, rng.integers(-30, 30, 15)]):
+            y, stats = spmv_fixed(tiles, codebook, x, np.zeros(40, np.int64), 0, False, target)
+            assert np.array_equal(y, x @ codebook[idx].T) and stats.saturated_accumulators == 0
+            cb_float = codebook / 7.0
+            got = spmv_float(tiles, cb_float, x.astype(np.float32), np.zeros(40, np.float32), False)
+            np.testing.assert_allclose(got, x @ cb_float[idx].T, rtol=1e-6)
+
+
+@given(seed=st.integers(0, 2 ** 32 - 1), density=st.sampled_from([0.05, 0.3, 1.0]),
+       signed=st.booleans(), batch=st.integers(1, 4))
+@settings(max_examples=30, deadline=None)
+def test_sparse_and_dense_inputs_give_the_dense_product(seed, density, signed, batch):
+    # few broadcast columns take the column-selecting product, many the full one; signed
+    # inputs need a second product for |W| |x|
+    rng = np.random.default_rng(seed)
+    idx = (rng.integers(1, 16, (50, 60)) * (rng.random((50, 60)) < 0.2)).astype(np.uint8)
+    tiles = [encode_matrix(idx[:, :25], 8), encode_matrix(idx[:, 25:], 8, col_lo=25)]
+    codebook = np.r_[0, rng.integers(-30, 30, 15)]
+    x = rng.integers(-20 if signed else 0, 20, (batch, 60)) * (rng.random((batch, 60)) < density)
+    target = dataclasses.replace(Target(), pes=8)
+    y, _ = spmv_fixed(tiles, codebook, x, np.zeros(50, np.int64), 0, False, target)
+    assert np.array_equal(y, x @ codebook[idx].T)
