@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "compile_speed.json"))
     args = ap.parse_args()
 
-    recipe = parse_recipe({"defaults": {"density": "keep", "bits": BITS, "obs": False, "refit": False,
+    recipe = parse_recipe({"defaults": {"density": "keep", "bits": BITS, "obs": False, "gptq": False, "refit": False,
                                         "bias_correction": False},
                            "layers": {name: {"density": d} for name, _, _, d in FC_LAYERS}})
     ctx = Context(recipe=recipe, seed=SEED, calibration=calibration())

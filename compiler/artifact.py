@@ -7,6 +7,7 @@ The container's byte layout and checksums belong to eiec.container.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
     except ModelError as e:
         raise FormatError(path, f"member {HOST_MEMBER}: {e.reason}") from None
     segments: dict[str, Segment] = {}
+    digests: dict[str, str] = {}
     seg_meta = manifest.get("segments")
     if not isinstance(seg_meta, list):
         raise FormatError(path, "manifest has no segment list")
@@ -87,8 +89,13 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
         arrays = unpack_arrays(bytes(members[images]), f"{path}:{images}")
         seg = Segment.from_parts(meta, bytes(members[program]), arrays, f"{path}:{name}")
         segments[name] = seg
-        model.graph.initializer.append(
-            numpy_helper.from_array(np.frombuffer(seg.to_blob(), np.uint8), _blob_name(name)))
+        blob = seg.to_blob()
+        model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(blob, np.uint8), _blob_name(name)))
+        digests[name] = hashlib.sha256(blob).hexdigest()
+    for node in model.graph.node:  # the runtime's cache key, derived here: the members are what is checked
+        if node.op_type == "EIESegment" and node.name in digests:
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("digest", digests[node.name]))
     used = {n.name for n in model.graph.node if n.op_type == "EIESegment"}
     if used != set(segments):
         raise FormatError(path, "the host graph's EIESegment nodes do not match the manifest's segments")

@@ -10,6 +10,7 @@ images that do not fit the PE memories into tiles.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import networkx as nx
@@ -392,8 +393,9 @@ def _replace_chain(model: onnx.ModelProto, chain: Chain, seg: Segment) -> None:
     dead = {n.name for n in chain.nodes() + decode_nodes}
     dead_inits = {t for n in decode_nodes for t in n.input} | {l.layer.bias for l in chain.links}
     blob_name = f"{seg.name}.blob"
+    blob = seg.to_blob()
     node = helper.make_node("EIESegment", [chain.input, blob_name], [chain.output], name=seg.name,
-                            domain=EIE_DOMAIN)
+                            domain=EIE_DOMAIN, digest=hashlib.sha256(blob).hexdigest())
     first = chain.nodes()[0].name
     new_nodes = []
     for n in model.graph.node:  # the segment takes the place of the chain's first node
@@ -406,7 +408,7 @@ def _replace_chain(model: onnx.ModelProto, chain: Chain, seg: Segment) -> None:
     still_used = {t for n in model.graph.node for t in n.input}
     for t in dead_inits - still_used:
         remove_initializer(model, t)
-    model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(seg.to_blob(), np.uint8), blob_name))
+    model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(blob, np.uint8), blob_name))
     internal = {l.layer.node.output[0] for l in chain.links} | {l.output for l in chain.links[:-1]}
     internal |= {l.relabel.output[0] for l in chain.links if l.relabel is not None}
     keep_vi = [v for v in model.graph.value_info if v.name not in internal - {chain.output}]

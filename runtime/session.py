@@ -20,39 +20,52 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime
+from onnxruntime_extensions import PyCustomOpDef
 
 from eiec.artifact import load_eie
-from eiec.errors import FormatError, InputError
+from eiec.errors import EiecError, FormatError, InputError
 from eiec.segment import Segment
 from eiec.target import Target
 
 from .executor import SegmentRun, run_segment, segment_report
 from .ops import custom_op, make_session
 
-_SEGMENTS: dict[bytes, Segment] = {}  # blob digest -> parsed segment
-_STATE: dict[str, Any] = {"mode": "fixed", "cycles": True, "runs": None}
+_SEGMENTS: dict[str, Segment] = {}  # SHA-256 of a blob -> the parsed segment
+_STATE: dict[str, Any] = {"mode": "fixed", "cycles": True, "runs": None, "errors": []}
 
 
-def _segment_of(blob: np.ndarray) -> Segment:
-    data = np.ascontiguousarray(blob, np.uint8).tobytes()
-    key = hashlib.blake2b(data, digest_size=16).digest()
-    seg = _SEGMENTS.get(key)
+def _segment_of(blob: np.ndarray, digest: str = "") -> Segment:
+    """The parsed segment of a blob. `digest` (the node's attribute) skips hashing a
+    known blob on every run; a blob seen the first time is hashed and must match it."""
+    seg = _SEGMENTS.get(digest) if digest else None
     if seg is None:
-        seg = Segment.from_blob(data, "EIESegment blob")
-        _SEGMENTS[key] = seg
+        data = np.ascontiguousarray(blob, np.uint8).tobytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if digest and digest != actual:
+            raise FormatError("EIESegment blob", "the blob does not match the node's digest attribute")
+        seg = _SEGMENTS.get(actual) or Segment.from_blob(data, "EIESegment blob")
+        _SEGMENTS[actual] = seg
     return seg
 
 
-def _segment_shape(x: np.ndarray, blob: np.ndarray) -> tuple[int, ...]:
-    seg = _segment_of(blob)
+def _segment_shape(x: np.ndarray, blob: np.ndarray, digest: str = "") -> tuple[int, ...]:
+    seg = _segment_of(blob, digest)
     return (x.shape[0],) + tuple(seg.layers[-1].out_shape)
 
 
-@custom_op("EIESegment", inputs=[1, 2], outputs=[1], attrs={}, output_shape=_segment_shape)
-def eie_segment(x: np.ndarray, blob: np.ndarray) -> np.ndarray:
-    """ai.onnx.contrib::EIESegment(x, blob): run the segment's program on the simulator."""
-    seg = _segment_of(blob)
-    run = run_segment(seg, x, _STATE["mode"], cycles=_STATE["cycles"])
+@custom_op("EIESegment", inputs=[1, 2], outputs=[1], attrs={"digest": PyCustomOpDef.dt_string},
+           output_shape=_segment_shape)
+def eie_segment(x: np.ndarray, blob: np.ndarray, digest: str = "") -> np.ndarray:
+    """ai.onnx.contrib::EIESegment(x, blob): run the segment's program on the simulator.
+
+    An exception may not leave a Python op (it would abort onnxruntime): it is kept for
+    `InferenceSession.run` to raise once onnxruntime returns."""
+    try:
+        seg = _segment_of(blob, digest)
+        run = run_segment(seg, x, _STATE["mode"], cycles=_STATE["cycles"])
+    except Exception as e:
+        _STATE["errors"].append(e)
+        raise
     if _STATE["runs"] is not None:
         _STATE["runs"][seg.name] = run
     return run.output.reshape((x.shape[0],) + tuple(seg.layers[-1].out_shape))
@@ -62,7 +75,7 @@ def eie_segment(x: np.ndarray, blob: np.ndarray) -> np.ndarray:
 def _collect(mode: str, cycles: bool):
     runs: dict[str, SegmentRun] = {}
     saved = dict(_STATE)
-    _STATE.update(mode=mode, cycles=cycles, runs=runs)
+    _STATE.update(mode=mode, cycles=cycles, runs=runs, errors=[])
     try:
         yield runs
     finally:
@@ -108,7 +121,19 @@ class InferenceSession:
 
     def run(self, output_names, input_feed, run_options=None):
         with _collect(self.mode, self.cycles) as runs:
-            out = self._sess.run(output_names, input_feed, run_options)
+            try:
+                with warnings.catch_warnings():  # a failing segment is raised below, not warned about
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    out = self._sess.run(output_names, input_feed, run_options)
+            except Exception:
+                if not _STATE["errors"]:
+                    raise
+                out = None  # the segment's own error says more than what failed downstream
+            if _STATE["errors"]:
+                e = _STATE["errors"][0]
+                if isinstance(e, EiecError):
+                    raise type(e)(e.path or self.path, e.reason) from None
+                raise FormatError(self.path, f"a segment cannot run on these inputs ({type(e).__name__}: {e})") from None
         self.last_runs = runs
         self.last_report = self._report(runs, input_feed)
         return out
@@ -153,12 +178,7 @@ def run_file(eie: str, input_path: str, out_path: str | None, report_path: str |
     sess = InferenceSession(eie, mode="float" if float_mode else "fixed")
     feeds, _ = load_inputs(input_path, sess.model)
     names = [o.name for o in sess.get_outputs()]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        outs = sess.run(names, feeds)
-    failed = [str(w.message) for w in caught if str(w.message).startswith("eiec EIESegment")]
-    if failed:  # a segment's op swallowed an exception (it may not raise inside onnxruntime)
-        raise FormatError(eie, f"a segment cannot run on these inputs ({failed[0]})")
+    outs = sess.run(names, feeds)
     report = dict(sess.last_report, mode=sess.mode)
     if out_path is not None:
         buf = io.BytesIO()
