@@ -209,11 +209,10 @@ def load_recipe(path: str | os.PathLike | None, pes: int | None = None) -> Recip
 
 def dump_recipe(recipe: Recipe, per_layer: dict[str, LayerRecipe]) -> str:
     """A recipe YAML with every layer's resolved choices, for the user to edit and replay."""
-    t = recipe.target.as_dict()
-    t.pop("energy")
     doc = {
-        "target": t,
+        "target": recipe.target.as_dict(),
         "defaults": {"density": "keep", "bits": recipe.target.weight_bits},
-        "layers": {name: {k: v for k, v in dataclasses.asdict(lr).items()} for name, lr in per_layer.items()},
+        "layers": {name: dataclasses.asdict(lr) for name, lr in per_layer.items()},
+        "budget": {"max_accuracy_drop": recipe.max_accuracy_drop, "max_output_error": recipe.max_output_error},
     }
     return yaml.safe_dump(doc, sort_keys=False)
