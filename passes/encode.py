@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 from eiec.errors import FormatError, ModelError
 from eiec.image import SparseImage
 from eiec.ir import EIE_DOMAIN, find_layers, initializer_map, matrix_view, producers, remove_initializer
+from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
 from eiec.target import Target
 
@@ -233,12 +234,13 @@ class Encode:
         images: dict[str, SparseImage] = ctx.artifacts.setdefault("images", {})
         layer_stats: list[dict[str, Any]] = []
         skipped: list[str] = []
+        work = []
         for layer in find_layers(out):
             found = _ir2_weight(out, layer.weight)
             if found is None:  # dense (skipped) or already encoded
                 skipped.append(layer.name)
                 continue
-            gather, cast, indices_name, codebook_name = found
+            _, _, indices_name, codebook_name = found
             inits = initializer_map(out)
             indices = numpy_helper.to_array(inits[indices_name])
             codebook = numpy_helper.to_array(inits[codebook_name]).astype(np.float32)
@@ -247,14 +249,22 @@ class Encode:
                                        f"does not fit target.weight_bits = {target.weight_bits}")
             if codebook.size == 0 or codebook[0] != 0.0:
                 raise ModelError(None, f"layer {layer.name}: codebook entry 0 must be 0.0 (it encodes the zeros)")
+            bias = inits.get(layer.bias)
+            n_bias = int(np.prod(bias.dims)) if bias is not None else 0
+            work.append((layer, indices, codebook.size, n_bias))
 
+        def encode(item):  # independent per layer: runs on all cores
+            layer, indices, k, n_bias = item
+            ctx.progress(f"encode {layer.name}")
             img = encode_matrix(matrix_view(indices), target.pes, target.weight_bits, target.rel_index_bits)
+            return img, layer_storage(img, k, n_bias, target)
+
+        for (layer, indices, _, _), (img, storage) in zip(work, map_layers(encode, work)):
+            # looked up again: each rewrite rebuilds the node list
+            gather, cast, indices_name, codebook_name = _ir2_weight(out, layer.weight)
             images[layer.name] = img
             _replace_with_decode(out, layer.name, layer.weight, gather, cast, indices_name,
                                  codebook_name, img, tuple(indices.shape))
-            bias = initializer_map(out).get(layer.bias)
-            n_bias = int(np.prod(bias.dims)) if bias is not None else 0
-            storage = layer_storage(img, codebook.size, n_bias, target)
             layer_stats.append({
                 "name": layer.name, "shape": list(indices.shape), "pes": img.pes,
                 "entries": img.n_entries, "padding_entries": img.n_padding,

@@ -22,6 +22,7 @@ from eiec import isa
 from eiec.errors import ModelError
 from eiec.image import SparseImage
 from eiec.ir import EIE_DOMAIN, Layer, find_layers, get_initializer, initializer_map, producers, remove_initializer
+from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
 from eiec.segment import ConvGeometry, LayerSpec, Segment
 from eiec.target import Target
@@ -49,13 +50,23 @@ class Lower:
         layers = {l.name: l for l in find_layers(model) if _decode_node(model, l) is not None}
         if not layers:
             return PassResult(model, {"segments": [], "host_layers": _host_layers(model)}, False)
-        values = _run_for_ranges(model, _candidate_tensors(model, layers), ctx)
+        names = list(layers)
+        indices = dict(zip(names, map_layers(lambda n: _indices_of(model, layers[n]), names)))
+        values = _run_for_ranges(model, layers, indices, _candidate_tensors(model, layers), ctx)
         chains = find_chains(model, layers, {t: v.shape[1:] for t, v in values.items()})
+
+        def tiles_of(link: ChainLink) -> list[SparseImage]:  # independent per layer: all cores
+            ctx.progress(f"tile {link.layer.name}")
+            conv = _conv_geometry(link.layer) if link.layer.kind == "conv" else None
+            return tile_layer(link.layer.name, indices[link.layer.name], conv.group if conv else 1, ctx.target)
+
+        links = [link for chain in chains for link in chain.links]
+        tiles = dict(zip([l.layer.name for l in links], map_layers(tiles_of, links)))
         model = _copy(model)
         segments = []
         for i, chain in enumerate(chains):
             ctx.progress(f"lower segment {i} ({', '.join(chain.names)})")
-            seg = build_segment(f"segment{i}", chain, model, values, ctx.target)
+            seg = build_segment(f"segment{i}", chain, model, values, indices, tiles, ctx.target)
             _replace_chain(model, chain, seg)
             segments.append(seg)
         ctx.artifacts["segments"] = segments
@@ -198,36 +209,34 @@ def _candidate_tensors(model: onnx.ModelProto, layers: dict[str, Layer]) -> list
     return sorted(around)
 
 
-def _run_for_ranges(model: onnx.ModelProto, tensors: list[str], ctx: Context) -> dict[str, np.ndarray]:
+def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: dict[str, np.ndarray],
+                    tensors: list[str], ctx: Context) -> dict[str, np.ndarray]:
     """Run the IR3 model on the calibration inputs, returning the watched tensors.
 
-    Each EIEDecode is replaced by the weight it decodes to, as an initializer: the same
-    model in plain ONNX, without handing VGG-sized weights through a Python op.
+    Each EIEDecode is replaced by a graph input fed the weight it decodes to: the same
+    model in plain ONNX, without handing VGG-sized weights through a Python op or
+    serialising them into the probe model.
     """
     from eiec.runtime.ops import make_session
 
-    probe = _copy(model)
-    decoded = {}
-    for layer in find_layers(model):
-        dec = _decode_node(model, layer)
-        if dec is not None:
-            codebook = get_initializer(model, dec.input[3]).astype(np.float32)
-            decoded[dec.name] = numpy_helper.from_array(
-                codebook[_indices_of(model, dec, layer)].reshape(layer.shape), layer.weight)
-    kept = [n for n in probe.graph.node if n.name not in decoded]
-    probe.graph.ClearField("node")
-    probe.graph.node.extend(kept)
+    decode_nodes = {_decode_node(model, l).name for l in layers.values()}
+    kept = [n for n in model.graph.node if n.name not in decode_nodes]
     used = {t for n in kept for t in n.input}
-    inits = [t for t in probe.graph.initializer if t.name in used] + list(decoded.values())
-    probe.graph.ClearField("initializer")
-    probe.graph.initializer.extend(inits)
-    have = {o.name for o in probe.graph.output}
-    for t in tensors:
-        if t not in have:
-            probe.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    weights = {}
+    for name, layer in layers.items():
+        codebook = get_initializer(model, _decode_node(model, layer).input[3]).astype(np.float32)
+        weights[layer.weight] = codebook[indices[name]].reshape(layer.shape)
+    graph = helper.make_graph(
+        kept, "lower_probe",
+        list(model.graph.input) + [helper.make_tensor_value_info(w, TensorProto.FLOAT, list(v.shape))
+                                   for w, v in weights.items()],
+        list(model.graph.output) + [helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                                    for t in tensors if t not in {o.name for o in model.graph.output}],
+        [t for t in model.graph.initializer if t.name in used])
+    probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     sess = make_session(probe)
-    feeds = {i.name: ctx.calibration[i.name] for i in sess.get_inputs()}
-    outs = sess.run(tensors, feeds)
+    feeds = {i.name: ctx.calibration[i.name] for i in sess.get_inputs() if i.name not in weights}
+    outs = sess.run(tensors, {**feeds, **weights})
     return dict(zip(tensors, outs))
 
 
@@ -236,6 +245,7 @@ def _frac(values: np.ndarray, bits: int) -> int:
 
 
 def build_segment(name: str, chain: Chain, model: onnx.ModelProto, values: dict[str, np.ndarray],
+                  indices: dict[str, np.ndarray], tiles: dict[str, list[SparseImage]],
                   target: Target) -> Segment:
     specs = []
     in_frac = _frac(values[chain.input], target.act_bits)
@@ -243,23 +253,22 @@ def build_segment(name: str, chain: Chain, model: onnx.ModelProto, values: dict[
         layer = link.layer
         dec = _decode_node(model, layer)
         codebook = get_initializer(model, dec.input[3]).astype(np.float32)
-        indices = _indices_of(model, dec, layer)
+        w_indices = indices[layer.name]
         bias = get_initializer(model, layer.bias).astype(np.float32).ravel()
         x = values[layer.node.input[0]]
         y = values[link.output]
         out_frac = _frac(y, target.act_bits)
         w_frac = min(_frac(codebook / RANGE_HEADROOM, target.codebook_bits),  # codebook is exact: no headroom
-                     _acc_frac_limit(indices, codebook, bias, in_frac, target) - in_frac)
+                     _acc_frac_limit(w_indices, codebook, bias, in_frac, target) - in_frac)
         conv = _conv_geometry(layer) if layer.kind == "conv" else None
-        tiles = tile_layer(layer.name, indices, conv.group if conv else 1, target)
-        nonzero = int(np.count_nonzero(indices))
+        nonzero = int(np.count_nonzero(w_indices))
         specs.append(LayerSpec(
             name=layer.name, kind=layer.kind, weight_shape=layer.shape,
             in_shape=tuple(int(d) for d in x.shape[1:]), out_shape=tuple(int(d) for d in y.shape[1:]),
-            relu=link.relu is not None, bits=int(np.log2(codebook.size)), density=nonzero / indices.size,
+            relu=link.relu is not None, bits=int(np.log2(codebook.size)), density=nonzero / w_indices.size,
             in_frac=in_frac, w_frac=w_frac, out_frac=out_frac, codebook=codebook,
             codebook_q=quantize(codebook, w_frac, target.codebook_bits),
-            bias=bias, bias_acc=quantize(bias, in_frac + w_frac, target.acc_bits), tiles=tiles, conv=conv))
+            bias=bias, bias_acc=quantize(bias, in_frac + w_frac, target.acc_bits), tiles=tiles[layer.name], conv=conv))
         in_frac = out_frac
     resident = _fits_at_once(specs, target)
     seg = Segment(name, chain.input, chain.output, specs, [], target, resident)
@@ -291,9 +300,11 @@ def _fits_at_once(specs: list[LayerSpec], target: Target) -> bool:
     return bool(np.max(lines) * 8 <= target.spmat_sram_bytes)
 
 
-def _indices_of(model: onnx.ModelProto, dec: onnx.NodeProto, layer: Layer) -> np.ndarray:
+def _indices_of(model: onnx.ModelProto, layer: Layer) -> np.ndarray:
+    """The index matrix an IR3 layer's EIEDecode streams encode."""
     from .encode import image_from_streams
 
+    dec = _decode_node(model, layer)
     attrs = {a.name: helper.get_attribute_value(a) for a in dec.attribute}
     rows = layer.shape[0]
     img = image_from_streams(get_initializer(model, dec.input[0]), get_initializer(model, dec.input[1]),
