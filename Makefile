@@ -20,8 +20,8 @@ $(VENV)/.installed: $(BIN)/python $(SOURCES)
 
 demo: $(VENV)/.installed
 	@mkdir -p $(DEMO)
-	$(BIN)/eiec models/lenet5.onnx -o $(DEMO)/lenet5.eie --calibration models/digits_calib.npz --dump-ir $(DEMO)/ir
-	$(BIN)/eiec inspect $(DEMO)/lenet5.eie
+	$(BIN)/eiec models/lenet5.onnx -o $(DEMO)/lenet5.eie --config models/lenet5_deep_compression.yaml \
+		--calibration models/digits_calib.npz --dump-ir $(DEMO)/ir
 	$(BIN)/eiec run $(DEMO)/lenet5.eie --input models/digits_test.npz -o $(DEMO)/out.npz --report $(DEMO)/report.json
 	$(BIN)/eiec validate models/lenet5.onnx $(DEMO)/lenet5.eie --input models/digits_test.npz --bisect $(DEMO)/ir
 
