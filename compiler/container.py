@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FormatError
+from .fileio import atomic_writer
 from .tensorfile import align, check_layout, load_strict_json, unpack_arrays
 
 MAGIC = b"EIE\0"
@@ -110,28 +110,14 @@ def _write(path: str | os.PathLike, manifest: dict[str, Any], members: dict[str,
     ).encode("ascii")
     header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(text), hashlib.sha256(text).digest())
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            head = len(header) + len(text)
-            _write_chunk(f, header + text + bytes(align(head) - head))
-            pos = 0  # offsets count from the (aligned) start of the payload area
-            for entry, payload in zip(table, payloads):
-                _write_chunk(f, bytes(entry["offset"] - pos))
-                _write_chunk(f, payload)
-                pos = entry["offset"] + len(payload)
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would surprise users
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(folder)
+    with atomic_writer(path) as f:
+        head = len(header) + len(text)
+        _write_chunk(f, header + text + bytes(align(head) - head))
+        pos = 0  # offsets count from the (aligned) start of the payload area
+        for entry, payload in zip(table, payloads):
+            _write_chunk(f, bytes(entry["offset"] - pos))
+            _write_chunk(f, payload)
+            pos = entry["offset"] + len(payload)
 
 
 def _write_chunk(f, chunk: bytes | memoryview) -> None:
@@ -208,23 +194,3 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, (np.integer, np.floating, np.bool_)):
         return x.item()
     raise TypeError(f"manifest value of type {type(x).__name__} is not JSON-able")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: str) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -17,7 +16,8 @@ import numpy as np
 import onnx
 
 from .artifact import save_eie
-from .errors import EiecError, ModelError, RecipeError
+from .errors import ModelError, RecipeError
+from .fileio import write_atomic
 from .importer import load_model
 from .ir import find_layers
 from .passmanager import Context, PassManager, PassRecord, dump_stats_json
@@ -100,7 +100,7 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
     chosen_path = None
     if chosen_recipe is not None:  # only once the .eie is written: a failed compile leaves nothing
         chosen_path = os.path.splitext(out_path)[0] + ".recipe.yaml"
-        _write_text_atomic(chosen_path, chosen_recipe)
+        write_atomic(chosen_path, chosen_recipe.encode())
         notes.append(f"automatic recipe written to {chosen_path} (edit it and pass it back with --config)")
     return CompileResult(out_path, manifest, records, chosen_path, notes)
 
@@ -270,16 +270,3 @@ def _dump(dump_dir: str, index: int, name: str, model: onnx.ModelProto, stats: d
     _save_onnx(model, stem + ".onnx")
     with open(stem + ".json", "w") as f:
         f.write(dump_stats_json({"pass": name, "index": index, "stats": stats}))
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eiec-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from eiec import isa
 from eiec.errors import ModelError
 from eiec.image import SparseImage
-from eiec.ir import EIE_DOMAIN, Layer, find_layers, get_initializer, initializer_map, producers, remove_initializer
+from eiec.ir import EIE_DOMAIN, Layer, find_layers, get_initializer, producers, remove_initializer
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
 from eiec.segment import ConvGeometry, LayerSpec, Segment

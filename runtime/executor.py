@@ -21,7 +21,7 @@ from eiec.image import SparseImage
 from eiec.segment import LayerSpec, Segment
 from eiec.passes.calibrate import im2col
 
-from .cycles import cycle_layer, latency_us
+from .cycles import cycle_layer
 from .energy import layer_energy
 from .fixedpoint import dequantize, quantize
 from .simulator import error_bound, spmv_fixed, spmv_float, tile_cached

@@ -13,17 +13,16 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime
 from onnxruntime_extensions import PyCustomOpDef
 
 from eiec.artifact import load_eie
 from eiec.errors import EiecError, FormatError, InputError
+from eiec.fileio import write_atomic
 from eiec.segment import Segment
 from eiec.target import Target
 
@@ -187,17 +186,3 @@ def run_file(eie: str, input_path: str, out_path: str | None, report_path: str |
     if report_path is not None:
         write_atomic(report_path, json.dumps(report, indent=2, sort_keys=True).encode())
     return report
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: no partial file is ever left."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eiec-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

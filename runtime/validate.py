@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +23,12 @@ import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
 from eiec.errors import FormatError, ModelError
+from eiec.fileio import write_atomic
 from eiec.ir import OPSET
 from eiec.passes.encode import decode_image
 from eiec.segment import Segment
 
-from .ops import make_session
-from .session import InferenceSession, write_atomic
+from .session import InferenceSession
 
 DEFAULT_RANDOM = 16
 FP32_UNIT = 2.0 ** -24  # unit roundoff of onnxruntime's float32 reference

@@ -9,7 +9,6 @@ the write itself (a child whose writes are slowed down and report progress).
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import signal
@@ -23,7 +22,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from eiec.container import read_eie
 from eiec.driver import compile_model
 
 RECIPE = "target: {pes: 4}\ndefaults: {density: 0.3, bits: 4}\nlayers:\n  fc1: {density: 0.5}\n  fc2: {bits: 3}\n"

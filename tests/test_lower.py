@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
-import onnx
 import pytest
 
 from eiec import isa
