@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from eiec.cli import main as cli_main
 from eiec.container import read_eie
 from eiec.driver import compile_model
+from eiec.ir import OPSET
 from eiec.runtime.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +104,46 @@ def make_model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
 
 def tensor(name: str, dims: list[int | str | None]) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def canonical_convnet(seed: int = 0, hw: int = 8, stride: int = 1) -> onnx.ModelProto:
+    """Canonical IR0: Conv(3->4, 3x3, pad 1) -> Relu -> Flatten -> Gemm fc1 (->6) -> Relu -> Gemm fc2 (6->3).
+
+    Input [2, 3, hw, hw]; fc1 reads 4 * (hw / stride)^2 features.
+    """
+    rng = np.random.default_rng(seed)
+    side = (hw + 2 - 3) // stride + 1
+    inits = {
+        "conv1.w": rng.standard_normal((4, 3, 3, 3)), "conv1.b": rng.standard_normal(4),
+        "fc1.w": rng.standard_normal((6, 4 * side * side)), "fc1.b": rng.standard_normal(6),
+        "fc2.w": rng.standard_normal((3, 6)), "fc2.b": rng.standard_normal(3),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.w", "conv1.b"], ["c1"], name="conv1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1], strides=[stride, stride], dilations=[1, 1], group=1),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Flatten", ["r1"], ["f1"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["f1", "fc1.w", "fc1.b"], ["g1"], name="fc1", alpha=1.0, beta=1.0, transA=0, transB=1),
+        helper.make_node("Relu", ["g1"], ["r2"], name="relu2"),
+        helper.make_node("Gemm", ["r2", "fc2.w", "fc2.b"], ["y"], name="fc2", alpha=1.0, beta=1.0, transA=0, transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "canonical",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)

@@ -6,17 +6,16 @@ import os
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from onnx import TensorProto, helper, numpy_helper
 
 from eiec.errors import RecipeError
-from eiec.ir import OPSET, find_layers, get_initializer, set_initializer
+from eiec.ir import find_layers, get_initializer, set_initializer
 from eiec.passes.cluster import Cluster, _cluster_starts, kmeans_1d, quantize_weights
 from eiec.passes.prune import Prune
+from helpers import canonical_convnet, copy_model, run_ort
 from eiec.passmanager import Context
 from eiec.recipe import parse_recipe
 
@@ -144,47 +143,12 @@ def test_all_zero_weight_gets_all_zero_indices():
 
 
 def canonical_model(seed: int = 0) -> onnx.ModelProto:
-    """Conv(3->4, 3x3) -> Relu -> Flatten -> Gemm fc1 (256->6) -> Relu -> Gemm fc2 (6->3), canonical IR0."""
-    rng = np.random.default_rng(seed)
-    inits = {
-        "conv1.w": rng.standard_normal((4, 3, 3, 3)), "conv1.b": rng.standard_normal(4),
-        "fc1.w": rng.standard_normal((6, 256)), "fc1.b": rng.standard_normal(6),
-        "fc2.w": rng.standard_normal((3, 6)), "fc2.b": rng.standard_normal(3),
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "conv1.w", "conv1.b"], ["c1"], name="conv1", kernel_shape=[3, 3],
-                         pads=[1, 1, 1, 1], strides=[2, 2], dilations=[1, 1], group=1),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Flatten", ["r1"], ["f1"], name="flatten", axis=1),
-        helper.make_node("Gemm", ["f1", "fc1.w", "fc1.b"], ["g1"], name="fc1", alpha=1.0, beta=1.0, transA=0, transB=1),
-        helper.make_node("Relu", ["g1"], ["r2"], name="relu2"),
-        helper.make_node("Gemm", ["r2", "fc2.w", "fc2.b"], ["y"], name="fc2", alpha=1.0, beta=1.0, transA=0, transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "canonical",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    onnx.checker.check_model(model)
-    return model
-
-
-def copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m
-
-
-def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    return canonical_convnet(seed, hw=16, stride=2)
 
 
 def decoded_oracle(ir1: onnx.ModelProto, quantized: dict[str, tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
     """IR1 with each W replaced by codebook[indices], computed in numpy."""
-    oracle = copy(ir1)
+    oracle = copy_model(ir1)
     for w_name, (codebook, indices) in quantized.items():
         set_initializer(oracle, w_name, codebook[indices])
     return oracle
@@ -193,7 +157,7 @@ def decoded_oracle(ir1: onnx.ModelProto, quantized: dict[str, tuple[np.ndarray, 
 def test_cluster_pass_ir2_runs_in_ort_and_equals_decoded_weights():
     recipe = parse_recipe({"defaults": {"density": 0.3, "bits": 4}, "layers": {"fc2": {"bits": 2}}})
     ir1 = Prune().run(canonical_model(), Context(recipe=recipe)).model
-    before = copy(ir1)
+    before = copy_model(ir1)
     seen: list[str] = []
     ir2 = Cluster().run(ir1, Context(recipe=recipe, progress=seen.append)).model
     onnx.checker.check_model(ir2)  # includes topological order
@@ -260,7 +224,7 @@ def test_imported_torch_convnet_ir2_equals_decoded_weights():
     ir0 = load_model(os.path.join(MODELS, "torch_convnet.onnx"))
     recipe = parse_recipe({"defaults": {"density": 0.4, "bits": 4}})
     ir1 = Prune().run(ir0, Context(recipe=recipe)).model
-    before = copy(ir1)
+    before = copy_model(ir1)
     ir2 = Cluster().run(ir1, Context(recipe=recipe)).model
     quantized = {l.weight: (get_initializer(ir2, l.weight + ".codebook"), get_initializer(ir2, l.weight + ".indices"))
                  for l in find_layers(ir2)}

@@ -4,57 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from onnx import TensorProto, helper, numpy_helper
 
 from eiec.errors import RecipeError
-from eiec.ir import OPSET, find_layers, get_initializer, set_initializer
+from eiec.ir import find_layers, get_initializer, set_initializer
 from eiec.passes.prune import Prune, magnitude_mask
+from helpers import canonical_convnet, copy_model, run_ort
 from eiec.passmanager import Context
 from eiec.recipe import parse_recipe
 
 
 def canonical_model(seed: int = 0) -> onnx.ModelProto:
-    """Conv(3->4, 3x3) -> Relu -> Flatten -> Gemm fc1 (256->6) -> Relu -> Gemm fc2 (6->3), canonical IR0."""
-    rng = np.random.default_rng(seed)
-    inits = {
-        "conv1.w": rng.standard_normal((4, 3, 3, 3)), "conv1.b": rng.standard_normal(4),
-        "fc1.w": rng.standard_normal((6, 256)), "fc1.b": rng.standard_normal(6),
-        "fc2.w": rng.standard_normal((3, 6)), "fc2.b": rng.standard_normal(3),
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "conv1.w", "conv1.b"], ["c1"], name="conv1", kernel_shape=[3, 3],
-                         pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1], group=1),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Flatten", ["r1"], ["f1"], name="flatten", axis=1),
-        helper.make_node("Gemm", ["f1", "fc1.w", "fc1.b"], ["g1"], name="fc1", alpha=1.0, beta=1.0, transA=0, transB=1),
-        helper.make_node("Relu", ["g1"], ["r2"], name="relu2"),
-        helper.make_node("Gemm", ["r2", "fc2.w", "fc2.b"], ["y"], name="fc2", alpha=1.0, beta=1.0, transA=0, transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "canonical",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    onnx.checker.check_model(model)
-    return model
-
-
-def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})[0]
-
-
-def copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m
+    return canonical_convnet(seed, hw=8, stride=1)
 
 
 def slow_mask(w: np.ndarray, density: float) -> np.ndarray:
@@ -91,7 +55,7 @@ def test_magnitude_mask_rejects_density_outside_0_1(density):
 
 def test_prune_pass_reaches_target_density_per_layer_and_keeps_biases():
     model = canonical_model()
-    before = copy(model)
+    before = copy_model(model)
     recipe = parse_recipe({"defaults": {"density": 0.25, "bits": 4},
                            "layers": {"fc1": {"density": 0.1}, "fc2": {"density": 0.5}}})
     seen: list[str] = []
@@ -111,11 +75,11 @@ def test_prune_pass_reaches_target_density_per_layer_and_keeps_biases():
 
     # onnxruntime on the pruned model equals onnxruntime on the original with masked weights
     x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    oracle = copy(before)
+    oracle = copy_model(before)
     for layer in find_layers(oracle):
         w0 = get_initializer(before, layer.weight)
         set_initializer(oracle, layer.weight, np.where(slow_mask(w0, want[layer.name]), w0, 0))
-    np.testing.assert_array_equal(run_ort(result.model, x), run_ort(oracle, x))
+    np.testing.assert_array_equal(run_ort(result.model, {"x": x})[0], run_ort(oracle, {"x": x})[0])
 
 
 def test_keep_and_skip_layers_are_left_untouched():
