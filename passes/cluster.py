@@ -14,9 +14,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from eiec.errors import ModelError, RecipeError
-from eiec.ir import Layer, find_layers, get_initializer, initializer_map, remove_initializer, set_initializer
+from eiec.errors import ModelError
+from eiec.ir import Layer, find_layers, get_initializer, remove_initializer, set_initializer
 from eiec.passmanager import Context, PassResult
+
+from .select import layers_to_rewrite
 
 MAX_ITER = 300
 
@@ -183,34 +185,18 @@ class Cluster:
         self.max_iter = max_iter
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        inits = initializer_map(model)
         layer_stats: list[dict[str, Any]] = []
-        done: dict[str, str] = {}  # weight name -> layer that clustered it (shared weights)
         planned = ctx.artifacts.get("clustering", {})
-        for layer in find_layers(model):
-            lr = ctx.layer_recipe(layer)
-            if lr.skip:
-                layer_stats.append({"name": layer.name, "action": "skip"})
-                continue
-            if lr.bits == "auto":
-                raise RecipeError(ctx.recipe.path, f"layer {layer.name}: bits 'auto' must be "
-                                  "resolved (sensitivity scan) before the cluster pass runs")
-            if layer.weight in done:
-                layer_stats.append({"name": layer.name, "action": "shared",
-                                    "shared_with": done[layer.weight]})
-                continue
-            if layer.weight not in inits:
-                raise ModelError(None, f"layer {layer.name}: weight {layer.weight} is not an "
-                                 "initializer (cluster runs on IR1, once)")
+        changed = False
+        for layer, lr in layers_to_rewrite(model, ctx, "bits", "cluster", layer_stats):
             ctx.progress(f"cluster {layer.name}")
-            done[layer.weight] = layer.name
             layer_stats.append(self._cluster_layer(model, layer, int(lr.bits), planned.get(layer.name)))
-            del inits[layer.weight]  # the TensorProto is gone from the graph
+            changed = True
         found = {layer.name for layer in find_layers(model)}
         lost = [s["name"] for s in layer_stats if s["name"] not in found]
         if lost:
             raise RuntimeError(f"cluster rewrite lost layers {lost}")  # a bug in this pass
-        return PassResult(model, {"layers": layer_stats}, bool(done))
+        return PassResult(model, {"layers": layer_stats}, changed)
 
     def _cluster_layer(self, model: onnx.ModelProto, layer: Layer, bits: int, plan: Any = None) -> dict[str, Any]:
         """plan: the prune pass's `calibrate.LayerResult` for this layer, if it made one."""

@@ -12,8 +12,10 @@ import numpy as np
 import onnx
 
 from eiec.errors import ModelError, RecipeError
-from eiec.ir import Layer, find_layers, get_initializer, initializer_map, set_initializer
+from eiec.ir import Layer, get_initializer, set_initializer
 from eiec.passmanager import Context, PassResult
+
+from .select import layers_to_rewrite
 
 
 def magnitude_mask(w: np.ndarray, density: float) -> np.ndarray:
@@ -68,26 +70,9 @@ class Prune:
     name = "prune"
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        inits = initializer_map(model)
         layer_stats: list[dict[str, Any]] = []
-        done: dict[str, str] = {}  # weight name -> layer that pruned it (shared weights)
         todo: list[tuple[int, Layer, Any]] = []  # (slot in layer_stats, layer, its recipe)
-        for layer in find_layers(model):
-            lr = ctx.layer_recipe(layer)
-            if lr.skip:
-                layer_stats.append({"name": layer.name, "action": "skip"})
-                continue
-            if lr.density == "auto":
-                raise RecipeError(ctx.recipe.path, f"layer {layer.name}: density 'auto' must be "
-                                  "resolved (sensitivity scan) before the prune pass runs")
-            if layer.weight in done:
-                layer_stats.append({"name": layer.name, "action": "shared",
-                                    "shared_with": done[layer.weight]})
-                continue
-            if layer.weight not in inits:
-                raise ModelError(None, f"layer {layer.name}: weight {layer.weight} is not an "
-                                 "initializer (prune runs on IR0, before cluster)")
-            done[layer.weight] = layer.name
+        for layer, lr in layers_to_rewrite(model, ctx, "density", "prune", layer_stats):
             todo.append((len(layer_stats), layer, lr))
             layer_stats.append({})  # filled below
         plan = None
