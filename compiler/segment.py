@@ -27,6 +27,16 @@ MAX_WEIGHT_ELEMENTS = 1 << 31  # the importer's per-tensor limit: no compiled la
 MAX_FRAC = 64  # Q-format fraction bits a reader accepts; the lower pass stays far inside
 
 
+def ptr_dtype(target: Target) -> type:
+    """How column pointers are stored: the pointer SRAM's width."""
+    return np.uint16 if target.ptr_bits <= 16 else np.uint32
+
+
+def acc_dtype(target: Target) -> type:
+    """How biases in the accumulator format are stored: the accumulator's width."""
+    return np.int32 if target.acc_bits <= 32 else np.int64
+
+
 @dataclass
 class ConvGeometry:
     kernel: tuple[int, int]
@@ -124,10 +134,12 @@ class Segment:
             arrays[f"L{i}.codebook"] = l.codebook.astype(np.float32)
             arrays[f"L{i}.codebook_q"] = l.codebook_q.astype(np.int16)
             arrays[f"L{i}.bias"] = l.bias.astype(np.float32)
-            arrays[f"L{i}.bias_acc"] = l.bias_acc.astype(np.int64)
+            arrays[f"L{i}.bias_acc"] = l.bias_acc.astype(acc_dtype(self.target))
             for t, img in enumerate(l.tiles):
                 for key, a in image_streams(img).items():
                     arrays[f"L{i}.T{t}.{key}"] = a
+                # stored at the pointer SRAM's width (tiling keeps every pointer below 2^ptr_bits)
+                arrays[f"L{i}.T{t}.col_ptr"] = img.col_ptr.astype(ptr_dtype(self.target))
         return arrays
 
     def to_blob(self) -> bytes:
@@ -265,14 +277,14 @@ def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target,
     k = 1 << bits
     # the per-row and per-code arrays first: they bound rows by bytes really in the file
     codebook, codebook_q = arr("codebook", np.float32, (k,)), arr("codebook_q", np.int16, (k,))
-    bias, bias_acc = arr("bias", np.float32, (rows,)), arr("bias_acc", np.int64, (rows,))
+    bias, bias_acc = arr("bias", np.float32, (rows,)), arr("bias_acc", acc_dtype(target), (rows,))
     if not (np.isfinite(codebook).all() and np.isfinite(bias).all()):
         raise ValueError(f"layer {i}: codebook or bias holds NaN or Inf")
     tiles = []
     for t, tm in enumerate(m["tiles"]):
         img = image_from_streams(arr(f"T{t}.entries", np.uint8),
                                  arr(f"T{t}.pe_start", np.int64, (target.pes + 1,)),
-                                 arr(f"T{t}.col_ptr", np.int64, (target.pes, int(tm["cols"]) + 1)),
+                                 arr(f"T{t}.col_ptr", ptr_dtype(target), (target.pes, int(tm["cols"]) + 1)),
                                  int(tm["rows"]), target.pes, target.weight_bits, target.rel_index_bits)
         img.row_lo, img.col_lo = int(tm["row_lo"]), int(tm["col_lo"])
         if not (0 <= img.row_lo and img.row_lo + img.rows <= rows and 0 <= img.col_lo
@@ -296,5 +308,5 @@ def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target,
     return LayerSpec(
         m["name"], m["kind"], shape, tuple(int(d) for d in m["in_shape"]), tuple(int(d) for d in m["out_shape"]),
         bool(m["relu"]), bits, float(m["density"]), int(m["in_frac"]), int(m["w_frac"]), int(m["out_frac"]),
-        codebook, codebook_q.astype(np.int64), bias, bias_acc, tiles, conv)
+        codebook, codebook_q.astype(np.int64), bias, bias_acc.astype(np.int64), tiles, conv)
 

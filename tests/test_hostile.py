@@ -469,7 +469,7 @@ EIE_CASES = {
     "LOAD_SPMAT line count": (None, _program(_instr(3, a=99999)), "LOAD_SPMAT"),
     "program without END": (None, _program(lambda p: p[:-1]), "END"),
     "program reading an unwritten buffer": (None, _program(_instr(4, src=5)), "b5"),
-    "col_ptr past the entries": (None, _arrays(L0__T0__col_ptr=_bump((1, 3), 10 ** 6)), "column pointers"),
+    "col_ptr past the entries": (None, _arrays(L0__T0__col_ptr=_bump((1, 3), 60000)), "column pointers"),
     "col_ptr decreasing": (None, _arrays(L0__T0__col_ptr=_bump((1, -1), 0)), "column pointers"),
     "pe_start inconsistent": (None, _arrays(L0__T0__pe_start=_bump(2, 10 ** 9)), "column pointers"),
     "entries cut short": (None, _arrays(L0__T0__entries=lambda a: a[:5]), "column pointers"),
