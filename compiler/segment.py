@@ -67,6 +67,7 @@ class LayerSpec:
     bias_acc: np.ndarray  # int64 [rows] in the accumulator format (in_frac + w_frac)
     tiles: list[SparseImage]
     conv: ConvGeometry | None = None
+    _group_tiles: dict[int, list[SparseImage]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rows(self) -> int:
@@ -89,12 +90,17 @@ class LayerSpec:
     def padding_entries(self) -> int:
         return sum(t.n_padding for t in self.tiles)
 
-    def tiles_of_group(self, g: int) -> list[SparseImage]:
-        """A grouped conv's tiles for group g (their rows are that group's output channels)."""
+    def group_tiles(self, g: int) -> list[SparseImage]:
+        """Group g's tiles with rows renumbered from 0: each group of a grouped conv is its
+        own matrix (output channels g*rows/group.., one im2col per group). Kept, so the
+        simulator's per-tile caches hit on every run."""
         if self.conv is None or self.conv.group == 1:
             return self.tiles
-        per = self.rows // self.conv.group
-        return [t for t in self.tiles if g * per <= t.row_lo < (g + 1) * per]
+        if g not in self._group_tiles:
+            per = self.rows // self.conv.group
+            self._group_tiles[g] = [dataclasses.replace(t, row_lo=t.row_lo - g * per) for t in self.tiles
+                                    if g * per <= t.row_lo < (g + 1) * per]
+        return self._group_tiles[g]
 
     def meta(self) -> dict:
         d = {

@@ -9,7 +9,6 @@ address generation), which the cycle model counts as one mat-vec per position.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,7 +16,6 @@ from typing import Any, Callable
 import numpy as np
 
 from eiec import isa
-from eiec.image import SparseImage
 from eiec.segment import LayerSpec, Segment
 from eiec.passes.calibrate import im2col
 
@@ -96,15 +94,6 @@ def _to_output(ys: list[np.ndarray], spec: LayerSpec, batch: int) -> np.ndarray:
     return y.reshape(batch, ho, wo, rows).transpose(0, 3, 1, 2)
 
 
-def _group_tiles(spec: LayerSpec, g: int) -> list[SparseImage]:
-    """Group g's tiles with rows renumbered from 0 (each group is its own matrix)."""
-    tiles = spec.tiles_of_group(g)
-    if spec.conv is None or spec.conv.group == 1:
-        return tiles
-    lo = g * (spec.rows // spec.conv.group)
-    return [dataclasses.replace(t, row_lo=t.row_lo - lo) for t in tiles]
-
-
 def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool = True) -> SegmentRun:
     """Execute the segment's program on a batch `x` (float32 [B, *in_shape]).
 
@@ -160,7 +149,7 @@ def _run_layer(seg: Segment, spec: LayerSpec, act: np.ndarray, e_in: Callable[[]
     ys, runs = [], []
     saturated = 0
     for g in range(groups):
-        tiles = _group_tiles(spec, g)
+        tiles = spec.group_tiles(g)
         rows = slice(g * per, (g + 1) * per)
         if mode == "fixed":
             y, stats = spmv_fixed(tiles, spec.codebook_q, xs[g], spec.bias_acc[rows], spec.shift, spec.relu, t)
@@ -184,7 +173,7 @@ def _layer_bound(spec: LayerSpec, act: np.ndarray, e_in: np.ndarray | None, batc
     x_abs = _positions(np.abs(dequantize(act, spec.in_frac)) + e_in, spec)
     e_cols = _positions(e_in, spec)
     groups = spec.conv.group if spec.conv is not None else 1
-    bnds = [error_bound(_group_tiles(spec, g), spec.codebook, spec.codebook_q, spec.w_frac, x_abs[g],
+    bnds = [error_bound(spec.group_tiles(g), spec.codebook, spec.codebook_q, spec.w_frac, x_abs[g],
                         e_cols[g], spec.in_frac, spec.out_frac) for g in range(groups)]
     return _to_output(bnds, spec, batch)
 
@@ -205,7 +194,7 @@ def _merge_runs(seg: Segment, spec: LayerSpec, runs: list, batch: int, saturated
     cycles = sum(per_input(r.cycles) for r in runs)
     if spec.kind == "conv" and not seg.resident:
         idle = np.zeros((1, spec.cols), bool)  # no broadcasts: only the reload is counted
-        reload = [cycle_layer(_group_tiles(spec, g), idle, t, resident=False) for g in range(spec.conv.group)]
+        reload = [cycle_layer(spec.group_tiles(g), idle, t, resident=False) for g in range(spec.conv.group)]
         cycles = cycles + sum(int(r.reload_cycles[0]) for r in reload)
         dram = sum(layer_energy(r, r.reload_bytes, t)["dram"][0] for r in reload)
         energy["dram"] = energy["dram"] + dram
