@@ -1,6 +1,6 @@
-"""Atomic file output: every file eiec writes appears whole at its path, or not at all.
+"""File I/O at the edges: checked input files, and atomic output.
 
-Data goes to a hidden temporary file in the destination's folder, is flushed and
+Every file eiec writes appears whole at its path, or not at all: data goes to a hidden temporary file in the destination's folder, is flushed and
 fsynced, and is then renamed over the destination. On any exception (Ctrl-C included)
 the temporary file is removed and the destination is left as it was.
 """
@@ -9,8 +9,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from typing import BinaryIO, Iterator
+
+from .errors import EiecError
+
+
+def input_file_size(path: str, error: type[EiecError], kind: str) -> int:
+    """The size of a user's input file; `error(path, reason)` unless it is a non-empty regular file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(path, "no such file") from None
+    except OSError as e:
+        raise error(path, f"cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(path, "not a regular file")
+    if st.st_size == 0:
+        raise error(path, f"empty file, not {kind}")
+    return st.st_size
 
 
 @contextlib.contextmanager

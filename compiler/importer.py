@@ -15,7 +15,6 @@ from __future__ import annotations
 import heapq
 import math
 import os
-import stat
 from collections.abc import Iterator
 
 import numpy as np
@@ -28,6 +27,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .errors import ModelError
+from .fileio import input_file_size
 from .ir import OPSET
 
 MAX_FILE_BYTES = 2**31 - 1  # protobuf cannot parse more; bigger models need external data
@@ -48,18 +48,9 @@ _SUBBYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read, check and canonicalise the ONNX model at `path` (see `canonicalize`)."""
     path = os.fspath(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ModelError(path, "no such file") from None
-    except OSError as e:
-        raise ModelError(path, f"cannot read: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ModelError(path, "not a regular file")
-    if st.st_size == 0:
-        raise ModelError(path, "empty file, not an ONNX model")
-    if st.st_size > MAX_FILE_BYTES:
-        raise ModelError(path, f"{st.st_size} bytes is over the 2 GiB protobuf limit; "
+    size = input_file_size(path, ModelError, "an ONNX model")
+    if size > MAX_FILE_BYTES:
+        raise ModelError(path, f"{size} bytes is over the 2 GiB protobuf limit; "
                                "save the weights as external data")
     with open(path, "rb") as f:
         data = f.read(MAX_FILE_BYTES + 1)

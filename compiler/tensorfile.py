@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 import zipfile
 from typing import Any, Iterable
@@ -17,6 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import FormatError
+from .fileio import input_file_size
 
 MAGIC = b"EIEA"
 VERSION = 1
@@ -201,14 +201,7 @@ def check_npz(path: str | os.PathLike, max_bytes: int = MAX_NPZ_BYTES) -> list[s
     repeated names, and shapes that disagree with the bytes stored.
     """
     path = os.fspath(path)
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise FormatError(path, f"cannot read: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise FormatError(path, "not a regular file")
-    if st.st_size == 0:
-        raise FormatError(path, "empty file, not an .npz archive")
+    input_file_size(path, FormatError, "an .npz archive")
     names: list[str] = []
     try:
         with open(path, "rb") as raw:
