@@ -171,6 +171,12 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
                              report=report)
     except RecipeError as e:
         raise RecipeError(e.path or ctx.recipe.path, e.reason) from None
+    if "over_budget" in report:
+        over = report["over_budget"]
+        notes.append(f"auto: even the mildest recipe (no pruning beyond the zeros already there, "
+                     f"{ctx.target.weight_bits}-bit codebooks) measured {metric} {over['value']:.4g} on "
+                     f"{over['rows']} calibration rows, over the budget {budget:g}: compiled with it; "
+                     "raise the budget (--max-output-error / --max-accuracy-drop) or give --calibration data")
     for l in auto:
         density, bits = chosen[l.name]
         lr = wanted[l.name]
@@ -188,6 +194,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
         "metric": metric, "budget": budget, "calibration": "random" if ctx.calibration_is_random else "file",
         **rows, "allowed_rows_lost": report["allowed_rows_lost"],
         "path_length": report["path_length"], "chosen_step": report.get("chosen_step"),
+        "over_budget": "over_budget" in report,
         "probes": [{"step": i, metric: v, "error": e} for i, v, e in report["probes"]],
         "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}
     return dump_recipe(ctx.recipe, wanted)

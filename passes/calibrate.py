@@ -834,8 +834,8 @@ def auto_recipe(
     probe compresses all layers with `compress` and runs the model; the result is
     the most compressed probe that measured within budget. Pass the `Sequential` the
     passes use (or `plain_compress` when they reconstruct nothing), so the guarantee
-    holds for the compiled model. Raises RecipeError
-    if even the mildest recipe exceeds the budget.
+    holds for the compiled model. When even the mildest recipe exceeds the budget it is
+    returned, and `report["over_budget"]` holds what it measured.
     `report`, when given, receives "sensitivity" (the scan), "metric", "budget",
     "rows" (scored), "allowed_rows_lost" (accuracy metric), "path_length", "probes"
     (step, value, error) and "chosen_step".
@@ -871,13 +871,10 @@ def auto_recipe(
         return path[i]
 
     lo, hi = 0, len(path) - 1
-    if not fits(lo):
-        raise RecipeError(
-            None,
-            f"auto: even the mildest recipe exceeds the {metric} budget {budget:g} on the {rows} scored "
-            "calibration rows; "
-            "raise the budget or fix density/bits per layer",
-        )
+    if not fits(lo):  # nothing fits: the mildest recipe, and the caller says so
+        if report is not None:
+            report["over_budget"] = {"value": probes[-1][1], "rows": rows}
+        return done(lo)
     if fits(hi):
         return done(hi)
     hi -= 1
