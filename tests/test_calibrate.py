@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from eiec.errors import InputError, ModelError, RecipeError
+from eiec.errors import InputError, ModelError
 from eiec.ir import OPSET, find_layers, matrix_view
 from eiec.passes.calibrate import (
     LayerSensitivity,

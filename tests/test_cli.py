@@ -162,3 +162,11 @@ def test_tampered_eie_is_rejected(mlp_eie, tmp_path, capsys):
     assert main(["inspect", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.eie" in err and "checksum" in err
+
+
+def test_plain_compile_without_recipe_or_calibration_succeeds_and_says_what_it_chose(tmp_path, capsys):
+    out = tmp_path / "m.eie"
+    assert main([MLP, "-o", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "random inputs" in err and "automatic recipe written to" in err
+    assert out.exists() and (tmp_path / "m.recipe.yaml").exists()
