@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import isa
+from .conv import conv_output_hw
 from .errors import FormatError, RecipeError
 from .image import SparseImage
 from .target import Target
@@ -253,8 +254,7 @@ def _check_shapes(i: int, m: dict, shape: tuple[int, ...], conv: ConvGeometry | 
                 or in_shape[0] != shape[1] * g or conv.kernel != shape[2:]
                 or min(*conv.strides, *conv.dilations) < 1 or min(conv.pads) < 0):
             raise ValueError(f"layer {i}: conv geometry does not fit weight {shape} and input {in_shape}")
-        hw = tuple((in_shape[1 + a] + conv.pads[a] + conv.pads[a + 2] - (conv.kernel[a] - 1) * conv.dilations[a] - 1)
-                   // conv.strides[a] + 1 for a in range(2))
+        hw = conv_output_hw(in_shape[1:], conv.kernel, conv.pads, conv.strides, conv.dilations)
         if out_shape != (rows, *hw):
             raise ValueError(f"layer {i}: conv output {out_shape} should be {(rows, *hw)}")
     if prev_out is not None and (in_shape if conv is not None else (math.prod(in_shape),)) != (

@@ -17,7 +17,7 @@ import numpy as np
 
 from eiec import isa
 from eiec.segment import LayerSpec, Segment
-from eiec.passes.calibrate import im2col
+from eiec.conv import im2col
 
 from .cycles import cycle_layer
 from .energy import layer_energy

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from eiec.errors import InputError, ModelError
+from eiec.conv import im2col
 from eiec.ir import OPSET, find_layers, matrix_view
 from eiec.passes.calibrate import (
     LayerSensitivity,
@@ -19,7 +20,6 @@ from eiec.passes.calibrate import (
     auto_recipe,
     capture_layer_inputs,
     choose_recipe,
-    im2col,
     load_calibration,
     plain_compress,
     random_inputs,
