@@ -21,6 +21,7 @@ from . import isa
 from .container import read_eie, write_eie
 from .errors import FormatError, ModelError, RecipeError
 from .importer import _check_tensors, check_strings
+from .ir import copy_model
 from .recipe import target_from_dict
 from .segment import Segment
 from .tensorfile import pack_arrays, unpack_arrays
@@ -45,8 +46,7 @@ def _blob_name(segment: str) -> str:
 def save_eie(path: str | os.PathLike, model: onnx.ModelProto, segments: list[Segment],
              manifest: dict[str, Any]) -> None:
     """Write IR4 as a .eie: host graph without blobs, each segment's program and images."""
-    host = onnx.ModelProto()
-    host.CopyFrom(model)
+    host = copy_model(model)
     blobs = {_blob_name(s.name) for s in segments}
     kept = [t for t in host.graph.initializer if t.name not in blobs]
     host.graph.ClearField("initializer")

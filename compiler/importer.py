@@ -28,7 +28,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .errors import ModelError
 from .fileio import input_file_size
-from .ir import OPSET
+from .ir import OPSET, copy_model
 
 MAX_FILE_BYTES = 2**31 - 1  # protobuf cannot parse more; bigger models need external data
 MAX_TENSOR_ELEMENTS = 2**31  # per declared tensor, checked before any allocation
@@ -86,7 +86,7 @@ def canonicalize(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
     Raises ModelError(path, ...) for anything wrong with the model. External data must
     already be loaded (`load_model` does that after checking every location).
     """
-    model = _checked(_copy(model), path)
+    model = _checked(copy_model(model), path)
     # graphsurgeon warns on stdout about things handled below (non-tensor types, no colours)
     with gs.logger.G_LOGGER.suppress(gs.logger.G_LOGGER.ERROR):
         graph = _import_graph(model)
@@ -113,12 +113,6 @@ def canonicalize(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------- checks before canonicalisation
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m
-
 
 def _checked(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
     """Validate, toposort, convert to opset >= 17 and infer shapes."""

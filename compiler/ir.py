@@ -46,6 +46,13 @@ class Layer:
         return default
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy: passes that must leave their input model untouched start from one."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
 def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}
 

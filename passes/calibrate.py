@@ -20,7 +20,7 @@ import onnxruntime as ort
 from eiec.errors import FormatError, InputError, ModelError, RecipeError
 from eiec.conv import conv_output_hw, im2col
 from eiec.tensorfile import check_npz
-from eiec.ir import Layer, get_initializer, matrix_view
+from eiec.ir import Layer, copy_model, get_initializer, matrix_view
 from eiec.target import Target
 
 from . import reconstruct
@@ -265,8 +265,7 @@ def _row_cap(layer: Layer, max_rows: int, max_bytes: int | None) -> int:
 
 def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of the model with the tensors `names` (not graph inputs) added as graph outputs."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = copy_model(model)
     have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
     for t in names:
         if t not in have:
@@ -574,8 +573,7 @@ class Evaluator:
     """
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], inputs: dict[str, np.ndarray], labels: np.ndarray | None = None):
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
+        m = copy_model(model)
         m.ir_version = max(m.ir_version, 4)  # initializers that are also inputs are overridable
         inits = {t.name: t for t in m.graph.initializer}
         self.layers = layers

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from eiec.errors import FormatError, ModelError
 from eiec.image import SparseImage
-from eiec.ir import EIE_DOMAIN, find_layers, initializer_map, matrix_view, producers, remove_initializer
+from eiec.ir import EIE_DOMAIN, copy_model, find_layers, initializer_map, matrix_view, producers, remove_initializer
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
 from eiec.target import Target
@@ -228,8 +228,7 @@ class Encode:
     name = "encode"
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)  # callers (bisect, tests) keep the IR2 they passed in
+        out = copy_model(model)  # callers (bisect, tests) keep the IR2 they passed in
         target = ctx.target
         images: dict[str, SparseImage] = ctx.artifacts.setdefault("images", {})
         layer_stats: list[dict[str, Any]] = []

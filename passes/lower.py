@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from eiec import isa
 from eiec.errors import ModelError
 from eiec.image import SparseImage
-from eiec.ir import EIE_DOMAIN, Layer, find_layers, get_initializer, producers, remove_initializer
+from eiec.ir import EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
 from eiec.segment import ConvGeometry, LayerSpec, Segment
@@ -62,7 +62,7 @@ class Lower:
 
         links = [link for chain in chains for link in chain.links]
         tiles = dict(zip([l.layer.name for l in links], map_layers(tiles_of, links)))
-        model = _copy(model)
+        model = copy_model(model)
         segments = []
         for i, chain in enumerate(chains):
             ctx.progress(f"lower segment {i} ({', '.join(chain.names)})")
@@ -431,9 +431,3 @@ def _host_layers(model: onnx.ModelProto) -> list[dict[str, Any]]:
     """Weighted ops the lowering left on the host (dense), so inspect can list them."""
     return [{"name": n.name, "op": n.op_type} for n in model.graph.node
             if n.op_type in HOST_LAYER_OPS.get(n.domain or "", ())]
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m

@@ -138,12 +138,6 @@ def canonical_convnet(seed: int = 0, hw: int = 8, stride: int = 1) -> onnx.Model
     return model
 
 
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m
-
-
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from eiec.errors import RecipeError
-from eiec.ir import find_layers, get_initializer, set_initializer
+from eiec.ir import copy_model, find_layers, get_initializer, set_initializer
 from eiec.passes.prune import Prune, magnitude_mask
-from helpers import canonical_convnet, copy_model, run_ort
+from helpers import canonical_convnet, run_ort
 from eiec.passmanager import Context
 from eiec.recipe import parse_recipe
 
