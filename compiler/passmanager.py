@@ -33,7 +33,7 @@ class Context:
     labels: np.ndarray | None = None
     calibration_is_random: bool = True
     progress: Callable[[str], None] = lambda msg: None  # per-layer progress lines
-    # passes may leave results for later passes here (e.g. Q-formats, encoded images)
+    # passes may leave results for later passes here (e.g. the reconstruction plan, segments)
     artifacts: dict[str, Any] = field(default_factory=dict)
 
     @property

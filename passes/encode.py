@@ -230,7 +230,6 @@ class Encode:
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         out = copy_model(model)  # callers (bisect, tests) keep the IR2 they passed in
         target = ctx.target
-        images: dict[str, SparseImage] = ctx.artifacts.setdefault("images", {})
         layer_stats: list[dict[str, Any]] = []
         skipped: list[str] = []
         work = []
@@ -261,7 +260,6 @@ class Encode:
         for (layer, indices, _, _), (img, storage) in zip(work, map_layers(encode, work)):
             # looked up again: each rewrite rebuilds the node list
             gather, cast, indices_name, codebook_name = _ir2_weight(out, layer.weight)
-            images[layer.name] = img
             _replace_with_decode(out, layer.name, layer.weight, gather, cast, indices_name,
                                  codebook_name, img, tuple(indices.shape))
             layer_stats.append({

@@ -345,8 +345,9 @@ def tile_layer(name: str, indices: np.ndarray, group: int, target: Target) -> li
             block = largest
             while True:
                 r1 = min(r0 + block, end)
-                work = encode_matrix(indices[r0:r1], target.pes, target.weight_bits,
-                                     target.rel_index_bits).col_entries()  # [pes, cols]
+                whole = encode_matrix(indices[r0:r1], target.pes, target.weight_bits,
+                                      target.rel_index_bits, row_lo=r0)
+                work = whole.col_entries()  # [pes, cols]
                 if work.max(initial=0) <= target.max_entries_per_pe:
                     break
                 if block <= target.pes:  # one row per PE: a column holds one entry per PE
@@ -356,7 +357,8 @@ def tile_layer(name: str, indices: np.ndarray, group: int, target: Target) -> li
             c0 = 0
             while c0 < cols:
                 c1 = _column_cut(work, c0, target)
-                tiles.append(encode_matrix(indices[r0:r1, c0:c1], target.pes, target.weight_bits,
+                tiles.append(whole if (c0, c1) == (0, cols) else  # the block fits: no second encode
+                             encode_matrix(indices[r0:r1, c0:c1], target.pes, target.weight_bits,
                                            target.rel_index_bits, row_lo=r0, col_lo=c0))
                 c0 = c1
             r0 = r1
