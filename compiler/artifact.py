@@ -23,7 +23,7 @@ from .errors import FormatError, ModelError, RecipeError
 from .importer import _check_tensors, check_strings
 from .ir import copy_model
 from .recipe import target_from_dict
-from .segment import Segment
+from .segment import Segment, blob_name
 from .tensorfile import pack_arrays, unpack_arrays
 
 HOST_MEMBER = "host.onnx"
@@ -39,15 +39,11 @@ class CompiledModel:
     segments: dict[str, Segment]
 
 
-def _blob_name(segment: str) -> str:
-    return f"{segment}.blob"
-
-
 def save_eie(path: str | os.PathLike, model: onnx.ModelProto, segments: list[Segment],
              manifest: dict[str, Any]) -> None:
     """Write IR4 as a .eie: host graph without blobs, each segment's program and images."""
     host = copy_model(model)
-    blobs = {_blob_name(s.name) for s in segments}
+    blobs = {blob_name(s.name) for s in segments}
     kept = [t for t in host.graph.initializer if t.name not in blobs]
     host.graph.ClearField("initializer")
     host.graph.initializer.extend(kept)
@@ -90,7 +86,7 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
         seg = Segment.from_parts(meta, bytes(members[program]), arrays, f"{path}:{name}")
         segments[name] = seg
         blob = seg.to_blob()
-        model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(blob, np.uint8), _blob_name(name)))
+        model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(blob, np.uint8), blob_name(name)))
         digests[name] = hashlib.sha256(blob).hexdigest()
     for node in model.graph.node:  # the runtime's cache key, derived here: the members are what is checked
         if node.op_type == "EIESegment" and node.name in digests:

@@ -38,6 +38,11 @@ def acc_dtype(target: Target) -> type:
     return np.int32 if target.acc_bits <= 32 else np.int64
 
 
+def blob_name(segment: str) -> str:
+    """The IR4 initializer holding a segment's blob (its EIESegment node's second input)."""
+    return f"{segment}.blob"
+
+
 @dataclass
 class ConvGeometry:
     kernel: tuple[int, int]

@@ -24,7 +24,7 @@ from eiec.image import SparseImage
 from eiec.ir import EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
-from eiec.segment import ConvGeometry, LayerSpec, Segment
+from eiec.segment import ConvGeometry, LayerSpec, Segment, blob_name
 from eiec.target import Target
 from eiec.runtime.fixedpoint import choose_frac, quantize
 
@@ -405,9 +405,8 @@ def _replace_chain(model: onnx.ModelProto, chain: Chain, seg: Segment) -> None:
     decode_nodes = [_decode_node(model, l.layer) for l in chain.links]
     dead = {n.name for n in chain.nodes() + decode_nodes}
     dead_inits = {t for n in decode_nodes for t in n.input} | {l.layer.bias for l in chain.links}
-    blob_name = f"{seg.name}.blob"
     blob = seg.to_blob()
-    node = helper.make_node("EIESegment", [chain.input, blob_name], [chain.output], name=seg.name,
+    node = helper.make_node("EIESegment", [chain.input, blob_name(seg.name)], [chain.output], name=seg.name,
                             domain=EIE_DOMAIN, digest=hashlib.sha256(blob).hexdigest())
     first = chain.nodes()[0].name
     new_nodes = []
@@ -421,7 +420,7 @@ def _replace_chain(model: onnx.ModelProto, chain: Chain, seg: Segment) -> None:
     still_used = {t for n in model.graph.node for t in n.input}
     for t in dead_inits - still_used:
         remove_initializer(model, t)
-    model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(blob, np.uint8), blob_name))
+    model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(blob, np.uint8), blob_name(seg.name)))
     internal = {l.layer.node.output[0] for l in chain.links} | {l.output for l in chain.links[:-1]}
     internal |= {l.relabel.output[0] for l in chain.links if l.relabel is not None}
     keep_vi = [v for v in model.graph.value_info if v.name not in internal - {chain.output}]

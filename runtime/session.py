@@ -23,7 +23,7 @@ from onnxruntime_extensions import PyCustomOpDef
 from eiec.artifact import load_eie
 from eiec.errors import EiecError, FormatError, InputError
 from eiec.fileio import write_atomic
-from eiec.segment import Segment
+from eiec.segment import Segment, blob_name
 from eiec.target import Target
 
 from .executor import SegmentRun, run_segment, segment_report
@@ -137,15 +137,22 @@ class InferenceSession:
         self.last_report = self._report(runs, input_feed)
         return out
 
+    def segment(self, name: str) -> Segment:
+        """The segment an EIESegment node named `name` runs (parsed once, then cached)."""
+        if self.compiled is not None:
+            return self.compiled.segments[name]
+        blob = next((t for t in self.model.graph.initializer if t.name == blob_name(name)), None)
+        if blob is None:
+            raise FormatError(self.path, f"segment {name} has no blob")
+        return _segment_of(onnx.numpy_helper.to_array(blob))
+
     @property
     def target(self) -> Target:
         """The accelerator this model was compiled for (defaults when it has no segments)."""
         if self.compiled is not None:
             return Target.from_dict(self.compiled.manifest["target"])
-        for t in self.model.graph.initializer:
-            if t.name.endswith(".blob"):
-                return _segment_of(onnx.numpy_helper.to_array(t)).target
-        return Target()
+        names = [n.name for n in self.model.graph.node if n.op_type == "EIESegment"]
+        return self.segment(names[0]).target if names else Target()
 
     def _report(self, runs: dict[str, SegmentRun], feeds) -> dict[str, Any] | None:
         if not self.cycles:

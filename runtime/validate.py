@@ -195,7 +195,7 @@ def validate(model_path: str, eie_path: str, input_path: str | None = None, rand
     ref = orig.run(names, feeds)
     sess = InferenceSession(eie_path)
     out = sess.run(names, feeds)
-    checks = [check_segment(sess.compiled.segments[n], r.input, r.output, r.bound, r.saturated)
+    checks = [check_segment(sess.segment(n), r.input, r.output, r.bound, r.saturated)
               for n, r in sess.last_runs.items()]
     result = {
         "inputs": int(next(iter(feeds.values())).shape[0]),
@@ -222,18 +222,11 @@ def bisect(folder: str, feeds, ref, names, labels) -> list[dict[str, Any]]:
         sess = InferenceSession(path)
         out = sess.run(names, feeds)
         fid = fidelity(ref, out, names, labels)
-        checks = [check_segment(_segment(sess, n), r.input, r.output, r.bound, r.saturated)
+        checks = [check_segment(sess.segment(n), r.input, r.output, r.bound, r.saturated)
                   for n, r in sess.last_runs.items()]
         rows.append({"pass": stem, "fidelity": fid, "accuracy_drop_points": _drop_points(fid),
                      "exact": all(c.ok for c in checks) if checks else None})
     return rows
-
-
-def _segment(sess: InferenceSession, name: str) -> Segment:
-    for t in sess.model.graph.initializer:
-        if t.name == f"{name}.blob":
-            return Segment.from_blob(numpy_helper.to_array(t).tobytes(), sess.path)
-    raise FormatError(sess.path, f"segment {name} has no blob")
 
 
 def _summary_line(fid: dict[str, Any]) -> str:
