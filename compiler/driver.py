@@ -22,6 +22,7 @@ from .importer import load_model
 from .ir import find_layers
 from .passmanager import Context, PassManager, PassRecord, dump_stats_json
 from .recipe import LayerRecipe, Recipe, dump_recipe, load_recipe
+from .segment import blob_name
 
 RANDOM_CALIBRATION_ROWS = 64
 
@@ -213,7 +214,7 @@ def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: C
     cluster = {l["name"]: l for l in stats.get("cluster", {}).get("layers", [])}
     q_formats = {name: q for s in stats.get("lower", {}).get("segments", []) for name, q in s["q_formats"].items()}
     recipes: dict[str, LayerRecipe] = ctx.artifacts.get("layer_recipes", {})
-    host = _param_bytes(ir4, skip_suffix=".blob")
+    host = _param_bytes(ir4, skip={blob_name(s.name) for s in ctx.artifacts.get("segments", [])})
     layers = []
     fixed_total = huffman_total = 0
     for l in layers_ir0:
@@ -254,11 +255,11 @@ def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: C
     }
 
 
-def _param_bytes(model: onnx.ModelProto, skip_suffix: str | None = None) -> int:
-    """Bytes of the model's parameters as stored (initializers), optionally skipping some."""
+def _param_bytes(model: onnx.ModelProto, skip: set[str] = frozenset()) -> int:
+    """Bytes of the model's parameters as stored (initializers), except those named in `skip`."""
     total = 0
     for t in model.graph.initializer:
-        if skip_suffix and t.name.endswith(skip_suffix):
+        if t.name in skip:
             continue
         n = int(np.prod(t.dims, dtype=np.int64))
         total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
