@@ -55,8 +55,28 @@ def check_recipe_layers(recipe: Recipe, model: onnx.ModelProto) -> None:
         other = next((n for n in model.graph.node if fnmatch.fnmatchcase(n.name, pattern)), None)
         if other is not None:
             raise ModelError(recipe.path, f"layers.{pattern}: node {other.name!r} is a {other.op_type}, "
-                             "which eiec cannot compress (only FC/Gemm/MatMul and 2-D Conv with constant weights)")
+                             f"which eiec cannot compress: {_not_a_layer(model, other)}")
     recipe.check_patterns(names)
+
+
+def _not_a_layer(model: onnx.ModelProto, node: onnx.NodeProto) -> str:
+    """Why import left `node` out of the compressible layers (see eiec.ir)."""
+    consts = {t.name: t for t in model.graph.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*model.graph.value_info, *model.graph.input)
+             if v.type.tensor_type.HasField("shape")}
+    if node.op_type not in ("Gemm", "MatMul", "Conv"):
+        return "it is not an FC (Gemm/MatMul) or 2-D Conv layer"
+    w = consts.get(node.input[1]) if len(node.input) > 1 else None
+    if w is None:
+        return "its weight is computed at run time, not a constant"
+    if node.op_type == "Conv":
+        return f"it is a {len(w.dims) - 2}-D conv; the accelerator runs 2-D convs only"
+    rank = ranks.get(node.input[0])
+    if node.op_type == "MatMul" and rank != 2:
+        return (f"it multiplies a rank-{rank} activation; the accelerator runs FC layers on [batch, features] "
+                "(rank 2) activations only" if rank is not None else
+                "the rank of its activation is unknown; the accelerator runs FC layers on rank-2 activations only")
+    return f"its weight is not a float32 matrix ({len(w.dims)}-D, {onnx.helper.tensor_dtype_to_np_dtype(w.data_type)})"
 
 
 def compile_model(model_path: str, out_path: str, recipe_path: str | None = None,

@@ -131,6 +131,9 @@ def _checked(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
         del model.opset_import[:]
         model.opset_import.extend(kept)
     _check_domains(model, path)
+    # value_info is an exporter's hint, often stale (shapes from before a rewrite); onnx
+    # infers every edge of the domains above itself, and would refuse a stale hint
+    del model.graph.value_info[:]
     _sort_nodes(model.graph, path)
     _guard(path, "invalid model", onnx.checker.check_model, model)
     version = _default_opset(model)
@@ -405,9 +408,16 @@ def _const_f32(t: gs.Tensor | None, ndim: int | None = None) -> bool:
 
 
 def _fold_constants(graph: gs.Graph, opsets: list[onnx.OperatorSetIdProto]) -> None:
-    """Replace every node whose inputs are all constant by its (bounded-size) value."""
+    """Replace every node whose inputs are all constant by its (bounded-size) value.
+
+    Shape arithmetic is folded too (`_ShapeFolder`): a `Shape` of a tensor whose dims
+    the graph states is a constant, so a Reshape target computed from it folds.
+    """
     outputs = {t.name for t in graph.outputs}
+    shapes = _ShapeFolder(graph)
     for node in list(graph.nodes):  # graph order is topological, so chains fold in one sweep
+        if node.domain in DEFAULT_DOMAINS and shapes.visit(node):
+            continue
         if (node.domain not in DEFAULT_DOMAINS or node.op in NONDETERMINISTIC
                 or (not node.inputs and node.op != "Constant")
                 or not all(_is_const(t) or not t.name for t in node.inputs)
@@ -421,6 +431,124 @@ def _fold_constants(graph: gs.Graph, opsets: list[onnx.OperatorSetIdProto]) -> N
         node.outputs.clear()
         for out, v in zip(outs, values):
             out.to_constant(v)
+
+
+class _ShapeFolder:
+    """Folds shape arithmetic (Shape -> Gather/Slice/Squeeze/Unsqueeze/Cast -> Concat -> Reshape).
+
+    A tracked vector holds, per element, its value or, for a dim the graph leaves
+    symbolic, the (tensor, axis) it was read from. A vector whose every element is
+    known becomes a constant, and ordinary constant folding takes it from there. A
+    Reshape whose target is known except for dims read from its own input at the same
+    axis gets the constant target with 0 there ("copy this dim"), the same shape for
+    every batch size; so does a Flatten-like `x.view(x.size(0), -1)` with a free batch.
+    """
+
+    MAX_RANK = 64  # longer int vectors are not shapes
+
+    def __init__(self, graph: gs.Graph):
+        self.outputs = {t.name for t in graph.outputs}
+        self.names = set(graph.tensors())
+        self.known: dict[str, tuple[list, tuple[int, ...], np.dtype]] = {}  # name -> (elements, shape, dtype)
+
+    def vector(self, t: gs.Tensor) -> tuple[list, tuple[int, ...], np.dtype] | None:
+        if t.name in self.known:
+            return self.known[t.name]
+        if (_is_const(t) and t.values.dtype.kind == "i" and t.values.ndim <= 1
+                and t.values.size <= self.MAX_RANK):
+            return [int(v) for v in t.values.ravel()], t.values.shape, t.values.dtype
+        return None
+
+    def visit(self, node: gs.Node) -> bool:
+        """Track or fold the node's output; True when the node is handled here."""
+        if node.op == "Reshape" and len(node.inputs) == 2:
+            return self.reshape(node)
+        if not node.outputs or any(o.name in self.outputs for o in node.outputs):
+            return False
+        result = self.evaluate(node)
+        if result is None:
+            return False
+        elements, shape, dtype = result
+        out = node.outputs[0]
+        if all(isinstance(e, int) for e in elements):
+            node.outputs.clear()
+            out.to_constant(np.array(elements, dtype).reshape(shape))
+        else:
+            self.known[out.name] = result
+        return True
+
+    def evaluate(self, node: gs.Node) -> tuple[list, tuple[int, ...], np.dtype] | None:
+        ins = node.inputs
+        if node.op == "Shape":
+            dims = ins[0].shape
+            if dims is None or len(ins) != 1:
+                return None
+            elements = [d if isinstance(d, int) and d >= 0 else (ins[0].name, i) for i, d in enumerate(dims)]
+            elements = elements[slice(node.attrs.get("start", 0), node.attrs.get("end"))]
+            return elements, (len(elements),), np.dtype(np.int64)
+        if node.op == "Size" and ins[0].shape is not None and all(isinstance(d, int) for d in ins[0].shape):
+            return [math.prod(ins[0].shape)], (), np.dtype(np.int64)
+        vecs = [self.vector(t) if t.name else None for t in ins]
+        if not vecs or vecs[0] is None or not any(t.name in self.known for t in ins):
+            return None  # nothing symbolic: plain constant folding does the rest
+        elements, shape, dtype = vecs[0]
+        if node.op in ("Identity", "Cast") and len(shape) <= 1:
+            to = node.attrs.get("to", onnx.helper.np_dtype_to_tensor_dtype(dtype))
+            if to not in (TensorProto.INT64, TensorProto.INT32):
+                return None
+            return elements, shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        if node.op == "Gather" and len(shape) == 1 and node.attrs.get("axis", 0) in (0, -1):
+            idx = vecs[1]
+            if idx is None or ins[1].name in self.known:
+                return None
+            picks, idx_shape, _ = idx
+            if not all(-len(elements) <= i < len(elements) for i in picks):
+                return None
+            return [elements[i] for i in picks], idx_shape, dtype
+        if node.op == "Slice" and len(shape) == 1 and 3 <= len(ins) <= 5:
+            params = [self.vector(t) if t.name else None for t in ins[1:]]
+            if any(p is None or len(p[0]) != 1 or t.name in self.known for p, t in zip(params, ins[1:])):
+                return None
+            starts, ends = params[0][0][0], params[1][0][0]
+            if len(params) > 2 and params[2][0][0] not in (0, -1):
+                return None
+            step = params[3][0][0] if len(params) > 3 else 1
+            if step == 0:
+                return None
+            picked = elements[slice(starts, ends, step)]
+            return picked, (len(picked),), dtype
+        if node.op == "Concat" and node.attrs.get("axis") in (0, -1):
+            if any(v is None or len(v[1]) != 1 for v in vecs):
+                return None
+            return [e for v in vecs for e in v[0]], (sum(len(v[0]) for v in vecs),), dtype
+        if node.op == "Unsqueeze" and shape == () and len(ins) == 2:
+            axes = vecs[1]
+            if axes is None or axes[0] not in ([0], [-1]):
+                return None
+            return elements, (1,), dtype
+        if node.op == "Squeeze" and shape == (1,):
+            axes = vecs[1] if len(ins) == 2 else None
+            if len(ins) == 2 and (axes is None or axes[0] not in ([0], [-1])):
+                return None
+            return elements, (), dtype
+        return None
+
+    def reshape(self, node: gs.Node) -> bool:
+        data, target = node.inputs
+        vec = self.known.get(target.name)
+        if vec is None or len(vec[1]) != 1 or node.attrs.get("allowzero", 0):
+            return False
+        elements = vec[0]
+        if not all(isinstance(e, int) or e == (data.name, i) for i, e in enumerate(elements)):
+            return False
+        # allowzero=0: a 0 copies the input's dim at that axis, which is what the vector read
+        name, k = f"{node.name}.shape", 0
+        while name in self.names:
+            name, k = f"{node.name}.shape_{k}", k + 1
+        self.names.add(name)
+        node.inputs[1] = gs.Constant(name, np.array(
+            [e if isinstance(e, int) else 0 for e in elements], np.int64))
+        return True
 
 
 def _evaluate(node: gs.Node, opsets: list[onnx.OperatorSetIdProto]) -> list[np.ndarray] | None:

@@ -257,6 +257,71 @@ def test_folding_refuses_to_materialise_a_huge_constant(tmp_path):
     assert "ConstantOfShape" in ops(canon)  # 2**26 elements is over the folding bound
 
 
+def _view_flatten_model(batch, opset: int, data_of_shape: str = "r") -> onnx.ModelProto:
+    """torch's `x.view(x.size(0), -1)` before an FC: Shape -> Gather -> Unsqueeze -> Concat -> Reshape."""
+    unsq = (h.make_node("Unsqueeze", ["b", "ax"], ["bu"]) if opset >= 13
+            else h.make_node("Unsqueeze", ["b"], ["bu"], axes=[0]))
+    nodes = [h.make_node("Conv", ["x", "cw"], ["c"], kernel_shape=[3, 3]), h.make_node("Relu", ["c"], ["r"]),
+             h.make_node("Shape", [data_of_shape], ["s"]), h.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+             unsq, h.make_node("Concat", ["bu", "m1"], ["tgt"], axis=0),
+             h.make_node("Reshape", ["r", "tgt"], ["f"]), h.make_node("MatMul", ["f", "fw"], ["y"])]
+    inits = {"cw": f32(4, 3, 3, 3), "fw": f32(4 * 4 * 4, 5), "i0": np.array(0, np.int64),
+             "ax": np.array([0], np.int64), "m1": np.array([-1], np.int64)}
+    return make_model(nodes, {"x": [batch, 3, 6, 6], "x2": [batch, 7]}, {"y": [batch, 5]}, inits, opset=opset)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 21])
+def test_reshape_target_computed_from_a_fixed_shape_folds_to_a_constant(tmp_path, opset):
+    orig = _view_flatten_model(1, opset)
+    canon = imported(tmp_path, orig)
+    assert ops(canon) == ["Conv", "Relu", "Reshape", "Gemm"]  # the Shape arithmetic is gone
+    assert get_initializer(canon, canon.graph.node[2].input[1]).tolist() == [1, -1]
+    assert_same_outputs(orig, canon, batches=(1,))
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_reshape_target_reading_its_own_free_batch_becomes_copy_dim(tmp_path, opset):
+    orig = _view_flatten_model("N", opset)
+    canon = imported(tmp_path, orig)
+    assert ops(canon) == ["Conv", "Relu", "Reshape", "Gemm"]
+    assert get_initializer(canon, canon.graph.node[2].input[1]).tolist() == [0, -1]
+    assert_same_outputs(orig, canon, batches=(1, 4))
+
+
+def test_reshape_target_reading_another_tensors_free_dim_is_kept(tmp_path):
+    """Another input's batch need not equal this tensor's: no rewrite, the graph stays as it was."""
+    orig = _view_flatten_model("N", 17, data_of_shape="x2")
+    canon = imported(tmp_path, orig)
+    assert "Shape" in ops(canon)
+    assert_same_outputs(orig, canon, batches=(2,))
+
+
+def test_shape_slices_of_known_dims_fold_even_with_a_free_batch(tmp_path):
+    """Paddle-style Shape -> Slice[1:] -> ReduceProd -> Concat: only the batch stays symbolic."""
+    nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Slice", ["s", "one", "big"], ["tail"]),
+             h.make_node("ReduceProd", ["tail"], ["feat"], keepdims=1),
+             h.make_node("Slice", ["s", "zero", "one"], ["n"]),
+             h.make_node("Concat", ["n", "feat"], ["tgt"], axis=0),
+             h.make_node("Reshape", ["x", "tgt"], ["f"]), h.make_node("MatMul", ["f", "w"], ["y"])]
+    inits = {"one": np.array([1], np.int64), "zero": np.array([0], np.int64),
+             "big": np.array([2**62], np.int64), "w": f32(24, 3)}
+    orig = make_model(nodes, {"x": ["N", 2, 3, 4]}, {"y": ["N", 3]}, inits)
+    canon = imported(tmp_path, orig)
+    assert ops(canon) == ["Reshape", "Gemm"]
+    assert get_initializer(canon, canon.graph.node[0].input[1]).tolist() == [0, 24]
+    assert_same_outputs(orig, canon, batches=(1, 3))
+
+
+def test_stale_value_info_is_ignored(tmp_path):
+    """Exporters leave shapes from before a rewrite; onnxruntime runs such a model, so must eiec."""
+    orig = _view_flatten_model(1, 17)
+    orig.graph.value_info.extend([h.make_tensor_value_info("c", T.FLOAT, [1, 7, 3, 3]),
+                                  h.make_tensor_value_info("r", T.FLOAT, [2, 4])])
+    canon = imported(tmp_path, orig)
+    assert [l.shape for l in find_layers(canon)] == [(4, 3, 3, 3), (5, 64)]
+    assert_same_outputs(orig, canon, batches=(1,))
+
+
 # ---------------------------------------------------------------- opsets and shapes
 
 def test_opset9_flatten_gemm_softmax_is_converted_to_opset17(tmp_path):
