@@ -17,9 +17,8 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError
+from .image import MAX_WEIGHT_BITS
 from .target import ENERGY_KEYS, TARGET_KEYS, Energy, Target
-
-MAX_BITS = 8  # codebook index widths above 8 bits defeat weight sharing
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,13 @@ def _check_density(where: str, v: Any, path: str | None) -> float | str:
 def _check_bits(where: str, v: Any, path: str | None, target: Target) -> int | str:
     if v == "auto":
         return v
-    limit = min(MAX_BITS, target.weight_bits)
-    if isinstance(v, bool) or not isinstance(v, int) or not (1 <= v <= limit):
+    limit = target.weight_bits
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise RecipeError(path, f"{where}: bits must be an integer in 1..{limit} (target.weight_bits) or 'auto', got {v!r}")
+    if v > limit:
+        raise RecipeError(path, f"{where}: {v}-bit codebooks need target.weight_bits >= {v}, but the target's "
+                                f"entries hold {target.weight_bits}-bit codebook indices (e.g. target: "
+                                f"{{weight_bits: 8, rel_index_bits: 8}})")
     return v
 
 
@@ -137,8 +140,13 @@ def _check_target(d: Any, path: str | None) -> Target:
             raise RecipeError(path, f"target.{k}: must be a positive number, got {v!r}")
         values[k] = v
     t = Target(**values)
-    if t.weight_bits + t.rel_index_bits != 8:
-        raise RecipeError(path, "target: weight_bits + rel_index_bits must be 8 (one-byte entries, 8 to a 64-bit line)")
+    if t.weight_bits > MAX_WEIGHT_BITS:  # wider indices defeat weight sharing; codes are bytes
+        raise RecipeError(path, f"target.weight_bits: at most {MAX_WEIGHT_BITS} (codebooks of up to 256 entries), "
+                                f"got {t.weight_bits}")
+    if t.entry_bits not in (8, 16):
+        raise RecipeError(path, f"target.weight_bits + target.rel_index_bits: must be 8 or 16 (one- or two-byte "
+                                f"entries, 8 or 4 to a 64-bit line), got {t.weight_bits} + {t.rel_index_bits} "
+                                f"= {t.entry_bits}")
     if t.pes > 4096:
         raise RecipeError(path, f"target.pes: at most 4096, got {t.pes}")
     if not (8 <= t.act_bits <= 16 and 8 <= t.codebook_bits <= 16 and t.act_bits + t.codebook_bits <= t.acc_bits <= 48):

@@ -227,8 +227,8 @@ def _check_program_shapes(seg: Segment, where: str) -> None:
             cols = (t.col_lo, t.col_lo + t.cols)
             if ins.op == isa.Op.LOAD_PTR and (ins.a, ins.b) != cols:
                 fail(f"cols {ins.a}..{ins.b} are not tile {ins.tile}'s {cols[0]}..{cols[1]}")
-            if ins.op == isa.Op.LOAD_SPMAT and ins.a != int(np.sum(-(-t.entries_per_pe // 8))):
-                fail(f"{ins.a} lines, but tile {ins.tile} fills {int(np.sum(-(-t.entries_per_pe // 8)))}")
+            if ins.op == isa.Op.LOAD_SPMAT and ins.a != t.lines:
+                fail(f"{ins.a} lines, but tile {ins.tile} fills {t.lines}")
             if ins.op == isa.Op.RUN:
                 if (ins.a, ins.b, ins.c, ins.d) != (t.row_lo, t.row_lo + t.rows, *cols):
                     fail(f"rows/cols differ from tile {ins.tile} of layer {layer.name}")

@@ -1,7 +1,9 @@
 """The accelerator as a configuration: every hardware parameter in one dataclass.
 
 Defaults are the EIE paper's design point (64 PEs, 800 MHz, queue depth 8, 4-bit
-codebook and relative indices, 16-bit activations and weights). Energies per event
+codebook and relative indices, 16-bit activations and weights). An entry is
+weight_bits + rel_index_bits = 8 or 16 bits (e.g. 8 + 8 for Deep Compression's 8-bit conv
+codebooks); the recipe checks that (compiler/recipe.py). Energies per event
 are estimates in picojoules for 45 nm (Horowitz, ISSCC 2014).
 """
 
@@ -34,13 +36,13 @@ class Target:
     pes: int = 64
     clock_mhz: float = 800.0
     queue_depth: int = 8
-    weight_bits: int = 4  # codebook index width (v)
+    weight_bits: int = 4  # codebook index width (v): 2^weight_bits codebook registers, at most 256
     rel_index_bits: int = 4  # relative row index width (z)
     act_bits: int = 16  # fixed-point activations
     codebook_bits: int = 16  # fixed-point decoded weights
     acc_bits: int = 32  # saturating accumulators
     ptr_bits: int = 16  # column pointer width: bounds entries per PE per tile
-    spmat_sram_bytes: int = 131072  # sparse-matrix SRAM per PE (8-bit entries)
+    spmat_sram_bytes: int = 131072  # sparse-matrix SRAM per PE
     ptr_sram_bytes: int = 32768  # pointer SRAM per PE (two banks)
     act_regs: int = 64  # activation register file entries per PE
     act_sram_bytes: int = 2048  # activation SRAM per PE for longer vectors
@@ -48,8 +50,13 @@ class Target:
     energy: Energy = field(default_factory=Energy)
 
     @property
+    def entry_bits(self) -> int:
+        """Width of one sparse-matrix entry (codebook index + relative index): 8 or 16."""
+        return self.weight_bits + self.rel_index_bits
+
+    @property
     def entries_per_line(self) -> int:
-        return 64 // (self.weight_bits + self.rel_index_bits)
+        return 64 // self.entry_bits
 
     @property
     def max_gap(self) -> int:
@@ -59,8 +66,7 @@ class Target:
     @property
     def max_entries_per_pe(self) -> int:
         """Entries one PE can hold for one tile: SRAM size and pointer range."""
-        entry_bytes = (self.weight_bits + self.rel_index_bits) / 8
-        return int(min(self.spmat_sram_bytes / entry_bytes, (1 << self.ptr_bits) - 1))
+        return min(self.spmat_sram_bytes * 8 // self.entry_bits, (1 << self.ptr_bits) - 1)
 
     @property
     def max_cols_per_tile(self) -> int:

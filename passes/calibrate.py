@@ -26,7 +26,7 @@ from eiec.target import Target
 from . import reconstruct
 
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-BITS = (2, 3, 4)
+BITS = (2, 3, 4, 6, 8)  # candidates up to the target's weight_bits, which is always one
 LABELS_KEY = "labels"
 
 Choice = tuple[float, int]  # (density, bits) of one layer
@@ -802,7 +802,7 @@ def auto_recipe(
         raise ValueError(f"metric must be 'accuracy' or 'error', got {metric!r}")
     if metric == "accuracy" and labels is None:
         raise RecipeError(None, "an accuracy budget needs labels in the calibration data")
-    bits = [b for b in bits if b <= target.weight_bits]
+    bits = sorted({b for b in bits if b <= target.weight_bits} | {target.weight_bits})
     ev = Evaluator(model, layers, inputs, labels)
     sens = sensitivity(model, layers, inputs, labels, densities, bits, compress, progress, ev)
     path = recipe_path(sens, target, fixed)

@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from eiec.errors import FormatError, ModelError
-from eiec.image import SparseImage
+from eiec.image import LINE_BYTES, MAX_ENTRY_BITS, MAX_WEIGHT_BITS, SparseImage, entry_bytes, entry_words
 from eiec.ir import EIE_DOMAIN, copy_model, find_layers, initializer_map, matrix_view, producers, remove_initializer
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
@@ -22,7 +22,9 @@ from eiec.target import Target
 
 from . import huffman
 
-LINE_BYTES = 8  # one 64-bit sparse-matrix SRAM line
+# The storage form's relative index: the hardware's, but at most a byte, so both streams
+# Huffman-code over byte symbols (Deep Compression stored 8-bit index gaps for conv layers).
+STORAGE_MAX_REL_BITS = 8
 
 
 def encode_matrix(indices: np.ndarray, pes: int, weight_bits: int = 4, rel_bits: int = 4,
@@ -33,15 +35,17 @@ def encode_matrix(indices: np.ndarray, pes: int, weight_bits: int = 4, rel_bits:
     (counted from the previous entry of the column in that PE, or from local row 0) is
     stored as d // (max+1) padding entries (code 0, rel = max) and the entry with
     rel = d % (max+1), max = 2**rel_bits - 1: each entry, padding or not, advances the local
-    row by rel + 1. Trailing zeros of a column cost nothing.
+    row by rel + 1. Trailing zeros of a column cost nothing. Widths: weight_bits <= 8 and
+    weight_bits + rel_bits <= 16 (one- or two-byte entries, `eiec.image.entry_bytes`).
     """
     indices = np.asarray(indices)
     if indices.ndim != 2:
         raise ValueError(f"expected a 2-D index matrix, got shape {indices.shape}")
     if pes < 1:
         raise ValueError(f"pes must be >= 1, got {pes}")
-    if weight_bits + rel_bits > 8:
-        raise ValueError("an entry is one byte: weight_bits + rel_bits must be <= 8")
+    if not (1 <= weight_bits <= MAX_WEIGHT_BITS and rel_bits >= 1 and weight_bits + rel_bits <= MAX_ENTRY_BITS):
+        raise ValueError(f"entry widths {weight_bits} + {rel_bits}: need 1 <= weight_bits <= {MAX_WEIGHT_BITS}, "
+                         f"rel_bits >= 1 and a sum <= {MAX_ENTRY_BITS}")
     if indices.size and int(indices.max()) >= 1 << weight_bits:
         raise ValueError(f"index {int(indices.max())} does not fit in {weight_bits} bits")
     rows, cols = indices.shape
@@ -65,7 +69,7 @@ def encode_matrix(indices: np.ndarray, pes: int, weight_bits: int = 4, rel_bits:
 
     n_entries = int(span.sum())
     code = np.zeros(n_entries, np.uint8)
-    rel = np.full(n_entries, period - 1, np.uint8)  # padding entries keep rel = max
+    rel = np.full(n_entries, period - 1, np.uint8 if rel_bits <= 8 else np.uint16)  # padding keeps rel = max
     at = np.cumsum(span) - 1  # each nonzero's entry follows its padding
     code[at] = value
     rel[at] = gap % period
@@ -131,19 +135,25 @@ def count_padding(indices: np.ndarray, pes: int, rel_bits: int) -> int:
 
 
 def image_streams(img: SparseImage) -> dict[str, np.ndarray]:
-    """The arrays IR3 stores for an image: one byte per entry ``(rel << weight_bits) | code``."""
-    entries = (img.rel.astype(np.uint8) << img.weight_bits) | img.code
-    return {"entries": entries.astype(np.uint8), "pe_start": img.pe_start.astype(np.int64),
+    """The arrays IR3 stores for an image. ``entries``: the memory words ``(rel << weight_bits) |
+    code`` as bytes, 1 per entry, or 2 (little-endian) when the widths sum to more than 8."""
+    words = entry_words(img.code, img.rel, img.weight_bits, img.rel_bits)
+    entries = words.astype(words.dtype.newbyteorder("<"), copy=False).view(np.uint8)
+    return {"entries": entries, "pe_start": img.pe_start.astype(np.int64),
             "col_ptr": img.col_ptr.astype(np.int64)}
 
 
 def image_from_streams(entries: np.ndarray, pe_start: np.ndarray, col_ptr: np.ndarray, rows: int,
                        pes: int, weight_bits: int, rel_bits: int) -> SparseImage:
     """The inverse of `image_streams` (rows are not recoverable from the streams)."""
-    entries = np.asarray(entries, np.uint8).ravel()
+    entries = np.ascontiguousarray(np.asarray(entries, np.uint8).ravel())
     col_ptr = np.asarray(col_ptr, np.int64).reshape(pes, -1)
-    code = entries & np.uint8((1 << weight_bits) - 1)
-    rel = entries >> np.uint8(weight_bits)
+    if entry_bytes(weight_bits, rel_bits) == 2:
+        if entries.size % 2:
+            raise FormatError(None, "sparse image: an odd number of bytes for two-byte entries")
+        entries = entries.view("<u2").astype(np.uint16)
+    code = (entries & ((1 << weight_bits) - 1)).astype(np.uint8)
+    rel = (entries >> weight_bits).astype(np.uint8 if rel_bits <= 8 else np.uint16)
     return SparseImage(rows, col_ptr.shape[1] - 1, pes, weight_bits, rel_bits, code, rel,
                        np.asarray(pe_start, np.int64).ravel(), col_ptr)
 
@@ -172,9 +182,10 @@ def storage_streams(indices: np.ndarray, weight_bits: int = 4, rel_bits: int = 4
     runs over the whole column, padding entries bridge longer gaps), its code and rel
     streams and its per-column entry counts each Huffman-coded with their own table.
     Every per-PE hardware image follows from it (decode, then `encode_matrix`), so disk
-    and transfer need no per-PE column pointers.
+    and transfer need no per-PE column pointers. Its relative index is `rel_bits`, at most
+    STORAGE_MAX_REL_BITS: rel symbols stay bytes whatever the hardware's width.
     """
-    img = encode_matrix(matrix_view(np.asarray(indices)), 1, weight_bits, rel_bits)
+    img = encode_matrix(matrix_view(np.asarray(indices)), 1, weight_bits, min(rel_bits, STORAGE_MAX_REL_BITS))
     return {"code": huffman.encode(img.code), "rel": huffman.encode(img.rel),
             "col_count": huffman.encode(_count_symbols(img.col_entries()[0]))}
 
@@ -187,7 +198,7 @@ def decode_storage_streams(streams: dict[str, huffman.HuffmanStream], rows: int,
     col_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     if code.size != rel.size or col_ptr[-1] != code.size:
         raise FormatError(None, "storage form: column counts do not match the entries")
-    img = SparseImage(rows, counts.size, 1, weight_bits, rel_bits, code, rel,
+    img = SparseImage(rows, counts.size, 1, weight_bits, min(rel_bits, STORAGE_MAX_REL_BITS), code, rel,
                       np.array([0, code.size], np.int64), col_ptr[None])
     return decode_image(img)
 
@@ -197,14 +208,13 @@ def layer_storage(img: SparseImage, codebook_len: int, n_bias: int, target: Targ
     """Bytes a layer takes, by component, in two forms. Ratios count everything (Deep
     Compression): entries, pointers or counts, codebook, bias.
 
-    bytes_fixed: the hardware form, as the PE SRAMs hold it: per PE, one-byte entries in
-    whole 64-bit lines, plus pes x (cols + 1) column pointers of ptr_bits.
+    bytes_fixed: the hardware form, as the PE SRAMs hold it: per PE, one- or two-byte
+    entries in whole 64-bit lines, plus pes x (cols + 1) column pointers of ptr_bits.
     bytes_huffman: the storage form (`storage_streams`), Deep Compression's file on disk:
     one CSC stream over the whole matrix, code, rel and per-column counts Huffman-coded
     (tables and headers included). `indices` (the layer's index matrix) saves decoding img.
     """
-    lines = -(-img.entries_per_pe // LINE_BYTES)
-    spmat = int(lines.sum()) * LINE_BYTES
+    spmat = img.lines * LINE_BYTES
     col_ptr = -(-img.pes * (img.cols + 1) * target.ptr_bits // 8)
     codebook = -(-codebook_len * target.codebook_bits // 8)
     bias = 4 * n_bias

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from eiec import isa
 from eiec.errors import ModelError
-from eiec.image import SparseImage
+from eiec.image import LINE_BYTES, SparseImage
 from eiec.ir import EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
@@ -296,8 +296,8 @@ def _acc_frac_limit(indices: np.ndarray, codebook: np.ndarray, bias: np.ndarray,
 
 def _fits_at_once(specs: list[LayerSpec], target: Target) -> bool:
     """Whether every tile of the segment fits the PEs' sparse-matrix SRAMs together."""
-    lines = sum(-(-t.entries_per_pe // 8) for l in specs for t in l.tiles)
-    return bool(np.max(lines) * 8 <= target.spmat_sram_bytes)
+    lines = sum(t.lines_per_pe for l in specs for t in l.tiles)
+    return bool(np.max(lines) * LINE_BYTES <= target.spmat_sram_bytes)
 
 
 def _indices_of(model: onnx.ModelProto, layer: Layer) -> np.ndarray:
@@ -389,9 +389,8 @@ def emit_program(seg: Segment, in_len: int) -> list[isa.Instr]:
             same_rows = col_tiles[t.row_lo]
             flags = F.BIAS | (F.RELU if l.relu else 0) | (F.CONV if l.kind == "conv" else 0)
             flags |= (F.FIRST if t is same_rows[0] else 0) | (F.LAST if t is same_rows[-1] else 0)
-            lines = int(np.sum(-(-t.entries_per_pe // 8)))
             prog += [I(Op.LOAD_PTR, layer=li, tile=ti, a=t.col_lo, b=t.col_lo + t.cols),
-                     I(Op.LOAD_SPMAT, layer=li, tile=ti, a=lines),
+                     I(Op.LOAD_SPMAT, layer=li, tile=ti, a=t.lines),
                      I(Op.RUN, flags=int(flags), layer=li, tile=ti, src=src, dst=dst,
                        a=t.row_lo, b=t.row_lo + t.rows, c=t.col_lo, d=t.col_lo + t.cols)]
         src = dst

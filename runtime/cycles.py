@@ -259,7 +259,7 @@ def cycle_layer(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target: Tar
             cycles += -(-t.rows // pes)
             writeback_rows += t.rows
         if not resident:
-            spmat = int((-(-t.entries_per_pe // target.entries_per_line)).max(initial=0))
+            spmat = int(t.lines_per_pe.max(initial=0))
             ptrs = -(-(t.cols + 1) // POINTER_BANKS)
             reload_cycles += max(spmat, ptrs)
             reload_bytes += tile_cached(t, "packed_bytes", lambda tt: tt.packed().size) + pes * (t.cols + 1) * target.ptr_bits // 8

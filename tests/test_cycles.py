@@ -112,6 +112,23 @@ def test_latency_and_energy_follow_the_target():
     assert e["total"][0] == pytest.approx(sum(e[k][0] for k in parts))
 
 
+def test_16_bit_entries_read_and_reload_twice_the_lines():
+    idx = np.ones((12, 2), np.uint8)  # 2 PEs: 6 entries per PE per column
+    x = np.ones((1, 2), bool)
+    narrow = cycle_layer(one_tile(idx, 2), x, target_for(2), resident=False)
+    wide_target = dataclasses.replace(target_for(2), weight_bits=8, rel_index_bits=8)
+    wide = cycle_layer([encode_matrix(idx, 2, 8, 8)], x, wide_target, resident=False)
+    # per PE, column 0 is entries 0..5, column 1 entries 6..11: lines {0}, {0, 1} at 8 a
+    # line; {0, 1}, {1, 2} at 4 a line
+    assert narrow.spmat_line_reads.tolist() == [2 * 3] and wide.spmat_line_reads.tolist() == [2 * 4]
+    # reload: max(lines of the fullest PE, ceil(3 pointers / 2 banks)); bytes: lines + pointers
+    assert narrow.reload_cycles.tolist() == [2] and wide.reload_cycles.tolist() == [3]
+    assert narrow.reload_bytes.tolist() == [2 * 2 * 8 + 2 * 3 * 2] and wide.reload_bytes.tolist() == [2 * 3 * 8 + 2 * 3 * 2]
+    assert (wide.cycles - narrow.cycles).tolist() == [1]  # the same entries: only the reload is longer
+    e_narrow, e_wide = layer_energy(narrow, 0.0, target_for(2)), layer_energy(wide, 0.0, wide_target)
+    assert e_wide["spmat_sram"][0] == pytest.approx(8 * 10.0e-6) and e_narrow["spmat_sram"][0] == pytest.approx(6 * 10.0e-6)
+
+
 # ---------------------------------------------------------------- event-driven reference
 
 
@@ -169,18 +186,20 @@ def cases(draw):
     pes = draw(st.integers(1, 5))
     rows, cols = draw(st.integers(1, 60)), draw(st.integers(1, 25))
     density = draw(st.sampled_from([0.02, 0.2, 0.7]))
-    idx = rng.integers(1, 16, (rows, cols)).astype(np.uint8)
+    wb, rb = draw(st.sampled_from([(4, 4), (8, 8), (5, 11)]))  # 8 or 4 entries to a line
+    idx = rng.integers(1, 1 << wb, (rows, cols)).astype(np.uint8)
     idx[rng.random((rows, cols)) >= density] = 0
     if draw(st.booleans()) and rows > 1 and cols > 1:
         r, c = rows // 2, cols // 3 + 1
-        tiles = [encode_matrix(idx[r0:r1, c0:c1], pes, row_lo=r0, col_lo=c0)
+        tiles = [encode_matrix(idx[r0:r1, c0:c1], pes, wb, rb, row_lo=r0, col_lo=c0)
                  for r0, r1 in ((0, r), (r, rows)) for c0, c1 in ((c, cols), (0, c)) if c1 > c0]
     else:
-        tiles = [encode_matrix(idx, pes)]
+        tiles = [encode_matrix(idx, pes, wb, rb)]
     batch = draw(st.integers(1, 4))
     x = rng.random((batch, cols)) < draw(st.sampled_from([0.1, 0.5, 1.0]))
     depth = draw(st.sampled_from([1, 2, 3, 8]))
-    target = target_for(pes, depth=depth, fill=draw(st.integers(0, 5)))
+    target = dataclasses.replace(target_for(pes, depth=depth, fill=draw(st.integers(0, 5))),
+                                 weight_bits=wb, rel_index_bits=rb)
     return tiles, x, target
 
 

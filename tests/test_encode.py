@@ -19,7 +19,7 @@ from eiec.errors import ModelError
 from eiec.image import SparseImage
 from eiec.ir import EIE_DOMAIN, find_layers
 from eiec.passes.encode import (Encode, count_padding, decode_image, decode_storage_streams, encode_matrix,
-                                image_from_streams,
+                                image_from_streams, image_streams,
                                 layer_storage, storage_streams)
 from eiec.passes.huffman import HuffmanStream
 from eiec.passes.huffman import decode as huffman_decode
@@ -270,6 +270,103 @@ def test_storage_form_counts_columns_longer_than_255_entries():
     m = np.ones((600, 3), np.uint8)  # 600 entries per column: counts need the 255 escape
     m[:, 1] = 0
     np.testing.assert_array_equal(decode_storage_streams(storage_streams(m), 600), m)
+
+
+
+# ---- 16-bit entries: codebooks up to 2**weight_bits, relative indices up to 15 bits ----
+
+WIDE_SPLITS = [(8, 8), (5, 11), (4, 12), (6, 10), (7, 9), (1, 15)]
+
+
+@st.composite
+def wide_index_matrices(draw) -> tuple[np.ndarray, int, int]:
+    """(matrix, weight_bits, rel_bits): codes up to 2**weight_bits - 1, columns long enough
+    (up to 9000 rows) that gaps pass the largest relative index of every split."""
+    weight_bits, rel_bits = draw(st.sampled_from(WIDE_SPLITS))
+    rows = draw(st.sampled_from([1, 17, 300, 700, 2100, 4500, 9000]))
+    cols = draw(st.sampled_from([1, 2, 5]))
+    density = draw(st.sampled_from([0.0, 0.0005, 0.002, 0.01, 0.2, 1.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    m = (rng.random((rows, cols)) < density) * rng.integers(1, 1 << weight_bits, (rows, cols))
+    if draw(st.booleans()):
+        m[:, rng.random(cols) < 0.3] = 0
+    return m.astype(np.uint8), weight_bits, rel_bits
+
+
+@settings(max_examples=80, deadline=None)
+@given(wide_index_matrices(), st.sampled_from([1, 2, 3, 4, 64]))
+def test_16_bit_entries_decode_to_the_matrix_and_agree_with_scipy(case, pes):
+    m, weight_bits, rel_bits = case
+    img = encode_matrix(m, pes, weight_bits, rel_bits)
+    np.testing.assert_array_equal(decode_image(img), m)
+    assert (scipy_from_image(img) != scipy.sparse.csc_matrix(m)).nnz == 0
+    assert img.n_entries - img.n_padding == np.count_nonzero(m)
+    top = (1 << rel_bits) - 1
+    assert int(img.rel.max(initial=0)) <= top
+    np.testing.assert_array_equal(img.rel[img.code == 0], top)  # padding sits at the new max gap
+
+
+@settings(max_examples=60, deadline=None)
+@given(wide_index_matrices(), st.sampled_from([1, 2, 5]))
+def test_16_bit_padding_counts_the_gaps_at_the_new_max_gap(case, pes):
+    m, _, rel_bits = case
+    img = encode_matrix(m, pes, 16 - rel_bits, rel_bits)
+    assert img.n_padding == count_padding(m, pes, rel_bits) == slow_padding(m, pes, rel_bits)
+
+
+@settings(max_examples=40, deadline=None)
+@given(wide_index_matrices(), st.sampled_from([1, 3, 64]))
+def test_16_bit_entries_are_two_little_endian_bytes_four_to_a_line(case, pes):
+    m, weight_bits, rel_bits = case
+    img = encode_matrix(m, pes, weight_bits, rel_bits)
+    streams = image_streams(img)
+    words = (img.rel.astype(np.int64) << weight_bits) | img.code
+    assert streams["entries"].dtype == np.uint8 and streams["entries"].size == 2 * img.n_entries
+    np.testing.assert_array_equal(streams["entries"][0::2] + 256 * streams["entries"][1::2].astype(np.int64), words)
+    back = image_from_streams(streams["entries"], streams["pe_start"], streams["col_ptr"], m.shape[0], pes,
+                              weight_bits, rel_bits)
+    np.testing.assert_array_equal(back.code, img.code)
+    np.testing.assert_array_equal(back.rel, img.rel)
+    lines = -(-img.entries_per_pe // 4)
+    assert img.lines == lines.sum() and img.packed().size == 8 * lines.sum()
+    packed = img.packed()
+    starts = np.concatenate([[0], np.cumsum(lines * 8)])
+    for p in range(pes):
+        e = int(img.entries_per_pe[p])
+        got = packed[starts[p]:starts[p] + 2 * e]
+        np.testing.assert_array_equal(got[0::2] + 256 * got[1::2].astype(np.int64),
+                                      words[img.pe_start[p]:img.pe_start[p + 1]])
+        assert not packed[starts[p] + 2 * e:starts[p + 1]].any()
+
+
+@pytest.mark.parametrize("weight_bits, rel_bits", [(8, 8), (5, 11)])
+def test_a_gap_needs_one_padding_entry_per_2_to_the_rel_bits_zeros(weight_bits, rel_bits):
+    period = 1 << rel_bits
+    gap = 2 * period + 88
+    m = np.zeros((gap + 2, 1), np.uint8)
+    m[0, 0], m[gap + 1, 0] = 200 >> (8 - weight_bits), 3
+    img = encode_matrix(m, 1, weight_bits, rel_bits)
+    assert list(zip(img.code.tolist(), img.rel.tolist())) == [
+        (200 >> (8 - weight_bits), 0), (0, period - 1), (0, period - 1), (3, 88)]
+    assert encode_matrix(m[:period + 1], 1, weight_bits, rel_bits).n_padding == 0  # a gap of max: none
+
+
+@pytest.mark.parametrize("weight_bits, rel_bits", [(9, 7), (0, 8), (8, 0), (8, 9), (12, 4)])
+def test_entry_widths_the_memory_cannot_hold_are_refused(weight_bits, rel_bits):
+    with pytest.raises(ValueError, match="entry widths"):
+        encode_matrix(np.ones((2, 2), np.uint8), 1, weight_bits, rel_bits)
+
+
+@settings(max_examples=30, deadline=None)
+@given(wide_index_matrices())
+def test_storage_form_at_16_bit_widths_keeps_byte_symbols_and_round_trips(case):
+    m, weight_bits, rel_bits = case
+    streams = storage_streams(m, weight_bits, rel_bits)
+    back = {k: HuffmanStream.from_bytes(v.to_bytes()) for k, v in streams.items()}
+    np.testing.assert_array_equal(decode_storage_streams(back, m.shape[0], weight_bits, rel_bits), m)
+    code, rel, _ = slow_single_stream(m, min(rel_bits, 8))
+    np.testing.assert_array_equal(huffman_decode(streams["rel"]), rel)
+    np.testing.assert_array_equal(huffman_decode(streams["code"]), code)
 
 
 # ---- the pass: IR2 -> IR3, run in onnxruntime ----

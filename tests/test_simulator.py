@@ -44,14 +44,16 @@ def build_image(idx: np.ndarray, pes: int, row_lo: int = 0, col_lo: int = 0,
             col_ptr[p, j + 1] = len(code) - n_before
         pe_start.append(len(code))
     return SparseImage(rows, cols, pes, weight_bits, rel_bits, np.array(code, np.uint8),
-                       np.array(rel, np.uint8), np.array(pe_start, np.int64), col_ptr, row_lo, col_lo)
+                       np.array(rel, np.uint8 if rel_bits <= 8 else np.uint16), np.array(pe_start, np.int64),
+                       col_ptr, row_lo, col_lo)
 
 
-def tile_layer(idx: np.ndarray, pes: int, row_cuts: list[int], col_cuts: list[int]) -> list[SparseImage]:
+def tile_layer(idx: np.ndarray, pes: int, row_cuts: list[int], col_cuts: list[int],
+               weight_bits: int = 4, rel_bits: int = 4) -> list[SparseImage]:
     """Cut a layer's index matrix into a grid of tiles (listed in a scrambled order)."""
     r_edges = [0, *sorted(set(row_cuts)), idx.shape[0]]
     c_edges = [0, *sorted(set(col_cuts)), idx.shape[1]]
-    tiles = [build_image(idx[r0:r1, c0:c1], pes, r0, c0)
+    tiles = [build_image(idx[r0:r1, c0:c1], pes, r0, c0, weight_bits, rel_bits)
              for r0, r1 in zip(r_edges, r_edges[1:]) if r1 > r0
              for c0, c1 in zip(c_edges, c_edges[1:]) if c1 > c0]
     return tiles[::-1]  # the simulator must order column tiles itself
@@ -117,8 +119,8 @@ def random_acts(rng, batch: int, cols: int, bits: int, zero_frac: float) -> np.n
     return x
 
 
-def random_indices(rng, rows: int, cols: int, density: float) -> np.ndarray:
-    idx = rng.integers(1, 16, (rows, cols)).astype(np.uint8)
+def random_indices(rng, rows: int, cols: int, density: float, weight_bits: int = 4) -> np.ndarray:
+    idx = rng.integers(1, 1 << weight_bits, (rows, cols)).astype(np.uint8)
     idx[rng.random((rows, cols)) >= density] = 0
     return idx
 
@@ -254,15 +256,16 @@ def layers(draw):
     row_cuts = draw(st.lists(st.integers(1, max(1, rows - 1)), max_size=2)) if rows > 1 else []
     col_cuts = draw(st.lists(st.integers(1, max(1, cols - 1)), max_size=2)) if cols > 1 else []
     widths = draw(st.sampled_from([(14, 8, 8), (16, 8, 8), (20, 8, 8), (32, 16, 16)]))
+    weight_bits, rel_bits = draw(st.sampled_from([(4, 4), (8, 8), (5, 11)]))  # 16-bit entries too
     batch = draw(st.integers(1, 4))
-    idx = random_indices(rng, rows, cols, density)
+    idx = random_indices(rng, rows, cols, density, weight_bits)
     target = dataclasses.replace(Target(), pes=pes, acc_bits=widths[0], act_bits=widths[1],
-                                 codebook_bits=widths[2])
-    codebook = random_codebook(rng, target.codebook_bits)
+                                 codebook_bits=widths[2], weight_bits=weight_bits, rel_index_bits=rel_bits)
+    codebook = random_codebook(rng, target.codebook_bits, 1 << weight_bits)
     x = random_acts(rng, batch, cols, target.act_bits, draw(st.sampled_from([0.0, 0.5, 0.9])))
     bias = rng.integers(*int_range(target.acc_bits), rows, endpoint=True) >> draw(st.integers(0, 6))
     shift = draw(st.integers(-2, 12))
-    return tile_layer(idx, pes, row_cuts, col_cuts), idx, codebook, x, bias, shift, target
+    return tile_layer(idx, pes, row_cuts, col_cuts, weight_bits, rel_bits), idx, codebook, x, bias, shift, target
 
 
 @given(layers(), st.booleans())
@@ -271,6 +274,22 @@ def test_spmv_fixed_matches_slow_hardware_order_reference(layer, relu):
     tiles, _, codebook, x, bias, shift, target = layer
     y, stats = spmv_fixed(tiles, codebook, x, bias, shift, relu, target)
     y_ref, sat_acc, sat_out = reference_spmv(tiles, codebook, x, bias, shift, relu, target)
+    assert np.array_equal(y, y_ref)
+    assert (stats.saturated_accumulators, stats.saturated_outputs) == (sat_acc, sat_out)
+
+
+def test_8_bit_codebooks_with_gaps_past_the_8_bit_relative_index_are_bit_exact():
+    rng = np.random.default_rng(11)
+    target = dataclasses.replace(Target(), pes=2, weight_bits=8, rel_index_bits=8)
+    idx = random_indices(rng, 1400, 6, 0.004, weight_bits=8)  # gaps of hundreds of local rows
+    idx[5, 2], idx[1205, 2] = 255, 1  # a gap of 599 local rows in PE 1: two padding entries
+    tiles = tile_layer(idx, 2, [700], [3], weight_bits=8, rel_bits=8)
+    assert sum(t.n_padding for t in tiles) >= 2 and max(int(t.code.max()) for t in tiles) == 255
+    codebook = random_codebook(rng, 16, 256)
+    x = random_acts(rng, 3, 6, 16, 0.2)
+    bias = rng.integers(-2 ** 20, 2 ** 20, 1400)
+    y, stats = spmv_fixed(tiles, codebook, x, bias, 6, True, target)
+    y_ref, sat_acc, sat_out = reference_spmv(tiles, codebook, x, bias, 6, True, target)
     assert np.array_equal(y, y_ref)
     assert (stats.saturated_accumulators, stats.saturated_outputs) == (sat_acc, sat_out)
 
@@ -313,9 +332,9 @@ def test_wide_accumulators_never_clip_and_equal_exact_product():
 @given(layers(), st.booleans())
 @settings(max_examples=40, deadline=None)
 def test_spmv_float_equals_dense_matmul(layer, relu):
-    tiles, idx, _, x, _, _, _ = layer
+    tiles, idx, _, x, _, _, target = layer
     rng = np.random.default_rng(idx.size)
-    codebook = rng.normal(size=16).astype(np.float32)
+    codebook = rng.normal(size=1 << target.weight_bits).astype(np.float32)
     codebook[0] = 0.0
     xf = rng.normal(size=x.shape) * (x != 0)
     bias = rng.normal(size=idx.shape[0])
