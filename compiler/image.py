@@ -34,6 +34,11 @@ def entry_words(code: np.ndarray, rel: np.ndarray, weight_bits: int, rel_bits: i
     return (rel.astype(dtype) << dtype(weight_bits)) | code.astype(dtype)
 
 
+def as_bytes(words: np.ndarray) -> np.ndarray:
+    """Memory words as the bytes memory holds them (little-endian)."""
+    return words.astype(words.dtype.newbyteorder("<"), copy=False).view(np.uint8)
+
+
 @dataclass
 class SparseImage:
     """Rows [row_lo, row_lo+rows) x columns [col_lo, col_lo+cols) of a layer over `pes` PEs."""
@@ -93,4 +98,4 @@ class SparseImage:
         pe_of = np.repeat(np.arange(self.pes), self.entries_per_pe)
         within = np.arange(self.n_entries) - self.pe_start[pe_of]
         out[dst_start[pe_of] + within] = entry
-        return out.astype(entry.dtype.newbyteorder("<"), copy=False).view(np.uint8)
+        return as_bytes(out)

@@ -14,7 +14,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from eiec.errors import FormatError, ModelError
-from eiec.image import LINE_BYTES, MAX_ENTRY_BITS, MAX_WEIGHT_BITS, SparseImage, entry_bytes, entry_words
+from eiec.image import (LINE_BYTES, MAX_ENTRY_BITS, MAX_WEIGHT_BITS, SparseImage, as_bytes, entry_bytes,
+                        entry_words)
 from eiec.ir import EIE_DOMAIN, copy_model, find_layers, initializer_map, matrix_view, producers, remove_initializer
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
@@ -137,8 +138,7 @@ def count_padding(indices: np.ndarray, pes: int, rel_bits: int) -> int:
 def image_streams(img: SparseImage) -> dict[str, np.ndarray]:
     """The arrays IR3 stores for an image. ``entries``: the memory words ``(rel << weight_bits) |
     code`` as bytes, 1 per entry, or 2 (little-endian) when the widths sum to more than 8."""
-    words = entry_words(img.code, img.rel, img.weight_bits, img.rel_bits)
-    entries = words.astype(words.dtype.newbyteorder("<"), copy=False).view(np.uint8)
+    entries = as_bytes(entry_words(img.code, img.rel, img.weight_bits, img.rel_bits))
     return {"entries": entries, "pe_start": img.pe_start.astype(np.int64),
             "col_ptr": img.col_ptr.astype(np.int64)}
 
