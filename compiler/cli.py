@@ -100,7 +100,7 @@ def _validate_parser() -> argparse.ArgumentParser:
 
 def _inspect_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="eiec inspect", description="Show a .eie's layers, sizes, densities, bits and "
-                "compression ratio (fixed 4-bit form and Huffman form).")
+                "compression ratio (fixed hardware form and Huffman form).")
     p.add_argument("eie", metavar="OUT.eie")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--sensitivity", action="store_true",
