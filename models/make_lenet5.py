@@ -1,7 +1,7 @@
 """Train LeNet-5 (Deep Compression's Caffe variant, with ReLUs) on digits and export it to ONNX.
 
 Needs torch, which the project venv does not have: run with a separate venv,
-`/work/torchvenv/bin/python models/make_lenet5.py`. Writes models/lenet5.onnx; prints
+`/work/torchenv/bin/python models/make_lenet5.py`. Writes models/lenet5.onnx; prints
 onnxruntime accuracy. `export_torch` is shared with make_zoo.py.
 """
 

@@ -1,6 +1,6 @@
 """Export small random-init PyTorch models that cover the exporter patterns eiec must import.
 
-Needs torch: `/work/torchvenv/bin/python models/make_zoo.py`. Writes tests/models/torch_*.onnx
+Needs torch: `/work/torchenv/bin/python models/make_zoo.py`. Writes tests/models/torch_*.onnx
 (opset 17, input "input" with a dynamic batch dim, output "output") and checks each in ORT.
 """
 

@@ -185,7 +185,7 @@ def test_zoo_holds_every_documented_model() -> None:
     assert sorted(p.stem for p in ZOO_DIR.glob("torch_*.onnx")) == sorted(ZOO)
 
 
-@pytest.mark.parametrize("path", sorted(ZOO_DIR.glob("*.onnx")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(ZOO_DIR.glob("torch_*.onnx")), ids=lambda p: p.stem)
 def test_zoo_model_runs_in_onnxruntime_for_any_batch(path: Path) -> None:
     assert path.stat().st_size < 1 << 20
     model = onnx.load(path)
