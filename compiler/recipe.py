@@ -18,7 +18,7 @@ import yaml
 
 from .errors import RecipeError
 from .image import MAX_WEIGHT_BITS
-from .target import ENERGY_KEYS, TARGET_KEYS, Energy, Target
+from .target import ENERGY_KEYS, NODES, TARGET_KEYS, Energy, Target
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,8 @@ def _check_target(d: Any, path: str | None) -> Target:
         raise RecipeError(path, f"target.weight_bits + target.rel_index_bits: must be 8 or 16 (one- or two-byte "
                                 f"entries, 8 or 4 to a 64-bit line), got {t.weight_bits} + {t.rel_index_bits} "
                                 f"= {t.entry_bits}")
+    if t.node_nm not in NODES:
+        raise RecipeError(path, f"target.node_nm: one of {', '.join(map(str, NODES))} (nm), got {t.node_nm}")
     if t.pes > 4096:
         raise RecipeError(path, f"target.pes: at most 4096, got {t.pes}")
     if not (8 <= t.act_bits <= 16 and 8 <= t.codebook_bits <= 16 and t.act_bits + t.codebook_bits <= t.acc_bits <= 48):

@@ -101,4 +101,19 @@ def cycle_table(r: dict[str, Any]) -> str:
         _table(["layer", "cycles", "ideal", "latency us", "balance", "entries", "padding", "nz acts",
                 "energy uJ"], rows),
         f"total: {r['total_cycles']:,.0f} cycles for the batch, {r['latency_us']:.2f} us per input, "
-        f"{r['energy_uj']:.3f} uJ per input"])
+        f"{r['energy_uj']:.3f} uJ per input"] + _energy_lines(r))
+
+
+def _energy_lines(r: dict[str, Any]) -> list[str]:
+    """The per-module energy table (uJ per input) and the average power, when the report has them."""
+    modules = r.get("energy_modules", [])
+    if not modules:
+        return []
+    rows = [[l["name"]] + [f"{l['energy_breakdown_uj'][m]:.3f}" for m in modules] + [f"{l['energy_uj']:.3f}"]
+            for l in r["layers"]]
+    rows.append(["total"] + [f"{r['energy_modules_uj'][m]:.3f}" for m in modules] + [f"{r['energy_uj']:.3f}"])
+    total = r["energy_uj"] or 1.0
+    shares = ", ".join(f"{m} {100 * r['energy_modules_uj'][m] / total:.0f}%" for m in modules)
+    return [f"energy per module, uJ per input ({r.get('node_nm', 45)} nm model, docs/simulator.md):",
+            _table(["layer"] + modules + ["total"], rows),
+            f"average power {1e3 * r['average_power_w']:.0f} mW ({shares})"]

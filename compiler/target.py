@@ -1,10 +1,10 @@
 """The accelerator as a configuration: every hardware parameter in one dataclass.
 
 Defaults are the EIE paper's design point (64 PEs, 800 MHz, queue depth 8, 4-bit
-codebook and relative indices, 16-bit activations and weights). An entry is
+codebook and relative indices, 16-bit activations and weights, 45 nm). An entry is
 weight_bits + rel_index_bits = 8 or 16 bits (e.g. 8 + 8 for Deep Compression's 8-bit conv
-codebooks); the recipe checks that (compiler/recipe.py). Energies per event
-are estimates in picojoules for 45 nm (Horowitz, ISSCC 2014).
+codebooks); the recipe checks that (compiler/recipe.py). The energy model's constants
+are in `Energy`; runtime/energy.py derives per-access energies from them.
 """
 
 from __future__ import annotations
@@ -13,17 +13,37 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+# Technology nodes: (switched capacitance relative to 45 nm, nominal supply in volts).
+# Ours, first order and rough (docs/simulator.md "Technology nodes"): capacitance scales
+# with the feature size, dynamic energy with C * V^2, area with the feature size squared.
+NODES: dict[int, tuple[float, float]] = {45: (1.0, 0.9), 28: (28 / 45, 0.9), 16: (16 / 45, 0.8)}
+
+
 @dataclass(frozen=True)
 class Energy:
-    """Energy per event in pJ (45 nm, Horowitz ISSCC 2014; SRAM per 64-bit access)."""
+    """The structural energy model's constants, at 45 nm and 0.9 V (docs/simulator.md "Energy").
 
-    spmat_read: float = 10.0  # one 64-bit line of the sparse-matrix SRAM (~8 KB-128 KB bank)
-    ptr_read: float = 5.0  # one pointer pair (two 16-bit banks)
-    act_read: float = 0.5  # one 16-bit activation register/SRAM read
-    act_write: float = 0.5  # one 16-bit activation write
-    mult: float = 1.0  # 16-bit fixed-point multiply (scaled from 32-bit int mult 3.1 pJ)
-    add: float = 0.1  # 32-bit add
-    dram_byte: float = 160.0  # 1.3-2.6 nJ per 64-bit DRAM access -> ~160-320 pJ/byte; low end
+    Per-access energies are not constants: runtime/energy.py derives each SRAM's and
+    register file's from its size, width and banks with the scaling law below, anchored
+    at Horowitz's 45 nm figure (ISSCC 2014: one 64-bit read of an 8 KB SRAM ~ 10 pJ).
+    """
+
+    sram_ref_pj: float = 10.0  # one sram_ref_bits-wide read of an sram_ref_bytes SRAM (Horowitz, 45 nm)
+    sram_ref_bytes: int = 8192
+    sram_ref_bits: int = 64
+    sram_size_exponent: float = 0.5  # energy per bit ~ (bank bytes)^0.5: bit/word lines grow as sqrt(area)
+    mult_pj_per_bit2: float = 3.1 / (32 * 32)  # array multiplier ~ a_bits * b_bits (Horowitz: 32-bit int mult 3.1 pJ)
+    add_pj_per_bit: float = 0.1 / 32  # ripple/prefix adder ~ bits (Horowitz: 32-bit int add 0.1 pJ)
+    vdd: float = 0.9  # volts at 45 nm (Horowitz's figures are at 0.9 V)
+    flop_clock_ff: float = 1.0  # clock-pin capacitance of one flip-flop, fF (45 nm standard-cell DFF)
+    flop_data_ff: float = 2.0  # internal + output capacitance switched when a flop's data toggles, fF
+    data_activity: float = 0.5  # fraction of written bits that toggle
+    clock_tree_factor: float = 2.0  # clock wires and buffers load the tree about as much as the flop pins
+    sram_bitcell_um2: float = 0.35  # 45 nm 6T bitcell
+    sram_array_efficiency: float = 0.7  # bitcells / (bitcells + decoders, sense amps, wiring)
+    flop_um2: float = 4.5  # one D flip-flop incl. its share of routing, 45 nm
+    leak_mw_per_mm2: float = 0.2  # static power density, 45 nm general-purpose process (ours: order of magnitude)
+    dram_byte: float = 160.0  # pJ; 1.3-2.6 nJ per 64-bit DRAM access -> ~160-320 pJ/byte; low end
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -47,6 +67,8 @@ class Target:
     act_regs: int = 64  # activation register file entries per PE
     act_sram_bytes: int = 2048  # activation SRAM per PE for longer vectors
     pipeline_depth: int = 4  # pointer read, spmat read, arithmetic, write-back
+    spmat_banks: int = 1  # sparse-matrix SRAM banks; a line read touches one bank
+    node_nm: int = 45  # technology node, one of NODES: scales every energy and the area
     energy: Energy = field(default_factory=Energy)
 
     @property

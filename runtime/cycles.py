@@ -56,6 +56,11 @@ class LayerCycles:
     act_writes: np.ndarray  # int64 [B]
     mults: np.ndarray  # int64 [B]
     adds: np.ndarray  # int64 [B]
+    fill_cycles: np.ndarray  # int64 [B]: pipeline fill/drain per tile pass + write-back, within cycles
+    spmat_line_writes: np.ndarray  # int64 [B]: sparse-matrix SRAM lines written by reloads (all PEs)
+    ptr_writes: np.ndarray  # int64 [B]: pointers written by reloads (all PEs)
+    rows: int  # output rows of the layer (all tiles)
+    cols: int  # input columns of the layer (all tiles)
 
     @property
     def padding_overhead(self) -> np.ndarray:
@@ -102,8 +107,9 @@ def _scan(op: np.ufunc, a: np.ndarray) -> np.ndarray:
 
 
 def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
-                depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Finish time of the last PE and broadcast stall cycles, [B] each.
+                depth: int, trace: bool = False) -> tuple[np.ndarray, ...]:
+    """Finish time of the last PE and broadcast stall cycles, [B] each; with `trace`
+    also every broadcast's issue time b [K, B] and every PE's pop time s [K, B, pes].
 
     work [cols, pes] cycles per (column, PE); cols_k [K, B] the column of broadcast k
     of each input, valid [K, B]; invalid items (padding of shorter broadcast lists) sit
@@ -124,14 +130,15 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     pes = work.shape[1]
     n_valid = valid.sum(axis=0)
     if n_bcast == 0:
-        return np.zeros(batch, np.int64), np.zeros(batch, np.int64)
+        empty = (np.zeros((0, batch), np.int64), np.zeros((0, batch, pes), np.int64)) if trace else ()
+        return (np.zeros(batch, np.int64), np.zeros(batch, np.int64)) + empty
     elems = batch * pes
     block = min(depth, max(1, _BLOCK_ELEMS // elems))
     if depth * elems < _SMALL_BLOCK_ELEMS and elems < _SCAN_ROW_ELEMS:
         block = min(max(depth, _SMALL_BLOCK_ELEMS // elems), _MAX_BLOCK_ROUNDS * depth)
     block = min(block, n_bcast)
     if block == 1:  # wide rows and depth 1: the plain recurrence has fewer numpy calls per step
-        return _queue_span_stepwise(work, cols_k, valid, depth)
+        return _queue_span_stepwise(work, cols_k, valid, depth, trace)
     all_valid = int(n_valid.min(initial=0))  # broadcasts before this are valid for every input
     # every time is below n_bcast * (max work + 1): int32 halves the memory traffic when it fits
     small = n_bcast * (int(work.max(initial=0)) + 1) < _INT32_TIMES
@@ -143,6 +150,7 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     # smax[k + depth] = max_p s[p, k]; the first `depth` rows stand for "no item" (-1)
     smax = np.full((n_bcast + depth, batch), -1, dtype)
     issue_all = np.empty((n_bcast, batch), dtype)
+    starts = np.empty((n_bcast, batch, pes), dtype) if trace else None
     for k0 in range(0, n_bcast, block):
         k1 = min(n_bcast, k0 + block)
         ks = np.arange(k0, k1, dtype=dtype)[:, None]
@@ -172,21 +180,26 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
             if k1 - k0 <= depth:
                 break
         issue_all[k0:k1] = b
+        if trace:
+            starts[k0:k1] = t
         finish, issue = f_last, b[-1]
     # valid items are a prefix: sum_k (b_k - b_{k-1} - 1) telescopes to b_last + 1 - n
     last = issue_all[np.maximum(n_valid - 1, 0), np.arange(batch)]
     stall = np.where(n_valid > 0, last.astype(np.int64) + 1 - n_valid, 0)
-    return finish.max(axis=1, initial=0).astype(np.int64), stall
+    out = (finish.max(axis=1, initial=0).astype(np.int64), stall)
+    return out + (issue_all.astype(np.int64), starts.astype(np.int64)) if trace else out
 
 
 def _queue_span_stepwise(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
-                         depth: int) -> tuple[np.ndarray, np.ndarray]:
+                         depth: int, trace: bool = False) -> tuple[np.ndarray, ...]:
     """_queue_span one broadcast at a time, vectorised over (batch, pe)."""
     n_bcast, batch = cols_k.shape
     finish = np.zeros((batch, work.shape[1]), np.int64)
     issue = np.full(batch, -1, np.int64)
     slot_free = np.full((depth, batch), -1, np.int64)  # max_p start of item k - depth
     stall = np.zeros(batch, np.int64)
+    issue_all = np.empty((n_bcast, batch), np.int64) if trace else None
+    starts = np.empty((n_bcast, batch, work.shape[1]), np.int64) if trace else None
     for k in range(n_bcast):
         earliest = issue + 1
         b_k = np.maximum(earliest, slot_free[k % depth])
@@ -195,7 +208,31 @@ def _queue_span_stepwise(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray
         start = np.maximum(finish, issue[:, None])
         finish = start + np.where(valid[k][:, None], work[cols_k[k]], 0)
         slot_free[k % depth] = start.max(axis=1)
-    return finish.max(axis=1, initial=0), stall
+        if trace:
+            issue_all[k], starts[k] = b_k, start
+    out = (finish.max(axis=1, initial=0), stall)
+    return out + (issue_all, starts) if trace else out
+
+
+def _broadcast_lists(nz: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per input of nz [B, cols], its nonzero columns in ascending order as a broadcast list:
+    cols_k [K, B], valid [K, B] (shorter lists padded at the end), and count [B],
+    b_idx, j_idx (the nonzeros, row-major)."""
+    batch = nz.shape[0]
+    count = nz.sum(axis=1)
+    n_bcast = int(count.max(initial=0))
+    b_idx, j_idx = np.nonzero(nz)  # row-major: each input's columns ascending
+    k_idx = np.arange(b_idx.size) - np.repeat(np.cumsum(count) - count, count)
+    cols_k = np.zeros((n_bcast, batch), np.int64)
+    valid = np.zeros((n_bcast, batch), bool)
+    cols_k[k_idx, b_idx] = j_idx
+    valid[k_idx, b_idx] = True
+    return cols_k, valid, count, b_idx, j_idx
+
+
+def _pass_order(tiles: Sequence[SparseImage]) -> list[int]:
+    """Tile passes in hardware order: by row block, then ascending col_lo."""
+    return sorted(range(len(tiles)), key=lambda i: (tiles[i].row_lo, tiles[i].rows, tiles[i].col_lo))
 
 
 def cycle_layer(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target: Target,
@@ -222,24 +259,18 @@ def cycle_layer(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target: Tar
 
     cycles, stall, reload_cycles, reload_bytes = zeros(), zeros(), zeros(), zeros()
     broadcasts, padding, lines, writeback_rows = zeros(), zeros(), zeros(), zeros()
+    fill, line_writes, ptr_writes = zeros(), zeros(), zeros()
     busy = np.zeros((batch, pes), np.int64)
 
     # row blocks write back once, after their last column tile (ascending col_lo)
-    order = sorted(range(len(tiles)), key=lambda i: (tiles[i].row_lo, tiles[i].rows, tiles[i].col_lo))
+    order = _pass_order(tiles)
     for n, i in enumerate(order):
         t = tiles[i]
         _, work, _ = tile_cached(t, "column_tables", _column_tables)
         events = tile_cached(t, f"events{target.entries_per_line}",
                              lambda tt: _event_table(tt, target.entries_per_line))
         nz = x_nonzero[:, t.col_lo:t.col_lo + t.cols]
-        count = nz.sum(axis=1)
-        n_bcast = int(count.max(initial=0))
-        b_idx, j_idx = np.nonzero(nz)  # row-major: each input's columns ascending
-        k_idx = np.arange(b_idx.size) - np.repeat(np.cumsum(count) - count, count)
-        cols_k = np.zeros((n_bcast, batch), np.int64)
-        valid = np.zeros((n_bcast, batch), bool)
-        cols_k[k_idx, b_idx] = j_idx
-        valid[k_idx, b_idx] = True
+        cols_k, valid, count, _, j_idx = _broadcast_lists(nz)
         span, pass_stall = _queue_span(work, cols_k, valid, target.queue_depth)
 
         # sum of the event rows of each input's broadcast columns, as a sparse product
@@ -253,15 +284,19 @@ def cycle_layer(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target: Tar
         broadcasts += count
         stall += pass_stall
         cycles += target.pipeline_depth + span
+        fill += target.pipeline_depth
         last_of_block = n + 1 == len(order) or (tiles[order[n + 1]].row_lo, tiles[order[n + 1]].rows) \
             != (t.row_lo, t.rows)
         if last_of_block:
             cycles += -(-t.rows // pes)
+            fill += -(-t.rows // pes)
             writeback_rows += t.rows
         if not resident:
-            spmat = int(t.lines_per_pe.max(initial=0))
+            pe_lines = np.asarray(t.lines_per_pe, np.int64)
             ptrs = -(-(t.cols + 1) // POINTER_BANKS)
-            reload_cycles += max(spmat, ptrs)
+            reload_cycles += max(int(pe_lines.max(initial=0)), ptrs)
+            line_writes += int(pe_lines.sum())
+            ptr_writes += pes * (t.cols + 1)
             reload_bytes += tile_cached(t, "packed_bytes", lambda tt: tt.packed().size) + pes * (t.cols + 1) * target.ptr_bits // 8
 
     cycles += reload_cycles
@@ -286,7 +321,54 @@ def cycle_layer(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target: Tar
         act_writes=real + writeback_rows,
         mults=real,
         adds=real + writeback_rows,  # bias add at write-back
+        fill_cycles=fill,
+        spmat_line_writes=line_writes,
+        ptr_writes=ptr_writes,
+        rows=max((t.row_lo + t.rows for t in tiles), default=0) - min((t.row_lo for t in tiles), default=0),
+        cols=max((t.col_lo + t.cols for t in tiles), default=0) - min((t.col_lo for t in tiles), default=0),
     )
+
+
+def queue_occupancy(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target: Target,
+                    max_elems: int = 1 << 21) -> tuple[np.ndarray, int]:
+    """Activation-queue occupancy of every PE, cycle by cycle: int32 [T, pes], and how
+    many input vectors it covers.
+
+    The first vectors of x_nonzero [B, cols] (as many as keep one pass's [K, n, pes]
+    pop times under max_elems) run one after another, each through every tile pass in
+    hardware order; a pass starts pipeline_depth cycles after the previous one ends
+    (write-back and reloads are left out of this time axis). An item is in a PE's queue
+    from its broadcast b_k until that PE pops it, s[p, k].
+    """
+    x_nonzero = np.atleast_2d(np.asarray(x_nonzero, bool))
+    pes = target.pes
+    order = _pass_order(tiles)
+    widest = max((int(x_nonzero[:, t.col_lo:t.col_lo + t.cols].sum(axis=1).max(initial=0)) for t in tiles),
+                 default=0)
+    n = int(min(x_nonzero.shape[0], max(1, max_elems // max(1, widest * pes))))
+    spans, pushes, pops = [], [], []  # per pass: [n] spans, and event times relative to the pass start
+    for i in order:
+        t = tiles[i]
+        _, work, _ = tile_cached(t, "column_tables", _column_tables)
+        cols_k, valid, _, _, _ = _broadcast_lists(x_nonzero[:n, t.col_lo:t.col_lo + t.cols])
+        span, _, issue, start = _queue_span(work, cols_k, valid, target.queue_depth, trace=True)
+        spans.append(span)
+        pushes.append((issue, valid))
+        pops.append(start)
+    # pass p of vector v starts after every earlier (vector, pass): vector-major order
+    lengths = np.stack(spans, axis=1) + target.pipeline_depth  # [n, passes]
+    offsets = (np.cumsum(lengths.ravel()) - lengths.ravel()).reshape(lengths.shape) + target.pipeline_depth
+    total = int(lengths.sum())
+    size = (total + 1) * pes
+    delta = np.zeros(size, np.int64)
+    for p, ((issue, valid), start) in enumerate(zip(pushes, pops)):
+        when = issue + offsets[:, p][None, :]  # [K, n]
+        push_t = np.broadcast_to(when[:, :, None], start.shape)[valid]  # [items, pes]
+        pop_t = (start + offsets[:, p][None, :, None])[valid]
+        pe = np.arange(pes)
+        delta += np.bincount((push_t * pes + pe).ravel(), minlength=size)
+        delta -= np.bincount((pop_t * pes + pe).ravel(), minlength=size)
+    return np.cumsum(delta.reshape(total + 1, pes)[:total], axis=0).astype(np.int32), n
 
 
 def latency_us(cycles: np.ndarray | int, target: Target) -> np.ndarray:

@@ -19,8 +19,8 @@ from eiec import isa
 from eiec.segment import LayerSpec, Segment
 from eiec.conv import im2col
 
-from .cycles import cycle_layer
-from .energy import layer_energy
+from .cycles import cycle_layer, queue_occupancy
+from .energy import MODULES, access_energies, idle_cycle_energy_uj, layer_energy, pe_area_mm2
 from .fixedpoint import dequantize, quantize
 from .simulator import error_bound, spmv_fixed, spmv_float, tile_cached
 
@@ -37,8 +37,24 @@ class LayerRun:
     entries: int  # stored entries of the layer (padding included)
     padding_entries: int
     entries_processed: np.ndarray  # [B]
-    energy_uj: dict[str, np.ndarray]  # component -> [B]
+    energy_uj: dict[str, np.ndarray]  # module -> [B]
+    padding_processed: np.ndarray  # [B]
+    fill_cycles: np.ndarray  # [B]
+    reload_cycles: np.ndarray  # [B]
     saturated: int = 0
+    # the first input's activation-queue occupancy, cycle by cycle (computed when asked)
+    queue_of: Callable[[], tuple[np.ndarray, int]] | None = field(default=None, repr=False)
+
+    def latency_causes(self) -> dict[str, float]:
+        """Mean cycles per input by cause; they add up to the layer's cycles. compute and
+        padding are the real and padding entries over all PEs; imbalance is every other
+        cycle a PE waits for the slowest (stalls, empty-column pointer reads)."""
+        pes = self.busy.shape[1]
+        compute = (self.entries_processed - self.padding_processed) / pes
+        padding = self.padding_processed / pes
+        imbalance = self.cycles - compute - padding - self.fill_cycles - self.reload_cycles
+        return {k: float(np.mean(v)) for k, v in (("compute", compute), ("padding", padding),
+                ("imbalance", imbalance), ("fill", self.fill_cycles), ("reload", self.reload_cycles))}
 
     def summary(self, clock_mhz: float) -> dict[str, Any]:
         cycles = float(self.cycles.mean())
@@ -53,6 +69,7 @@ class LayerRun:
             "nonzero_activations": float(self.nonzero_activations.mean()),
             "energy_uj": float(self.energy_uj["total"].mean()),
             "energy_breakdown_uj": {k: float(v.mean()) for k, v in self.energy_uj.items()},
+            "latency_breakdown_cycles": self.latency_causes(),
             "pe_busy_cycles": self.busy.mean(axis=0).round(1).tolist(),
             "saturated": self.saturated,
         }
@@ -162,6 +179,9 @@ def _run_layer(seg: Segment, spec: LayerSpec, act: np.ndarray, e_in: Callable[[]
     out = _to_output(ys, spec, batch)
     e_out = functools.cache(lambda: _layer_bound(spec, act, e_in(), batch))
     layer_run = _merge_runs(seg, spec, runs, batch, saturated) if want_cycles else None
+    if layer_run is not None:  # keep only the first input's (first group's) activity pattern
+        first = xs[0][:xs[0].shape[0] // batch] != 0
+        layer_run.queue_of = lambda: queue_occupancy(spec.group_tiles(0), first, t)
     return out, layer_run, e_out
 
 
@@ -192,13 +212,21 @@ def _merge_runs(seg: Segment, spec: LayerSpec, runs: list, batch: int, saturated
     energies = [layer_energy(r, r.reload_bytes, t) for r in runs]
     energy = {k: sum(per_input(np.asarray(e[k], float)) for e in energies) for k in energies[0]}
     cycles = sum(per_input(r.cycles) for r in runs)
+    reload_cycles = sum(per_input(r.reload_cycles) for r in runs)
     if spec.kind == "conv" and not seg.resident:
         idle = np.zeros((1, spec.cols), bool)  # no broadcasts: only the reload is counted
         reload = [cycle_layer(spec.group_tiles(g), idle, t, resident=False) for g in range(spec.conv.group)]
-        cycles = cycles + sum(int(r.reload_cycles[0]) for r in reload)
-        dram = sum(layer_energy(r, r.reload_bytes, t)["dram"][0] for r in reload)
-        energy["dram"] = energy["dram"] + dram
-        energy["total"] = energy["total"] + dram
+        n_reload = sum(int(r.reload_cycles[0]) for r in reload)
+        cycles = cycles + n_reload
+        reload_cycles = reload_cycles + n_reload
+        extra = idle_cycle_energy_uj(n_reload, t)
+        for r in reload:  # the SRAM writes and DRAM reads of the reload; no compute events
+            e = layer_energy(r, r.reload_bytes, t)
+            for k in ("SpmatRead", "PtrRead", "dram"):
+                extra[k] = extra.get(k, 0.0) + float(e[k][0])
+        for k, v in extra.items():
+            energy[k] = energy[k] + v
+        energy["total"] = sum(energy[k] for k in MODULES)
     return LayerRun(
         name=spec.name,
         cycles=cycles,
@@ -208,16 +236,52 @@ def _merge_runs(seg: Segment, spec: LayerSpec, runs: list, batch: int, saturated
         entries=spec.entries,  # padding counted once per tile: a full scan of the codes otherwise
         padding_entries=sum(tile_cached(t, "n_padding", lambda tt: tt.n_padding) for t in spec.tiles),
         entries_processed=sum(per_input(r.entries_processed) for r in runs),
-        energy_uj=energy, saturated=saturated)
+        energy_uj=energy, saturated=saturated,
+        padding_processed=sum(per_input(r.padding_processed) for r in runs),
+        fill_cycles=sum(per_input(r.fill_cycles) for r in runs),
+        reload_cycles=reload_cycles)
+
+
+_QUEUE_BINS = 400  # time bins of the report's queue-occupancy trace
+
+
+def queue_trace(run: LayerRun, target) -> dict[str, Any]:
+    """The layer's activation-queue occupancy for the report: per time bin, the mean and the
+    maximum over PEs (and over the bin's cycles)."""
+    occ, vectors = run.queue_of()
+    n_bins = min(_QUEUE_BINS, max(1, occ.shape[0]))
+    edges = np.linspace(0, occ.shape[0], n_bins + 1).astype(np.int64)
+    edges = np.unique(edges)
+    per_cycle_mean = occ.mean(axis=1)
+    starts = edges[:-1]
+    width = np.diff(edges)
+    mean = np.add.reduceat(per_cycle_mean, starts) / width if occ.size else np.zeros(0)
+    peak = np.maximum.reduceat(occ.max(axis=1), starts) if occ.size else np.zeros(0)
+    return {"layer": run.name, "vectors": vectors, "queue_depth": target.queue_depth,
+            "cycles": int(occ.shape[0]), "bin_start": starts.tolist(),
+            "mean": np.round(mean, 3).tolist(), "max": peak.astype(int).tolist()}
 
 
 def segment_report(runs: list[LayerRun], target, batch: int) -> dict[str, Any]:
-    """The run report: per layer means over the batch, totals for the batch."""
+    """The run report: per layer means over the batch, totals for the batch, the energy
+    model's per-access figures and the slowest layer's activation-queue trace."""
     layers = [r.summary(target.clock_mhz) for r in runs]
     per_input_cycles = float(sum(l["cycles"] for l in layers))
-    return {"pes": target.pes, "clock_mhz": target.clock_mhz, "batch": batch,
-            "total_cycles": float(sum(r.cycles.sum() for r in runs)),
-            "cycles_per_input": per_input_cycles,
-            "latency_us": per_input_cycles / target.clock_mhz,
-            "energy_uj": float(sum(l["energy_uj"] for l in layers)),
-            "layers": layers}
+    energy = float(sum(l["energy_uj"] for l in layers))
+    latency = per_input_cycles / target.clock_mhz
+    report = {"pes": target.pes, "clock_mhz": target.clock_mhz, "batch": batch,
+              "node_nm": target.node_nm,
+              "total_cycles": float(sum(r.cycles.sum() for r in runs)),
+              "cycles_per_input": per_input_cycles,
+              "latency_us": latency,
+              "energy_uj": energy,
+              "energy_modules": list(MODULES),
+              "energy_modules_uj": {k: float(sum(l["energy_breakdown_uj"][k] for l in layers)) for k in MODULES},
+              "average_power_w": energy / latency if latency > 0 else 0.0,
+              "energy_per_access_pj": access_energies(target),
+              "pe_area_mm2": pe_area_mm2(target),
+              "layers": layers}
+    slowest = max(runs, key=lambda r: float(r.cycles.mean()), default=None)
+    if slowest is not None and slowest.queue_of is not None:
+        report["queue_trace"] = queue_trace(slowest, target)
+    return report

@@ -291,7 +291,7 @@ RECIPE_CASES = {
     "a zero-width relative index": (b"target: {weight_bits: 16, rel_index_bits: 0}\n", "target.rel_index_bits"),
     "a 4096-entry codebook": (b"target: {weight_bits: 12, rel_index_bits: 4}\n", "target.weight_bits: at most 8"),
     "clock Inf": (b"target: {clock_mhz: .inf}\n", "target.clock_mhz"),
-    "energy NaN": (b"target: {energy: {mult: .nan}}\n", "target.energy.mult"),
+    "energy NaN": (b"target: {energy: {vdd: .nan}}\n", "target.energy.vdd"),
     "budget NaN": (b"budget: {max_accuracy_drop: .nan}\n", "budget.max_accuracy_drop"),
     "budget Inf": (b"budget: {max_output_error: .inf}\n", "budget.max_output_error"),
     "pattern matching no layer": (b"layers: {fc9: {density: 0.5}}\n", "layers.fc9"),
