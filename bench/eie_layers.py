@@ -5,8 +5,10 @@ weights at exactly the table's weight density and one input at exactly its activ
 density (nonnegative, as after ReLU), from a fixed seed. eiec compiles it with
 `density: keep` and a 4-bit codebook for 64 PEs; the simulator runs it. In the same run,
 on this machine: onnxruntime's dense fp32 Gemm and scipy.sparse CSR on the same
-matrix-vector product.
-Usage: python bench/eie_layers.py [--layers Alex-6 ...] [--out bench/results/eie_layers.json]
+matrix-vector product. Then the energy model's average power and module shares beside
+the paper's (docs/simulator.md "Energy: the model against the paper").
+Usage: python bench/eie_layers.py [--layers Alex-6 ...] [--pes 64] [--node-nm 45]
+       [--out bench/results/eie_layers.json]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from eiec.artifact import load_eie
 from eiec.driver import compile_model
 from eiec.ir import OPSET
 from eiec.runtime.cycles import cycle_layer
+from eiec.runtime.energy import MODULES
 from eiec.runtime.executor import run_segment
 from eiec.runtime.fixedpoint import quantize
 from eiec.segment import Segment
@@ -124,8 +127,8 @@ def layer_model(layer: BenchLayer, w: np.ndarray, bias: np.ndarray) -> onnx.Mode
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-def recipe_dict(pes: int = PES) -> dict[str, Any]:
-    return {"target": {"pes": pes, "clock_mhz": 800, "queue_depth": 8},
+def recipe_dict(pes: int = PES, node_nm: int = 45) -> dict[str, Any]:
+    return {"target": {"pes": pes, "clock_mhz": 800, "queue_depth": 8, "node_nm": node_nm},
             "defaults": {"density": "keep", "bits": BITS}}
 
 
@@ -172,8 +175,8 @@ def write_json(path: str, result: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- one layer
 
-def compile_layer(layer: BenchLayer, workdir: str, seed: int = SEED,
-                  pes: int = PES) -> tuple[str, onnx.ModelProto, np.ndarray, dict[str, Any]]:
+def compile_layer(layer: BenchLayer, workdir: str, seed: int = SEED, pes: int = PES,
+                  node_nm: int = 45) -> tuple[str, onnx.ModelProto, np.ndarray, dict[str, Any]]:
     """Build and compile one layer. Returns (eie path, float model, W, compile record)."""
     w, bias = layer_weights(layer, seed)
     model = layer_model(layer, w, bias)
@@ -181,7 +184,7 @@ def compile_layer(layer: BenchLayer, workdir: str, seed: int = SEED,
     onnx.save(model, stem + ".onnx")
     np.savez(stem + ".calib.npz", x=layer_inputs(layer, CALIBRATION_ROWS, stream=2, seed=seed))
     with open(stem + ".recipe.yaml", "w") as f:
-        yaml.safe_dump(recipe_dict(pes), f)
+        yaml.safe_dump(recipe_dict(pes, node_nm), f)
     per_stage = _reset_peak()
     t0 = time.perf_counter()
     res = compile_model(stem + ".onnx", stem + ".eie", stem + ".recipe.yaml", stem + ".calib.npz", seed=seed)
@@ -238,6 +241,8 @@ def run_layer(layer: BenchLayer, eie_path: str, model: onnx.ModelProto, w: np.nd
         "stall_cycles": int(cyc.stall_cycles[0]), "reload_cycles": int(cyc.reload_cycles[0]),
         "tiles": len(spec.tiles), "resident": seg.resident,
         "energy_uj": summary["energy_uj"], "saturated": summary["saturated"],
+        "energy_modules_uj": {m: summary["energy_breakdown_uj"][m] for m in MODULES},
+        "power_mw": 1e3 * summary["energy_uj"] / summary["latency_us"],  # uJ / us = W
         "rel_l2_error_vs_float": err,
         "sim_first_ms": sim_first * 1e3, "sim_median_ms": sim_median * 1e3,
         "ort_dense_us": ort_s * 1e6, "ort_dense_1thread_us": ort1_s * 1e6, "scipy_csr_us": csr_s * 1e6,
@@ -276,12 +281,62 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# The EIE paper's figures for its 64-PE, 800 MHz, 45 nm design (ISCA 2016, arXiv 1602.01528):
+# the abstract's total power. Its per-PE power table (by module: SpmatRead, PtrRead,
+# ArithmUnit, ActRW, Act_queue; by type: memory, clock network, register, combinational)
+# could not be retrieved through this project's search tool, so its figures are not
+# quoted here rather than typed from memory (docs/simulator.md).
+PAPER = {"power_mw": 600.0, "pes": 64, "clock_mhz": 800, "node_nm": 45, "module_shares": None}
+
+
+def power_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Per layer: power and module shares of the layer's energy."""
+    out = []
+    for r in rows:
+        e = r["energy_modules_uj"]
+        total = sum(e.values()) or 1.0
+        out.append([r["name"], f"{r['energy_uj']:.2f}", f"{r['latency_us']:.2f}", f"{r['power_mw']:.0f}"]
+                   + [f"{100 * e[m] / total:.1f}%" for m in MODULES])
+    return out
+
+
+def power_summary(rows: list[dict[str, Any]], pes: int, node_nm: int) -> dict[str, Any]:
+    """Average power over the layers run (total energy over total time) and module shares."""
+    energy = sum(r["energy_uj"] for r in rows)
+    time_us = sum(r["latency_us"] for r in rows)
+    modules = {m: sum(r["energy_modules_uj"][m] for r in rows) for m in MODULES}
+    return {"pes": pes, "node_nm": node_nm, "energy_uj": energy, "time_us": time_us,
+            "average_power_mw": 1e3 * energy / time_us,
+            "per_layer_power_mw": {"min": min(r["power_mw"] for r in rows), "max": max(r["power_mw"] for r in rows)},
+            "module_shares": {m: v / energy for m, v in modules.items()}}
+
+
+def print_power(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    header = ["layer", "energy uJ", "time us", "power mW"] + list(MODULES)
+    cells = [header] + power_rows(rows)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    print()
+    print(f"energy model ({summary['pes']} PEs, {summary['node_nm']} nm) per layer: power and module shares")
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  ".join("-" * wd for wd in widths))
+    shares = summary["module_shares"]
+    print(f"model: average power {summary['average_power_mw']:.0f} mW over the layers run "
+          f"(per layer {summary['per_layer_power_mw']['min']:.0f}-{summary['per_layer_power_mw']['max']:.0f} mW); "
+          + ", ".join(f"{m} {100 * shares[m]:.1f}%" for m in MODULES))
+    print(f"paper: {PAPER['power_mw']:.0f} mW for {PAPER['pes']} PEs at {PAPER['clock_mhz']} MHz, "
+          f"{PAPER['node_nm']} nm; per-module PE power table: not retrieved (see docs/simulator.md)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", nargs="+", choices=list(LAYER_BY_NAME), default=[l.name for l in LAYERS])
     ap.add_argument("--repeats", type=int, default=50, help="timed runs of onnxruntime and scipy (median)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "eie_layers.json"))
     ap.add_argument("--keep", metavar="DIR", help="keep the models and .eie files in DIR")
+    ap.add_argument("--pes", type=int, default=PES, help="PEs of the design point (default 64, the paper's)")
+    ap.add_argument("--node-nm", type=int, default=45, choices=(45, 28, 16), help="technology node (default 45)")
     args = ap.parse_args()
 
     rows = []
@@ -291,7 +346,7 @@ def main() -> None:
         for name in args.layers:
             layer = LAYER_BY_NAME[name]
             print(f"{name}: compiling ...", file=sys.stderr, flush=True)
-            eie_path, model, w, comp = compile_layer(layer, workdir)
+            eie_path, model, w, comp = compile_layer(layer, workdir, pes=args.pes, node_nm=args.node_nm)
             print(f"{name}: compiled in {comp['seconds']:.1f} s; running ...", file=sys.stderr, flush=True)
             measured = run_layer(layer, eie_path, model, w, args.repeats)
             rows.append({**asdict(layer), "shape": f"{layer.inputs} x {layer.outputs}",
@@ -302,16 +357,19 @@ def main() -> None:
     worst = max(r["rel_l2_error_vs_float"] for r in rows)
     print(f"simulator output vs onnxruntime float (4-bit weight sharing included): "
           f"relative L2 error <= {worst:.3g}")
+    power = power_summary(rows, args.pes, args.node_nm)
+    print_power(rows, power)
     result = {
         "benchmark": "eie_layers",
         "command": command_line(),
         "seed": SEED,
-        "setup": {"pes": PES, "bits": BITS, "density": "keep", "clock_mhz": 800, "queue_depth": 8,
-                  "recipe": recipe_dict(), "calibration_rows": CALIBRATION_ROWS, "batch": 1,
+        "setup": {"pes": args.pes, "bits": BITS, "density": "keep", "clock_mhz": 800, "queue_depth": 8,
+                  "node_nm": args.node_nm, "recipe": recipe_dict(args.pes, args.node_nm), "calibration_rows": CALIBRATION_ROWS, "batch": 1,
                   "timing": f"median of {args.repeats} runs after 2 warm-ups; onnxruntime CPU provider, "
                             "default threads (ort_dense_us) and 1 thread (ort_dense_1thread_us)"},
         "machine": machine_info(),
         "layers": rows,
+        "power": power, "paper": PAPER,
         "markdown": markdown_table(rows),
     }
     write_json(args.out, result)

@@ -1,4 +1,4 @@
-"""The `eiec` command line: compile, run, validate, inspect, dis.
+"""The `eiec` command line: compile, run, validate, inspect, dis, report.
 
 Exit codes: 0 ok; 1 validation outside tolerance; 2 bad input or usage (one line on
 stderr naming the file and the problem; a traceback only with --debug); 3 an
@@ -17,7 +17,7 @@ from typing import Callable
 from . import __version__
 from .errors import EiecError
 
-COMMANDS = ("run", "validate", "inspect", "dis")
+COMMANDS = ("run", "validate", "inspect", "dis", "report")
 
 EPILOG = """commands:
   eiec MODEL.onnx -o OUT.eie [options]     compile a model (see eiec --help)
@@ -25,6 +25,7 @@ EPILOG = """commands:
   eiec validate MODEL.onnx OUT.eie         check against onnxruntime (eiec validate --help)
   eiec inspect OUT.eie                     layers, sizes, compression ratio
   eiec dis OUT.eie                         the instruction stream as text
+  eiec report REPORT.json -o report.html   a run report as one HTML page (eiec report --help)
 
 exit codes: 0 ok, 1 validation outside tolerance, 2 bad input or usage, 3 internal error
 """
@@ -76,6 +77,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", metavar="IN.npz", required=True, help="inputs keyed by graph input name")
     p.add_argument("-o", "--output", metavar="OUT.npz", help="write the outputs, keyed by output name")
     p.add_argument("--report", metavar="REPORT.json", help="write the cycle/energy report as JSON")
+    p.add_argument("--plot", metavar="DIR", help="draw the report's pictures as PNGs into DIR (latency by cause, "
+                   "energy by module, per-PE busy/idle per layer, queue occupancy; needs the plot extra)")
     p.add_argument("--float", action="store_true", help="run the simulator's float mode (no fixed point)")
     _common(p)
     return p
@@ -94,6 +97,15 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, metavar="P",
                    help="exit 1 when top-1 accuracy (or agreement, without labels) drops by more than P points")
     p.add_argument("--json", metavar="REPORT.json", help="also write the results as JSON")
+    _common(p)
+    return p
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="eiec report", description="Turn a run report (eiec run --report) into one self-contained "
+                "HTML page: its tables and pictures inlined (needs matplotlib, the plot extra).")
+    p.add_argument("report", metavar="REPORT.json")
+    p.add_argument("-o", "--output", metavar="report.html", required=True, help="the HTML file to write")
     _common(p)
     return p
 
@@ -167,9 +179,27 @@ def _cmd_run(args) -> int:
     from .report import cycle_table
     from eiec.runtime.session import run_file
 
+    if args.plot is not None:
+        from .plots import check_plot_folder
+        check_plot_folder(args.plot)
     report = run_file(args.eie, args.input, args.output, args.report, float_mode=args.float)
     if not args.quiet:
         print(cycle_table(report))
+    if args.plot is not None:
+        from .plots import write_plots
+        paths = write_plots(report, args.plot)
+        if not args.quiet:
+            print(f"wrote {len(paths)} pictures to {args.plot}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .plots import report_cli
+
+    _check_output(args.output, [args.report])
+    report_cli(args.report, args.output)
+    if not args.quiet:
+        print(f"wrote {args.output}")
     return 0
 
 
@@ -213,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         cmd, rest = argv[0], argv[1:]
         parser = {"run": _run_parser, "validate": _validate_parser, "inspect": _inspect_parser,
-                  "dis": _dis_parser}[cmd]()
-        handler = {"run": _cmd_run, "validate": _cmd_validate, "inspect": _cmd_inspect, "dis": _cmd_dis}[cmd]
+                  "dis": _dis_parser, "report": _report_parser}[cmd]()
+        handler = {"run": _cmd_run, "validate": _cmd_validate, "inspect": _cmd_inspect, "dis": _cmd_dis,
+                   "report": _cmd_report}[cmd]
     else:
         parser, handler, rest = _compile_parser(), _cmd_compile, argv
     args = parser.parse_args(rest)

@@ -135,9 +135,39 @@ def test_16_bit_entries_read_and_reload_twice_the_lines():
 # ---------------------------------------------------------------- event-driven reference
 
 
+def reference_pass(counts, cols: list[int], pes: int, depth: int) -> tuple[int, int, list[list[int]]]:
+    """Cycle-by-cycle, one tile pass: each cycle PEs pop when free, then at most one broadcast
+    is pushed into every queue if all have room, then free PEs may pop it; busy PEs count
+    down. Returns (cycles, stall cycles, every PE's queue length at the end of each cycle)."""
+    queues = [deque() for _ in range(pes)]
+    left = [0] * pes
+    nxt, cycle, stalls, lengths = 0, 0, 0, []
+
+    def pop():
+        for p in range(pes):
+            if left[p] == 0 and queues[p]:
+                left[p] = max(int(counts[p, queues[p].popleft()]), 1)
+
+    while True:
+        pop()
+        if nxt < len(cols):
+            if all(len(q) < depth for q in queues):
+                for q in queues:
+                    q.append(cols[nxt])
+                nxt += 1
+                pop()
+            else:
+                stalls += 1
+        if nxt == len(cols) and not any(queues) and not any(left):
+            break
+        lengths.append([len(q) for q in queues])
+        left = [max(v - 1, 0) for v in left]
+        cycle += 1
+    return cycle, stalls, lengths
+
+
 def reference_cycles(tiles, x_nonzero, target: Target, resident: bool):
-    """Cycle-by-cycle: each cycle PEs pop when free, then at most one broadcast is pushed
-    into every queue if all have room, then free PEs may pop it; busy PEs count down."""
+    """reference_pass over a layer's tile passes, plus fill, write-back and reloads."""
     pes, depth = target.pes, target.queue_depth
     total, stall_total, busy = 0, 0, np.zeros(pes, np.int64)
     lines = 0
@@ -145,29 +175,8 @@ def reference_cycles(tiles, x_nonzero, target: Target, resident: bool):
     for n, t in enumerate(order):
         counts = t.col_entries()
         cols = [j for j in range(t.cols) if x_nonzero[t.col_lo + j]]
-        queues = [deque() for _ in range(pes)]
-        left = [0] * pes
-        nxt, cycle = 0, 0
-
-        def pop():
-            for p in range(pes):
-                if left[p] == 0 and queues[p]:
-                    left[p] = max(int(counts[p, queues[p].popleft()]), 1)
-
-        while True:
-            pop()
-            if nxt < len(cols):
-                if all(len(q) < depth for q in queues):
-                    for q in queues:
-                        q.append(cols[nxt])
-                    nxt += 1
-                    pop()
-                else:
-                    stall_total += 1
-            if nxt == len(cols) and not any(queues) and not any(left):
-                break
-            left = [max(v - 1, 0) for v in left]
-            cycle += 1
+        cycle, stalls, _ = reference_pass(counts, cols, pes, depth)
+        stall_total += stalls
         total += target.pipeline_depth + cycle
         for j in cols:
             busy += counts[:, j]
@@ -254,32 +263,10 @@ def test_batch_rows_equal_single_input_runs():
 
 
 def reference_occupancy(tile, x_nonzero, target: Target) -> np.ndarray:
-    """The cycle-by-cycle simulation above for one tile and one input, recording every
-    PE's queue length at the end of each cycle: int [cycles, pes]."""
-    pes, depth = target.pes, target.queue_depth
-    counts = tile.col_entries()
+    """reference_pass's queue lengths for one tile and one input: int [cycles, pes]."""
     cols = [j for j in range(tile.cols) if x_nonzero[tile.col_lo + j]]
-    queues = [deque() for _ in range(pes)]
-    left = [0] * pes
-    nxt, lengths = 0, []
-
-    def pop():
-        for p in range(pes):
-            if left[p] == 0 and queues[p]:
-                left[p] = max(int(counts[p, queues[p].popleft()]), 1)
-
-    while True:
-        pop()
-        if nxt < len(cols) and all(len(q) < depth for q in queues):
-            for q in queues:
-                q.append(cols[nxt])
-            nxt += 1
-            pop()
-        if nxt == len(cols) and not any(queues) and not any(left):
-            break
-        lengths.append([len(q) for q in queues])
-        left = [max(v - 1, 0) for v in left]
-    return np.array(lengths, np.int64).reshape(-1, pes)
+    _, _, lengths = reference_pass(tile.col_entries(), cols, target.pes, target.queue_depth)
+    return np.array(lengths, np.int64).reshape(-1, target.pes)
 
 
 @given(cases())
