@@ -22,7 +22,9 @@ demo: $(VENV)/.installed
 	@mkdir -p $(DEMO)
 	$(BIN)/eiec models/lenet5.onnx -o $(DEMO)/lenet5.eie --config models/lenet5_deep_compression.yaml \
 		--calibration models/digits_calib.npz --dump-ir $(DEMO)/ir
-	$(BIN)/eiec run $(DEMO)/lenet5.eie --input models/digits_test.npz -o $(DEMO)/out.npz --report $(DEMO)/report.json
+	$(BIN)/eiec run $(DEMO)/lenet5.eie --input models/digits_test.npz -o $(DEMO)/out.npz --report $(DEMO)/report.json \
+		--plot $(DEMO)/plots
+	$(BIN)/eiec report $(DEMO)/report.json -o $(DEMO)/report.html
 	$(BIN)/eiec validate models/lenet5.onnx $(DEMO)/lenet5.eie --input models/digits_test.npz --bisect $(DEMO)/ir
 
 test: $(VENV)/.installed

@@ -199,7 +199,7 @@ def html_report(r: dict[str, Any], title: str) -> str:
         "td:first-child,th:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}</style>",
         "</head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        "<h2>Summary</h2>", _html_table(["", ""], summary),
+        "<h2>Summary</h2>", _html_table(["quantity", "value"], summary),
         "<h2>Latency per layer (cycles per input, by cause)</h2>",
         _html_table(["layer", "cycles", "latency us", "balance"] + [label for _, label in CAUSES], layer_rows),
         "<h2>Energy per layer and module (uJ per input)</h2>",

@@ -335,7 +335,7 @@ def queue_occupancy(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target:
     many input vectors it covers.
 
     The first vectors of x_nonzero [B, cols] (as many as keep one pass's [K, n, pes]
-    pop times under max_elems) run one after another, each through every tile pass in
+    pop times and the [T, pes] timeline near max_elems) run one after another, each through every tile pass in
     hardware order; a pass starts pipeline_depth cycles after the previous one ends
     (write-back and reloads are left out of this time axis). An item is in a PE's queue
     from its broadcast b_k until that PE pops it, s[p, k].
@@ -346,6 +346,12 @@ def queue_occupancy(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target:
     widest = max((int(x_nonzero[:, t.col_lo:t.col_lo + t.cols].sum(axis=1).max(initial=0)) for t in tiles),
                  default=0)
     n = int(min(x_nonzero.shape[0], max(1, max_elems // max(1, widest * pes))))
+    # and few enough that the [cycles, pes] timeline stays near max_elems: each broadcast
+    # takes at most its column's longest run (+1), so that sum bounds a vector's span
+    longest = sum(x_nonzero[:n, t.col_lo:t.col_lo + t.cols].astype(np.int64)
+                  @ (tile_cached(t, "column_tables", _column_tables)[1].max(axis=1, initial=0).astype(np.int64) + 1)
+                  + target.pipeline_depth for t in tiles)
+    n = max(1, int(np.searchsorted(np.cumsum(longest) * pes, max_elems, side="right")))
     spans, pushes, pops = [], [], []  # per pass: [n] spans, and event times relative to the pass start
     for i in order:
         t = tiles[i]
