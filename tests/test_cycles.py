@@ -129,7 +129,11 @@ def test_16_bit_entries_read_and_reload_twice_the_lines():
     assert narrow.reload_bytes.tolist() == [2 * 2 * 8 + 2 * 3 * 2] and wide.reload_bytes.tolist() == [2 * 3 * 8 + 2 * 3 * 2]
     assert (wide.cycles - narrow.cycles).tolist() == [1]  # the same entries: only the reload is longer
     e_narrow, e_wide = layer_energy(narrow, 0.0, target_for(2)), layer_energy(wide, 0.0, wide_target)
-    assert e_wide["spmat_sram"][0] == pytest.approx(8 * 10.0e-6) and e_narrow["spmat_sram"][0] == pytest.approx(6 * 10.0e-6)
+    # a 64-bit line of the 128 KB SRAM costs 40 pJ whatever entries it holds; the reload
+    # writes every PE's lines (2 or 3 per PE) on top of the reads
+    assert narrow.spmat_line_writes.tolist() == [2 * 2] and wide.spmat_line_writes.tolist() == [2 * 3]
+    assert e_narrow["SpmatRead"][0] == pytest.approx((6 + 4) * 40.0e-6)
+    assert e_wide["SpmatRead"][0] == pytest.approx((8 + 6) * 40.0e-6)
 
 
 # ---------------------------------------------------------------- event-driven reference
