@@ -50,3 +50,35 @@ def im2col(
         patches = win[n_i, :, h_i, w_i]  # [rows, C, kh, kw]: only the chosen positions are copied
     p = patches.reshape(-1, group, C // group * kh * kw)
     return np.ascontiguousarray(p.transpose(1, 0, 2))
+
+
+def block_diagonal(matrix: np.ndarray, group: int) -> np.ndarray:
+    """A grouped conv's matrices [out, cols/group-per-group] as one [out, group * cols] matrix.
+
+    Group g's rows (out/group of them) hold its matrix in column block g and zeros
+    elsewhere, so the im2col patch of all input channels (group=1 order) multiplies it:
+    the accelerator runs the whole layer as one matrix with one pointer array.
+    """
+    rows, cols = matrix.shape
+    per = rows // group
+    out = np.zeros((group, per, group, cols), matrix.dtype)
+    g = np.arange(group)
+    out[g, :, g, :] = matrix.reshape(group, per, cols)
+    return out.reshape(rows, group * cols)
+
+
+def diagonal_blocks(matrix: np.ndarray, group: int) -> np.ndarray:
+    """The inverse of `block_diagonal`; ValueError if a nonzero lies outside the diagonal blocks."""
+    rows, cols = matrix.shape
+    per, width = rows // group, cols // group
+    if per * group != rows or width * group != cols:
+        raise ValueError(f"a {rows} x {cols} matrix does not split into {group} diagonal blocks")
+    if outside_blocks(*np.nonzero(matrix), rows, cols, group):
+        raise ValueError(f"entries outside the {group} diagonal blocks of a grouped conv")
+    g = np.arange(group)
+    return matrix.reshape(group, per, group, width)[g, :, g, :].reshape(rows, width)
+
+
+def outside_blocks(r: np.ndarray, c: np.ndarray, rows: int, cols: int, group: int) -> bool:
+    """Whether any (row r, col c) of a rows x cols block-diagonal matrix lies off its blocks."""
+    return bool(np.any(r // (rows // group) != c // (cols // group)))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import isa
-from .conv import conv_output_hw
+from .conv import conv_output_hw, outside_blocks
 from .errors import FormatError, RecipeError
 from .image import SparseImage
 from .target import Target
@@ -73,7 +73,6 @@ class LayerSpec:
     bias_acc: np.ndarray  # int64 [rows] in the accumulator format (in_frac + w_frac)
     tiles: list[SparseImage]
     conv: ConvGeometry | None = None
-    _group_tiles: dict[int, list[SparseImage]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rows(self) -> int:
@@ -81,7 +80,9 @@ class LayerSpec:
 
     @property
     def cols(self) -> int:
-        return int(np.prod(self.weight_shape[1:]))
+        """Columns of the matrix the PEs hold: a grouped conv's groups are its diagonal blocks
+        (`eiec.conv.block_diagonal`), so it reads all in-channels x kh x kw."""
+        return int(np.prod(self.weight_shape[1:])) * (self.conv.group if self.conv is not None else 1)
 
     @property
     def shift(self) -> int:
@@ -95,18 +96,6 @@ class LayerSpec:
     @property
     def padding_entries(self) -> int:
         return sum(t.n_padding for t in self.tiles)
-
-    def group_tiles(self, g: int) -> list[SparseImage]:
-        """Group g's tiles with rows renumbered from 0: each group of a grouped conv is its
-        own matrix (output channels g*rows/group.., one im2col per group). Kept, so the
-        simulator's per-tile caches hit on every run."""
-        if self.conv is None or self.conv.group == 1:
-            return self.tiles
-        if g not in self._group_tiles:
-            per = self.rows // self.conv.group
-            self._group_tiles[g] = [dataclasses.replace(t, row_lo=t.row_lo - g * per) for t in self.tiles
-                                    if g * per <= t.row_lo < (g + 1) * per]
-        return self._group_tiles[g]
 
     def meta(self) -> dict:
         d = {
@@ -279,7 +268,10 @@ def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target,
     if not 1 <= len(shape) <= 4 or min(shape) < 1 or math.prod(shape) > MAX_WEIGHT_ELEMENTS:
         raise ValueError(f"layer {i}: weight shape {list(shape)} is not a matrix eiec could have compiled")
     rows = shape[0]
-    cols = math.prod(shape[1:])
+    group = int(m["conv"]["group"]) if "conv" in m else 1
+    if group < 1 or rows % group:
+        raise ValueError(f"layer {i}: {rows} rows do not split into {group} groups")
+    cols = math.prod(shape[1:]) * group  # the PEs' matrix: a grouped conv's blocks on its diagonal
     bits = int(m["bits"])
     if not 1 <= bits <= target.weight_bits:
         raise ValueError(f"layer {i}: bits {bits} outside 1..{target.weight_bits}")
@@ -303,7 +295,11 @@ def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target,
             raise ValueError(f"tile {t} of layer {m['name']} lies outside its matrix")
         if int(img.code.max(initial=0)) >= k:
             raise ValueError(f"tile {t} of layer {m['name']}: codebook index outside a {k}-entry codebook")
-        decode_image(img)  # raises FormatError unless every entry lands inside the tile
+        local = decode_image(img)  # raises FormatError unless every entry lands inside the tile
+        if group > 1:
+            r, c = np.nonzero(local)
+            if outside_blocks(r + img.row_lo, c + img.col_lo, rows, cols, group):
+                raise ValueError(f"tile {t} of layer {m['name']} has entries outside its groups' diagonal blocks")
         tiles.append(img)
     conv = None
     if "conv" in m:

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from eiec.conv import block_diagonal
 from eiec.errors import FormatError, ModelError
 from eiec.image import (LINE_BYTES, MAX_ENTRY_BITS, MAX_WEIGHT_BITS, SparseImage, as_bytes, entry_bytes,
                         entry_words)
@@ -212,7 +213,8 @@ def layer_storage(img: SparseImage, codebook_len: int, n_bias: int, target: Targ
     entries in whole 64-bit lines, plus pes x (cols + 1) column pointers of ptr_bits.
     bytes_huffman: the storage form (`storage_streams`), Deep Compression's file on disk:
     one CSC stream over the whole matrix, code, rel and per-column counts Huffman-coded
-    (tables and headers included). `indices` (the layer's index matrix) saves decoding img.
+    (tables and headers included). `indices` (the layer's index matrix) saves decoding img;
+    for a grouped conv it is the compact matrix and img the block-diagonal one the PEs hold.
     """
     spmat = img.lines * LINE_BYTES
     col_ptr = -(-img.pes * (img.cols + 1) * target.ptr_bits // 8)
@@ -228,7 +230,7 @@ def layer_storage(img: SparseImage, codebook_len: int, n_bias: int, target: Targ
         "storage_entries": streams["code"].n_symbols,
         "bytes_fixed": spmat + col_ptr + codebook + bias,
         "bytes_huffman": code_huffman + rel_huffman + count_huffman + codebook + bias,
-        "bytes_dense": 4 * (img.rows * img.cols + n_bias),
+        "bytes_dense": 4 * (indices.size + n_bias),
     }
 
 
@@ -264,18 +266,23 @@ class Encode:
         def encode(item):  # independent per layer: runs on all cores
             layer, indices, k, n_bias = item
             ctx.progress(f"encode {layer.name}")
-            img = encode_matrix(matrix_view(indices), target.pes, target.weight_bits, target.rel_index_bits)
-            return img, layer_storage(img, k, n_bias, target)
+            matrix = matrix_view(indices)
+            img = encode_matrix(matrix, target.pes, target.weight_bits, target.rel_index_bits)
+            group = int(layer.attr("group", 1)) if layer.kind == "conv" else 1
+            # what the PEs hold: a grouped conv's groups as one block-diagonal matrix (see lower)
+            held = img if group == 1 else encode_matrix(block_diagonal(matrix, group), target.pes,
+                                                        target.weight_bits, target.rel_index_bits)
+            return img, held, layer_storage(held, k, n_bias, target, indices=matrix)
 
-        for (layer, indices, _, _), (img, storage) in zip(work, map_layers(encode, work)):
+        for (layer, indices, _, _), (img, held, storage) in zip(work, map_layers(encode, work)):
             # looked up again: each rewrite rebuilds the node list
             gather, cast, indices_name, codebook_name = _ir2_weight(out, layer.weight)
             _replace_with_decode(out, layer.name, layer.weight, gather, cast, indices_name,
                                  codebook_name, img, tuple(indices.shape))
             layer_stats.append({
-                "name": layer.name, "shape": list(indices.shape), "pes": img.pes,
-                "entries": img.n_entries, "padding_entries": img.n_padding,
-                "nonzeros": img.n_entries - img.n_padding,
+                "name": layer.name, "shape": list(indices.shape), "pes": held.pes,
+                "entries": held.n_entries, "padding_entries": held.n_padding,
+                "nonzeros": held.n_entries - held.n_padding,
                 "bytes_fixed": storage["bytes_fixed"], "bytes_huffman": storage["bytes_huffman"],
                 "breakdown": storage,
             })

@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from eiec import isa
+from eiec.conv import block_diagonal
 from eiec.errors import ModelError
 from eiec.image import LINE_BYTES, SparseImage
 from eiec.ir import EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
@@ -57,8 +58,7 @@ class Lower:
 
         def tiles_of(link: ChainLink) -> list[SparseImage]:  # independent per layer: all cores
             ctx.progress(f"tile {link.layer.name}")
-            conv = _conv_geometry(link.layer) if link.layer.kind == "conv" else None
-            return tile_layer(link.layer.name, indices[link.layer.name], conv.group if conv else 1, ctx.target)
+            return tile_layer(link.layer.name, pe_matrix(link.layer, indices[link.layer.name]), ctx.target)
 
         links = [link for chain in chains for link in chain.links]
         tiles = dict(zip([l.layer.name for l in links], map_layers(tiles_of, links)))
@@ -323,45 +323,56 @@ def _conv_geometry(layer: Layer) -> ConvGeometry:
         group=int(layer.attr("group", 1)))
 
 
-def tile_layer(name: str, indices: np.ndarray, group: int, target: Target) -> list[SparseImage]:
+def pe_matrix(layer: Layer, indices: np.ndarray) -> np.ndarray:
+    """The index matrix the PEs hold for a layer: a grouped conv's groups as diagonal blocks.
+
+    One matrix, not one per group: a depthwise conv lowered per group runs each channel's
+    single row on one PE (1/64 of the PEs busy) behind its own pipeline fill and its own
+    64-PE pointer array; as one block-diagonal matrix the same broadcasts keep the
+    pipeline full (docs/simulator.md, "Grouped and depthwise convs").
+    """
+    group = int(layer.attr("group", 1)) if layer.kind == "conv" else 1
+    matrix = indices.reshape(indices.shape[0], -1)
+    return block_diagonal(matrix, group) if group > 1 else matrix
+
+
+def tile_layer(name: str, indices: np.ndarray, target: Target) -> list[SparseImage]:
     """Split a layer's index matrix into tiles whose images fit one PE's memories.
 
-    Rows are cut into blocks (one per conv group, at most `max_rows_per_pe` rows per
-    PE, halved while one column alone overflows a PE's sparse-matrix SRAM); each
-    block's columns are cut greedily where a PE's entries or the pointer count would
-    overflow. Tile images keep the global row interleave within their block.
+    Rows are cut into blocks (at most `max_rows_per_pe` rows per PE, halved while one
+    column alone overflows a PE's sparse-matrix SRAM); each block's columns are cut
+    greedily where a PE's entries or the pointer count would overflow. Tile images keep
+    the global row interleave within their block.
     """
     if target.max_cols_per_tile < 1 or target.max_entries_per_pe < 1:
         raise ModelError(None, f"layer {name}: the target's PE memories hold no column "
                          f"(ptr_sram_bytes={target.ptr_sram_bytes}, spmat_sram_bytes="
                          f"{target.spmat_sram_bytes}): no tiling fits")
     rows, cols = indices.shape
-    per_group = rows // group
-    largest = min(target.max_rows_per_pe, -(-per_group // target.pes)) * target.pes
+    largest = min(target.max_rows_per_pe, -(-rows // target.pes)) * target.pes
     tiles = []
-    for g in range(group):
-        r0, end = g * per_group, (g + 1) * per_group
-        while r0 < end:
-            block = largest
-            while True:
-                r1 = min(r0 + block, end)
-                whole = encode_matrix(indices[r0:r1], target.pes, target.weight_bits,
-                                      target.rel_index_bits, row_lo=r0)
-                work = whole.col_entries()  # [pes, cols]
-                if work.max(initial=0) <= target.max_entries_per_pe:
-                    break
-                if block <= target.pes:  # one row per PE: a column holds one entry per PE
-                    raise ModelError(None, f"layer {name}: one column needs {int(work.max())} entries "
-                                     f"in a PE that holds {target.max_entries_per_pe}: no tiling fits")
-                block = max(target.pes, block // 2 // target.pes * target.pes)
-            c0 = 0
-            while c0 < cols:
-                c1 = _column_cut(work, c0, target)
-                tiles.append(whole if (c0, c1) == (0, cols) else  # the block fits: no second encode
-                             encode_matrix(indices[r0:r1, c0:c1], target.pes, target.weight_bits,
-                                           target.rel_index_bits, row_lo=r0, col_lo=c0))
-                c0 = c1
-            r0 = r1
+    r0 = 0
+    while r0 < rows:
+        block = largest
+        while True:
+            r1 = min(r0 + block, rows)
+            whole = encode_matrix(indices[r0:r1], target.pes, target.weight_bits,
+                                  target.rel_index_bits, row_lo=r0)
+            work = whole.col_entries()  # [pes, cols]
+            if work.max(initial=0) <= target.max_entries_per_pe:
+                break
+            if block <= target.pes:  # one row per PE: a column holds one entry per PE
+                raise ModelError(None, f"layer {name}: one column needs {int(work.max())} entries "
+                                 f"in a PE that holds {target.max_entries_per_pe}: no tiling fits")
+            block = max(target.pes, block // 2 // target.pes * target.pes)
+        c0 = 0
+        while c0 < cols:
+            c1 = _column_cut(work, c0, target)
+            tiles.append(whole if (c0, c1) == (0, cols) else  # the block fits: no second encode
+                         encode_matrix(indices[r0:r1, c0:c1], target.pes, target.weight_bits,
+                                       target.rel_index_bits, row_lo=r0, col_lo=c0))
+            c0 = c1
+        r0 = r1
     return tiles
 
 

@@ -93,18 +93,17 @@ class SegmentRun:
         return sum(l.saturated for l in self.layers)
 
 
-def _positions(x: np.ndarray, spec: LayerSpec) -> list[np.ndarray]:
-    """Per group, the [B * positions, cols] input vectors the layer's matrix multiplies."""
+def _positions(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """The [B * positions, cols] input vectors the layer's matrix multiplies (a grouped conv's
+    matrix is block-diagonal over all in-channels, so its patches are group=1 patches)."""
     if spec.kind == "fc":
-        return [x.reshape(x.shape[0], -1)]
+        return x.reshape(x.shape[0], -1)
     c = spec.conv
-    cols = im2col(x, c.kernel, c.pads, c.strides, c.dilations, c.group)
-    return list(cols)
+    return im2col(x, c.kernel, c.pads, c.strides, c.dilations)[0]
 
 
-def _to_output(ys: list[np.ndarray], spec: LayerSpec, batch: int) -> np.ndarray:
-    """Group results [B*P, rows/g] -> the layer's per-sample output layout."""
-    y = np.concatenate(ys, axis=1) if len(ys) > 1 else ys[0]
+def _to_output(y: np.ndarray, spec: LayerSpec, batch: int) -> np.ndarray:
+    """Results [B*P, rows] -> the layer's per-sample output layout."""
     if spec.kind == "fc":
         return y.reshape(batch, *spec.out_shape)
     rows, ho, wo = spec.out_shape
@@ -160,28 +159,21 @@ def _run_layer(seg: Segment, spec: LayerSpec, act: np.ndarray, e_in: Callable[[]
     output's: both are only evaluated when SegmentRun.bound is read."""
     t = seg.target
     batch = act.shape[0]
-    groups = spec.conv.group if spec.conv is not None else 1
-    per = spec.rows // groups
-    xs = _positions(act, spec)
-    ys, runs = [], []
+    x = _positions(act, spec)
     saturated = 0
-    for g in range(groups):
-        tiles = spec.group_tiles(g)
-        rows = slice(g * per, (g + 1) * per)
-        if mode == "fixed":
-            y, stats = spmv_fixed(tiles, spec.codebook_q, xs[g], spec.bias_acc[rows], spec.shift, spec.relu, t)
-            saturated += stats.saturated_accumulators + stats.saturated_outputs
-        else:
-            y = spmv_float(tiles, spec.codebook, xs[g], spec.bias[rows], spec.relu)
-        ys.append(y)
-        if want_cycles:
-            runs.append(cycle_layer(tiles, xs[g] != 0, t, resident=seg.resident or spec.kind == "conv"))
-    out = _to_output(ys, spec, batch)
+    if mode == "fixed":
+        y, stats = spmv_fixed(spec.tiles, spec.codebook_q, x, spec.bias_acc, spec.shift, spec.relu, t)
+        saturated = stats.saturated_accumulators + stats.saturated_outputs
+    else:
+        y = spmv_float(spec.tiles, spec.codebook, x, spec.bias, spec.relu)
+    out = _to_output(y, spec, batch)
     e_out = functools.cache(lambda: _layer_bound(spec, act, e_in(), batch))
-    layer_run = _merge_runs(seg, spec, runs, batch, saturated) if want_cycles else None
-    if layer_run is not None:  # keep only the first input's (first group's) activity pattern
-        first = xs[0][:xs[0].shape[0] // batch] != 0
-        layer_run.queue_of = lambda: queue_occupancy(spec.group_tiles(0), first, t)
+    layer_run = None
+    if want_cycles:
+        run = cycle_layer(spec.tiles, x != 0, t, resident=seg.resident or spec.kind == "conv")
+        layer_run = _merge_runs(seg, spec, run, batch, saturated)
+        first = x[:x.shape[0] // batch] != 0  # keep only the first input's activity pattern
+        layer_run.queue_of = lambda: queue_occupancy(spec.tiles, first, t)
     return out, layer_run, e_out
 
 
@@ -191,15 +183,13 @@ def _layer_bound(spec: LayerSpec, act: np.ndarray, e_in: np.ndarray | None, batc
         return None
     # the float input can be up to e_in larger than the fixed-point one
     x_abs = _positions(np.abs(dequantize(act, spec.in_frac)) + e_in, spec)
-    e_cols = _positions(e_in, spec)
-    groups = spec.conv.group if spec.conv is not None else 1
-    bnds = [error_bound(spec.group_tiles(g), spec.codebook, spec.codebook_q, spec.w_frac, x_abs[g],
-                        e_cols[g], spec.in_frac, spec.out_frac) for g in range(groups)]
-    return _to_output(bnds, spec, batch)
+    bound = error_bound(spec.tiles, spec.codebook, spec.codebook_q, spec.w_frac, x_abs,
+                        _positions(e_in, spec), spec.in_frac, spec.out_frac)
+    return _to_output(bound, spec, batch)
 
 
-def _merge_runs(seg: Segment, spec: LayerSpec, runs: list, batch: int, saturated: int) -> LayerRun:
-    """Sum the cycle model's per-vector results over groups and output positions, per input.
+def _merge_runs(seg: Segment, spec: LayerSpec, run, batch: int, saturated: int) -> LayerRun:
+    """Sum the cycle model's per-vector results over a conv's output positions, per input.
 
     A conv layer's positions share one load of its tiles per input: when the segment is
     not resident, that reload is added once per input, not once per position.
@@ -209,36 +199,34 @@ def _merge_runs(seg: Segment, spec: LayerSpec, runs: list, batch: int, saturated
     def per_input(a: np.ndarray) -> np.ndarray:
         return a.reshape(batch, -1, *a.shape[1:]).sum(axis=1)
 
-    energies = [layer_energy(r, r.reload_bytes, t) for r in runs]
-    energy = {k: sum(per_input(np.asarray(e[k], float)) for e in energies) for k in energies[0]}
-    cycles = sum(per_input(r.cycles) for r in runs)
-    reload_cycles = sum(per_input(r.reload_cycles) for r in runs)
+    energy = {k: per_input(np.asarray(v, float)) for k, v in layer_energy(run, run.reload_bytes, t).items()}
+    cycles = per_input(run.cycles)
+    reload_cycles = per_input(run.reload_cycles)
     if spec.kind == "conv" and not seg.resident:
         idle = np.zeros((1, spec.cols), bool)  # no broadcasts: only the reload is counted
-        reload = [cycle_layer(spec.group_tiles(g), idle, t, resident=False) for g in range(spec.conv.group)]
-        n_reload = sum(int(r.reload_cycles[0]) for r in reload)
+        reload = cycle_layer(spec.tiles, idle, t, resident=False)
+        n_reload = int(reload.reload_cycles[0])
         cycles = cycles + n_reload
         reload_cycles = reload_cycles + n_reload
         extra = idle_cycle_energy_uj(n_reload, t)
-        for r in reload:  # the SRAM writes and DRAM reads of the reload; no compute events
-            e = layer_energy(r, r.reload_bytes, t)
-            for k in ("SpmatRead", "PtrRead", "dram"):
-                extra[k] = extra.get(k, 0.0) + float(e[k][0])
+        e = layer_energy(reload, reload.reload_bytes, t)  # the SRAM writes and DRAM reads of the reload
+        for k in ("SpmatRead", "PtrRead", "dram"):
+            extra[k] = extra.get(k, 0.0) + float(e[k][0])
         for k, v in extra.items():
             energy[k] = energy[k] + v
         energy["total"] = sum(energy[k] for k in MODULES)
     return LayerRun(
         name=spec.name,
         cycles=cycles,
-        ideal_cycles=sum(per_input(r.ideal_cycles) for r in runs),
-        busy=sum(per_input(r.busy) for r in runs),
-        nonzero_activations=sum(per_input(r.nonzero_activations) for r in runs),
+        ideal_cycles=per_input(run.ideal_cycles),
+        busy=per_input(run.busy),
+        nonzero_activations=per_input(run.nonzero_activations),
         entries=spec.entries,  # padding counted once per tile: a full scan of the codes otherwise
         padding_entries=sum(tile_cached(t, "n_padding", lambda tt: tt.n_padding) for t in spec.tiles),
-        entries_processed=sum(per_input(r.entries_processed) for r in runs),
+        entries_processed=per_input(run.entries_processed),
         energy_uj=energy, saturated=saturated,
-        padding_processed=sum(per_input(r.padding_processed) for r in runs),
-        fill_cycles=sum(per_input(r.fill_cycles) for r in runs),
+        padding_processed=per_input(run.padding_processed),
+        fill_cycles=per_input(run.fill_cycles),
         reload_cycles=reload_cycles)
 
 

@@ -22,6 +22,7 @@ import onnx
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
+from eiec.conv import diagonal_blocks
 from eiec.errors import FormatError, ModelError
 from eiec.fileio import write_atomic
 from eiec.ir import OPSET
@@ -80,6 +81,8 @@ def segment_reference_model(seg: Segment, absolute: bool = False) -> onnx.ModelP
         indices = np.zeros((l.rows, l.cols), np.uint8)
         for t in l.tiles:
             indices[t.row_lo:t.row_lo + t.rows, t.col_lo:t.col_lo + t.cols] = decode_image(t)
+        if l.conv is not None and l.conv.group > 1:  # the grouped conv back from its diagonal blocks
+            indices = diagonal_blocks(indices, l.conv.group)
         w = l.codebook[indices].reshape(l.weight_shape)
         b = l.bias
         if absolute:
@@ -121,7 +124,7 @@ def check_segment(seg: Segment, x: np.ndarray, y_fixed: np.ndarray, bound: np.nd
     scale = absm.run(None, {"x": np.abs(x)})[0].reshape(y_fixed.shape)
     # float32 dot products of length n are exact to gamma_n = n u / (1 - n u) times sum |w||x|
     # (Higham, Accuracy and Stability, 3.1); the longest row of any layer bounds n
-    n = max(l.cols for l in seg.layers) + 1
+    n = max(l.cols // (l.conv.group if l.conv is not None else 1) for l in seg.layers) + 1
     gamma = n * FP32_UNIT / (1 - n * FP32_UNIT)
     allowed = bound.reshape(y_fixed.shape) + len(seg.layers) * gamma * scale
     err = np.abs(y_fixed.astype(np.float64) - y_ref)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnx
 import pytest
+from onnx import helper
 
 from eiec import isa
 from eiec.artifact import load_eie
+from eiec.conv import block_diagonal, diagonal_blocks
 from eiec.driver import compile_model
-from eiec.errors import ModelError
+from eiec.errors import FormatError, ModelError
 from eiec.passes.lower import tile_layer
 from eiec.passes.encode import decode_image
 from eiec.runtime.session import InferenceSession
+from eiec.segment import Segment
 from eiec.target import Target
+from helpers import compile_and_validate, lossless_weights, make_model, tensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")
@@ -86,7 +91,7 @@ def test_tiles_cover_the_matrix_exactly_when_memories_are_small():
     indices = (rng.random((300, 200)) < 0.4) * rng.integers(1, 16, (300, 200))
     indices = indices.astype(np.uint8)
     small = Target(pes=8, spmat_sram_bytes=256, ptr_sram_bytes=64, act_regs=8, act_sram_bytes=16)
-    tiles = tile_layer("fc", indices, 1, small)
+    tiles = tile_layer("fc", indices, small)
     assert len(tiles) > 4
     rebuilt = np.zeros_like(indices)
     for t in tiles:
@@ -122,4 +127,53 @@ def test_tiled_layer_runs_exact_and_shows_in_the_program(tmp_path):
 def test_image_that_fits_no_tiling_is_an_error():
     indices = np.ones((4, 4), np.uint8)
     with pytest.raises(ModelError, match="no tiling fits"):
-        tile_layer("fc", indices, 1, Target(pes=2, ptr_sram_bytes=2))
+        tile_layer("fc", indices, Target(pes=2, ptr_sram_bytes=2))
+
+
+def _grouped_chain(tmp_path):
+    """Relu -> depthwise 3x3 (12 channels) -> Relu -> grouped 3x3 (3 groups, 12 -> 6), 8 PEs, lossless."""
+    rng = np.random.default_rng(5)
+    inits = {"dw": lossless_weights(rng, (12, 1, 3, 3), 0.6), "gw": lossless_weights(rng, (6, 4, 3, 3), 0.5)}
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Conv", ["r", "dw"], ["d"], name="dw", kernel_shape=[3, 3], pads=[1] * 4, group=12),
+             helper.make_node("Relu", ["d"], ["dr"]),
+             helper.make_node("Conv", ["dr", "gw"], ["y"], name="gconv", kernel_shape=[3, 3], strides=[2, 2], group=3)]
+    path = tmp_path / "grouped.onnx"
+    onnx.save(make_model(nodes, [tensor("x", ["N", 12, 9, 9])], [tensor("y", ["N", 6, 4, 4])], inits), path)
+    return path, inits
+
+
+def test_grouped_convs_run_as_one_block_diagonal_matrix_each(tmp_path):
+    path, inits = _grouped_chain(tmp_path)
+    c = compile_and_validate(path, tmp_path, "target: {pes: 8}\ndefaults: {density: keep, bits: 4}\n", random_n=3)
+    assert c.result["exact"]["ok"]
+    (seg,) = load_eie(c.eie).segments.values()
+    for layer, (name, group) in zip(seg.layers, [("dw", 12), ("gw", 3)]):
+        w = inits[name].reshape(inits[name].shape[0], -1)
+        assert (layer.rows, layer.cols) == (w.shape[0], w.shape[1] * group)  # one matrix over all in-channels
+        (tile,) = layer.tiles  # one pointer array for the whole layer, not one per group
+        np.testing.assert_array_equal(decode_image(tile) != 0, block_diagonal(w, group) != 0)
+    assert [i.op for i in seg.program].count(isa.Op.RUN) == 2
+
+
+def test_grouped_conv_entry_outside_its_block_is_refused_at_load(tmp_path):
+    path, _ = _grouped_chain(tmp_path)
+    c = compile_and_validate(path, tmp_path, "target: {pes: 8}\ndefaults: {density: keep, bits: 4}\n", random_n=1)
+    (seg,) = load_eie(c.eie).segments.values()
+    layer = seg.layers[0]
+    indices = decode_image(layer.tiles[0])
+    indices[0, 9] = 1  # channel 0's row reading channel 1's patch
+    layer.tiles = tile_layer(layer.name, indices, seg.target)
+    with pytest.raises(FormatError, match="outside its groups' diagonal blocks"):
+        Segment.from_blob(seg.to_blob(), "tampered")
+
+
+def test_diagonal_blocks_inverts_block_diagonal():
+    m = np.arange(1, 1 + 6 * 4).reshape(6, 4)
+    b = block_diagonal(m, 3)
+    assert b.shape == (6, 12) and np.count_nonzero(b) == m.size
+    np.testing.assert_array_equal(b[2:4, 4:8], m[2:4])
+    np.testing.assert_array_equal(diagonal_blocks(b, 3), m)
+    b[0, 11] = 1
+    with pytest.raises(ValueError, match="outside"):
+        diagonal_blocks(b, 3)
