@@ -73,7 +73,7 @@ def pointer_bytes(tiles, target) -> int:
 
 
 def spmat_bytes(tiles) -> int:
-    return sum(int(np.sum(-(-t.entries_per_pe // 8))) * 8 for t in tiles)
+    return sum(t.lines * 8 for t in tiles)  # 64-bit lines
 
 
 def per_group(spec: LayerSpec, x: np.ndarray, target) -> dict[str, Any]:
