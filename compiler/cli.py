@@ -214,13 +214,14 @@ def _cmd_validate(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from .artifact import load_eie
-    from .report import inspect_json, sensitivity_table, size_table
+    from .report import host_op_counts, inspect_json, sensitivity_table, size_table
 
-    m = load_eie(args.eie).manifest
+    compiled = load_eie(args.eie)
+    m, host_ops = compiled.manifest, host_op_counts(compiled.model.graph)
     if args.json:
-        print(json.dumps(inspect_json(m), indent=2, sort_keys=True))
+        print(json.dumps(inspect_json(m, host_ops), indent=2, sort_keys=True))
     else:
-        print(size_table(m))
+        print(size_table(m, host_ops))
         if args.sensitivity:
             print(sensitivity_table(m))
     return 0

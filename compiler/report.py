@@ -15,8 +15,18 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def inspect_json(m: dict[str, Any]) -> dict[str, Any]:
-    """The `eiec inspect --json` object."""
+def host_op_counts(graph) -> dict[str, int]:
+    """How many nodes of each op the host (onnxruntime) runs in an IR4 graph, segments aside."""
+    counts: dict[str, int] = {}
+    for n in graph.node:
+        if n.op_type != "EIESegment":
+            key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def inspect_json(m: dict[str, Any], host_ops: dict[str, int] | None = None) -> dict[str, Any]:
+    """The `eiec inspect --json` object; `host_ops` from `host_op_counts`."""
     layers = []
     for l in m["layers"]:
         e = {"name": l["name"], "kind": l["kind"], "shape": l["shape"], "on_host": bool(l.get("on_host"))}
@@ -36,13 +46,15 @@ def inspect_json(m: dict[str, Any]) -> dict[str, Any]:
         "target": m["target"],
         "layers": layers,
         "host_ops": m.get("host_ops", []),
+        "host_op_counts": host_ops or {},
         "segments": [{"name": s["name"], "layers": [l["name"] for l in s["layers"]],
                       "resident": s["resident"]} for s in m.get("segments", [])],
     }
 
 
-def size_table(m: dict[str, Any]) -> str:
-    """Per-layer sizes and the model's compression ratio, as `eiec inspect` prints them."""
+def size_table(m: dict[str, Any], host_ops: dict[str, int] | None = None) -> str:
+    """Per-layer sizes and the model's compression ratio, as `eiec inspect` prints them;
+    `host_ops` (from `host_op_counts`) lists every op left to onnxruntime."""
     rows = []
     for l in m["layers"]:
         if l.get("on_host"):
@@ -62,6 +74,8 @@ def size_table(m: dict[str, Any]) -> str:
     host = m.get("host_ops", [])
     if host:
         out.append("on the host (not compressed): " + ", ".join(f"{h['name']} ({h['op']})" for h in host))
+    if host_ops:
+        out.append("ops run by the host (onnxruntime): " + ", ".join(f"{op} x{n}" for op, n in host_ops.items()))
     return "\n".join(out)
 
 

@@ -1,0 +1,78 @@
+"""Models in other exporters' styles (tests/exporter_styles.py) compile, run and validate.
+
+Each is compiled at `density: keep, bits: 4` on lossless weights, so besides `eiec validate`
+exiting 0 (every segment exact against onnxruntime) the compiled model must match the
+original to fixed-point precision: a wrong fold of a computed Reshape, a lost Transpose or
+a Clip fused as a plain ReLU would show as an O(1) error. What stays on the host is listed
+by `eiec inspect`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from exporter_styles import STYLES
+from helpers import compile_and_validate, run_cli
+
+LOSSLESS = "target: {pes: 8}\ndefaults: {density: keep, bits: 4, refit: false, bias_correction: false}\n"
+FIXED_POINT_REL_L2 = 2e-3  # as tests/test_exporters.py
+
+# (style, opset): the opsets these exporters write, 11 to 21
+CASES = [("paddle", 11), ("tf2onnx", 13), ("paddle", 17), ("dynamo", 18), ("dynamo", 21)]
+# ops each style leaves to onnxruntime (the accelerator has ReLU at write-back, nothing else)
+HOST_OPS = {
+    "paddle": {"Clip", "GlobalAveragePool", "HardSigmoid", "Mul", "Softmax"},  # + HardSwish at opset >= 14
+    "tf2onnx": {"Transpose", "Clip", "Relu", "Reshape"},
+    "dynamo": {"ConvTranspose", "Resize", "Clip", "Reshape"},
+}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{s}-opset{o}" for s, o in CASES])
+def compiled(request, tmp_path_factory):
+    style, opset = request.param
+    folder = tmp_path_factory.mktemp(f"{style}{opset}")
+    path = folder / f"{style}_opset{opset}.onnx"
+    onnx.save(STYLES[style](opset), path)
+    return style, opset, compile_and_validate(path, folder, LOSSLESS, random_n=3)
+
+
+def test_exporter_style_model_validate_exits_0(compiled):
+    _, _, c = compiled
+    code, out, _ = run_cli("validate", c.model, c.eie, "--random", "3")
+    assert code == 0, out
+    assert "EXACT within the fixed-point bound" in out
+
+
+def test_exporter_style_model_matches_the_original_to_fixed_point_precision(compiled):
+    _, _, c = compiled
+    for name, o in c.result["fidelity"]["outputs"].items():
+        assert o["rel_l2_error"] < FIXED_POINT_REL_L2, (name, o)
+
+
+def test_exporter_style_layers_are_lowered_and_the_rest_is_listed_by_inspect(compiled, tmp_path):
+    style, opset, c = compiled
+    m = c.manifest
+    # every conv/FC with constant weights runs on the accelerator; ConvTranspose is the one weighted host op
+    assert not any(l.get("on_host") for l in m["layers"])
+    assert [h["op"] for h in m["host_ops"]] == (["ConvTranspose"] if style == "dynamo" else [])
+    code, out, _ = run_cli("inspect", c.eie, "--json")
+    assert code == 0
+    listed = set(json.loads(out)["host_op_counts"])
+    # below opset 13 onnx's converter wraps Softmax in Shape/Flatten/Reshape, also on the host
+    extra = {"HardSwish"} if style == "paddle" and opset >= 14 else {"Shape", "Flatten", "Reshape"}
+    assert HOST_OPS[style] <= listed and listed - HOST_OPS[style] <= extra
+    code, out, _ = run_cli("inspect", c.eie)
+    assert "ops run by the host (onnxruntime): " in out
+
+
+def test_paddle_flatten_from_shape_joins_the_conv_and_fc_in_one_segment(compiled):
+    """Shape -> Slice -> Concat -> Reshape folds to Reshape(0, -1), which only relabels."""
+    style, _, c = compiled
+    if style != "paddle":
+        pytest.skip("paddle's computed flatten")
+    last = c.manifest["segments"][-1]
+    assert [l["kind"] for l in last["layers"]] == ["conv", "fc"]
