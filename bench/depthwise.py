@@ -33,6 +33,7 @@ from eiec.importer import load_model
 from eiec.passes.encode import decode_image
 from eiec.passes.lower import tile_layer
 from eiec.runtime.cycles import cycle_layer
+from eiec.runtime.energy import layer_energy
 from eiec.runtime.session import InferenceSession
 from eiec.segment import LayerSpec, Segment
 
@@ -86,15 +87,16 @@ def per_group(spec: LayerSpec, x: np.ndarray, target) -> dict[str, Any]:
     per = spec.rows // group
     c = spec.conv
     cols = im2col(x, c.kernel, c.pads, c.strides, c.dilations, group)  # [group, positions, cols/group]
-    cycles = ideal = 0.0
+    cycles = ideal = energy = 0.0
     tiles_all = []
     for g in range(group):
         tiles = tile_layer(spec.name, compact[g * per:(g + 1) * per], target)
         run = cycle_layer(tiles, cols[g] != 0, target, resident=True)
         cycles += float(run.cycles.sum())
         ideal += float(run.ideal_cycles.sum())
+        energy += float(layer_energy(run, 0.0, target)["total"].sum())
         tiles_all += tiles
-    return {"cycles": cycles, "load_balance": ideal / cycles, "tiles": len(tiles_all),
+    return {"cycles": cycles, "load_balance": ideal / cycles, "energy_uj": energy, "tiles": len(tiles_all),
             "pointer_bytes": pointer_bytes(tiles_all, target), "spmat_bytes": spmat_bytes(tiles_all)}
 
 
@@ -103,7 +105,8 @@ def block_diagonal(spec: LayerSpec, x: np.ndarray, target) -> dict[str, Any]:
     c = spec.conv
     run = cycle_layer(spec.tiles, im2col(x, c.kernel, c.pads, c.strides, c.dilations)[0] != 0, target, resident=True)
     cycles = float(run.cycles.sum())
-    return {"cycles": cycles, "load_balance": float(run.ideal_cycles.sum()) / cycles, "tiles": len(spec.tiles),
+    return {"cycles": cycles, "load_balance": float(run.ideal_cycles.sum()) / cycles,
+            "energy_uj": float(layer_energy(run, 0.0, target)["total"].sum()), "tiles": len(spec.tiles),
             "pointer_bytes": pointer_bytes(spec.tiles, target), "spmat_bytes": spmat_bytes(spec.tiles)}
 
 
@@ -148,13 +151,15 @@ def main() -> None:
         torch = os.path.join(ROOT, "tests", "models", "torch_depthwise_dilated.onnx")
         x = np.random.default_rng([SEED, 2]).standard_normal((1, 4, 16, 16)).astype(np.float32)
         rows += measure("torch_depthwise_dilated", torch, x, folder)
-    header = ("model", "layer", "groups", "layout", "cycles", "load bal.", "tiles", "ptr bytes", "spmat bytes")
+    header = ("model", "layer", "groups", "layout", "cycles", "load bal.", "energy µJ", "tiles", "ptr bytes",
+              "spmat bytes")
     print(" | ".join(header))
     for r in rows:
         for layout in ("per_group", "block_diagonal"):
             m = r[layout]
             print(" | ".join([r["model"], r["layer"], str(r["group"]), layout.replace("_", "-"),
-                              f"{m['cycles']:,.0f}", f"{100 * m['load_balance']:.2f}%", str(m["tiles"]),
+                              f"{m['cycles']:,.0f}", f"{100 * m['load_balance']:.2f}%", f"{m['energy_uj']:.2f}",
+                              str(m["tiles"]),
                               f"{m['pointer_bytes']:,}", f"{m['spmat_bytes']:,}"]))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
