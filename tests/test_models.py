@@ -124,6 +124,29 @@ def test_shipped_model_scores_do_not_depend_on_batch_size(fname: str, digits_tes
     np.testing.assert_allclose(singles, full, rtol=1e-5, atol=1e-6)
 
 
+def test_mobilenet_digits_has_a_fixed_batch_and_the_documented_accuracy(digits_test) -> None:
+    """Exported with the exporter's defaults: input [1, 784], logits [1, 10]; 99.00 % on test."""
+    model = onnx.load(MODELS / "mobilenet_digits.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    assert input_dims(model) == [1, 784]
+    sess = session(MODELS / "mobilenet_digits.onnx")
+    x = digits_test["input"]
+    logits = np.concatenate([sess.run(["logits"], {"input": x[i : i + 1]})[0] for i in range(len(x))])
+    assert logits.shape == (300, 10)
+    assert (logits.argmax(axis=1) == digits_test["labels"]).sum() == 297  # 99.00 %
+
+
+def test_mobilenet_digits_has_depthwise_convs_squeeze_excite_and_hardswish() -> None:
+    model = onnx.load(MODELS / "mobilenet_digits.onnx")
+    w = weights(model)
+    ops = [n.op_type for n in model.graph.node]
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    groups = [next((a.i for a in c.attribute if a.name == "group"), 1) for c in convs]
+    assert sum(g > 1 and g == w[c.input[1]].shape[0] for c, g in zip(convs, groups)) == 6  # one per block
+    assert ops.count("HardSigmoid") == 4 and ops.count("GlobalAveragePool") == 5  # 4 SE blocks + the head
+    assert "HardSwish" in ops and "BatchNormalization" not in ops  # BN folded by the exporter
+
+
 def test_lenet_300_100_is_plain_fc_relu_and_matches_numpy_mlp(digits_test) -> None:
     model = onnx.load(MODELS / "lenet_300_100.onnx")
     fc_ops = {n.op_type for n in model.graph.node if n.op_type in ("MatMul", "Add", "Gemm", "Relu")}
