@@ -167,7 +167,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
     rows = {"reconstruction_rows": 0, "held_out_rows": 0, "scored_rows": n_rows}
     if any(st.any for st in steps.values()):
         recon = ctx.calibration
-        split = split_calibration(model, ctx.calibration, ctx.labels, ctx.seed)
+        split = split_calibration(ctx.calibration, ctx.labels, ctx.seed)
         if split is None:
             notes.append("auto: too few calibration rows to hold any out; the budget is scored on "
                          "the rows the layers are reconstructed on")

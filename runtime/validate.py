@@ -26,6 +26,7 @@ from eiec.conv import diagonal_blocks
 from eiec.errors import FormatError, ModelError
 from eiec.fileio import write_atomic
 from eiec.ir import OPSET
+from eiec.ortrun import run_rows, session
 from eiec.passes.encode import decode_image
 from eiec.segment import Segment
 
@@ -115,10 +116,8 @@ def segment_reference_model(seg: Segment, absolute: bool = False) -> onnx.ModelP
 def check_segment(seg: Segment, x: np.ndarray, y_fixed: np.ndarray, bound: np.ndarray,
                   saturated: int) -> SegmentCheck:
     """Question 1 for one segment on the input the EIE path actually fed it."""
-    ref = onnxruntime.InferenceSession(segment_reference_model(seg).SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
-    absm = onnxruntime.InferenceSession(segment_reference_model(seg, absolute=True).SerializeToString(),
-                                        providers=["CPUExecutionProvider"])
+    ref = session(segment_reference_model(seg))
+    absm = session(segment_reference_model(seg, absolute=True))
     x = x.astype(np.float32)
     y_ref = ref.run(None, {"x": x})[0].reshape(y_fixed.shape)
     scale = absm.run(None, {"x": np.abs(x)})[0].reshape(y_fixed.shape)
@@ -167,16 +166,14 @@ def _drop_points(fid: dict[str, Any]) -> float | None:
     return None
 
 
-def _inputs(model_path: str, input_path: str | None, random_n: int | None):
+def _inputs(compiled: onnx.ModelProto, input_path: str | None, random_n: int | None):
+    """Inputs checked against, or drawn for, the shapes the model was compiled for (its host
+    graph's inputs): a model with free spatial sizes validates at the size it was lowered for."""
     from eiec.passes.calibrate import load_calibration, random_inputs
 
-    try:
-        model = onnx.load(model_path, load_external_data=False)
-    except Exception:  # noqa: BLE001
-        raise ModelError(model_path, "not an ONNX model") from None
     if input_path is not None:
-        return load_calibration(input_path, model)
-    return random_inputs(model, random_n or DEFAULT_RANDOM, 0), None
+        return load_calibration(input_path, compiled)
+    return random_inputs(compiled, random_n or DEFAULT_RANDOM, 0), None
 
 
 def _original_session(model_path: str) -> onnxruntime.InferenceSession:
@@ -184,7 +181,7 @@ def _original_session(model_path: str) -> onnxruntime.InferenceSession:
 
     load_model(model_path)  # the same checks as compile: clear errors, confined external data
     try:
-        return onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+        return session(model_path)
     except Exception as e:  # noqa: BLE001
         raise ModelError(model_path, f"onnxruntime cannot run it: {str(e).splitlines()[0]}") from None
 
@@ -193,10 +190,10 @@ def validate(model_path: str, eie_path: str, input_path: str | None = None, rand
              bisect_dir: str | None = None) -> dict[str, Any]:
     """Both measures (and per pass with `bisect_dir`) as one JSON-able dict."""
     orig = _original_session(model_path)  # checks the model first, so errors name it
-    feeds, labels = _inputs(model_path, input_path, random_n)
-    names = [o.name for o in orig.get_outputs()]
-    ref = orig.run(names, feeds)
     sess = InferenceSession(eie_path)
+    feeds, labels = _inputs(sess.model, input_path, random_n)
+    names = [o.name for o in orig.get_outputs()]
+    ref = run_rows(orig, names, feeds)
     out = sess.run(names, feeds)
     checks = [check_segment(sess.segment(n), r.input, r.output, r.bound, r.saturated)
               for n, r in sess.last_runs.items()]
