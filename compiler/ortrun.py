@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError, ModelError
+from .report import format_dims
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,6 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
         out.append(GraphInput(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
     return out
-
-
-def format_dims(dims: Sequence[int | None]) -> str:
-    """(None, 3, 48, 192) -> "?, 3, 48, 192": how eiec shows a declared shape."""
-    return ", ".join("?" if d is None else str(d) for d in dims)
 
 
 def session(model: onnx.ModelProto | bytes | str | os.PathLike,

@@ -20,7 +20,8 @@ from eiec.errors import FormatError, InputError, ModelError, RecipeError
 from eiec.conv import conv_output_hw, im2col
 from eiec.tensorfile import check_npz
 from eiec.ir import Layer, copy_model, get_initializer, matrix_view
-from eiec.ortrun import format_dims, graph_inputs, run_rows, session
+from eiec.ortrun import graph_inputs, run_rows, session
+from eiec.report import format_dims
 from eiec.target import Target
 
 from . import reconstruct
@@ -58,7 +59,8 @@ def random_inputs(model: onnx.ModelProto, n: int, seed: int = 0) -> dict[str, np
     return out
 
 
-def load_calibration(path: str | os.PathLike, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def load_calibration(path: str | os.PathLike, model: onnx.ModelProto,
+                     expected: str = "the model's") -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Calibration inputs (and optional integer `labels`) from an .npz, checked against the model.
 
     Keys must be the graph inputs (plus optionally `labels`, 1-D integers, one per
@@ -99,10 +101,10 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto) -> tuple[d
         if not np.can_cast(a.dtype, gi.dtype, "same_kind"):
             raise InputError(path, f"{name}: dtype {a.dtype} does not cast to the model's {gi.dtype}")
         if a.ndim != len(gi.dims) or a.ndim == 0:
-            raise InputError(path, f"{name}: shape {a.shape} has rank {a.ndim}, the model wants {len(gi.dims)} ({format_dims(gi.dims)})")
+            raise InputError(path, f"{name}: shape {a.shape} has rank {a.ndim}, not that of {expected} ({format_dims(gi.dims)})")
         for axis, (have, want) in enumerate(zip(a.shape, gi.dims)):
             if axis > 0 and want is not None and have != want:
-                raise InputError(path, f"{name}: shape {a.shape} does not match the model's ({format_dims(gi.dims)})")
+                raise InputError(path, f"{name}: shape {a.shape} does not match {expected} ({format_dims(gi.dims)})")
         if a.shape[0] == 0:
             raise InputError(path, f"{name}: has no rows")
         if n is not None and a.shape[0] != n:

@@ -7,6 +7,7 @@ symbolic batch and compare the results.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,11 @@ import pytest
 from onnx import helper
 
 from eiec.container import read_eie
+from eiec.errors import InputError
 from eiec.ortrun import fixed_batch, run_rows, session
 from eiec.runtime import InferenceSession
 
-from helpers import ZOO, canonical_convnet, make_model, run_cli, tensor, write_recipe
+from helpers import ZOO, canonical_convnet, lossless_weights, make_model, run_cli, tensor, write_recipe
 
 ROWS = 300
 # the torch MLP as exported, and a small conv net (conv 3->4, Flatten, two Gemm) made by hand
@@ -27,6 +29,7 @@ MODELS = {"mlp": (lambda: onnx.load(ZOO / "torch_mlp.onnx"), (64,), 10),
 # no reconstruction: the compressed weights depend on the weights alone, not on float runs
 PLAIN = """defaults: {density: 0.5, bits: 4, obs: false, gptq: false, refit: false, bias_correction: false}
 """
+LOSSLESS = PLAIN.replace("density: 0.5", "density: keep")
 
 
 def with_batch(m: onnx.ModelProto, dst: Path, batch: int | str) -> Path:
@@ -146,3 +149,103 @@ def test_validate_random_rows_that_are_not_a_multiple_of_the_batch(folder):
     code, out, err = run_cli("validate", model, eie, "--random", "7")
     assert code == 0, out + err
     assert "on 7 input(s)" in out
+
+
+# ---------------------------------------------------------------- free spatial sizes
+
+
+def fully_convolutional() -> onnx.ModelProto:
+    """x[N, 3, H, W] -> conv 3x3 (pad 1) -> Relu -> conv 1x1 -> y[N, 5, H, W]: any spatial size.
+
+    Weights on 4-bit-codebook levels: with LOSSLESS, only the fixed point differs from ORT."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], kernel_shape=[1, 1])]
+    inits = {"w1": lossless_weights(rng, (4, 3, 3, 3), 0.5), "b1": rng.standard_normal(4).astype(np.float32),
+             "w2": lossless_weights(rng, (5, 4, 1, 1), 0.5), "b2": rng.standard_normal(5).astype(np.float32)}
+    return make_model(nodes, [tensor("x", ["N", 3, "H", "W"])], [tensor("y", ["N", 5, "H", "W"])], inits)
+
+
+@pytest.fixture(scope="module")
+def fcn(folder) -> Path:
+    path = folder / "fcn.onnx"
+    onnx.save(fully_convolutional(), path)
+    return path
+
+
+@pytest.mark.parametrize("how, shown", [("calibration", [None, 3, 6, 10]), ("input-shape", [1, 3, 6, 10]),
+                                        ("input-shape-free-batch", [None, 3, 6, 10])])
+def test_free_spatial_model_is_lowered_for_the_shape_its_data_or_option_gives(folder, fcn, how, shown):
+    cal = folder / "fcn_cal.npz"
+    x = np.random.default_rng(9).standard_normal((12, 3, 6, 10)).astype(np.float32)
+    np.savez(cal, x=x)
+    eie = folder / f"fcn_{how}.eie"
+    option = {"calibration": ["--calibration", cal], "input-shape": ["--input-shape", "x:1,3,6,10"],
+              "input-shape-free-batch": ["--input-shape", "x:?,3,6,10"]}[how]
+    code, _, err = run_cli(fcn, "-o", eie, "--quiet", "--config", write_recipe(folder, LOSSLESS, "lossless.yaml"), *option)
+    assert code == 0, err
+    assert read_eie(eie).manifest["input_shapes"] == {"x": shown}
+    code, out, _ = run_cli("inspect", eie)
+    assert code == 0 and f"lowered for inputs: x ({', '.join('?' if d is None else str(d) for d in shown)})" in out
+    (y,) = InferenceSession(eie).run(None, {"x": x})
+    (y_ref,) = session(fully_convolutional()).run(None, {"x": x})
+    assert np.linalg.norm(y - y_ref) <= 1e-3 * np.linalg.norm(y_ref)
+    code, out, err = run_cli("validate", fcn, eie, "--random", "3")  # random rows of the compiled shape
+    assert code == 0, out + err
+    assert "on 3 input(s)" in out
+
+
+def test_another_spatial_size_is_a_clear_error_naming_the_input_and_both_shapes(folder, fcn):
+    eie = folder / "fcn_other.eie"
+    code, _, err = run_cli(fcn, "-o", eie, "--quiet", "--config", write_recipe(folder, LOSSLESS, "lossless.yaml"),
+                           "--input-shape", "x:?,3,6,10")
+    assert code == 0, err
+    bad = folder / "fcn_8x8.npz"
+    np.savez(bad, x=np.zeros((2, 3, 8, 8), np.float32))
+    code, _, err = run_cli("run", eie, "--input", bad)
+    assert code == 2
+    assert "x: shape (2, 3, 8, 8) does not match the shape the model was compiled for (?, 3, 6, 10)" in err
+    assert "Traceback" not in err
+    with pytest.raises(InputError, match=r"'x'.*\(2, 3, 8, 8\).*\(\?, 3, 6, 10\)"):
+        InferenceSession(eie).run(None, {"x": np.zeros((2, 3, 8, 8), np.float32)})
+
+
+@pytest.mark.parametrize("option, message", [
+    ([], "free dimensions (?, 3, ?, ?) beyond the batch"),
+    (["--input-shape", "x=1,3,6,10"], "expected NAME:DIMS"),
+    (["--input-shape", "x:1,3,0,10"], "expected NAME:DIMS"),
+    (["--input-shape", "z:1,3,6,10"], "'z': not an input of the model (inputs: x)"),
+    (["--input-shape", "x:1,6,10"], "has rank 3, the model declares (?, 3, ?, ?)"),
+    (["--input-shape", "x:1,4,6,10"], "dim 1 is fixed at 3 in the model (?, 3, ?, ?), not 4"),
+    (["--input-shape", "x:1,3,6,10", "--input-shape", "x:1,3,6,10"], "given twice"),
+])
+def test_free_spatial_model_without_a_shape_or_with_a_bad_one_is_exit_2(folder, fcn, option, message):
+    out = folder / "never.eie"
+    code, _, err = run_cli(fcn, "-o", out, "--quiet", *option)
+    assert code == 2 and message in err, err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- host ops in `eiec run`
+
+
+def test_run_lists_host_ops_with_their_macs_and_measured_time_apart_from_the_accelerator(folder):
+    recipe = write_recipe(folder, PLAIN + 'layers:\n  "*MatMul*": {skip: true}\n', "host.yaml")
+    eie, report = folder / "host.eie", folder / "host.json"
+    code, _, err = run_cli(ZOO / "torch_mlp.onnx", "-o", eie, "--quiet", "--config", recipe)
+    assert code == 0, err
+    data = folder / "host_in.npz"
+    np.savez(data, input=rows((64,), 4)[:20])
+    code, out, err = run_cli("run", eie, "--input", data, "--report", report)
+    assert code == 0, err
+    host = InferenceSession(eie).model
+    weights = {t.name: t.dims for t in host.graph.initializer}
+    gemms = [n for n in host.graph.node if n.op_type == "Gemm"]
+    macs = sum(int(np.prod(weights[n.input[1]])) for n in gemms)  # [out, in]: out * in per row
+    assert len(gemms) == 2 and macs == 32 * 48 + 10 * 24
+    assert "host ops excluded" in out
+    assert f"on the host (onnxruntime, CPU): Gemm x2 ({macs:,} MACs per input), Softmax x1" in out
+    r = json.loads(report.read_text())["host"]
+    assert r["ops"] == [{"op": "Gemm", "count": 2, "macs_per_input": macs}, {"op": "Softmax", "count": 1}]
+    assert r["wall_ms"] > 0 and r["wall_ms_per_input"] == pytest.approx(r["wall_ms"] / 20)
