@@ -51,6 +51,10 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="DATA.npz",
                    help="calibration inputs keyed by graph input name (optional 'labels'); "
                         "without it eiec uses random inputs and says so")
+    p.add_argument("--input-shape", metavar="NAME:DIMS", action="append", default=[],
+                   help="fix an input's shape, e.g. x:1,3,48,192 (repeatable; '?' keeps a dim free, "
+                        "e.g. x:?,3,48,192 keeps a free batch). Needed without --calibration when an "
+                        "input has free sizes past the batch; the .eie runs only at these sizes")
     p.add_argument("--dump-ir", metavar="DIR", help="write DIR/<n>_<pass>.onnx and .json after every pass")
     p.add_argument("--pes", type=int, metavar="N", help="number of PEs (overrides the recipe's target.pes)")
     p.add_argument("--max-accuracy-drop", type=float, metavar="P",
@@ -145,12 +149,14 @@ def _cmd_compile(args) -> int:
             raise EiecError(None, f"{flag} must be a number >= 0, got {v}")
     # every input and the output folder are checked before the first byte is written
     # (dumps, the automatic recipe), so a bad argument leaves nothing behind
+    shapes = _input_shapes(args.input_shape)
     _check_output(args.output, [args.model, args.config, args.calibration])
     try:
         res = compile_model(args.model, args.output, args.config, args.calibration, args.dump_ir,
                             args.pes, args.seed, _progress(args),
                             budget={"max_accuracy_drop": args.max_accuracy_drop,
-                                    "max_output_error": args.max_output_error})
+                                    "max_output_error": args.max_output_error},
+                            input_shapes=shapes)
     except EiecError as e:  # errors raised deep in a pass are about the model being compiled
         if e.path is None:
             e.path = args.model
@@ -161,6 +167,24 @@ def _cmd_compile(args) -> int:
         print(size_table(res.manifest))
         print(f"wrote {args.output}")
     return 0
+
+
+def _input_shapes(specs: list[str]) -> dict[str, tuple[int | None, ...]]:
+    """--input-shape NAME:D0,D1,... values, each dim a positive integer or '?'."""
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            parsed = tuple(None if d.strip() == "?" else int(d) for d in dims.split(","))
+        except ValueError:
+            parsed = ()
+        if not sep or not name or not parsed or any(d is not None and d < 1 for d in parsed):
+            raise EiecError(None, f"--input-shape {spec!r}: expected NAME:DIMS with DIMS positive integers "
+                                  "or '?', e.g. x:1,3,48,192")
+        if name in shapes:
+            raise EiecError(None, f"--input-shape {name!r} given twice")
+        shapes[name] = parsed
+    return shapes
 
 
 def _check_output(path: str, inputs: list[str | None]) -> None:

@@ -18,7 +18,8 @@ import onnx
 from .artifact import save_eie
 from .errors import ModelError, RecipeError
 from .fileio import write_atomic
-from .importer import load_model
+from .importer import InputShapes, load_model
+from .ortrun import graph_inputs
 from .ir import find_layers
 from .passmanager import Context, PassManager, PassRecord, dump_stats_json
 from .recipe import LayerRecipe, Recipe, dump_recipe, load_recipe
@@ -83,25 +84,35 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
                   calibration_path: str | None = None, dump_dir: str | None = None,
                   pes: int | None = None, seed: int = 0,
                   progress: Callable[[str], None] = lambda s: None,
-                  budget: dict[str, float | None] | None = None) -> CompileResult:
-    """Compile MODEL.onnx into OUT.eie. Raises an EiecError on bad input; writes nothing then."""
+                  budget: dict[str, float | None] | None = None,
+                  input_shapes: InputShapes | None = None) -> CompileResult:
+    """Compile MODEL.onnx into OUT.eie. Raises an EiecError on bad input; writes nothing then.
+
+    `input_shapes` (--input-shape) fixes input dims; dims still free past the batch are
+    fixed by the calibration data's shape. The model is lowered for those shapes only.
+    """
     from eiec.passes.calibrate import load_calibration, random_inputs
 
     recipe = load_recipe(recipe_path, pes)
     for key, value in (budget or {}).items():  # command-line budgets override the recipe's
         if value is not None:
             setattr(recipe, key, float(value))
-    model = load_model(model_path)
-    check_recipe_layers(recipe, model)
+    input_shapes = dict(input_shapes or {})
+    model = load_model(model_path, input_shapes)
     notes: list[str] = []
     if calibration_path is not None:
         inputs, labels = load_calibration(calibration_path, model)
         is_random = False
+        free = {gi.name: (None, *inputs[gi.name].shape[1:]) for gi in graph_inputs(model)
+                if any(d is None for d in gi.dims[1:])}
+        if free:  # the data fixes them: import again with them set, so shapes are known everywhere
+            model = load_model(model_path, {**input_shapes, **free})
     else:
         inputs, labels = random_inputs(model, RANDOM_CALIBRATION_ROWS, seed), None
         is_random = True
         notes.append(f"no --calibration given: using {RANDOM_CALIBRATION_ROWS} random inputs "
                      "for formats and automatic choices")
+    check_recipe_layers(recipe, model)
     ctx = Context(recipe=recipe, seed=seed, calibration=inputs, labels=labels,
                   calibration_is_random=is_random, progress=progress)
     records: list[PassRecord] = []
@@ -167,7 +178,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
     rows = {"reconstruction_rows": 0, "held_out_rows": 0, "scored_rows": n_rows}
     if any(st.any for st in steps.values()):
         recon = ctx.calibration
-        split = split_calibration(model, ctx.calibration, ctx.labels, ctx.seed)
+        split = split_calibration(ctx.calibration, ctx.labels, ctx.seed)
         if split is None:
             notes.append("auto: too few calibration rows to hold any out; the budget is scored on "
                          "the rows the layers are reconstructed on")
@@ -262,6 +273,8 @@ def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: C
         "seed": seed,
         "target": ctx.target.as_dict(),
         "inputs": [i.name for i in ir4.graph.input],
+        # the shapes the model was lowered for (null: a free batch); other sizes are refused at run time
+        "input_shapes": {gi.name: list(gi.dims) for gi in graph_inputs(ir4)},
         "outputs": [o.name for o in ir4.graph.output],
         "calibration": "random" if ctx.calibration_is_random else "file",
         "layers": layers,

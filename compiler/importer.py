@@ -29,6 +29,9 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from .errors import ModelError
 from .fileio import input_file_size
 from .ir import OPSET, copy_model
+from .report import format_dims
+
+InputShapes = dict[str, tuple[int | None, ...]]  # graph input -> dims to fix (None keeps one)
 
 MAX_FILE_BYTES = 2**31 - 1  # protobuf cannot parse more; bigger models need external data
 MAX_TENSOR_ELEMENTS = 2**31  # per declared tensor, checked before any allocation
@@ -45,7 +48,7 @@ _SUBBYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2
                  TensorProto.FLOAT6E2M3: 6, TensorProto.FLOAT6E3M2: 6}
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, input_shapes: InputShapes | None = None) -> onnx.ModelProto:
     """Read, check and canonicalise the ONNX model at `path` (see `canonicalize`)."""
     path = os.fspath(path)
     size = input_file_size(path, ModelError, "an ONNX model")
@@ -64,7 +67,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     check_strings(model, path)
     base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     _check_tensors(model, path, base)
-    return canonicalize(model, path)
+    return canonicalize(model, path, input_shapes)
 
 
 def check_strings(msg, path: str, where: str = "model") -> None:
@@ -80,13 +83,15 @@ def check_strings(msg, path: str, where: str = "model") -> None:
                 raise ModelError(path, f"{here} is not valid UTF-8 text ({bytes(v)[:20]!r})")
 
 
-def canonicalize(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
+def canonicalize(model: onnx.ModelProto, path: str, input_shapes: InputShapes | None = None) -> onnx.ModelProto:
     """Check `model` and return its canonical IR0 (a new model; `model` is left as is).
 
-    Raises ModelError(path, ...) for anything wrong with the model. External data must
-    already be loaded (`load_model` does that after checking every location).
+    `input_shapes` fixes dims of the graph inputs (None in a shape keeps that dim) before
+    shape inference, so a model with free spatial sizes imports with its conv geometry
+    known. Raises ModelError(path, ...) for anything wrong with the model. External data
+    must already be loaded (`load_model` does that after checking every location).
     """
-    model = _checked(copy_model(model), path)
+    model = _checked(fix_input_shapes(copy_model(model), input_shapes or {}, path), path)
     # graphsurgeon warns on stdout about things handled below (non-tensor types, no colours)
     with gs.logger.G_LOGGER.suppress(gs.logger.G_LOGGER.ERROR):
         graph = _import_graph(model)
@@ -113,6 +118,34 @@ def canonicalize(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------- checks before canonicalisation
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: InputShapes, path: str) -> onnx.ModelProto:
+    """Set the named graph inputs' dims in place (None keeps a dim); returns `model`.
+
+    Each name must be a real input, each shape of its rank, and a dim the model fixes
+    may only be restated: anything else is a ModelError naming the input and both shapes.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    inputs = {v.name: v for v in model.graph.input if v.name not in inits}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise ModelError(path, f"input shape for {name!r}: not an input of the model (inputs: {', '.join(inputs)})")
+        tt = inputs[name].type.tensor_type
+        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+        shown = f"({format_dims(declared)})"
+        if not tt.HasField("shape") or len(declared) != len(dims):
+            raise ModelError(path, f"input {name!r}: shape ({format_dims(dims)}) "
+                                   f"has rank {len(dims)}, the model declares {shown}")
+        for axis, (have, want) in enumerate(zip(declared, dims)):
+            if want is None:
+                continue
+            if have is not None and have != want:
+                raise ModelError(path, f"input {name!r}: dim {axis} is fixed at {have} in the model {shown}, "
+                                       f"not {want}")
+            tt.shape.dim[axis].Clear()
+            tt.shape.dim[axis].dim_value = int(want)
+    return model
+
 
 def _checked(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
     """Validate, toposort, convert to opset >= 17 and infer shapes."""

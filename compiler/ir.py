@@ -115,3 +115,43 @@ def remove_initializer(model: onnx.ModelProto, name: str) -> None:
 def matrix_view(w: np.ndarray) -> np.ndarray:
     """The 2-D matrix EIE stores for a weight: [out, in] for FC, [out, in/g*kh*kw] for conv."""
     return w.reshape(w.shape[0], -1)
+
+
+MAC_OPS = ("MatMul", "Gemm", "Conv")  # host ops whose multiply-accumulates eiec counts
+
+
+def host_ops(model: onnx.ModelProto) -> list[dict]:
+    """The host graph's ops by type (EIE custom ops excluded), first seen first: op, count,
+    and for MatMul/Gemm/Conv the multiply-accumulates one input row costs (None when a
+    shape is not known). The leading dim of every activation is the batch."""
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                        for d in vi.type.tensor_type.shape.dim]
+              for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output)
+              if vi.type.tensor_type.HasField("shape")}
+    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
+    out: dict[str, dict] = {}
+    for node in model.graph.node:
+        if node.domain == EIE_DOMAIN:
+            continue
+        entry = out.setdefault(node.op_type, {"op": node.op_type, "count": 0})
+        entry["count"] += 1
+        if node.op_type in MAC_OPS:
+            macs = _macs_per_input(node, shapes)
+            entry["macs_per_input"] = None if macs is None or entry.get("macs_per_input", 0) is None \
+                else entry.get("macs_per_input", 0) + macs
+    return list(out.values())
+
+
+def _macs_per_input(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int | None:
+    y, a = shapes.get(node.output[0]), shapes.get(node.input[0])
+    w = shapes.get(node.input[1]) if len(node.input) > 1 else None
+    if not y or not a or w is None:
+        return None
+    if node.op_type == "Conv":
+        reduced = w[1:]  # in/group * kh * kw per output value
+    elif node.op_type == "Gemm":
+        reduced = [a[0] if any(x.name == "transA" and x.i for x in node.attribute) else a[-1]]
+    else:  # MatMul
+        reduced = [a[-1]]
+    dims = [*y[1:], *reduced]
+    return None if any(d is None for d in dims) else int(np.prod(dims, dtype=np.int64))

@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def format_dims(dims) -> str:
+    """(None, 3, 48, 192) -> "?, 3, 48, 192": how eiec shows a shape with free dims."""
+    return ", ".join("?" if d is None else str(d) for d in dims)
+
+
 def _kb(n: float) -> str:
     return f"{n / 1024:,.1f}"
 
@@ -43,6 +48,7 @@ def inspect_json(m: dict[str, Any], host_ops: dict[str, int] | None = None) -> d
         "compression_ratio": m["compression_ratio"],
         "compression_ratio_huffman": m["compression_ratio_huffman"],
         "host_bytes": m["host_bytes"],
+        "input_shapes": m.get("input_shapes", {}),
         "target": m["target"],
         "layers": layers,
         "host_ops": m.get("host_ops", []),
@@ -71,6 +77,10 @@ def size_table(m: dict[str, Any], host_ops: dict[str, int] | None = None) -> str
            f"whole model: {_kb(m['original_bytes'])} KB -> {_kb(m['compressed_bytes'])} KB fixed "
            f"({m['compression_ratio']:.1f}x), {_kb(m['compressed_bytes_huffman'])} KB Huffman "
            f"({m['compression_ratio_huffman']:.1f}x); host parameters {_kb(m['host_bytes'])} KB"]
+    shapes = m.get("input_shapes")
+    if shapes:
+        out.append("lowered for inputs: " + ", ".join(
+            f"{name} ({format_dims(dims)})" for name, dims in shapes.items()))
     host = m.get("host_ops", [])
     if host:
         out.append("on the host (not compressed): " + ", ".join(f"{h['name']} ({h['op']})" for h in host))
@@ -110,12 +120,27 @@ def cycle_table(r: dict[str, Any]) -> str:
     rows = [[l["name"], f"{l['cycles']:,.0f}", f"{l['ideal_cycles']:,.0f}", f"{l['latency_us']:.2f}",
              f"{100 * l['load_balance']:.1f}%", f"{l['entries']:,}", f"{l['padding_entries']:,}",
              f"{l['nonzero_activations']:,.0f}", f"{l['energy_uj']:.3f}"] for l in r["layers"]]
-    return "\n".join([
-        f"{r['batch']} input(s) on {r['pes']} PEs @ {r['clock_mhz']:g} MHz (per input: mean over the batch)",
+    lines = [
+        f"{r['batch']} input(s) on {r['pes']} PEs @ {r['clock_mhz']:g} MHz (per input: mean over the batch; "
+        "accelerator segments only, host ops excluded)",
         _table(["layer", "cycles", "ideal", "latency us", "balance", "entries", "padding", "nz acts",
                 "energy uJ"], rows),
         f"total: {r['total_cycles']:,.0f} cycles for the batch, {r['latency_us']:.2f} us per input, "
-        f"{r['energy_uj']:.3f} uJ per input"] + _energy_lines(r))
+        f"{r['energy_uj']:.3f} uJ per input on the accelerator"]
+    return "\n".join(lines + _energy_lines(r) + _host_lines(r))
+
+
+def _host_lines(r: dict[str, Any]) -> list[str]:
+    """What ran on the host, apart from the accelerator's figures: ops, MACs, measured time."""
+    host = r.get("host")
+    if not host or not host["ops"]:
+        return []
+    ops = ", ".join(f"{h['op']} x{h['count']}" + (
+        "" if "macs_per_input" not in h else " (MACs unknown)" if h["macs_per_input"] is None
+        else f" ({h['macs_per_input']:,} MACs per input)") for h in host["ops"])
+    return [f"not in those figures, on the host (onnxruntime, CPU): {ops}; measured host wall time "
+            f"{host['wall_ms_per_input']:.3f} ms per input ({host['wall_ms']:.1f} ms for the batch, "
+            "everything but the simulator)"]
 
 
 def _energy_lines(r: dict[str, Any]) -> list[str]:

@@ -15,12 +15,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from eiec.errors import FormatError, InputError, ModelError, RecipeError
 from eiec.conv import conv_output_hw, im2col
 from eiec.tensorfile import check_npz
 from eiec.ir import Layer, copy_model, get_initializer, matrix_view
+from eiec.ortrun import graph_inputs, run_rows, session
+from eiec.report import format_dims
 from eiec.target import Target
 
 from . import reconstruct
@@ -34,61 +35,6 @@ Compress = Callable[[Layer, np.ndarray, np.ndarray, float, int | None], tuple[np
 Progress = Callable[[str], None]
 
 
-# ---------------------------------------------------------------- graph inputs and running
-
-
-@dataclass(frozen=True)
-class GraphInput:
-    name: str
-    dtype: np.dtype
-    dims: tuple[int | None, ...]  # None = dynamic
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
-    """The model's real inputs (initializers listed as inputs are not)."""
-    inits = {t.name for t in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
-        out.append(GraphInput(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
-    return out
-
-
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # overridable initializers make ORT warn once per weight
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def _batch_of(model: onnx.ModelProto) -> int | None:
-    """A fixed leading (batch) dimension of the inputs, or None when it is dynamic."""
-    dims = [gi.dims[0] for gi in graph_inputs(model) if gi.dims]
-    return dims[0] if dims and dims[0] is not None else None
-
-
-def _run_with(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], overrides: dict[str, np.ndarray],
-              names: list[str], batch: int | None) -> list[np.ndarray]:
-    """Run the calibration `inputs` (chunked to a fixed batch size) with whole-tensor `overrides` fed as-is."""
-    n = next(iter(inputs.values())).shape[0]
-    if batch is None or n == batch:
-        return sess.run(names, {**inputs, **overrides})
-    chunks = [sess.run(names, {**{k: v[s : s + batch] for k, v in inputs.items()}, **overrides})
-              for s in range(0, n, batch)]
-    return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
-
-
-def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], names: list[str], batch: int | None) -> list[np.ndarray]:
-    """Run the calibration set, in chunks of the model's fixed batch size if it has one."""
-    n = next(iter(feeds.values())).shape[0]
-    if batch is None or n == batch:
-        return sess.run(names, feeds)
-    chunks = [sess.run(names, {k: v[s : s + batch] for k, v in feeds.items()}) for s in range(0, n, batch)]
-    return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
-
-
 # ---------------------------------------------------------------- calibration data
 
 
@@ -97,24 +43,24 @@ def random_inputs(model: onnx.ModelProto, n: int, seed: int = 0) -> dict[str, np
 
     Float inputs are standard normal: trained models mostly see normalised inputs, and
     N(0, 1) exercises both signs of every weight (uniform [0, 1] would not). The
-    leading dimension is the batch (n, or the model's fixed batch size times
-    ceil(n / size)); any other dynamic dimension, or a non-float input, is a
-    ModelError: random data cannot guess it.
+    leading dimension is the batch: n rows whatever the model declares (`eiec.ortrun`
+    feeds a fixed batch in chunks); any other dynamic dimension, or a non-float input,
+    is a ModelError: random data cannot guess it.
     """
     rng = np.random.default_rng(seed)
     out = {}
-    batch = _batch_of(model)
-    rows = n if batch is None else batch * -(-n // batch)
     for gi in graph_inputs(model):
         if not np.issubdtype(gi.dtype, np.floating):
             raise ModelError(None, f"input {gi.name!r} is {gi.dtype}: random calibration data only for float inputs; pass --calibration")
         if not gi.dims or any(d is None for d in gi.dims[1:]):
-            raise ModelError(None, f"input {gi.name!r} has dynamic dimensions {gi.dims} beyond the batch; pass --calibration")
-        out[gi.name] = rng.standard_normal((rows, *gi.dims[1:])).astype(gi.dtype)
+            raise ModelError(None, f"input {gi.name!r} has free dimensions ({format_dims(gi.dims)}) beyond the batch: "
+                                   f"random data cannot choose them; pass --calibration data or --input-shape {gi.name}:DIMS")
+        out[gi.name] = rng.standard_normal((n, *gi.dims[1:])).astype(gi.dtype)
     return out
 
 
-def load_calibration(path: str | os.PathLike, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def load_calibration(path: str | os.PathLike, model: onnx.ModelProto,
+                     expected: str = "the model's") -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Calibration inputs (and optional integer `labels`) from an .npz, checked against the model.
 
     Keys must be the graph inputs (plus optionally `labels`, 1-D integers, one per
@@ -146,7 +92,6 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto) -> tuple[d
     missing = [k for k in wanted if k not in arrays]
     if missing:
         raise InputError(path, f"{missing[0]}: model input missing from the calibration data")
-    batch = _batch_of(model)
     n = None
     inputs: dict[str, np.ndarray] = {}
     for name, gi in wanted.items():
@@ -156,14 +101,12 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto) -> tuple[d
         if not np.can_cast(a.dtype, gi.dtype, "same_kind"):
             raise InputError(path, f"{name}: dtype {a.dtype} does not cast to the model's {gi.dtype}")
         if a.ndim != len(gi.dims) or a.ndim == 0:
-            raise InputError(path, f"{name}: shape {a.shape} has rank {a.ndim}, the model wants {len(gi.dims)} ({_dims(gi.dims)})")
+            raise InputError(path, f"{name}: shape {a.shape} has rank {a.ndim}, not that of {expected} ({format_dims(gi.dims)})")
         for axis, (have, want) in enumerate(zip(a.shape, gi.dims)):
             if axis > 0 and want is not None and have != want:
-                raise InputError(path, f"{name}: shape {a.shape} does not match the model's ({_dims(gi.dims)})")
+                raise InputError(path, f"{name}: shape {a.shape} does not match {expected} ({format_dims(gi.dims)})")
         if a.shape[0] == 0:
             raise InputError(path, f"{name}: has no rows")
-        if batch is not None and a.shape[0] % batch:
-            raise InputError(path, f"{name}: {a.shape[0]} rows is not a multiple of the model's fixed batch size {batch}")
         if n is not None and a.shape[0] != n:
             raise InputError(path, f"{name}: {a.shape[0]} rows, but other inputs have {n}")
         n = a.shape[0]
@@ -183,10 +126,6 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto) -> tuple[d
     return inputs, labels
 
 
-def _dims(dims: tuple[int | None, ...]) -> str:
-    return ", ".join("?" if d is None else str(d) for d in dims)
-
-
 # Fraction of the calibration rows `auto` holds out from reconstruction to score recipes on.
 HOLD_OUT = 0.5
 
@@ -203,23 +142,20 @@ class CalibrationSplit:
     held_out_rows: np.ndarray
 
 
-def split_calibration(model: onnx.ModelProto, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None,
+def split_calibration(inputs: dict[str, np.ndarray], labels: np.ndarray | None = None,
                       seed: int = 0, hold_out: float = HOLD_OUT) -> CalibrationSplit | None:
-    """A seeded split of the calibration rows: round(hold_out * units) units held out, the rest reconstruct.
+    """A seeded split of the calibration rows: round(hold_out * n) rows held out, the rest reconstruct.
 
-    A unit is a row, or a whole batch when the model's batch size is fixed (every part must
-    run as is). Deterministic in (number of rows, batch, seed); each part keeps the rows'
-    order. None when there are fewer than two units (nothing to hold out).
+    Any rows run on any model (`eiec.ortrun` pads a fixed batch), so the split is the same
+    whatever batch the model declares. Deterministic in (number of rows, seed); each part
+    keeps the rows' order. None when there are fewer than two rows (nothing to hold out).
     """
     n = next(iter(inputs.values())).shape[0]
-    size = _batch_of(model) or 1
-    units = n // size
-    if units < 2:
+    if n < 2:
         return None
-    held = min(units - 1, max(1, int(round(hold_out * units))))
-    perm = np.random.default_rng([seed, 0x5E1D]).permutation(units)
-    unit_rows = lambda u: (np.sort(u)[:, None] * size + np.arange(size)).reshape(-1)
-    rec, out = unit_rows(perm[held:]), unit_rows(perm[:held])
+    held = min(n - 1, max(1, int(round(hold_out * n))))
+    perm = np.random.default_rng([seed, 0x5E1D]).permutation(n)
+    rec, out = np.sort(perm[held:]), np.sort(perm[:held])
     pick = lambda rows: {k: v[rows] for k, v in inputs.items()}
     return CalibrationSplit(pick(rec), pick(out), None if labels is None else labels[rec],
                             None if labels is None else labels[out], rec, out)
@@ -293,7 +229,7 @@ def capture_layer_inputs(
     """
     wanted = list(dict.fromkeys(l.node.input[0] for l in layers if l.node.input[0] not in inputs))
     m = _with_outputs(model, wanted)
-    values = dict(zip(wanted, _run(_session(m), inputs, wanted, _batch_of(model)))) if wanted else {}
+    values = dict(zip(wanted, run_rows(session(m), wanted, inputs))) if wanted else {}
     values.update(inputs)
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
@@ -406,8 +342,7 @@ class Sequential:
                     self.weights[name] = get_initializer(model, name)
                     t = inits[name]
                     m.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
-        self.session = _session(m)
-        self.batch = _batch_of(model)
+        self.session = session(m)
         # the dense capture: every layer's rows (the same rows are taken from every later run)
         dense = self._tensors(self.layers, {})
         self.rows: dict[str, np.ndarray] = {}
@@ -431,7 +366,7 @@ class Sequential:
         return out
 
     def _run(self, names: list[str], overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return _run_with(self.session, self.calibration, overrides, names, self.batch)
+        return run_rows(self.session, names, self.calibration, overrides)
 
     def layer_inputs(self, layer: Layer, overrides: dict[str, np.ndarray]) -> np.ndarray:
         """The layer's calibration rows ([n, in] or [g, n, in_g]) when the model runs with `overrides`."""
@@ -587,15 +522,14 @@ class Evaluator:
                 m.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
         self.inputs = inputs
         self.labels = labels
-        self.batch = _batch_of(model)
-        self.session = _session(m)
+        self.session = session(m)
         self.output_names = [o.name for o in m.graph.output]
         self.reference = self.run({})
         self.reference_correct = None if labels is None else self._correct(self.reference)
         self.reference_accuracy = None if labels is None else 100.0 * float(np.mean(self.reference_correct))
 
     def run(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return _run_with(self.session, self.inputs, overrides, self.output_names, self.batch)
+        return run_rows(self.session, self.output_names, self.inputs, overrides)
 
     def _correct(self, outputs: list[np.ndarray]) -> np.ndarray:
         """Per row, is the first output's top-1 right: its argmax, or its value when it is an

@@ -23,6 +23,7 @@ from eiec.conv import block_diagonal
 from eiec.errors import ModelError
 from eiec.image import LINE_BYTES, SparseImage
 from eiec.ir import EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
+from eiec.ortrun import run_rows
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
 from eiec.segment import ConvGeometry, LayerSpec, Segment, blob_name
@@ -236,8 +237,7 @@ def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: d
     probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     sess = make_session(probe)
     feeds = {i.name: ctx.calibration[i.name] for i in sess.get_inputs() if i.name not in weights}
-    outs = sess.run(tensors, {**feeds, **weights})
-    return dict(zip(tensors, outs))
+    return dict(zip(tensors, run_rows(sess, tensors, feeds, weights)))
 
 
 def _frac(values: np.ndarray, bits: int) -> int:

@@ -9,6 +9,7 @@ address generation), which the cycle model counts as one mat-vec per position.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -91,6 +92,35 @@ class SegmentRun:
     @property
     def saturated(self) -> int:
         return sum(l.saturated for l in self.layers)
+
+
+def concat_runs(runs: list[SegmentRun]) -> SegmentRun:
+    """One segment's runs on consecutive chunks of a batch, as one run on the whole batch.
+
+    Per-input arrays (and dicts of them) are joined, saturation counts summed; anything
+    else (sizes, the first input's queue trace) is the first chunk's."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def join(values: list[Any]) -> Any:
+        v = values[0]
+        if isinstance(v, np.ndarray) and v.ndim >= 1:
+            return np.concatenate(values)
+        if isinstance(v, dict):
+            return {k: join([x[k] for x in values]) for k in v}
+        return v
+
+    layers = [dataclasses.replace(ls[0], saturated=sum(l.saturated for l in ls),
+                                  **{f.name: join([getattr(l, f.name) for l in ls])
+                                     for f in dataclasses.fields(LayerRun) if f.name != "saturated"})
+              for ls in zip(*(r.layers for r in runs))]
+
+    def bound() -> np.ndarray | None:
+        parts = [r.bound for r in runs]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
+    return SegmentRun(np.concatenate([r.input for r in runs]), np.concatenate([r.output for r in runs]),
+                      layers, bound)
 
 
 def _positions(x: np.ndarray, spec: LayerSpec) -> np.ndarray:

@@ -15,6 +15,7 @@ import onnx
 import onnxruntime
 from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
+from eiec.ortrun import session
 from eiec.passes.encode import decode_image, image_from_streams
 
 # onnxruntime-extensions 0.15 reads int64, float and string attributes only (an INTS attribute
@@ -104,9 +105,4 @@ def session_options() -> onnxruntime.SessionOptions:
 def make_session(model_or_path: onnx.ModelProto | bytes | str | os.PathLike,
                  options: onnxruntime.SessionOptions | None = None) -> onnxruntime.InferenceSession:
     """A CPU InferenceSession that can run IR3/IR4 (eiec custom ops)."""
-    if isinstance(model_or_path, onnx.ModelProto):
-        model_or_path = model_or_path.SerializeToString()
-    elif isinstance(model_or_path, os.PathLike):
-        model_or_path = os.fspath(model_or_path)
-    return onnxruntime.InferenceSession(model_or_path, options or session_options(),
-                                        providers=["CPUExecutionProvider"])
+    return session(model_or_path, options or session_options())

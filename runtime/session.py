@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import warnings
 from typing import Any
 
@@ -23,14 +24,20 @@ from onnxruntime_extensions import PyCustomOpDef
 from eiec.artifact import load_eie
 from eiec.errors import EiecError, FormatError, InputError
 from eiec.fileio import write_atomic
+from eiec.ir import host_ops
+from eiec.ortrun import check_rows, fixed_batch, run_rows
 from eiec.segment import Segment, blob_name
 from eiec.target import Target
 
-from .executor import SegmentRun, run_segment, segment_report
+from .executor import SegmentRun, concat_runs, run_segment, segment_report
 from .ops import custom_op, make_session
 
+COMPILED_FOR = "the shape the model was compiled for"
 _SEGMENTS: dict[str, Segment] = {}  # SHA-256 of a blob -> the parsed segment
-_STATE: dict[str, Any] = {"mode": "fixed", "cycles": True, "runs": None, "errors": []}
+# "chunk": (real rows, rows fed) of the chunk onnxruntime is running (see eiec.ortrun.run_rows)
+# "simulated_s": wall seconds spent in the simulator during the current run
+_STATE: dict[str, Any] = {"mode": "fixed", "cycles": True, "runs": None, "errors": [], "chunk": None,
+                          "simulated_s": 0.0}
 
 
 def _segment_of(blob: np.ndarray, digest: str = "") -> Segment:
@@ -58,23 +65,31 @@ def eie_segment(x: np.ndarray, blob: np.ndarray, digest: str = "") -> np.ndarray
     """ai.onnx.contrib::EIESegment(x, blob): run the segment's program on the simulator.
 
     An exception may not leave a Python op (it would abort onnxruntime): it is kept for
-    `InferenceSession.run` to raise once onnxruntime returns."""
+    `InferenceSession.run` to raise once onnxruntime returns. Rows that only pad a
+    fixed-batch chunk are not simulated (their outputs are dropped): the report counts
+    the real inputs only."""
+    chunk = _STATE["chunk"]
+    real = chunk[0] if chunk is not None and chunk[0] < chunk[1] == x.shape[0] else x.shape[0]
+    start = time.perf_counter()
     try:
         seg = _segment_of(blob, digest)
-        run = run_segment(seg, x, _STATE["mode"], cycles=_STATE["cycles"])
+        run = run_segment(seg, x[:real], _STATE["mode"], cycles=_STATE["cycles"])
     except Exception as e:
         _STATE["errors"].append(e)
         raise
+    finally:
+        _STATE["simulated_s"] += time.perf_counter() - start
     if _STATE["runs"] is not None:
-        _STATE["runs"][seg.name] = run
-    return run.output.reshape((x.shape[0],) + tuple(seg.layers[-1].out_shape))
+        _STATE["runs"].setdefault(seg.name, []).append(run)
+    y = run.output.reshape((real,) + tuple(seg.layers[-1].out_shape))
+    return np.concatenate([y, np.repeat(y[-1:], x.shape[0] - real, axis=0)]) if real < x.shape[0] else y
 
 
 @contextlib.contextmanager
 def _collect(mode: str, cycles: bool):
-    runs: dict[str, SegmentRun] = {}
+    runs: dict[str, list[SegmentRun]] = {}
     saved = dict(_STATE)
-    _STATE.update(mode=mode, cycles=cycles, runs=runs, errors=[])
+    _STATE.update(mode=mode, cycles=cycles, runs=runs, errors=[], chunk=None, simulated_s=0.0)
     try:
         yield runs
     finally:
@@ -119,11 +134,25 @@ class InferenceSession:
         return self._sess.get_outputs()
 
     def run(self, output_names, input_feed, run_options=None):
+        """Outputs for `input_feed`: any number of rows, fed in chunks the compiled model's
+        declared batch admits (eiec.ortrun.run_rows); the inputs' other dims must be the
+        ones it was compiled for (InputError naming the input and both shapes)."""
+        try:
+            check_rows(self._sess, input_feed, COMPILED_FOR)
+            size = fixed_batch(self._sess, list(input_feed))
+        except EiecError as e:
+            raise type(e)(self.path, e.reason) from None
+
+        def chunk(real: int) -> None:
+            _STATE["chunk"] = (real, size or real)
+
         with _collect(self.mode, self.cycles) as runs:
             try:
                 with warnings.catch_warnings():  # a failing segment is raised below, not warned about
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    out = self._sess.run(output_names, input_feed, run_options)
+                    start = time.perf_counter()
+                    out = run_rows(self._sess, output_names, input_feed, before_chunk=chunk, run_options=run_options)
+                    host_s = time.perf_counter() - start - _STATE["simulated_s"]
             except Exception:
                 if not _STATE["errors"]:
                     raise
@@ -133,8 +162,8 @@ class InferenceSession:
                 if isinstance(e, EiecError):
                     raise type(e)(e.path or self.path, e.reason) from None
                 raise FormatError(self.path, f"a segment cannot run on these inputs ({type(e).__name__}: {e})") from None
-        self.last_runs = runs
-        self.last_report = self._report(runs, input_feed)
+        self.last_runs = {name: concat_runs(parts) for name, parts in runs.items()}
+        self.last_report = self._report(self.last_runs, input_feed, host_s)
         return out
 
     def segment(self, name: str) -> Segment:
@@ -154,20 +183,26 @@ class InferenceSession:
         names = [n.name for n in self.model.graph.node if n.op_type == "EIESegment"]
         return self.segment(names[0]).target if names else Target()
 
-    def _report(self, runs: dict[str, SegmentRun], feeds) -> dict[str, Any] | None:
+    def _report(self, runs: dict[str, SegmentRun], feeds, host_s: float) -> dict[str, Any] | None:
+        """The segments' cycle/energy report, plus what ran on the host: its ops and the
+        measured onnxruntime wall time of everything but the simulator (not in the
+        accelerator's latency or energy)."""
         if not self.cycles:
             return None
         batch = next(iter(feeds.values())).shape[0] if feeds else 1
         report = segment_report([lr for r in runs.values() for lr in r.layers], self.target, batch)
         report["segments"] = list(runs)
+        report["host"] = {"ops": host_ops(self.model), "wall_ms": 1e3 * host_s,
+                          "wall_ms_per_input": 1e3 * host_s / max(batch, 1)}
         return report
 
 
 def load_inputs(path: str, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Inputs keyed by graph input name (+ optional labels), checked against the model."""
+    """Inputs keyed by graph input name (+ optional labels), checked against the shapes the
+    compiled `model` was lowered for."""
     from eiec.passes.calibrate import load_calibration
 
-    return load_calibration(path, model)
+    return load_calibration(path, model, COMPILED_FOR)
 
 
 def run_file(eie: str, input_path: str, out_path: str | None, report_path: str | None,

@@ -26,10 +26,11 @@ from eiec.conv import diagonal_blocks
 from eiec.errors import FormatError, ModelError
 from eiec.fileio import write_atomic
 from eiec.ir import OPSET
+from eiec.ortrun import run_rows, session
 from eiec.passes.encode import decode_image
 from eiec.segment import Segment
 
-from .session import InferenceSession
+from .session import InferenceSession, load_inputs
 
 DEFAULT_RANDOM = 16
 FP32_UNIT = 2.0 ** -24  # unit roundoff of onnxruntime's float32 reference
@@ -115,10 +116,8 @@ def segment_reference_model(seg: Segment, absolute: bool = False) -> onnx.ModelP
 def check_segment(seg: Segment, x: np.ndarray, y_fixed: np.ndarray, bound: np.ndarray,
                   saturated: int) -> SegmentCheck:
     """Question 1 for one segment on the input the EIE path actually fed it."""
-    ref = onnxruntime.InferenceSession(segment_reference_model(seg).SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
-    absm = onnxruntime.InferenceSession(segment_reference_model(seg, absolute=True).SerializeToString(),
-                                        providers=["CPUExecutionProvider"])
+    ref = session(segment_reference_model(seg))
+    absm = session(segment_reference_model(seg, absolute=True))
     x = x.astype(np.float32)
     y_ref = ref.run(None, {"x": x})[0].reshape(y_fixed.shape)
     scale = absm.run(None, {"x": np.abs(x)})[0].reshape(y_fixed.shape)
@@ -133,9 +132,29 @@ def check_segment(seg: Segment, x: np.ndarray, y_fixed: np.ndarray, bound: np.nd
                         float(ratio.max(initial=0)), saturated, codebook_faults(seg))
 
 
+def class_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis an output's classes lie on, for top-1 agreement (None: not a class output).
+
+    [N, C] -> 1; [N, T, C] -> 2 (per-position classes last, as sequence models and
+    recognizers write them); [N, C, H, W, ...] -> 1 (channels first, ONNX's layout, as
+    segmentation maps are). Only when that axis holds more than one class.
+    """
+    if len(shape) < 2:
+        return None
+    axis = len(shape) - 1 if len(shape) == 3 else 1
+    return axis if shape[axis] > 1 else None
+
+
 def fidelity(ref: list[np.ndarray], out: list[np.ndarray], names: list[str],
              labels: np.ndarray | None) -> dict[str, Any]:
-    """Question 2: per output error measures and top-1 agreement / accuracy."""
+    """Question 2: per output error measures and top-1 agreement / accuracy.
+
+    Errors are relative to the reference's scale, not elementwise (a near-zero
+    reference, say a probability map's background, would make any error look huge):
+    max_scaled_error = max|out - ref| / max|ref|, rel_l2_error = ||out - ref|| / ||ref||.
+    top1_agreement is the fraction of positions (rows, or every position of a
+    per-position class output) whose argmax along `class_axis` agrees.
+    """
     res: dict[str, Any] = {"outputs": {}}
     for name, r, o in zip(names, ref, out):
         if not np.issubdtype(r.dtype, np.floating):
@@ -144,13 +163,15 @@ def fidelity(ref: list[np.ndarray], out: list[np.ndarray], names: list[str],
         r64, o64 = r.astype(np.float64).ravel(), o.astype(np.float64).ravel()
         diff = np.abs(r64 - o64)
         denom = np.linalg.norm(r64) * np.linalg.norm(o64)
+        scale = float(np.abs(r64).max(initial=0))
         entry = {"max_abs_error": float(diff.max(initial=0)),
-                 "max_rel_error": float((diff / np.maximum(np.abs(r64), 1e-12)).max(initial=0)),
+                 "max_scaled_error": float(diff.max(initial=0)) / scale if scale > 0 else float(diff.max(initial=0)),
                  "rel_l2_error": float(np.linalg.norm(r64 - o64) / max(np.linalg.norm(r64), 1e-30)),
                  "cosine": float(r64 @ o64 / denom) if denom > 0 else 1.0}
-        if r.ndim == 2 and r.shape[1] > 1:
-            entry["top1_agreement"] = float(np.mean(r.argmax(1) == o.argmax(1)))
-            if labels is not None and len(labels) == r.shape[0]:
+        axis = class_axis(r.shape)
+        if axis is not None:
+            entry["top1_agreement"] = float(np.mean(r.argmax(axis) == o.argmax(axis)))
+            if r.ndim == 2 and labels is not None and len(labels) == r.shape[0]:
                 entry["accuracy_original"] = float(np.mean(r.argmax(1) == labels))
                 entry["accuracy"] = float(np.mean(o.argmax(1) == labels))
         res["outputs"][name] = entry
@@ -167,16 +188,14 @@ def _drop_points(fid: dict[str, Any]) -> float | None:
     return None
 
 
-def _inputs(model_path: str, input_path: str | None, random_n: int | None):
-    from eiec.passes.calibrate import load_calibration, random_inputs
+def _inputs(compiled: onnx.ModelProto, input_path: str | None, random_n: int | None):
+    """Inputs checked against, or drawn for, the shapes the model was compiled for (its host
+    graph's inputs): a model with free spatial sizes validates at the size it was lowered for."""
+    from eiec.passes.calibrate import random_inputs
 
-    try:
-        model = onnx.load(model_path, load_external_data=False)
-    except Exception:  # noqa: BLE001
-        raise ModelError(model_path, "not an ONNX model") from None
     if input_path is not None:
-        return load_calibration(input_path, model)
-    return random_inputs(model, random_n or DEFAULT_RANDOM, 0), None
+        return load_inputs(input_path, compiled)
+    return random_inputs(compiled, random_n or DEFAULT_RANDOM, 0), None
 
 
 def _original_session(model_path: str) -> onnxruntime.InferenceSession:
@@ -184,7 +203,7 @@ def _original_session(model_path: str) -> onnxruntime.InferenceSession:
 
     load_model(model_path)  # the same checks as compile: clear errors, confined external data
     try:
-        return onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+        return session(model_path)
     except Exception as e:  # noqa: BLE001
         raise ModelError(model_path, f"onnxruntime cannot run it: {str(e).splitlines()[0]}") from None
 
@@ -193,10 +212,10 @@ def validate(model_path: str, eie_path: str, input_path: str | None = None, rand
              bisect_dir: str | None = None) -> dict[str, Any]:
     """Both measures (and per pass with `bisect_dir`) as one JSON-able dict."""
     orig = _original_session(model_path)  # checks the model first, so errors name it
-    feeds, labels = _inputs(model_path, input_path, random_n)
-    names = [o.name for o in orig.get_outputs()]
-    ref = orig.run(names, feeds)
     sess = InferenceSession(eie_path)
+    feeds, labels = _inputs(sess.model, input_path, random_n)
+    names = [o.name for o in orig.get_outputs()]
+    ref = run_rows(orig, names, feeds)
     out = sess.run(names, feeds)
     checks = [check_segment(sess.segment(n), r.input, r.output, r.bound, r.saturated)
               for n, r in sess.last_runs.items()]
@@ -238,7 +257,8 @@ def _summary_line(fid: dict[str, Any]) -> str:
         if "max_abs_error" not in e:
             parts.append(f"{name}: {100 * e['equal_fraction']:.1f}% equal")
             continue
-        s = f"{name}: max abs {e['max_abs_error']:.3g}, rel l2 {e['rel_l2_error']:.3g}, cos {e['cosine']:.5f}"
+        s = (f"{name}: max abs {e['max_abs_error']:.3g} ({e['max_scaled_error']:.3g} of max |ref|), "
+             f"rel l2 {e['rel_l2_error']:.3g}, cos {e['cosine']:.5f}")
         if "top1_agreement" in e:
             s += f", top-1 agree {100 * e['top1_agreement']:.1f}%"
         if "accuracy" in e:

@@ -259,7 +259,7 @@ def test_auto_compile_respects_the_accuracy_budget_on_the_held_out_calibration_r
     path, calib, model, data = _write_model_and_data(tmp_path, 3, 400, labels=True)
     out, dump = str(tmp_path / "m.eie"), str(tmp_path / "ir")
     res = compile_model(path, out, calibration_path=calib, dump_dir=dump, budget={"max_accuracy_drop": 25.0})
-    split = split_calibration(model, {"x": data["x"]}, data["labels"], seed=0)
+    split = split_calibration({"x": data["x"]}, data["labels"], seed=0)
     auto = res.manifest["auto"]
     assert (auto["reconstruction_rows"], auto["held_out_rows"], auto["scored_rows"]) == (200, 200, 200)
     assert auto["allowed_rows_lost"] == 50  # 25 points of 200 rows
@@ -288,7 +288,7 @@ def test_auto_compile_respects_the_output_error_budget_and_replays_to_the_same_r
     path, calib, model, data = _write_model_and_data(tmp_path, 4, 200, labels=False)
     out, dump = str(tmp_path / "m.eie"), str(tmp_path / "ir")
     res = compile_model(path, out, calibration_path=calib, dump_dir=dump, budget={"max_output_error": 0.35})
-    x_out = data["x"][split_calibration(model, {"x": data["x"]}).held_out_rows]
+    x_out = data["x"][split_calibration({"x": data["x"]}).held_out_rows]
     (y_ref,) = run(model, {"x": x_out})
     (y,) = run(onnx.load(os.path.join(dump, "2_cluster.onnx")), {"x": x_out})
     error = np.linalg.norm(y.astype(np.float64) - y_ref) / np.linalg.norm(y_ref.astype(np.float64))

@@ -19,7 +19,7 @@ import pytest
 from eiec.artifact import load_eie
 from eiec.container import read_eie, resign
 from eiec.passes.encode import decode_image
-from eiec.runtime.validate import codebook_faults
+from eiec.runtime.validate import class_axis, codebook_faults, fidelity
 from eiec.tensorfile import pack_arrays, unpack_arrays
 from helpers import MODELS, run_cli, save_inputs
 
@@ -125,7 +125,7 @@ def test_bisect_names_every_pass_with_its_error(lenet5_bisect):
     section = out.split("after each pass (vs the original):")[1]
     for name in PASSES:
         line = next(l for l in section.splitlines() if l.strip().startswith(name))
-        assert re.search(r"max abs [0-9.e+-]+, rel l2 [0-9.e+-]+", line), line
+        assert re.search(r"max abs [0-9.e+-]+ \([0-9.e+-]+ of max \|ref\|\), rel l2 [0-9.e+-]+", line), line
         assert "accuracy" in line
     rows = {r["pass"]: r for r in res["bisect"]}
     assert rows["0_import"]["fidelity"]["outputs"]["logits"]["max_abs_error"] < 1e-4  # import changes nothing
@@ -150,3 +150,27 @@ def test_bisect_points_at_prune_when_one_layer_is_pruned_to_1_percent(tmp_path, 
     steps = dict(zip(PASSES[1:], np.diff(drops)))
     assert max(steps, key=steps.get) == "1_prune", steps
     assert re.search(r"largest step: 1_prune \(\+[0-9.]+ points\)", out), out
+
+
+def test_fidelity_of_per_position_class_outputs_and_near_zero_maps_by_hand():
+    # a recognizer's [N=1, T=3, classes=4]: classes on the last axis, one top-1 per position
+    seq_ref = np.array([[[0, 9, 1, 0], [5, 1, 0, 0], [0, 0, 1, 2]]], np.float32)
+    seq_out = np.array([[[0, 8, 1, 0], [1, 2, 0, 0], [0, 0, 1, 3]]], np.float32)  # position 1 flips
+    # a segmentation [N=1, C=2, H=1, W=2]: classes on axis 1
+    seg_ref = np.array([[[[1.0, 0.0]], [[0.0, 1.0]]]], np.float32)
+    seg_out = np.array([[[[1.0, 0.6]], [[0.0, 0.5]]]], np.float32)  # the second pixel flips
+    # a probability map [N=1, 1, 1, 3] with near-zero background: one class, no top-1
+    prob_ref = np.array([[[[1e-9, 0.5, 2e-9]]]], np.float32)
+    prob_out = np.array([[[[1e-4, 0.5, 2e-9]]]], np.float32)
+    fid = fidelity([seq_ref, seg_ref, prob_ref], [seq_out, seg_out, prob_out], ["seq", "seg", "prob"], None)
+    seq, seg, prob = (fid["outputs"][k] for k in ("seq", "seg", "prob"))
+    assert seq["top1_agreement"] == pytest.approx(2 / 3)
+    assert seg["top1_agreement"] == pytest.approx(1 / 2)
+    assert "top1_agreement" not in prob
+    assert seq["max_abs_error"] == pytest.approx(4.0) and seq["max_scaled_error"] == pytest.approx(4 / 9)
+    assert seg["max_scaled_error"] == pytest.approx(0.6)
+    # elementwise this would be 1e-4 / 1e-9 = 1e5; against the map's scale it is 2e-4
+    assert prob["max_scaled_error"] == pytest.approx(1e-4 / 0.5, rel=1e-3)
+    assert prob["rel_l2_error"] == pytest.approx(1e-4 / 0.5, rel=1e-3)
+    assert [class_axis(s) for s in [(5, 10), (5, 7, 10), (5, 10, 8, 8), (5, 1, 8, 8), (5, 1), (5,)]] == \
+        [1, 2, 1, None, None, None]
