@@ -36,6 +36,7 @@ def main() -> int:
     good = tf.make_good(Path(tempfile.mkdtemp(prefix="eiec-fuzz-")))
     props = {
         "test_random_chains_compile_run_and_validate_exactly": lambda f: f(),
+        "test_user_shaped_models_compile_run_and_validate_exactly": lambda f: f(),
         "test_eie_reader_survives_raw_byte_damage": lambda f: f(good),
         "test_eie_loader_refuses_signed_damage_cleanly": lambda f: f(good),
         "test_model_loader_survives_byte_damage": lambda f: f(good),

@@ -152,6 +152,122 @@ def test_random_chains_compile_run_and_validate_exactly(spec):
     assert res["exact"]["segments"], "every chain layer is compressible, so there is a segment"
 
 
+# ---------------------------------------------------------------- models as exporters write them
+
+STYLES = ("plain", "shape_flatten", "constant_scalars", "relu6", "stale_value_info", "nhwc_transpose")
+
+
+@st.composite
+def user_models(draw) -> dict:
+    """A random chain with the input shape and the graph patterns exporters write.
+
+    The batch is symbolic ("N") or fixed (1, 2, 3: torch.onnx.export writes 1), a conv
+    net's spatial dims may be free (fixed by the calibration rows), and the graph is
+    written in one exporter's style: a Shape-computed flatten (torch `x.view(x.size(0), -1)`),
+    Constant nodes for the weights (paddle), ReLU6 as Clip with min/max inputs, stale
+    value_info, or NHWC input with a Transpose in front (tf2onnx); at opsets 11-21.
+    """
+    spec = draw(chains())
+    conv = len(spec["input"]) == 3
+    spec["batch"] = draw(st.sampled_from(["N", 1, 2, 3]))
+    spec["free_spatial"] = conv and draw(st.booleans())
+    spec["style"] = draw(st.sampled_from([s for s in STYLES if conv or s not in ("shape_flatten", "nhwc_transpose")]))
+    spec["opset"] = draw(st.sampled_from([11, 13, 17, 21]))
+    spec["rows"] = draw(st.integers(1, 7))  # not always a multiple of a fixed batch
+    return spec
+
+
+def build_user_model(spec: dict) -> onnx.ModelProto:
+    """build_chain's model rewritten into the spec's input shape, exporter style and opset."""
+    model = build_chain(spec)
+    g = model.graph
+    x, y = g.input[0].type.tensor_type.shape, g.output[0].type.tensor_type.shape
+    for shape in (x, y):
+        if spec["batch"] != "N":
+            shape.dim[0].ClearField("dim_param")
+            shape.dim[0].dim_value = spec["batch"]
+    if spec["free_spatial"]:
+        for i, d in ((2, "H"), (3, "W")):
+            x.dim[i].ClearField("dim_value")
+            x.dim[i].dim_param = d
+    nodes = list(g.node)
+    style = spec["style"]
+    if style == "shape_flatten":  # Shape -> Gather -> Unsqueeze -> Concat -> Reshape instead of Flatten
+        for i, n in enumerate(nodes):
+            if n.op_type == "Flatten":
+                src, dst = n.input[0], n.output[0]
+                nodes[i:i + 1] = [
+                    helper.make_node("Shape", [src], [f"{dst}.shape"]),
+                    helper.make_node("Constant", [], [f"{dst}.zero"], value=numpy_helper.from_array(np.array(0, np.int64))),
+                    helper.make_node("Gather", [f"{dst}.shape", f"{dst}.zero"], [f"{dst}.n"], axis=0),
+                    helper.make_node("Unsqueeze", [f"{dst}.n"], [f"{dst}.n1"], axes=[0]) if spec["opset"] < 13 else
+                    helper.make_node("Unsqueeze", [f"{dst}.n", f"{dst}.axes"], [f"{dst}.n1"]),
+                    helper.make_node("Concat", [f"{dst}.n1", f"{dst}.minus1"], [f"{dst}.target"], axis=0),
+                    helper.make_node("Reshape", [src, f"{dst}.target"], [dst]),
+                ]
+                g.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), f"{dst}.minus1"),
+                                      numpy_helper.from_array(np.array([0], np.int64), f"{dst}.axes")])
+                break
+    elif style == "constant_scalars":  # every weight a Constant node, as paddle2onnx writes
+        consts = [helper.make_node("Constant", [], [t.name], value=t) for t in g.initializer]
+        del g.initializer[:]
+        nodes = consts + nodes
+    elif style == "relu6":
+        for i, n in enumerate(nodes):
+            if n.op_type == "Relu":
+                lo, hi = f"{n.output[0]}.lo", f"{n.output[0]}.hi"
+                g.initializer.extend([numpy_helper.from_array(np.array(0, np.float32), lo),
+                                      numpy_helper.from_array(np.array(6, np.float32), hi)])
+                nodes[i] = helper.make_node("Clip", [n.input[0], lo, hi], list(n.output), name=n.name)
+    elif style == "stale_value_info":  # a hint with the wrong shape, left by an earlier rewrite
+        g.value_info.append(helper.make_tensor_value_info(nodes[0].output[0], TensorProto.FLOAT, [7, 7]))
+    elif style == "nhwc_transpose":  # tf2onnx: NHWC graph input, Transpose to NCHW in front of the convs
+        dims = list(x.dim)
+        nhwc = [dims[0], dims[2], dims[3], dims[1]]
+        new_input = helper.make_tensor_value_info("x", TensorProto.FLOAT, [
+            d.dim_param or d.dim_value for d in nhwc])
+        del g.input[:]
+        g.input.append(new_input)
+        nodes[0].input[0] = "x.nchw"
+        nodes.insert(0, helper.make_node("Transpose", ["x"], ["x.nchw"], perm=[0, 3, 1, 2]))
+    del g.node[:]
+    g.node.extend(nodes)
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", spec["opset"]))
+    return model
+
+
+def user_inputs(spec: dict) -> np.ndarray:
+    """Calibration/test rows of the spec's shape (which also fixes free spatial dims)."""
+    shape = spec["input"]
+    if spec["style"] == "nhwc_transpose":
+        shape = [shape[1], shape[2], shape[0]]
+    return np.random.default_rng(spec["seed"]).standard_normal((spec["rows"], *shape)).astype(np.float32)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@examples(12)
+@given(user_models())
+def test_user_shaped_models_compile_run_and_validate_exactly(spec):
+    CASES["user model"] += 1
+    with tempfile.TemporaryDirectory() as d:
+        model = build_user_model(spec)
+        path = os.path.join(d, "m.onnx")
+        onnx.save(model, path)
+        recipe = os.path.join(d, "r.yaml")
+        with open(recipe, "w") as f:
+            f.write(recipe_text(spec))
+        data = os.path.join(d, "x.npz")
+        np.savez(data, x=user_inputs(spec))
+        out = os.path.join(d, "m.eie")
+        compile_model(path, out, recipe, calibration_path=data if spec["free_spatial"] or spec["rows"] > 3 else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            res = validate(path, out, input_path=data)
+    assert res["exact"]["ok"], (spec, res["exact"])
+    assert res["exact"]["segments"], "every chain layer is compressible, so there is a segment"
+
+
 # ---------------------------------------------------------------- byte-level fuzz of the readers
 
 
