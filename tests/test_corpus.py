@@ -4,6 +4,12 @@ tests/models/tv_*.onnx (made by tests/models/make_corpus.py, described in models
 are width-reduced torchvision architectures exported by torch.onnx.export with its defaults:
 a fixed batch of 1, exporter-chosen names, TorchScript and dynamo exporters, opsets 20 and 11.
 onnxruntime on the original file is the judge. No torch.
+
+The whole chain (compile, `eiec run`, `eiec validate`) runs on every model in the fast suite
+with a recipe that switches the calibration-driven reconstruction off (what the corpus
+tests is import, lowering and fixed batch sizes, not the search); with no recipe at all
+(the automatic search, 10-60 s of CPU per model) on SqueezeNet in the fast suite and on
+every model in the slow one.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from helpers import ZOO
+from eiec.container import read_eie
+from helpers import ZOO, run_cli, save_inputs, write_recipe
 
 CORPUS = {  # file stem -> opset the exporter wrote
     "tv_mobilenet_v3_small": 20,
@@ -27,6 +34,9 @@ CORPUS = {  # file stem -> opset the exporter wrote
     "tv_mobilenet_v3_small_opset11": 11,
 }
 SHAPE = [1, 3, 64, 64]
+# 4-bit codebooks, nothing pruned, no reconstruction: the chain without the search's cost
+PLAIN = "defaults: {density: keep, bits: 4, obs: false, gptq: false, refit: false, bias_correction: false}\n"
+FAST_AUTO = ["tv_squeezenet1_1"]
 
 
 def _path(stem: str) -> Path:
@@ -75,3 +85,45 @@ def test_corpus_exporter_patterns_are_the_documented_ones():
     assert not any("BatchNormalization" in o for o in ops.values())
     convs = [n for n in onnx.load(_path("tv_mobilenet_v3_small")).graph.node if n.op_type == "Conv"]
     assert any(a.name == "group" and a.i > 1 for c in convs for a in c.attribute)  # depthwise
+
+
+def _compile_run_validate(stem: str, folder: Path, recipe: str | None) -> dict:
+    """`eiec MODEL -o OUT.eie [--config]`, `eiec run` on 2 rows, `eiec validate`; the manifest."""
+    model, eie = _path(stem), folder / f"{stem}.eie"
+    config = [] if recipe is None else ["--config", write_recipe(folder, recipe)]
+    code, _, err = run_cli(model, "-o", eie, *config)
+    assert code == 0, err
+    name = onnx.load(model).graph.input[0].name
+    x = np.random.default_rng(1).standard_normal((2, *SHAPE[1:])).astype(np.float32)
+    outputs = folder / "out.npz"
+    code, out, err = run_cli("run", eie, "--input", save_inputs(folder / "in.npz", **{name: x}), "-o", outputs)
+    assert code == 0, err
+    with np.load(outputs) as f:
+        (y,) = f.values()
+    assert y.shape == (2, 10) and np.isfinite(y).all()
+    code, out, err = run_cli("validate", model, eie, "--random", "2")
+    assert code == 0, out + err
+    assert "EXACT within the fixed-point bound" in out
+    return read_eie(eie).manifest
+
+
+def _every_layer_on_the_accelerator(stem: str, manifest: dict) -> None:
+    """Each Conv and Gemm of the original (BN is folded by the exporters) is a lowered layer."""
+    layers = [n for n in onnx.load(_path(stem)).graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(manifest["layers"]) == len(layers)
+    assert not any(l.get("on_host") for l in manifest["layers"])
+    in_segments = {l["name"] for s in manifest["segments"] for l in s["layers"]}
+    assert in_segments == {l["name"] for l in manifest["layers"]}
+
+
+@pytest.mark.parametrize("stem", CORPUS)
+def test_corpus_model_compiles_runs_and_validates(stem, tmp_path):
+    manifest = _compile_run_validate(stem, tmp_path, PLAIN)
+    _every_layer_on_the_accelerator(stem, manifest)
+
+
+@pytest.mark.parametrize("stem", [pytest.param(s, marks=[] if s in FAST_AUTO else pytest.mark.slow) for s in CORPUS])
+def test_corpus_model_compiles_with_no_recipe_runs_and_validates(stem, tmp_path):
+    manifest = _compile_run_validate(stem, tmp_path, None)
+    _every_layer_on_the_accelerator(stem, manifest)
+    assert manifest["auto"]["calibration"] == "random"
