@@ -8,13 +8,14 @@ alone) on these configurations:
   8+8 / 8-bit          Deep Compression's conv setting: 256-entry codebooks
   8+8 / dw 8-bit       per-layer bits: 8 on depthwise layers, 4 elsewhere (entries stay 16-bit)
   4+4 / dw on host     depthwise layers left dense on the host (`skip: true`)
-and two float what-ifs in onnxruntime that isolate the codebook (plain k-means, no
-reconstruction, no fixed point): every layer at 4 bits, and the same with the depthwise
-layers' codebooks scaled per output channel (each channel's weights divided by its max |w|
-before k-means, multiplied back after: a per-row scale at write-back in hardware).
+and float what-ifs in onnxruntime that isolate the depthwise layers' codebooks (only they
+are clustered, plain k-means, no reconstruction, no fixed point; every other layer float):
+at 4 bits, at 8 bits, and at 4 bits scaled per output channel (each channel's weights
+divided by its max |w| before k-means, multiplied back after: a per-row scale at write-back
+in hardware, which eiec does not have).
 Measured: top-1 agreement with the original model (onnxruntime) and accuracy where labels
 exist, relative L2 output error, the fixed (hardware) and Huffman sizes, cycles and energy per
-input on the simulator. Usage: python bench/entry_widths.py [--out bench/results/entry_widths.json]
+input on the simulator, segments, and the multiply-accumulates left on the host per input. Usage: python bench/entry_widths.py [--out bench/results/entry_widths.json]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import onnxruntime as ort
 import yaml
 from onnx import numpy_helper
 
+from eiec.container import read_eie
 from eiec.driver import compile_model
 from eiec.importer import load_model
 from eiec.ir import find_layers
@@ -45,11 +47,14 @@ CYCLE_ROWS = 16  # inputs simulated with the cycle model (cycles do not need all
 RANDOM_ROWS = 200
 SEED = 0
 
-# name -> (model file, data: "digits" or "random")
+SPREAD = 100.0  # ratio of the largest to the smallest per-channel scale of a spread model
+# name -> (model file, data: "digits" or "random", spread the depthwise channel scales)
 MODELS = {
-    "lenet5": ("models/lenet5.onnx", "digits"),
-    "torch_depthwise_dilated": ("tests/models/torch_depthwise_dilated.onnx", "random"),
-    "mobilenet_digits": ("models/mobilenet_digits.onnx", "digits"),  # when the corpus work ships it
+    "lenet5": ("models/lenet5.onnx", "digits", False),
+    "torch_depthwise_dilated": ("tests/models/torch_depthwise_dilated.onnx", "random", False),
+    "torch_depthwise_dilated, dw spread": (
+        "tests/models/torch_depthwise_dilated.onnx", "random", True),
+    "mobilenet_digits": ("models/mobilenet_digits.onnx", "digits", False),  # when the corpus work ships it
 }
 WIDE = {"weight_bits": 8, "rel_index_bits": 8}
 
@@ -59,6 +64,24 @@ def depthwise_layers(model: onnx.ModelProto) -> list[str]:
     return [l.name for l in find_layers(model)
             if l.kind == "conv" and int(l.attr("group", 1)) > 1 and l.shape[1] == 1
             and int(l.attr("group", 1)) == l.shape[0]]
+
+
+def spread_scales(model: onnx.ModelProto, dw: list[str]) -> onnx.ModelProto:
+    """The model with each depthwise layer's output channels (weights and bias) scaled by
+    factors spread log-uniformly over SPREAD, nothing compensating downstream: its own
+    reference. A depthwise layer with per-channel ranges as far apart as BatchNorm folding
+    makes them in trained networks, on a model whose weights are otherwise random."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    rng = np.random.default_rng(SEED)
+    for layer in find_layers(m):
+        if layer.name in dw:
+            s = np.exp(rng.permutation(np.linspace(0.0, np.log(SPREAD), layer.shape[0]))).astype(np.float32)
+            for name, shape in ((layer.weight, (-1, 1, 1, 1)), (layer.bias, (-1,))):
+                v = numpy_helper.to_array(inits[name]) * s.reshape(shape)
+                inits[name].CopyFrom(numpy_helper.from_array(v.astype(np.float32), name))
+    return m
 
 
 def configs(dw: list[str]) -> dict[str, dict[str, Any]]:
@@ -104,19 +127,36 @@ def fidelity(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None) -> dic
     return res
 
 
-def what_if(model: onnx.ModelProto, per_channel: list[str]) -> onnx.ModelProto:
-    """Every layer's weight replaced by its plain 4-bit k-means reconstruction; the layers in
-    `per_channel` clustered on channel-normalised weights and scaled back per output channel."""
+def host_macs(path: str, manifest: dict[str, Any]) -> int:
+    """Multiply-accumulates per input of the layers the compile left on the host."""
+    model = onnx.shape_inference.infer_shapes(load_model(path))
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (*model.graph.value_info, *model.graph.output)}
+    on_host = {l["name"] for l in manifest["layers"] if l.get("on_host")}
+    total = 0
+    for layer in find_layers(model):
+        if layer.name in on_host:
+            out = dims.get(layer.node.output[0], [])
+            positions = int(np.prod(out[2:])) if layer.kind == "conv" and len(out) > 2 else 1
+            total += int(np.prod(layer.shape)) * positions
+    return total
+
+
+def what_if(model: onnx.ModelProto, layers: list[str], bits: int, per_channel: bool) -> onnx.ModelProto:
+    """`layers`' weights replaced by their plain k-means reconstruction at `bits`, clustered on
+    channel-normalised weights and scaled back per output channel when `per_channel`."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {t.name: t for t in m.graph.initializer}
     for layer in find_layers(m):
+        if layer.name not in layers:
+            continue
         w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
         scale = np.ones((w.shape[0],) + (1,) * (w.ndim - 1), np.float32)
-        if layer.name in per_channel:
+        if per_channel:
             scale = np.abs(w).reshape(w.shape[0], -1).max(axis=1).reshape(scale.shape)
             scale[scale == 0] = 1.0
-        codebook, idx = quantize_weights(w / scale, 4)
+        codebook, idx = quantize_weights(w / scale, bits)
         inits[layer.weight].CopyFrom(numpy_helper.from_array((codebook[idx] * scale).astype(np.float32),
                                                              layer.weight))
     return m
@@ -125,29 +165,52 @@ def what_if(model: onnx.ModelProto, per_channel: list[str]) -> onnx.ModelProto:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "entry_widths.json"))
+    ap.add_argument("--only", action="append", help="measure only this model (repeatable; names as in MODELS)")
+    ap.add_argument("--config", action="append", help="compile only this configuration (repeatable)")
     args = ap.parse_args()
     results: dict[str, Any] = {"machine": platform.platform(), "density": 1.0, "seed": SEED,
                                "cycle_rows": CYCLE_ROWS, "models": {}}
     with tempfile.TemporaryDirectory() as work:
-        for name, (rel_path, kind) in MODELS.items():
+        for name, (rel_path, kind, spread) in MODELS.items():
             path = os.path.join(ROOT, rel_path)
+            if args.only and name not in args.only:
+                continue
             if not os.path.exists(path):
                 print(f"{name}: {rel_path} not found, skipped")
                 continue
             model = load_model(path)
             dw = depthwise_layers(model)
+            if spread:
+                path = os.path.join(work, "spread.onnx")
+                onnx.save(spread_scales(onnx.load(os.path.join(ROOT, rel_path)), dw), path)
+                model = load_model(path)
             calib, feeds, labels = data_for(model, kind)
             dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
             batch = dims[0].dim_value or None
             orig = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             ref = run_rows(lambda f: orig.run(None, f)[0], feeds, batch)
             runs: dict[str, Any] = {}
+            results["models"][name] = {"file": rel_path, "data": kind, "depthwise_layers": dw, "runs": runs,
+                                       "original_accuracy": fidelity(ref, ref, labels).get("accuracy")}
+            floats = {}
+            if dw:
+                floats["float, only dw 4-bit"] = what_if(model, dw, 4, False)
+                floats["float, only dw 8-bit"] = what_if(model, dw, 8, False)
+                floats["float, only dw 4-bit per-channel"] = what_if(model, dw, 4, True)
+            for tag, fm in floats.items():
+                s = ort.InferenceSession(fm.SerializeToString(), providers=["CPUExecutionProvider"])
+                runs[tag] = fidelity(ref, run_rows(lambda f: s.run(None, f)[0], feeds, batch), labels)
+                print(f"{name:>24} {tag:<18} top1 {runs[tag]['top1_agreement']:6.2f} %  "
+                      f"relL2 {runs[tag]['rel_l2_error']:.4f}")
             for tag, recipe in configs(dw).items():
+                if args.config and tag not in args.config:
+                    continue
                 rpath = os.path.join(work, "r.yaml")
                 with open(rpath, "w") as f:
                     yaml.safe_dump(recipe, f)
                 out = os.path.join(work, f"{name}.eie")
-                m = compile_model(path, out, rpath, calib, None, seed=SEED).manifest
+                compile_model(path, out, rpath, calib, None, seed=SEED)
+                m = read_eie(out).manifest
                 sess = InferenceSession(out, cycles=False)
                 y = run_rows(lambda f: sess.run(None, f)[0], feeds, batch)
                 timed = InferenceSession(out)
@@ -156,6 +219,7 @@ def main() -> None:
                 runs[tag] = {"recipe": recipe, **fidelity(ref, y, labels),
                              "bytes_fixed": m["compressed_bytes"], "bytes_huffman": m["compressed_bytes_huffman"],
                              "original_bytes": m["original_bytes"], "host_ops": m["host_ops"],
+                             "segments": len(m["segments"]), "host_macs": host_macs(path, m),
                              "cycles_per_input": rep["cycles_per_input"] if rep else 0.0,
                              "energy_uj": rep["energy_uj"] if rep else 0.0,
                              "layers": {l["name"]: {k: l.get(k) for k in ("bits", "entries", "padding_entries",
@@ -163,22 +227,17 @@ def main() -> None:
                                         for l in m["layers"]}}
                 print(f"{name:>24} {tag:<18} top1 {runs[tag]['top1_agreement']:6.2f} %  "
                       f"relL2 {runs[tag]['rel_l2_error']:.4f}  fixed {m['compressed_bytes']:>9,} B  "
-                      f"cycles {runs[tag]['cycles_per_input']:>10,.0f}")
-            floats = {"float 4-bit k-means": what_if(model, [])}
-            if dw:
-                floats["float 4-bit, dw per-channel scaled"] = what_if(model, dw)
-            for tag, fm in floats.items():
-                s = ort.InferenceSession(fm.SerializeToString(), providers=["CPUExecutionProvider"])
-                runs[tag] = fidelity(ref, run_rows(lambda f: s.run(None, f)[0], feeds, batch), labels)
-                print(f"{name:>24} {tag:<18} top1 {runs[tag]['top1_agreement']:6.2f} %  "
-                      f"relL2 {runs[tag]['rel_l2_error']:.4f}")
-            results["models"][name] = {"file": rel_path, "data": kind, "depthwise_layers": dw, "runs": runs,
-                                       "original_accuracy": fidelity(ref, ref, labels).get("accuracy")}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+                      f"cycles {runs[tag]['cycles_per_input']:>10,.0f}  segments {len(m['segments'])}  "
+                      f"host MACs {runs[tag]['host_macs']:,}")
+                write(args.out, results)  # after every compile: a long run keeps what it measured
+    print(f"wrote {args.out}")
+
+
+def write(path: str, results: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
         f.write("\n")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
