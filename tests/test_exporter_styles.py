@@ -15,14 +15,15 @@ import numpy as np
 import onnx
 import pytest
 
+from eiec.importer import canonicalize
 from exporter_styles import STYLES
-from helpers import compile_and_validate, run_cli
+from helpers import compile_and_validate, run_cli, run_ort
 
 LOSSLESS = "target: {pes: 8}\ndefaults: {density: keep, bits: 4, refit: false, bias_correction: false}\n"
 FIXED_POINT_REL_L2 = 2e-3  # as tests/test_exporters.py
 
-# (style, opset): the opsets these exporters write, 11 to 21
-CASES = [("paddle", 11), ("tf2onnx", 13), ("paddle", 17), ("dynamo", 18), ("dynamo", 21)]
+# (style, opset, batch): the opsets these exporters write, 11 to 21
+CASES = [("paddle", 11, "N"), ("tf2onnx", 13, "N"), ("paddle", 17, "N"), ("dynamo", 18, "N"), ("dynamo", 21, "N")]
 # ops each style leaves to onnxruntime (the accelerator has ReLU at write-back, nothing else)
 HOST_OPS = {
     "paddle": {"Clip", "GlobalAveragePool", "HardSigmoid", "Mul", "Softmax"},  # + HardSwish at opset >= 14
@@ -31,12 +32,12 @@ HOST_OPS = {
 }
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{s}-opset{o}" for s, o in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{s}-opset{o}-batch{b}" for s, o, b in CASES])
 def compiled(request, tmp_path_factory):
-    style, opset = request.param
+    style, opset, batch = request.param
     folder = tmp_path_factory.mktemp(f"{style}{opset}")
     path = folder / f"{style}_opset{opset}.onnx"
-    onnx.save(STYLES[style](opset), path)
+    onnx.save(STYLES[style](opset, batch), path)
     return style, opset, compile_and_validate(path, folder, LOSSLESS, random_n=3)
 
 
@@ -76,3 +77,20 @@ def test_paddle_flatten_from_shape_joins_the_conv_and_fc_in_one_segment(compiled
         pytest.skip("paddle's computed flatten")
     last = c.manifest["segments"][-1]
     assert [l["kind"] for l in last["layers"]] == ["conv", "fc"]
+
+
+@pytest.mark.parametrize("batch", ["N", 1])
+@pytest.mark.parametrize("style,opset", [(s, o) for s in sorted(STYLES) for o in range(11, 22)
+                                         if not (s == "dynamo" and o < 13)])  # Resize-11 needs a roi
+def test_exporter_style_import_computes_what_the_original_computes(style, opset, batch):
+    """Every opset 11-21: onnxruntime on IR0 equals onnxruntime on the original, and no Shape
+    arithmetic is left for a fixed batch."""
+    model = STYLES[style](opset, batch)
+    canon = canonicalize(model, f"{style}.onnx")
+    x = np.random.default_rng(opset).standard_normal(
+        [d.dim_value or 3 for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
+    feeds = {model.graph.input[0].name: x}
+    (want,), (got,) = run_ort(model, feeds), run_ort(canon, feeds)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if batch == 1:
+        assert "Shape" not in [n.op_type for n in canon.graph.node]
