@@ -22,8 +22,10 @@ from helpers import compile_and_validate, run_cli, run_ort
 LOSSLESS = "target: {pes: 8}\ndefaults: {density: keep, bits: 4, refit: false, bias_correction: false}\n"
 FIXED_POINT_REL_L2 = 2e-3  # as tests/test_exporters.py
 
-# (style, opset, batch): the opsets these exporters write, 11 to 21
-CASES = [("paddle", 11, "N"), ("tf2onnx", 13, "N"), ("paddle", 17, "N"), ("dynamo", 18, "N"), ("dynamo", 21, "N")]
+# (style, opset, batch): the opsets these exporters write, 11 to 21; a free batch, and the
+# fixed batch of 1 exporters write by default (a fixed batch also folds the flatten to [1, -1])
+CASES = [("paddle", 11, "N"), ("tf2onnx", 13, "N"), ("paddle", 17, "N"), ("dynamo", 18, "N"), ("dynamo", 21, "N"),
+         ("paddle", 13, 1), ("tf2onnx", 11, 1), ("dynamo", 21, 1)]
 # ops each style leaves to onnxruntime (the accelerator has ReLU at write-back, nothing else)
 HOST_OPS = {
     "paddle": {"Clip", "GlobalAveragePool", "HardSigmoid", "Mul", "Softmax"},  # + HardSwish at opset >= 14
