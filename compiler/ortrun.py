@@ -99,7 +99,8 @@ def run_rows(sess: ort.InferenceSession, names: Sequence[str] | None, rows: dict
     chunk.
     """
     names = list(names) if names is not None else [o.name for o in sess.get_outputs()]
-    whole = whole or {}
+    whole = {**(whole or {}), **{k: v for k, v in rows.items() if np.ndim(v) == 0}}  # scalars have no rows
+    rows = {k: v for k, v in rows.items() if k not in whole}
     n = next(iter(rows.values())).shape[0] if rows else 0
     size = fixed_batch(sess, list(rows)) if rows else None
     if size is None or n == size or n == 0:

@@ -144,6 +144,15 @@ def test_run_rows_pads_the_last_chunk_and_drops_its_outputs(n, batch):
     assert seen == [min(batch, n - s) for s in range(0, n, batch)]
 
 
+def test_run_rows_feeds_a_scalar_input_whole_to_every_chunk():
+    w = np.arange(12, dtype=np.float32).reshape(4, 3)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "s"], ["y"])],
+                       [tensor("x", [2, 4]), tensor("s", [])], [tensor("y", [2, 3])], {"w": w})
+    x, scale = np.ones((5, 4), np.float32), np.array(3.0, np.float32)
+    (y,) = run_rows(session(model), None, {"x": x, "s": scale})
+    np.testing.assert_allclose(y, np.broadcast_to(3.0 * w.sum(0), (5, 3)))
+
+
 def test_validate_random_rows_that_are_not_a_multiple_of_the_batch(folder):
     model, eie, _, _ = compiled(folder, "conv", 2, False)
     code, out, err = run_cli("validate", model, eie, "--random", "7")
