@@ -132,15 +132,7 @@ class Segment:
         """Everything the PEs hold, by member-array name (codebooks, biases, per-tile images)."""
         arrays: dict[str, np.ndarray] = {}
         for i, l in enumerate(self.layers):
-            arrays[f"L{i}.codebook"] = l.codebook.astype(np.float32)
-            arrays[f"L{i}.codebook_q"] = l.codebook_q.astype(np.int16)
-            arrays[f"L{i}.bias"] = l.bias.astype(np.float32)
-            arrays[f"L{i}.bias_acc"] = l.bias_acc.astype(acc_dtype(self.target))
-            for t, img in enumerate(l.tiles):
-                for key, a in image_streams(img).items():
-                    arrays[f"L{i}.T{t}.{key}"] = a
-                # stored at the pointer SRAM's width (tiling keeps every pointer below 2^ptr_bits)
-                arrays[f"L{i}.T{t}.col_ptr"] = img.col_ptr.astype(ptr_dtype(self.target))
+            arrays.update(layer_arrays(i, l.codebook, l.codebook_q, l.bias, l.bias_acc, l.tiles, self.target))
         return arrays
 
     def to_blob(self) -> bytes:
@@ -181,6 +173,19 @@ class Segment:
         isa.validate_program(seg.program, len(layers), [len(l.tiles) for l in layers], where)
         _check_program_shapes(seg, where)
         return seg
+
+
+def layer_arrays(i: int, codebook: np.ndarray, codebook_q: np.ndarray, bias: np.ndarray, bias_acc: np.ndarray,
+                 tiles: list[SparseImage], target: Target) -> dict[str, np.ndarray]:
+    """Layer i's arrays in a segment's image archive, at their stored dtypes."""
+    arrays = {f"L{i}.codebook": codebook.astype(np.float32), f"L{i}.codebook_q": codebook_q.astype(np.int16),
+              f"L{i}.bias": bias.astype(np.float32), f"L{i}.bias_acc": bias_acc.astype(acc_dtype(target))}
+    for t, img in enumerate(tiles):
+        for key, a in image_streams(img).items():
+            arrays[f"L{i}.T{t}.{key}"] = a
+        # stored at the pointer SRAM's width (tiling keeps every pointer below 2^ptr_bits)
+        arrays[f"L{i}.T{t}.col_ptr"] = img.col_ptr.astype(ptr_dtype(target))
+    return arrays
 
 
 def _check_program_shapes(seg: Segment, where: str) -> None:
