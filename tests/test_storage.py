@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from eiec.artifact import load_eie
 from eiec.container import read_eie
 from eiec.driver import compile_model
+from eiec.passes.encode import image_streams
 from eiec.passes.lower import tile_layer
 from eiec.report import file_parts
 from eiec.segment import LayerSpec
@@ -37,21 +38,24 @@ def _layer(indices: np.ndarray, target: Target, bits: int = 4) -> LayerSpec:
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 70), st.integers(1, 40), st.sampled_from([0.05, 0.3, 0.9]), st.sampled_from([1, 3, 8]),
-       st.integers(0, 2**31))
-def test_huffman_record_derives_the_lower_pass_tiles(rows, cols, density, pes, seed):
-    """Oracle: the tiles the lower pass made from the matrix. Small SRAMs force row and column cuts."""
-    target = Target(pes=pes, spmat_sram_bytes=16, ptr_sram_bytes=32)
+       st.sampled_from([(4, 4), (8, 8), (4, 12)]), st.integers(0, 2**31))
+def test_huffman_record_derives_the_lower_pass_tiles(rows, cols, density, pes, widths, seed):
+    """Oracle: the tiles the lower pass made from the matrix. Small SRAMs force row and column
+    cuts; 16-bit entries (wide codebooks or relative indices) are derived as well."""
+    weight_bits, rel_bits = widths
+    target = Target(pes=pes, spmat_sram_bytes=16, ptr_sram_bytes=32, weight_bits=weight_bits, rel_index_bits=rel_bits)
     rng = np.random.default_rng(seed)
-    indices = np.where(rng.random((rows, cols)) < density, rng.integers(1, 16, (rows, cols)), 0).astype(np.uint8)
-    layer = _layer(indices, target)
+    top = 1 << weight_bits
+    indices = np.where(rng.random((rows, cols)) < density, rng.integers(1, top, (rows, cols)), 0).astype(np.uint8)
+    layer = _layer(indices, target, bits=weight_bits)
     np.testing.assert_array_equal(layer_indices(layer), indices)
-    meta = {"name": "L", "kind": "fc", "weight_shape": [rows, cols], "bits": 4, "in_frac": 8, "w_frac": 10}
+    meta = {"name": "L", "kind": "fc", "weight_shape": [rows, cols], "bits": weight_bits, "in_frac": 8, "w_frac": 10}
     arrays = derive_layers([meta], b"".join(huffman_record(layer, target).values()), target, "x.eie")
     assert len(meta["tiles"]) == len(layer.tiles)
     for t, (want, got) in enumerate(zip(layer.tiles, meta["tiles"])):
         assert (got["row_lo"], got["rows"], got["col_lo"], got["cols"]) == (want.row_lo, want.rows, want.col_lo, want.cols)
         np.testing.assert_array_equal(arrays[f"L0.T{t}.col_ptr"], want.col_ptr)
-        np.testing.assert_array_equal(arrays[f"L0.T{t}.entries"], (want.rel << 4) | want.code)
+        np.testing.assert_array_equal(arrays[f"L0.T{t}.entries"], image_streams(want)["entries"])
     np.testing.assert_array_equal(arrays["L0.codebook"], layer.codebook)
     np.testing.assert_array_equal(arrays["L0.bias"], layer.bias)
 
