@@ -146,7 +146,7 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
             arrays = derive_layers(meta["layers"], bytes(members[weights]), target, f"{path}:{weights}")
         else:
             arrays = unpack_arrays(bytes(members[weights]), f"{path}:{weights}")
-        seg = Segment.from_parts(meta, bytes(members[program]), arrays, where)
+        seg = Segment.from_parts(meta, bytes(members[program]), arrays, where, derived=storage == "huffman")
         segments[name] = seg
         blob = seg.to_blob()
         digest = hashlib.sha256(blob).hexdigest()

@@ -134,11 +134,13 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
                         storage)
     eie_bytes = os.path.getsize(out_path)
     if eie_bytes > model_bytes:
+        layers = {form: manifest[key] - manifest["host_bytes"] for form, key in
+                  (("huffman", "compressed_bytes_huffman"), ("fixed", "compressed_bytes"))}
         notes.append(f"{out_path} ({eie_bytes:,} bytes) is larger than {model_path} ({model_bytes:,} bytes): "
-                     f"its layers take {manifest['compressed_bytes_huffman'] - manifest['host_bytes']:,} bytes "
-                     f"in the Huffman form, {manifest['compressed_bytes'] - manifest['host_bytes']:,} in the fixed "
-                     f"form the PEs hold, and the host graph's parameters {manifest['host_bytes']:,}"
-                     + (" (--storage fixed stores the fixed form)" if storage == "fixed" else ""))
+                     f"it stores the layers in the {storage} form ({layers[storage]:,} bytes; "
+                     f"{layers['huffman']:,} in the Huffman form, {layers['fixed']:,} in the fixed form), "
+                     f"the host graph with {manifest['host_bytes']:,} bytes of parameters, the programs and "
+                     "the manifest (`eiec inspect` shows each part)")
     chosen_path = None
     if chosen_recipe is not None:  # only once the .eie is written: a failed compile leaves nothing
         chosen_path = os.path.splitext(out_path)[0] + ".recipe.yaml"

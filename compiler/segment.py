@@ -153,13 +153,17 @@ class Segment:
         return cls.from_parts(meta, arrays["program"].tobytes(), arrays, where)
 
     @classmethod
-    def from_parts(cls, meta: dict, program: bytes, arrays: dict[str, np.ndarray], where: str) -> "Segment":
-        """Rebuild from metadata, program bytes and image arrays, checking they agree."""
+    def from_parts(cls, meta: dict, program: bytes, arrays: dict[str, np.ndarray], where: str,
+                   derived: bool = False) -> "Segment":
+        """Rebuild from metadata, program bytes and image arrays, checking they agree.
+        `derived`: the images were made by eiec's own encoder from a Huffman record
+        (eiec.storage), so their entries are not decoded again: the caller checks the
+        rebuilt segment against its digest instead."""
         try:
             target = target_from_dict(meta["target"], where)
             layers: list[LayerSpec] = []
             for i, m in enumerate(meta["layers"]):
-                layers.append(_layer_from(i, m, arrays, target, layers[-1].out_shape if layers else None))
+                layers.append(_layer_from(i, m, arrays, target, layers[-1].out_shape if layers else None, derived))
             if not all(isinstance(meta[k], str) for k in ("name", "input", "output")):
                 raise ValueError("segment name, input and output must be strings")
             seg = cls(meta["name"], meta["input"], meta["output"], layers,
@@ -262,7 +266,7 @@ def _check_shapes(i: int, m: dict, shape: tuple[int, ...], conv: ConvGeometry | 
 
 
 def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target,
-                prev_out: tuple[int, ...] | None) -> LayerSpec:
+                prev_out: tuple[int, ...] | None, derived: bool = False) -> LayerSpec:
     def arr(name: str, dtype, shape=None) -> np.ndarray:
         a = arrays[f"L{i}.{name}"]
         if a.dtype != dtype or (shape is not None and a.shape != shape):
@@ -300,11 +304,12 @@ def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target,
             raise ValueError(f"tile {t} of layer {m['name']} lies outside its matrix")
         if int(img.code.max(initial=0)) >= k:
             raise ValueError(f"tile {t} of layer {m['name']}: codebook index outside a {k}-entry codebook")
-        local = decode_image(img)  # raises FormatError unless every entry lands inside the tile
-        if group > 1:
-            r, c = np.nonzero(local)
-            if outside_blocks(r + img.row_lo, c + img.col_lo, rows, cols, group):
-                raise ValueError(f"tile {t} of layer {m['name']} has entries outside its groups' diagonal blocks")
+        if not derived:  # derived images come from the diagonal blocks by construction
+            local = decode_image(img)  # raises FormatError unless every entry lands inside the tile
+            if group > 1:
+                r, c = np.nonzero(local)
+                if outside_blocks(r + img.row_lo, c + img.col_lo, rows, cols, group):
+                    raise ValueError(f"tile {t} of layer {m['name']} has entries outside its groups' diagonal blocks")
         tiles.append(img)
     conv = None
     if "conv" in m:

@@ -215,31 +215,37 @@ def decode_many(streams: list[HuffmanStream], path: str | None = None) -> list[n
     lut = np.concatenate(luts)
     pos, count, end = (np.concatenate(x) for x in (lanes_start, lanes_count, lanes_end))
     base, width = np.concatenate(lanes_base), np.concatenate(lanes_width)
-    order = np.argsort(-count, kind="stable")  # longest lanes first: the active ones are a prefix
-    pos, base, count = pos[order], base[order], count[order]
+    # lanes in stream order, except that each stream's last (shorter) chunk goes to the end,
+    # longest first: the lanes still decoding at step t are then a prefix
+    last = np.cumsum([c.size for c in lanes_count]) - 1  # each non-empty stream's last lane
+    tail_order = np.argsort(-count[last], kind="stable")
+    order = np.concatenate([np.delete(np.arange(pos.size), last), last[tail_order]])
+    full = pos.size - last.size  # rows [0, full): every stream's whole chunks, in stream order
+    tail_row = np.empty(last.size, np.int64)
+    tail_row[tail_order] = full + np.arange(last.size)
+    pos, base, count, end = pos[order], base[order], count[order], end[order]
     shift, mask = 24 - width[order], (1 << width[order]) - 1
     steps = int(count[0])
     active = np.searchsorted(-count, -np.arange(steps), side="left")  # lanes with count > t
-    out = np.zeros((steps, pos.size), np.uint8)
+    out = np.zeros((pos.size, steps), np.uint8)  # lane-major: a lane's symbols are one row
     shortest = np.full(pos.size, MAX_CODE_LEN, np.int64)
     for t in range(steps):
         a = int(active[t])
         p = pos[:a]
         entry = lut[base[:a] + ((window24[p >> 3] >> (shift[:a] - (p & 7))) & mask[:a])]
-        out[t, :a] = entry & 0xFF
+        out[:a, t] = entry & 0xFF
         length = entry >> 8
         np.minimum(shortest[:a], length, out=shortest[:a])
         p += length
-    if (shortest == 0).any() or (pos != end[order]).any():
+    if (shortest == 0).any() or (pos != end).any():
         raise FormatError(path, "Huffman stream is damaged (its codes do not decode to its chunks)")
-    # back to lane order (stream by stream, chunk by chunk), keeping each lane's own symbols
-    lanes = np.empty_like(order)
-    lanes[order] = np.arange(order.size)
-    cols = out[:, lanes]
-    valid = np.arange(steps)[:, None] < count[lanes][None, :]
-    flat = cols.T[valid.T]
-    result, at = [], 0
+    result, k, row = [], 0, 0
     for s in streams:
-        result.append(flat[at:at + s.n_symbols])
-        at += s.n_symbols
+        if s.n_symbols == 0:
+            result.append(np.zeros(0, np.uint8))
+            continue
+        whole = -(-s.n_symbols // SYNC_SYMBOLS) - 1
+        tail = s.n_symbols - whole * SYNC_SYMBOLS
+        result.append(np.concatenate([out[row:row + whole].ravel(), out[tail_row[k], :tail]]))
+        row, k = row + whole, k + 1
     return result
