@@ -123,9 +123,12 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
         raise FormatError(path, "manifest has no segment list")
     version = manifest["format_version"]
     storage = manifest.get("storage") if version >= 2 else "fixed"  # version 1 stored the PE images
+    if version == 1 and isinstance(manifest.get("target"), dict):
+        # its per-event energies predate the structural energy model, whose defaults apply instead
+        manifest = dict(manifest, target={k: v for k, v in manifest["target"].items() if k != "energy"})
     if storage not in STORAGE_FORMS:
         raise FormatError(path, f"manifest storage {storage!r} is not one of {list(STORAGE_FORMS)}")
-    try:  # every segment runs on this machine (version 1 repeated it per segment)
+    try:  # every segment runs on this machine
         target = target_from_dict(manifest.get("target"), path)
     except RecipeError as e:
         raise FormatError(path, f"manifest target: {e.reason}") from None
@@ -135,9 +138,7 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
         if not isinstance(name, str) or program not in members or weights not in members:
             raise FormatError(path, f"segment {name!r}: program or {WEIGHTS_MEMBER[storage]} member missing")
         where = f"{path}:{name}"
-        meta = dict(meta)
-        if version >= 2:
-            meta["target"] = manifest.get("target")
+        meta = dict(meta, target=manifest.get("target"))  # version 1 repeated the file's target here
         if storage == "huffman":
             layers = meta.get("layers")
             if not isinstance(layers, list) or not all(isinstance(l, dict) for l in layers):
