@@ -164,3 +164,15 @@ def test_a_format_version_1_file_still_loads_and_runs_as_it_did(tmp_path):
     assert code == 0, err
     got, want = np.load(tmp_path / "o.npz"), np.load(DATA / "format_v1_out.npz")
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_a_target_read_back_from_a_manifest_is_the_target_written():
+    """The digest covers the segment's target as JSON: reading it back must not turn a whole
+    number into a float (or anything else), or every Huffman-form file would be refused."""
+    import json
+
+    from eiec.recipe import target_from_dict
+
+    for t in (Target(), Target(pes=8, weight_bits=8, rel_index_bits=8, clock_mhz=250.0)):
+        back = target_from_dict(json.loads(json.dumps(t.as_dict())), "x.eie")
+        assert json.dumps(back.as_dict(), sort_keys=True) == json.dumps(t.as_dict(), sort_keys=True)
