@@ -7,9 +7,11 @@ predecessors' outputs against the dense layer's outputs) and with the automatic 
 (`density: auto`, `bits: auto`, budget 0.5 accuracy points on the held-out half of the
 calibration set, the layers reconstructed on the other half). Per run: compression ratio of the
 hardware form (fixed 4-bit entries + per-PE pointers) and of the storage form (one
-Huffman-coded CSC stream), and test accuracy measured by running the compiled model:
-the IR2 dump in onnxruntime and the .eie on the bit-exact simulator.
-Usage: python bench/compression.py [--out bench/results/compression.json]
+Huffman-coded CSC stream), the size of the .eie file itself (the Huffman storage form plus
+host graph, programs and manifest) against the .onnx file, and test accuracy measured by
+running the compiled model: the IR2 dump in onnxruntime and the .eie on the bit-exact simulator.
+Usage: python bench/compression.py [--out bench/results/compression.json] [--runs auto,all]
+(--runs: only these runs — ablation names such as "all", or "auto" — merged into the existing --out)
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def run_config(model: str, spec: dict, recipe: dict | None, work: str, tag: str,
     res = compile_model(path, out, recipe_path, CALIB, dump)
     seconds = time.perf_counter() - t0
     m = res.manifest
+    file_bytes, onnx_bytes = os.path.getsize(out), os.path.getsize(path)
     ir2 = ort.InferenceSession(os.path.join(dump, "2_cluster.onnx"), providers=["CPUExecutionProvider"])
     acc_ir2 = accuracy(ir2.run([spec["output"]], {"input": test["input"]})[0], test["labels"])
     sess = InferenceSession(out, cycles=False)
@@ -109,8 +112,8 @@ def run_config(model: str, spec: dict, recipe: dict | None, work: str, tag: str,
             "density": l["density"], "bits": l["bits"], "bytes_dense": l["bytes_dense"],
             "bytes_fixed": l["bytes_fixed"], "bytes_huffman": l["bytes_huffman"],
             "ratio_fixed": l["bytes_dense"] / l["bytes_fixed"], "ratio_huffman": l["bytes_dense"] / l["bytes_huffman"],
-            "breakdown": {k: l[k] for k in ("spmat", "col_ptr", "codebook", "bias", "code_huffman",
-                                             "rel_huffman", "col_count_huffman") if k in l},
+            "breakdown": {k: l[k] for k in ("spmat", "col_ptr", "codebook", "bias", "code_huffman", "rel_huffman",
+                                             "col_count_huffman", "codebook_huffman", "bias_huffman") if k in l},
             "assignment": c.get("assignment"),
             "layer_error": {k: v for k, v in {
                 "dense_on_compressed_inputs": p.get("layer_error_dense"),
@@ -126,6 +129,7 @@ def run_config(model: str, spec: dict, recipe: dict | None, work: str, tag: str,
         "original_bytes": m["original_bytes"],
         "bytes_fixed": m["compressed_bytes"], "bytes_huffman": m["compressed_bytes_huffman"],
         "ratio_fixed": m["compression_ratio"], "ratio_huffman": m["compression_ratio_huffman"],
+        "file_bytes": file_bytes, "onnx_bytes": onnx_bytes, "ratio_file": round(onnx_bytes / file_bytes, 2),
         "test_accuracy_ir2": acc_ir2, "test_accuracy_eie": acc_eie,
         "drop_ir2": base_acc - acc_ir2, "drop_eie": base_acc - acc_eie,
         "calibration_auto": m.get("auto"),
@@ -160,31 +164,44 @@ def summary_table(results: dict[str, Any]) -> str:
         rows.append([model, "Deep Compression (published, retrained)", f"{pub['before_kb']} -> {pub['after_kb']} KB",
                      "-", f"{pub['ratio']}x", f"{pub['accuracy_drop']:+.2f}", "-"])
         for tag, run in r["runs"].items():
+            file = (f"{run['file_bytes'] / 1024:,.1f} KB ({run['ratio_file']:.1f}x)" if "file_bytes" in run
+                    else "-")
             rows.append([model, tag, f"{run['original_bytes'] / 1024:,.0f} -> {run['bytes_huffman'] / 1024:,.1f} KB",
-                         f"{run['ratio_fixed']:.1f}x", f"{run['ratio_huffman']:.1f}x",
+                         f"{run['ratio_fixed']:.1f}x", f"{run['ratio_huffman']:.1f}x", file,
                          f"{run['drop_ir2']:+.2f}", f"{run['drop_eie']:+.2f}"])
     return fmt_table(["model", "recipe / reconstruction", "size (Huffman form)", "fixed ratio",
-                      "Huffman ratio", "test drop (IR2, ORT)", "test drop (.eie, simulator)"], rows)
+                      "Huffman ratio", ".eie file (vs .onnx)", "test drop (IR2, ORT)",
+                      "test drop (.eie, simulator)"], rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "compression.json"))
+    ap.add_argument("--runs", help="comma-separated ablation names (none, +obs, ..., all) or auto: only those "
+                                   "runs, merged into --out")
     args = ap.parse_args()
+    wanted = args.runs.split(",") if args.runs else None
     test = dict(np.load(TEST, allow_pickle=False))
     results: dict[str, Any] = {"machine": platform.platform(), "python": platform.python_version(),
                                "bits": BITS, "max_drop": MAX_DROP, "models": {}}
+    if wanted:
+        with open(args.out) as f:
+            results = json.load(f)
     with tempfile.TemporaryDirectory() as work:
         for model, spec in MODELS.items():
             path = os.path.join(ROOT, "models", spec["file"])
             dense = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             base = accuracy(dense.run([spec["output"]], {"input": test["input"]})[0], test["labels"])
             names = layer_names(path)
-            runs = {}
+            runs = results["models"][model]["runs"] if wanted else {}
+            chosen = lambda t: wanted is None or t in wanted  # noqa: E731
             for tag, steps in ABLATIONS.items():
-                runs[f"deep-compression densities, {tag}"] = run_config(
-                    model, spec, dc_recipe(names, spec["densities"], steps), work, tag.strip("+"), test, base)
-            runs["auto (budget 0.5 points on held-out calib), all"] = run_config(model, spec, None, work, "auto", test, base)
+                if chosen(tag):
+                    runs[f"deep-compression densities, {tag}"] = run_config(
+                        model, spec, dc_recipe(names, spec["densities"], steps), work, tag.strip("+"), test, base)
+            if chosen("auto"):
+                runs["auto (budget 0.5 points on held-out calib), all"] = run_config(
+                    model, spec, None, work, "auto", test, base)
             target = TARGETS[model]
             reached = [t for t, r in runs.items() if r["ratio_huffman"] >= target and r["drop_eie"] <= MAX_DROP]
             results["models"][model] = {"dense_test_accuracy": base, "layers": names, "runs": runs,

@@ -1,8 +1,10 @@
 """The compiled model: IR4 + segments <-> the .eie container's manifest and members.
 
-`save_eie` splits an IR4 model into the host graph and per-segment members
-(program, PE images); `load_eie` checks and reassembles them into a runnable IR4.
-The container's byte layout and checksums belong to eiec.container.
+`save_eie` splits an IR4 model into the host graph and per-segment members (program,
+weights in the Huffman or the fixed storage form) and measures every size the manifest
+reports from those bytes; `load_eie` checks and reassembles them into a runnable IR4.
+The container's byte layout and checksums belong to eiec.container, the storage forms
+to eiec.storage.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from .importer import _check_tensors, check_strings
 from .ir import copy_model
 from .recipe import target_from_dict
 from .segment import Segment, blob_name
+from .storage import STORAGE_FORMS, derive_layers, huffman_record, pe_memory_bytes
 from .tensorfile import pack_arrays, unpack_arrays
 
 HOST_MEMBER = "host.onnx"
+# a segment's members, by storage form: the Huffman records of its layers, or its PE images
+WEIGHTS_MEMBER = {"huffman": "weights.huffman", "fixed": "images.tensors"}
 
 
 @dataclass
@@ -37,22 +42,61 @@ class CompiledModel:
     manifest: dict[str, Any]
     model: onnx.ModelProto  # IR4 with the segment blobs attached
     segments: dict[str, Segment]
+    layout: dict[str, int]  # the file's bytes by part (eiec.container.EieFile.layout)
 
 
 def save_eie(path: str | os.PathLike, model: onnx.ModelProto, segments: list[Segment],
-             manifest: dict[str, Any]) -> None:
-    """Write IR4 as a .eie: host graph without blobs, each segment's program and images."""
+             manifest: dict[str, Any], storage: str = "huffman") -> dict[str, Any]:
+    """Write IR4 as a .eie: the host graph without blobs, each segment's program and its
+    weights in `storage` form ("huffman" or "fixed"). Returns the manifest written, with
+    every layer's sizes in both forms measured from the bytes each form takes."""
+    if storage not in STORAGE_FORMS:
+        raise ValueError(f"storage must be one of {STORAGE_FORMS}, got {storage!r}")
     host = copy_model(model)
     blobs = {blob_name(s.name) for s in segments}
     kept = [t for t in host.graph.initializer if t.name not in blobs]
     host.graph.ClearField("initializer")
     host.graph.initializer.extend(kept)
+    for node in host.graph.node:  # load_eie derives each segment's digest attribute from its members
+        if node.op_type == "EIESegment":
+            del node.attribute[:]
     members = {HOST_MEMBER: host.SerializeToString(deterministic=True)}
+    sizes: dict[str, dict[str, int]] = {}
+    entries = []
     for s in segments:
         members[f"{s.name}/program.isa"] = isa.encode(s.program)
-        members[f"{s.name}/images.tensors"] = pack_arrays(s.image_arrays())
-    manifest = dict(manifest, segments=[s.meta() for s in segments])
-    write_eie(path, manifest, members)
+        records = [huffman_record(l, s.target) for l in s.layers]
+        for l, rec in zip(s.layers, records):
+            sizes[l.name] = {**pe_memory_bytes(l, s.target), **{f"{k}_huffman": len(v) for k, v in rec.items()},
+                             "bytes_huffman": sum(len(v) for v in rec.values()),
+                             "bytes_dense": 4 * (math.prod(l.weight_shape) + l.rows)}
+        meta = s.meta()
+        del meta["target"]  # the manifest's own target
+        if storage == "huffman":  # what the images derived on load must hash to
+            meta["digest"] = hashlib.sha256(s.to_blob()).hexdigest()
+            members[f"{s.name}/{WEIGHTS_MEMBER[storage]}"] = b"".join(v for rec in records for v in rec.values())
+            for lm in meta["layers"]:  # derived on load
+                for k in ("tiles", "entries", "padding_entries"):
+                    del lm[k]
+        else:
+            members[f"{s.name}/{WEIGHTS_MEMBER[storage]}"] = pack_arrays(s.image_arrays())
+        entries.append(meta)
+    manifest = _with_sizes(dict(manifest, storage=storage, segments=entries), sizes)
+    # PE images stay raw, so tools can read them in place; everything else deflates where that helps
+    write_eie(path, manifest, members, raw={n for n in members if n.endswith("/" + WEIGHTS_MEMBER["fixed"])})
+    return manifest
+
+
+def _with_sizes(manifest: dict[str, Any], sizes: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The manifest with each lowered layer's sizes and the model's totals and ratios."""
+    layers = [dict(l, **sizes[l["name"]]) if l["name"] in sizes else l for l in manifest["layers"]]
+    host = manifest["host_bytes"]
+    fixed = host + sum(s["bytes_fixed"] for s in sizes.values())
+    huffman = host + sum(s["bytes_huffman"] for s in sizes.values())
+    original = manifest["original_bytes"]
+    return dict(manifest, layers=layers, compressed_bytes=fixed, compressed_bytes_huffman=huffman,
+                compression_ratio=round(original / max(1, fixed), 4),
+                compression_ratio_huffman=round(original / max(1, huffman), 4))
 
 
 def load_eie(path: str | os.PathLike) -> CompiledModel:
@@ -77,17 +121,41 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
     seg_meta = manifest.get("segments")
     if not isinstance(seg_meta, list):
         raise FormatError(path, "manifest has no segment list")
+    version = manifest["format_version"]
+    storage = manifest.get("storage") if version >= 2 else "fixed"  # version 1 stored the PE images
+    if version == 1 and isinstance(manifest.get("target"), dict):
+        # its per-event energies predate the structural energy model, whose defaults apply instead
+        manifest = dict(manifest, target={k: v for k, v in manifest["target"].items() if k != "energy"})
+    if storage not in STORAGE_FORMS:
+        raise FormatError(path, f"manifest storage {storage!r} is not one of {list(STORAGE_FORMS)}")
+    try:  # every segment runs on this machine
+        target = target_from_dict(manifest.get("target"), path)
+    except RecipeError as e:
+        raise FormatError(path, f"manifest target: {e.reason}") from None
     for meta in seg_meta:
         name = meta.get("name") if isinstance(meta, dict) else None
-        program, images = f"{name}/program.isa", f"{name}/images.tensors"
-        if not isinstance(name, str) or program not in members or images not in members:
-            raise FormatError(path, f"segment {name!r}: program or images member missing")
-        arrays = unpack_arrays(bytes(members[images]), f"{path}:{images}")
-        seg = Segment.from_parts(meta, bytes(members[program]), arrays, f"{path}:{name}")
+        program, weights = f"{name}/program.isa", f"{name}/{WEIGHTS_MEMBER[storage]}"
+        if not isinstance(name, str) or program not in members or weights not in members:
+            raise FormatError(path, f"segment {name!r}: program or {WEIGHTS_MEMBER[storage]} member missing")
+        where = f"{path}:{name}"
+        meta = dict(meta, target=manifest.get("target"))  # version 1 repeated the file's target here
+        if storage == "huffman":
+            layers = meta.get("layers")
+            if not isinstance(layers, list) or not all(isinstance(l, dict) for l in layers):
+                raise FormatError(where, "segment layers must be a list of objects")
+            meta["layers"] = [dict(l) for l in layers]
+            arrays = derive_layers(meta["layers"], bytes(members[weights]), target, f"{path}:{weights}")
+        else:
+            arrays = unpack_arrays(bytes(members[weights]), f"{path}:{weights}")
+        seg = Segment.from_parts(meta, bytes(members[program]), arrays, where, derived=storage == "huffman")
         segments[name] = seg
         blob = seg.to_blob()
+        digest = hashlib.sha256(blob).hexdigest()
+        if storage == "huffman" and meta.get("digest") != digest:
+            raise FormatError(where, "the PE images derived from its Huffman records do not match the "
+                                     "manifest's digest")
         model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(blob, np.uint8), blob_name(name)))
-        digests[name] = hashlib.sha256(blob).hexdigest()
+        digests[name] = digest
     for node in model.graph.node:  # the runtime's cache key, derived here: the members are what is checked
         if node.op_type == "EIESegment" and node.name in digests:
             del node.attribute[:]
@@ -102,7 +170,7 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise FormatError(path, f"member {HOST_MEMBER} is not a valid graph: {first}") from None
     _check_summary(manifest, path)
-    return CompiledModel(path, manifest, model, segments)
+    return CompiledModel(path, manifest, model, segments, f.layout)
 
 
 EIE_OPS = frozenset({"EIESegment", "EIEDecode"})  # eiec's own ops in ai.onnx.contrib

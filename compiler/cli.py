@@ -64,6 +64,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="budget for automatic choices without labels: relative L2 output error "
                         "(overrides budget.max_output_error, default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed for random calibration inputs (default 0)")
+    p.add_argument("--storage", choices=("huffman", "fixed"), default="huffman",
+                   help="how the .eie stores the weights: huffman (default; Deep Compression's storage form, "
+                        "the PE images are derived on load) or fixed (the per-PE images themselves, docs/format.md)")
     _common(p)
     return p
 
@@ -156,7 +159,7 @@ def _cmd_compile(args) -> int:
                             args.pes, args.seed, _progress(args),
                             budget={"max_accuracy_drop": args.max_accuracy_drop,
                                     "max_output_error": args.max_output_error},
-                            input_shapes=shapes)
+                            input_shapes=shapes, storage=args.storage)
     except EiecError as e:  # errors raised deep in a pass are about the model being compiled
         if e.path is None:
             e.path = args.model
@@ -164,7 +167,7 @@ def _cmd_compile(args) -> int:
     for note in res.notes:
         print(f"eiec: note: {note}", file=sys.stderr)
     if not args.quiet:
-        print(size_table(res.manifest))
+        print(size_table(res.manifest, os.path.getsize(args.output)))
         print(f"wrote {args.output}")
     return 0
 
@@ -241,11 +244,11 @@ def _cmd_inspect(args) -> int:
     from .report import host_op_counts, inspect_json, sensitivity_table, size_table
 
     compiled = load_eie(args.eie)
-    m, host_ops = compiled.manifest, host_op_counts(compiled.model.graph)
+    m, host_ops, layout = compiled.manifest, host_op_counts(compiled.model.graph), compiled.layout
     if args.json:
-        print(json.dumps(inspect_json(m, host_ops), indent=2, sort_keys=True))
+        print(json.dumps(inspect_json(m, host_ops, layout), indent=2, sort_keys=True))
     else:
-        print(size_table(m, host_ops))
+        print(size_table(m, host_ops, sum(layout.values()), layout))
         if args.sensitivity:
             print(sensitivity_table(m))
     return 0

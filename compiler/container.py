@@ -1,7 +1,9 @@
 """The .eie container: a checksummed JSON manifest plus named binary members.
 
 Writing is deterministic and atomic (temp file + fsync + rename); reading validates
-every byte and executes nothing (JSON and raw bytes only). docs/format.md is the spec.
+every byte and executes nothing (JSON and raw bytes only). Since format version 2 the
+manifest, and each member where that saves bytes, are zlib-deflated; version 1 files
+(plain manifest, raw members) still read. docs/format.md is the spec.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +24,15 @@ from .fileio import atomic_writer
 from .tensorfile import align, check_layout, load_strict_json, unpack_arrays
 
 MAGIC = b"EIE\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER = struct.Struct("<4sHHQ32s")  # magic, format_version, reserved, manifest length, sha256
 MAX_FILE_BYTES = 1 << 32  # 4 GiB: far beyond any model the simulator can run
 MAX_MANIFEST_BYTES = 64 << 20
 RESERVED_KEYS = ("format_version", "eiec_version", "members")
-_MEMBER_KEYS = frozenset(["name", "offset", "size", "sha256"])
+_MEMBER_KEYS = {1: frozenset(["name", "offset", "size", "sha256"]),
+                2: frozenset(["name", "offset", "size", "sha256", "codec", "raw_size"])}
+CODECS = ("raw", "deflate")
+MAX_DEFLATE_RATIO = 1032  # deflate's own limit: no stream inflates by more, so a bomb is refused unread
 
 
 @dataclass
@@ -34,8 +40,9 @@ class EieFile:
     """A validated .eie file: its manifest and its members' bytes, by name."""
 
     manifest: dict[str, Any]
-    members: dict[str, bytes]
+    members: dict[str, bytes]  # as the reader uses them: inflated
     path: str
+    layout: dict[str, int]  # bytes of the file by part: "header", "manifest", "padding", "member:NAME" (stored)
 
     def member(self, name: str) -> bytes:
         """A member's bytes; FormatError naming the file if it has no such member."""
@@ -48,17 +55,19 @@ class EieFile:
         return unpack_arrays(self.member(name), f"{self.path}:{name}")
 
 
-def write_eie(path: str | os.PathLike, manifest: dict[str, Any], members: dict[str, bytes]) -> None:
+def write_eie(path: str | os.PathLike, manifest: dict[str, Any], members: dict[str, bytes],
+              raw: frozenset[str] | set[str] = frozenset()) -> None:
     """Write `manifest` (JSON-able; numpy scalars/arrays allowed) and `members` to `path`.
 
     The manifest gains "format_version", "eiec_version" and "members" (the caller must
-    not set them). The same arguments always give the same bytes. Either the complete
-    file appears at `path` or nothing changes there.
+    not set them). Members are stored deflated when that saves a sixteenth of their bytes,
+    except those named in `raw` (kept readable in place). The same arguments always give
+    the same bytes. Either the complete file appears at `path` or nothing changes there.
     """
     clash = [k for k in RESERVED_KEYS if k in manifest]
     if clash:
         raise ValueError(f"manifest keys {clash} are set by write_eie")
-    _write(path, manifest, members, __version__)
+    _write(path, manifest, members, __version__, raw)
 
 
 def read_eie(path: str | os.PathLike) -> EieFile:
@@ -69,12 +78,12 @@ def read_eie(path: str | os.PathLike) -> EieFile:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_FILE_BYTES:
                 raise FormatError(where, f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit")
-            data = f.read(MAX_FILE_BYTES + 1)
+            data = f.read(size + 1)  # read(n) allocates n bytes up front: ask for what is there
     except OSError as exc:
         raise FormatError(where, f"cannot read: {exc.strerror or exc}") from None
     if len(data) > MAX_FILE_BYTES:
         raise FormatError(where, f"file is over the {MAX_FILE_BYTES}-byte limit")
-    return EieFile(*_parse(data, where), where)
+    return _parse(data, where)
 
 
 def resign(
@@ -90,24 +99,38 @@ def resign(
     members = dict(eie.members)
     members[member_name] = bytes(new_bytes)
     manifest = {k: v for k, v in eie.manifest.items() if k not in RESERVED_KEYS}
-    _write(path_out, manifest, members, eie.manifest["eiec_version"])
+    raw = {e["name"] for e in eie.manifest["members"] if e.get("codec", "raw") == "raw"}
+    _write(path_out, manifest, members, eie.manifest["eiec_version"], raw)
 
 
-def _write(path: str | os.PathLike, manifest: dict[str, Any], members: dict[str, bytes], eiec_version: str) -> None:
+def _deflate(data: bytes | memoryview) -> bytes:
+    return zlib.compress(data, 9)
+
+
+def _write(path: str | os.PathLike, manifest: dict[str, Any], members: dict[str, bytes], eiec_version: str,
+           raw: frozenset[str] | set[str]) -> None:
     path = os.fspath(path)
     names = sorted(members)
     if not all(isinstance(n, str) and n for n in names):
         raise ValueError("member names must be non-empty strings")
-    payloads = [memoryview(members[n]).cast("B") for n in names]
+    payloads, codecs, raw_sizes = [], [], []
+    for n in names:
+        data = memoryview(members[n]).cast("B")
+        packed = _deflate(data) if n not in raw and len(data) else b""
+        small = n not in raw and len(data) and len(packed) <= len(data) - len(data) // 16
+        payloads.append(memoryview(packed) if small else data)
+        codecs.append("deflate" if small else "raw")
+        raw_sizes.append(len(data))
     table, offset = [], 0
-    for name, payload in zip(names, payloads):
+    for name, payload, codec, raw_size in zip(names, payloads, codecs, raw_sizes):
         offset = align(offset)
-        table.append({"name": name, "offset": offset, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+        table.append({"name": name, "offset": offset, "size": len(payload), "codec": codec, "raw_size": raw_size,
+                      "sha256": hashlib.sha256(payload).hexdigest()})
         offset += len(payload)
     full = dict(manifest, format_version=FORMAT_VERSION, eiec_version=eiec_version, members=table)
-    text = json.dumps(
+    text = _deflate(json.dumps(
         full, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=_json_default
-    ).encode("ascii")
+    ).encode("ascii"))
     header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(text), hashlib.sha256(text).digest())
 
     with atomic_writer(path) as f:
@@ -125,7 +148,22 @@ def _write_chunk(f, chunk: bytes | memoryview) -> None:
     f.write(chunk)
 
 
-def _parse(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+def _inflate(data: bytes, limit: int, where: str, what: str) -> bytes:
+    """`data` inflated (at most `limit` bytes are ever allocated); FormatError unless it is one
+    whole deflate stream of at most `limit` bytes."""
+    z = zlib.decompressobj()
+    try:
+        out = z.decompress(data, limit + 1)
+    except zlib.error:
+        raise FormatError(where, f"{what}: damaged deflate stream") from None
+    if len(out) > limit:
+        raise FormatError(where, f"{what}: inflates to over {limit} bytes")
+    if not z.eof or z.unused_data or z.unconsumed_tail:
+        raise FormatError(where, f"{what}: damaged deflate stream")
+    return out
+
+
+def _parse(data: bytes, where: str) -> EieFile:
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
         raise FormatError(where, "not an .eie file")
     if len(data) < HEADER.size:
@@ -145,6 +183,8 @@ def _parse(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     text = data[HEADER.size : manifest_end]
     if hashlib.sha256(text).digest() != digest:
         raise FormatError(where, "manifest checksum mismatch")
+    if version >= 2:  # a version 1 manifest is plain JSON
+        text = _inflate(text, MAX_MANIFEST_BYTES, where, "manifest")
     manifest = load_strict_json(text, where, "manifest")
     if not isinstance(manifest, dict):
         raise FormatError(where, "manifest is not a JSON object")
@@ -157,9 +197,10 @@ def _parse(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     if not isinstance(table, list):
         raise FormatError(where, "manifest has no members list")
     spans, seen = [], set()
+    keys = _MEMBER_KEYS[version]
     for k, entry in enumerate(table):
-        if not isinstance(entry, dict) or set(entry) != _MEMBER_KEYS:
-            raise FormatError(where, f"members[{k}] must have exactly {sorted(_MEMBER_KEYS)}")
+        if not isinstance(entry, dict) or set(entry) != keys:
+            raise FormatError(where, f"members[{k}] must have exactly {sorted(keys)}")
         name, offset, size, sha = entry["name"], entry["offset"], entry["size"], entry["sha256"]
         if not isinstance(name, str) or not name:
             raise FormatError(where, f"members[{k}]: name must be a non-empty string")
@@ -170,6 +211,9 @@ def _parse(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, bytes]]:
             raise FormatError(where, f"member {name}: offset and size must be non-negative ints")
         if not isinstance(sha, str) or len(sha) != 64 or sha.strip("0123456789abcdef"):
             raise FormatError(where, f"member {name}: sha256 must be 64 lowercase hex digits")
+        codec, raw_size = entry.get("codec", "raw"), entry.get("raw_size", size)
+        if codec not in CODECS or type(raw_size) is not int or (codec == "raw" and raw_size != size):
+            raise FormatError(where, f"member {name}: codec must be one of {list(CODECS)}, raw_size its inflated size")
         spans.append((name, offset, size))
     payload_start = align(manifest_end)
     if payload_start > len(data):
@@ -180,12 +224,23 @@ def _parse(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     check_layout(spans, area, where, kind="member")
 
     members = {}
+    layout = {"header": HEADER.size, "manifest": manifest_len}
     for entry in table:
         blob = data[payload_start + entry["offset"] : payload_start + entry["offset"] + entry["size"]]
         if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
             raise FormatError(where, f"member {entry['name']}: checksum mismatch")
+        if entry.get("codec") == "deflate":
+            if entry["raw_size"] > MAX_DEFLATE_RATIO * len(blob) + 64:
+                raise FormatError(where, f"member {entry['name']}: {entry['raw_size']} bytes cannot inflate "
+                                         f"from {len(blob)}")
+            blob = _inflate(blob, entry["raw_size"], where, f"member {entry['name']}")
+            if len(blob) != entry["raw_size"]:
+                raise FormatError(where, f"member {entry['name']}: inflates to {len(blob)} bytes, "
+                                         f"not its raw_size {entry['raw_size']}")
         members[entry["name"]] = blob
-    return manifest, members
+        layout[f"member:{entry['name']}"] = entry["size"]
+    layout["padding"] = len(data) - sum(layout.values())
+    return EieFile(manifest, members, where, layout)
 
 
 def _json_default(x: Any) -> Any:

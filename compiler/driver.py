@@ -85,8 +85,9 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
                   pes: int | None = None, seed: int = 0,
                   progress: Callable[[str], None] = lambda s: None,
                   budget: dict[str, float | None] | None = None,
-                  input_shapes: InputShapes | None = None) -> CompileResult:
-    """Compile MODEL.onnx into OUT.eie. Raises an EiecError on bad input; writes nothing then.
+                  input_shapes: InputShapes | None = None, storage: str = "huffman") -> CompileResult:
+    """Compile MODEL.onnx into OUT.eie, its weights in `storage` form ("huffman" or "fixed").
+    Raises an EiecError on bad input; writes nothing then.
 
     `input_shapes` (--input-shape) fixes input dims; dims still free past the batch are
     fixed by the calibration data's shape. The model is lowered for those shapes only.
@@ -128,7 +129,18 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
     ir4 = manager.run(model, ctx, start_index=1)
     records = manager.records
     manifest = build_manifest(layers_ir0, original_bytes, ir4, ctx, records, seed)
-    save_eie(out_path, ir4, ctx.artifacts.get("segments", []), manifest)
+    model_bytes = model_file_bytes(model_path)
+    manifest = save_eie(out_path, ir4, ctx.artifacts.get("segments", []), dict(manifest, model_bytes=model_bytes),
+                        storage)
+    eie_bytes = os.path.getsize(out_path)
+    if eie_bytes > model_bytes:
+        layers = {form: manifest[key] - manifest["host_bytes"] for form, key in
+                  (("huffman", "compressed_bytes_huffman"), ("fixed", "compressed_bytes"))}
+        notes.append(f"{out_path} ({eie_bytes:,} bytes) is larger than {model_path} ({model_bytes:,} bytes): "
+                     f"it stores the layers in the {storage} form ({layers[storage]:,} bytes; "
+                     f"{layers['huffman']:,} in the Huffman form, {layers['fixed']:,} in the fixed form), "
+                     f"the host graph with {manifest['host_bytes']:,} bytes of parameters, the programs and "
+                     "the manifest (`eiec inspect` shows each part)")
     chosen_path = None
     if chosen_recipe is not None:  # only once the .eie is written: a failed compile leaves nothing
         chosen_path = os.path.splitext(out_path)[0] + ".recipe.yaml"
@@ -216,10 +228,10 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
             lr, density=density if lr.density == "auto" else lr.density, bits=bits if lr.bits == "auto" else lr.bits)
     ctx.artifacts["layer_recipes"] = wanted
     ctx.artifacts["sensitivity"] = {
-        name: {"density": {_key(d): sc.error for d, sc in s.density.items()},
-               "bits": {_key(b): sc.error for b, sc in s.bits.items()},
-               **({"density_accuracy_lost": {_key(d): sc.accuracy_lost for d, sc in s.density.items()},
-                   "bits_accuracy_lost": {_key(b): sc.accuracy_lost for b, sc in s.bits.items()}}
+        name: {"density": {_key(d): _sig(sc.error) for d, sc in s.density.items()},
+               "bits": {_key(b): _sig(sc.error) for b, sc in s.bits.items()},
+               **({"density_accuracy_lost": {_key(d): _sig(sc.accuracy_lost) for d, sc in s.density.items()},
+                   "bits_accuracy_lost": {_key(b): _sig(sc.accuracy_lost) for b, sc in s.bits.items()}}
                   if ctx.labels is not None else {})}
         for name, s in report["sensitivity"].items()}
     ctx.artifacts["auto"] = {
@@ -227,9 +239,15 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
         **rows, "allowed_rows_lost": report["allowed_rows_lost"],
         "path_length": report["path_length"], "chosen_step": report.get("chosen_step"),
         "over_budget": "over_budget" in report,
-        "probes": [{"step": i, metric: v, "error": e} for i, v, e in report["probes"]],
+        "probes": [{"step": i, metric: _sig(v), "error": _sig(e)} for i, v, e in report["probes"]],
         "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}
     return dump_recipe(ctx.recipe, wanted)
+
+
+def _sig(x: float | None) -> float | None:
+    """A measured error or accuracy as the manifest keeps it: 4 significant digits (what
+    `eiec inspect --sensitivity` shows; the file need not carry 17)."""
+    return None if x is None else float(f"{x:.4g}")
 
 
 def _key(v: float | int) -> str:
@@ -237,9 +255,20 @@ def _key(v: float | int) -> str:
     return f"{v:g}"
 
 
+def model_file_bytes(path: str) -> int:
+    """The bytes a user's model takes on disk: the .onnx file and any external data files it names."""
+    total = os.path.getsize(path)
+    model = onnx.load(path, load_external_data=False)
+    base = os.path.dirname(os.path.abspath(path))
+    files = {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+             for entry in t.external_data if entry.key == "location"}
+    return total + sum(os.path.getsize(os.path.join(base, f)) for f in files if os.path.isfile(os.path.join(base, f)))
+
+
 def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: Context,
                    records: list[PassRecord], seed: int) -> dict[str, Any]:
-    """Everything `eiec inspect` reports, measured from the passes' stats."""
+    """Everything `eiec inspect` reports, measured from the passes' stats; the sizes of
+    the lowered layers are measured when the .eie is written (eiec.artifact.save_eie)."""
     stats = {r.name: r.stats for r in records}
     encode = {l["name"]: l for l in stats.get("encode", {}).get("layers", [])}
     cluster = {l["name"]: l for l in stats.get("cluster", {}).get("layers", [])}
@@ -247,22 +276,17 @@ def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: C
     recipes: dict[str, LayerRecipe] = ctx.artifacts.get("layer_recipes", {})
     host = _param_bytes(ir4, skip={blob_name(s.name) for s in ctx.artifacts.get("segments", [])})
     layers = []
-    fixed_total = huffman_total = 0
     for l in layers_ir0:
         e = encode.get(l.name)
         lr = recipes.get(l.name)
         entry = {"name": l.name, "kind": l.kind, "shape": list(l.shape),
                  "recipe": dataclasses.asdict(lr) if lr is not None else None}
         if e is not None and l.name in cluster:
-            entry.update({k: e[k] for k in e if k not in ("name", "breakdown")})
-            entry.update(e["breakdown"])
+            entry.update({k: e[k] for k in e if k != "name"})
             entry["density"] = round(e["nonzeros"] / int(np.prod(l.shape)), 6)
             entry["bits"] = cluster[l.name]["bits"]
-            entry["codebook_values"] = cluster[l.name]["codebook"]
             if l.name in q_formats:
                 entry["q_formats"] = dict(zip(("in_frac", "w_frac", "out_frac"), q_formats[l.name]))
-            fixed_total += e["bytes_fixed"]
-            huffman_total += e["bytes_huffman"]
         else:
             entry.update({"on_host": True})
         layers.append(entry)
@@ -281,10 +305,6 @@ def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: C
         "host_ops": lower.get("host_layers", []),
         "original_bytes": original,
         "host_bytes": host,
-        "compressed_bytes": fixed_total + host,
-        "compressed_bytes_huffman": huffman_total + host,
-        "compression_ratio": round(original / max(1, fixed_total + host), 4),
-        "compression_ratio_huffman": round(original / max(1, huffman_total + host), 4),
     }
 
 

@@ -114,6 +114,9 @@ def _check_layer(where: str, d: Any, path: str | None, target: Target) -> dict[s
     return out
 
 
+_ENERGY_TYPES = {f.name: type(f.default) for f in dataclasses.fields(Energy)}
+
+
 def _check_target(d: Any, path: str | None) -> Target:
     if not isinstance(d, dict):
         raise RecipeError(path, f"target: expected a mapping, got {d!r}")
@@ -129,7 +132,10 @@ def _check_target(d: Any, path: str | None) -> Target:
                     raise RecipeError(path, f"target.energy.{ek}: unknown key (known: {', '.join(ENERGY_KEYS)})")
                 if isinstance(ev, bool) or not isinstance(ev, (int, float)) or not 0 <= ev < math.inf:
                     raise RecipeError(path, f"target.energy.{ek}: must be a number >= 0, got {ev!r}")
-            values[k] = Energy(**{ek: float(ev) for ek, ev in v.items()})
+                if _ENERGY_TYPES[ek] is int and ev != int(ev):
+                    raise RecipeError(path, f"target.energy.{ek}: must be a whole number, got {ev!r}")
+            # each at its field's type, so a target read back from a .eie is the target written
+            values[k] = Energy(**{ek: _ENERGY_TYPES[ek](ev) for ek, ev in v.items()})
             continue
         if k == "clock_mhz":
             ok = not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v <= 1e5

@@ -30,18 +30,21 @@ def host_op_counts(graph) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def inspect_json(m: dict[str, Any], host_ops: dict[str, int] | None = None) -> dict[str, Any]:
-    """The `eiec inspect --json` object; `host_ops` from `host_op_counts`."""
+def inspect_json(m: dict[str, Any], host_ops: dict[str, int] | None = None,
+                 layout: dict[str, int] | None = None) -> dict[str, Any]:
+    """The `eiec inspect --json` object; `host_ops` from `host_op_counts`, `layout` the file's
+    bytes by part (eiec.container.EieFile.layout)."""
     layers = []
     for l in m["layers"]:
         e = {"name": l["name"], "kind": l["kind"], "shape": l["shape"], "on_host": bool(l.get("on_host"))}
         for k in ("density", "bits", "entries", "padding_entries", "nonzeros", "bytes_fixed",
                   "bytes_huffman", "bytes_dense", "spmat", "col_ptr", "codebook", "bias",
-                  "code_huffman", "rel_huffman", "q_formats"):
+                  "code_huffman", "rel_huffman", "col_count_huffman", "codebook_huffman", "bias_huffman",
+                  "q_formats"):
             if k in l:
                 e[k] = l[k]
         layers.append(e)
-    return {
+    out = {
         "original_bytes": m["original_bytes"],
         "compressed_bytes": m["compressed_bytes"],
         "compressed_bytes_huffman": m["compressed_bytes_huffman"],
@@ -49,6 +52,7 @@ def inspect_json(m: dict[str, Any], host_ops: dict[str, int] | None = None) -> d
         "compression_ratio_huffman": m["compression_ratio_huffman"],
         "host_bytes": m["host_bytes"],
         "input_shapes": m.get("input_shapes", {}),
+        "storage": m.get("storage", "fixed"),
         "target": m["target"],
         "layers": layers,
         "host_ops": m.get("host_ops", []),
@@ -56,11 +60,32 @@ def inspect_json(m: dict[str, Any], host_ops: dict[str, int] | None = None) -> d
         "segments": [{"name": s["name"], "layers": [l["name"] for l in s["layers"]],
                       "resident": s["resident"]} for s in m.get("segments", [])],
     }
+    if "model_bytes" in m:
+        out["model_bytes"] = m["model_bytes"]
+    if layout is not None:
+        out["file_bytes"] = sum(layout.values())
+        out["file_layout"] = file_parts(layout)
+    return out
 
 
-def size_table(m: dict[str, Any], host_ops: dict[str, int] | None = None) -> str:
-    """Per-layer sizes and the model's compression ratio, as `eiec inspect` prints them;
-    `host_ops` (from `host_op_counts`) lists every op left to onnxruntime."""
+def file_parts(layout: dict[str, int]) -> dict[str, int]:
+    """The file's bytes grouped by what they hold (they add up to the file's size)."""
+    kinds = {"host.onnx": "host_graph", "program.isa": "programs", "weights.huffman": "weights_huffman",
+             "images.tensors": "images_fixed"}
+    parts = {"header_and_padding": layout["header"] + layout["padding"], "manifest": layout["manifest"]}
+    for name, size in layout.items():
+        if name.startswith("member:"):
+            kind = kinds.get(name[len("member:"):].rsplit("/", 1)[-1], "other_members")
+            parts[kind] = parts.get(kind, 0) + size
+    return parts
+
+
+def size_table(m: dict[str, Any], host_ops: dict[str, int] | None = None, file_bytes: int | None = None,
+               layout: dict[str, int] | None = None) -> str:
+    """Per-layer sizes and the model's compression ratios, as `eiec inspect` prints them: the
+    .eie file itself (`file_bytes`, and by part from `layout`), the Huffman storage form and
+    the fixed form the PEs hold; `host_ops` (from `host_op_counts`) lists every op left to
+    onnxruntime."""
     rows = []
     for l in m["layers"]:
         if l.get("on_host"):
@@ -70,13 +95,25 @@ def size_table(m: dict[str, Any], host_ops: dict[str, int] | None = None) -> str
                      f"{l['entries']:,}", f"{l['padding_entries']:,}", _kb(l["bytes_dense"]),
                      _kb(l["bytes_fixed"]), _kb(l["bytes_huffman"])])
     t = m["target"]
+    orig = m["original_bytes"]
+    whole = (f"whole model: {_kb(orig)} KB of parameters -> {_kb(m['compressed_bytes_huffman'])} KB Huffman "
+             f"form ({m['compression_ratio_huffman']:.1f}x), {_kb(m['compressed_bytes'])} KB fixed form "
+             f"({m['compression_ratio']:.1f}x); host parameters {_kb(m['host_bytes'])} KB")
     out = [f"target: {t['pes']} PEs @ {t['clock_mhz']:g} MHz, queue depth {t['queue_depth']}, "
            f"{t['weight_bits']}-bit codebook index + {t['rel_index_bits']}-bit relative index",
            _table(["layer", "shape", "density", "bits", "entries", "padding", "dense KB", "fixed KB",
-                   "huffman KB"], rows),
-           f"whole model: {_kb(m['original_bytes'])} KB -> {_kb(m['compressed_bytes'])} KB fixed "
-           f"({m['compression_ratio']:.1f}x), {_kb(m['compressed_bytes_huffman'])} KB Huffman "
-           f"({m['compression_ratio_huffman']:.1f}x); host parameters {_kb(m['host_bytes'])} KB"]
+                   "huffman KB"], rows), whole]
+    if file_bytes is not None:
+        line = (f".eie file: {_kb(file_bytes)} KB ({orig / max(1, file_bytes):.1f}x the parameters; "
+                f"weights stored in the {m.get('storage', 'fixed')} form)")
+        if "model_bytes" in m:
+            line += f"; the model file was {_kb(m['model_bytes'])} KB ({m['model_bytes'] / max(1, file_bytes):.1f}x)"
+        out.append(line)
+    if layout is not None:
+        names = {"weights_huffman": "weights (Huffman)", "images_fixed": "PE images (fixed)", "host_graph": "host graph",
+                 "programs": "programs", "manifest": "manifest", "header_and_padding": "header and padding",
+                 "other_members": "other members"}
+        out.append("file bytes: " + ", ".join(f"{names[k]} {_kb(v)} KB" for k, v in file_parts(layout).items()))
     shapes = m.get("input_shapes")
     if shapes:
         out.append("lowered for inputs: " + ", ".join(

@@ -132,15 +132,7 @@ class Segment:
         """Everything the PEs hold, by member-array name (codebooks, biases, per-tile images)."""
         arrays: dict[str, np.ndarray] = {}
         for i, l in enumerate(self.layers):
-            arrays[f"L{i}.codebook"] = l.codebook.astype(np.float32)
-            arrays[f"L{i}.codebook_q"] = l.codebook_q.astype(np.int16)
-            arrays[f"L{i}.bias"] = l.bias.astype(np.float32)
-            arrays[f"L{i}.bias_acc"] = l.bias_acc.astype(acc_dtype(self.target))
-            for t, img in enumerate(l.tiles):
-                for key, a in image_streams(img).items():
-                    arrays[f"L{i}.T{t}.{key}"] = a
-                # stored at the pointer SRAM's width (tiling keeps every pointer below 2^ptr_bits)
-                arrays[f"L{i}.T{t}.col_ptr"] = img.col_ptr.astype(ptr_dtype(self.target))
+            arrays.update(layer_arrays(i, l.codebook, l.codebook_q, l.bias, l.bias_acc, l.tiles, self.target))
         return arrays
 
     def to_blob(self) -> bytes:
@@ -161,13 +153,17 @@ class Segment:
         return cls.from_parts(meta, arrays["program"].tobytes(), arrays, where)
 
     @classmethod
-    def from_parts(cls, meta: dict, program: bytes, arrays: dict[str, np.ndarray], where: str) -> "Segment":
-        """Rebuild from metadata, program bytes and image arrays, checking they agree."""
+    def from_parts(cls, meta: dict, program: bytes, arrays: dict[str, np.ndarray], where: str,
+                   derived: bool = False) -> "Segment":
+        """Rebuild from metadata, program bytes and image arrays, checking they agree.
+        `derived`: the images were made by eiec's own encoder from a Huffman record
+        (eiec.storage), so their entries are not decoded again: the caller checks the
+        rebuilt segment against its digest instead."""
         try:
             target = target_from_dict(meta["target"], where)
             layers: list[LayerSpec] = []
             for i, m in enumerate(meta["layers"]):
-                layers.append(_layer_from(i, m, arrays, target, layers[-1].out_shape if layers else None))
+                layers.append(_layer_from(i, m, arrays, target, layers[-1].out_shape if layers else None, derived))
             if not all(isinstance(meta[k], str) for k in ("name", "input", "output")):
                 raise ValueError("segment name, input and output must be strings")
             seg = cls(meta["name"], meta["input"], meta["output"], layers,
@@ -181,6 +177,19 @@ class Segment:
         isa.validate_program(seg.program, len(layers), [len(l.tiles) for l in layers], where)
         _check_program_shapes(seg, where)
         return seg
+
+
+def layer_arrays(i: int, codebook: np.ndarray, codebook_q: np.ndarray, bias: np.ndarray, bias_acc: np.ndarray,
+                 tiles: list[SparseImage], target: Target) -> dict[str, np.ndarray]:
+    """Layer i's arrays in a segment's image archive, at their stored dtypes."""
+    arrays = {f"L{i}.codebook": codebook.astype(np.float32), f"L{i}.codebook_q": codebook_q.astype(np.int16),
+              f"L{i}.bias": bias.astype(np.float32), f"L{i}.bias_acc": bias_acc.astype(acc_dtype(target))}
+    for t, img in enumerate(tiles):
+        for key, a in image_streams(img).items():
+            arrays[f"L{i}.T{t}.{key}"] = a
+        # stored at the pointer SRAM's width (tiling keeps every pointer below 2^ptr_bits)
+        arrays[f"L{i}.T{t}.col_ptr"] = img.col_ptr.astype(ptr_dtype(target))
+    return arrays
 
 
 def _check_program_shapes(seg: Segment, where: str) -> None:
@@ -257,7 +266,7 @@ def _check_shapes(i: int, m: dict, shape: tuple[int, ...], conv: ConvGeometry | 
 
 
 def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target,
-                prev_out: tuple[int, ...] | None) -> LayerSpec:
+                prev_out: tuple[int, ...] | None, derived: bool = False) -> LayerSpec:
     def arr(name: str, dtype, shape=None) -> np.ndarray:
         a = arrays[f"L{i}.{name}"]
         if a.dtype != dtype or (shape is not None and a.shape != shape):
@@ -295,11 +304,12 @@ def _layer_from(i: int, m: dict, arrays: dict[str, np.ndarray], target: Target,
             raise ValueError(f"tile {t} of layer {m['name']} lies outside its matrix")
         if int(img.code.max(initial=0)) >= k:
             raise ValueError(f"tile {t} of layer {m['name']}: codebook index outside a {k}-entry codebook")
-        local = decode_image(img)  # raises FormatError unless every entry lands inside the tile
-        if group > 1:
-            r, c = np.nonzero(local)
-            if outside_blocks(r + img.row_lo, c + img.col_lo, rows, cols, group):
-                raise ValueError(f"tile {t} of layer {m['name']} has entries outside its groups' diagonal blocks")
+        if not derived:  # derived images come from the diagonal blocks by construction
+            local = decode_image(img)  # raises FormatError unless every entry lands inside the tile
+            if group > 1:
+                r, c = np.nonzero(local)
+                if outside_blocks(r + img.row_lo, c + img.col_lo, rows, cols, group):
+                    raise ValueError(f"tile {t} of layer {m['name']} has entries outside its groups' diagonal blocks")
         tiles.append(img)
     conv = None
     if "conv" in m:

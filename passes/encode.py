@@ -1,6 +1,6 @@
 """The encode pass (IR2 -> IR3): per-PE interleaved CSC images with padding zeros.
 
-Pure functions `encode_matrix` / `decode_image` / `count_padding` / `layer_storage` hold the
+Pure functions `encode_matrix` / `decode_image` / `count_padding` / `storage_streams` hold the
 math (conventions in eiec.image); `Encode` rewrites each ``Gather(codebook, Cast(indices))``
 into one ``EIEDecode`` node fed by the packed streams, which onnxruntime runs via eiec.runtime.ops.
 """
@@ -20,7 +20,6 @@ from eiec.image import (LINE_BYTES, MAX_ENTRY_BITS, MAX_WEIGHT_BITS, SparseImage
 from eiec.ir import EIE_DOMAIN, copy_model, find_layers, initializer_map, matrix_view, producers, remove_initializer
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
-from eiec.target import Target
 
 from . import huffman
 
@@ -194,44 +193,20 @@ def storage_streams(indices: np.ndarray, weight_bits: int = 4, rel_bits: int = 4
 def decode_storage_streams(streams: dict[str, huffman.HuffmanStream], rows: int, weight_bits: int = 4,
                            rel_bits: int = 4) -> np.ndarray:
     """The uint8 [rows, cols] index matrix `storage_streams` stored."""
-    code, rel = huffman.decode(streams["code"]), huffman.decode(streams["rel"])
-    counts = _counts_from_symbols(huffman.decode(streams["col_count"]))
+    code, rel, counts = huffman.decode_many([streams["code"], streams["rel"], streams["col_count"]])
+    return storage_matrix(code, rel, counts, rows, weight_bits, rel_bits)
+
+
+def storage_matrix(code: np.ndarray, rel: np.ndarray, count_symbols: np.ndarray, rows: int,
+                   weight_bits: int = 4, rel_bits: int = 4) -> np.ndarray:
+    """The index matrix of the decoded storage streams; FormatError unless they agree."""
+    counts = _counts_from_symbols(count_symbols)
     col_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    if code.size != rel.size or col_ptr[-1] != code.size:
+    if code.size != rel.size or col_ptr[-1] != code.size or (count_symbols.size and count_symbols[-1] == 255):
         raise FormatError(None, "storage form: column counts do not match the entries")
     img = SparseImage(rows, counts.size, 1, weight_bits, min(rel_bits, STORAGE_MAX_REL_BITS), code, rel,
                       np.array([0, code.size], np.int64), col_ptr[None])
     return decode_image(img)
-
-
-def layer_storage(img: SparseImage, codebook_len: int, n_bias: int, target: Target,
-                  indices: np.ndarray | None = None) -> dict[str, int]:
-    """Bytes a layer takes, by component, in two forms. Ratios count everything (Deep
-    Compression): entries, pointers or counts, codebook, bias.
-
-    bytes_fixed: the hardware form, as the PE SRAMs hold it: per PE, one- or two-byte
-    entries in whole 64-bit lines, plus pes x (cols + 1) column pointers of ptr_bits.
-    bytes_huffman: the storage form (`storage_streams`), Deep Compression's file on disk:
-    one CSC stream over the whole matrix, code, rel and per-column counts Huffman-coded
-    (tables and headers included). `indices` (the layer's index matrix) saves decoding img;
-    for a grouped conv it is the compact matrix and img the block-diagonal one the PEs hold.
-    """
-    spmat = img.lines * LINE_BYTES
-    col_ptr = -(-img.pes * (img.cols + 1) * target.ptr_bits // 8)
-    codebook = -(-codebook_len * target.codebook_bits // 8)
-    bias = 4 * n_bias
-    if indices is None:
-        indices = decode_image(img)
-    streams = storage_streams(indices, img.weight_bits, img.rel_bits)
-    code_huffman, rel_huffman, count_huffman = (streams[k].nbytes for k in ("code", "rel", "col_count"))
-    return {
-        "spmat": spmat, "col_ptr": col_ptr, "codebook": codebook, "bias": bias,
-        "code_huffman": code_huffman, "rel_huffman": rel_huffman, "col_count_huffman": count_huffman,
-        "storage_entries": streams["code"].n_symbols,
-        "bytes_fixed": spmat + col_ptr + codebook + bias,
-        "bytes_huffman": code_huffman + rel_huffman + count_huffman + codebook + bias,
-        "bytes_dense": 4 * (indices.size + n_bias),
-    }
 
 
 class Encode:
@@ -259,12 +234,10 @@ class Encode:
                                        f"does not fit target.weight_bits = {target.weight_bits}")
             if codebook.size == 0 or codebook[0] != 0.0:
                 raise ModelError(None, f"layer {layer.name}: codebook entry 0 must be 0.0 (it encodes the zeros)")
-            bias = inits.get(layer.bias)
-            n_bias = int(np.prod(bias.dims)) if bias is not None else 0
-            work.append((layer, indices, codebook.size, n_bias))
+            work.append((layer, indices))
 
         def encode(item):  # independent per layer: runs on all cores
-            layer, indices, k, n_bias = item
+            layer, indices = item
             ctx.progress(f"encode {layer.name}")
             matrix = matrix_view(indices)
             img = encode_matrix(matrix, target.pes, target.weight_bits, target.rel_index_bits)
@@ -272,9 +245,9 @@ class Encode:
             # what the PEs hold: a grouped conv's groups as one block-diagonal matrix (see lower)
             held = img if group == 1 else encode_matrix(block_diagonal(matrix, group), target.pes,
                                                         target.weight_bits, target.rel_index_bits)
-            return img, held, layer_storage(held, k, n_bias, target, indices=matrix)
+            return img, held
 
-        for (layer, indices, _, _), (img, held, storage) in zip(work, map_layers(encode, work)):
+        for (layer, indices), (img, held) in zip(work, map_layers(encode, work)):
             # looked up again: each rewrite rebuilds the node list
             gather, cast, indices_name, codebook_name = _ir2_weight(out, layer.weight)
             _replace_with_decode(out, layer.name, layer.weight, gather, cast, indices_name,
@@ -283,14 +256,10 @@ class Encode:
                 "name": layer.name, "shape": list(indices.shape), "pes": held.pes,
                 "entries": held.n_entries, "padding_entries": held.n_padding,
                 "nonzeros": held.n_entries - held.n_padding,
-                "bytes_fixed": storage["bytes_fixed"], "bytes_huffman": storage["bytes_huffman"],
-                "breakdown": storage,
             })
         if layer_stats and not any(o.domain == EIE_DOMAIN for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid(EIE_DOMAIN, 1))
-        stats = {"layers": layer_stats, "skipped": skipped,
-                 "bytes_fixed": sum(s["bytes_fixed"] for s in layer_stats),
-                 "bytes_huffman": sum(s["bytes_huffman"] for s in layer_stats)}
+        stats = {"layers": layer_stats, "skipped": skipped}
         return PassResult(out, stats, changed=bool(layer_stats))
 
 

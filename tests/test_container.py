@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -178,8 +179,11 @@ def payload_start(data: bytes) -> int:
 
 
 def craft_eie(path, manifest: dict, payload: bytes, version: int = FORMAT_VERSION) -> None:
-    """A correctly signed file with an arbitrary manifest (write_eie would refuse it)."""
+    """A correctly signed file with an arbitrary manifest (write_eie would refuse it); from
+    version 2 on the manifest is deflated."""
     text = json.dumps(manifest).encode()
+    if version >= 2:
+        text = zlib.compress(text)
     head = container.HEADER.pack(b"EIE\0", version, 0, len(text), hashlib.sha256(text).digest()) + text
     path.write_bytes(head + bytes(tensorfile.align(len(head)) - len(head)) + payload)
 
@@ -199,15 +203,27 @@ def test_layout_matches_the_documented_header(eie):
     data = eie.read_bytes()
     magic, version, reserved, manifest_len, digest = struct.unpack_from("<4sHHQ32s", data)
     text = data[48 : 48 + manifest_len]
-    assert (magic, version, reserved) == (b"EIE\0", 1, 0)
+    assert (magic, version, reserved) == (b"EIE\0", 2, 0)
     assert hashlib.sha256(text).digest() == digest
-    manifest = json.loads(text)
+    manifest = json.loads(zlib.decompress(text))
     assert list(manifest) == sorted(manifest)  # sorted keys
     start = payload_start(data)
+    codecs = set()
     for m in manifest["members"]:
         assert m["offset"] % 8 == 0
         blob = data[start + m["offset"] : start + m["offset"] + m["size"]]
-        assert blob == MEMBERS[m["name"]] and hashlib.sha256(blob).hexdigest() == m["sha256"]
+        assert hashlib.sha256(blob).hexdigest() == m["sha256"]
+        raw = zlib.decompress(blob) if m["codec"] == "deflate" else blob
+        assert raw == MEMBERS[m["name"]] and len(raw) == m["raw_size"]
+        codecs.add(m["codec"])
+    assert codecs == {"raw", "deflate"}  # the archive deflates; three bytes do not
+
+
+def test_members_named_raw_are_never_deflated(tmp_path):
+    write_eie(tmp_path / "r.eie", MANIFEST, MEMBERS, raw={"seg0/tile0"})
+    table = {m["name"]: m for m in read_eie(tmp_path / "r.eie").manifest["members"]}
+    assert table["seg0/tile0"]["codec"] == "raw" and table["seg0/tile0"]["size"] == len(MEMBERS["seg0/tile0"])
+    assert read_eie(tmp_path / "r.eie").members == MEMBERS
 
 
 def test_two_writes_are_byte_identical(tmp_path):
@@ -228,7 +244,8 @@ def test_numpy_values_in_the_manifest_are_written_as_json(tmp_path):
 
 def test_a_tampered_member_byte_is_a_checksum_mismatch(eie):
     data = bytearray(eie.read_bytes())
-    odd = next(m for m in json.loads(data[48 : payload_start(data)].rstrip(b"\0"))["members"] if m["name"] == "odd")
+    manifest_len = struct.unpack_from("<Q", data, 8)[0]
+    odd = next(m for m in json.loads(zlib.decompress(data[48 : 48 + manifest_len]))["members"] if m["name"] == "odd")
     data[payload_start(data) + odd["offset"] + 1] ^= 0x01
     eie.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="member odd: checksum mismatch") as info:
@@ -261,7 +278,8 @@ def test_a_newer_format_version_is_refused_by_name(eie):
     data = bytearray(eie.read_bytes())
     data[4:6] = struct.pack("<H", FORMAT_VERSION + 1)
     eie.write_bytes(bytes(data))
-    with pytest.raises(FormatError, match=r"format version 2 is newer than this eiec supports \(1\)"):
+    with pytest.raises(FormatError, match=rf"format version {FORMAT_VERSION + 1} is newer than this eiec "
+                                          rf"supports \({FORMAT_VERSION}\)"):
         read_eie(eie)
 
 
@@ -274,26 +292,40 @@ def test_other_files_are_not_eie_files(tmp_path):
         read_eie(tmp_path / "missing.eie")
 
 
-GOOD_MEMBER = {"name": "x", "offset": 0, "size": 4, "sha256": hashlib.sha256(b"abcd").hexdigest()}
+GOOD_MEMBER = {"name": "x", "offset": 0, "size": 4, "sha256": hashlib.sha256(b"abcd").hexdigest(), "codec": "raw",
+               "raw_size": 4}
+V = FORMAT_VERSION
+BOMB = zlib.compress(bytes(1 << 20), 9)  # 1 MiB of zeros in about a kilobyte
 
 
 @pytest.mark.parametrize(
     "manifest, payload, reason",
     [
         ({"eiec_version": "0", "members": []}, b"", "format_version None differs"),
-        ({"format_version": 1, "members": []}, b"", "no eiec_version"),
-        ({"format_version": 1, "eiec_version": "0"}, b"", "no members list"),
-        ({"format_version": 1, "eiec_version": "0", "members": [GOOD_MEMBER, GOOD_MEMBER]}, b"abcd", "listed twice"),
-        ({"format_version": 1, "eiec_version": "0", "members": [{**GOOD_MEMBER, "size": -1}]}, b"abcd", "non-negative"),
-        ({"format_version": 1, "eiec_version": "0", "members": [{**GOOD_MEMBER, "offset": 4}]}, b"abcd", "aligned"),
-        ({"format_version": 1, "eiec_version": "0", "members": [{**GOOD_MEMBER, "size": 9}]}, b"abcd", "past the end"),
-        ({"format_version": 1, "eiec_version": "0", "members": [{**GOOD_MEMBER, "sha256": "AB"}]}, b"abcd", "hex"),
-        ({"format_version": 1, "eiec_version": "0", "members": [{**GOOD_MEMBER, "path": "/etc"}]}, b"abcd", "exactly"),
+        ({"format_version": V, "members": []}, b"", "no eiec_version"),
+        ({"format_version": V, "eiec_version": "0"}, b"", "no members list"),
+        ({"format_version": V, "eiec_version": "0", "members": [GOOD_MEMBER, GOOD_MEMBER]}, b"abcd", "listed twice"),
+        ({"format_version": V, "eiec_version": "0", "members": [{**GOOD_MEMBER, "size": -1}]}, b"abcd", "non-negative"),
+        ({"format_version": V, "eiec_version": "0", "members": [{**GOOD_MEMBER, "offset": 4}]}, b"abcd", "aligned"),
+        ({"format_version": V, "eiec_version": "0", "members": [{**GOOD_MEMBER, "size": 9, "raw_size": 9}]}, b"abcd",
+         "past the end"),
+        ({"format_version": V, "eiec_version": "0", "members": [{**GOOD_MEMBER, "sha256": "AB"}]}, b"abcd", "hex"),
+        ({"format_version": V, "eiec_version": "0", "members": [{**GOOD_MEMBER, "path": "/etc"}]}, b"abcd", "exactly"),
         (
-            {"format_version": 1, "eiec_version": "0", "members": [GOOD_MEMBER, {**GOOD_MEMBER, "name": "y"}]},
+            {"format_version": V, "eiec_version": "0", "members": [GOOD_MEMBER, {**GOOD_MEMBER, "name": "y"}]},
             b"abcd",
             "overlaps",
         ),
+        ({"format_version": V, "eiec_version": "0", "members": [{**GOOD_MEMBER, "codec": "gzip"}]}, b"abcd", "codec"),
+        ({"format_version": V, "eiec_version": "0", "members": [{**GOOD_MEMBER, "raw_size": 5}]}, b"abcd", "codec"),
+        ({"format_version": V, "eiec_version": "0", "members": [{**GOOD_MEMBER, "codec": "deflate"}]}, b"abcd",
+         "damaged deflate"),
+        ({"format_version": V, "eiec_version": "0", "members": [{
+            **GOOD_MEMBER, "codec": "deflate", "size": len(BOMB), "raw_size": 1 << 40,
+            "sha256": hashlib.sha256(BOMB).hexdigest()}]}, BOMB, "cannot inflate"),
+        ({"format_version": V, "eiec_version": "0", "members": [{
+            **GOOD_MEMBER, "codec": "deflate", "size": len(BOMB), "raw_size": 1000,
+            "sha256": hashlib.sha256(BOMB).hexdigest()}]}, BOMB, "inflates to over 1000 bytes"),
     ],
 )
 def test_signed_but_inconsistent_member_tables_are_refused(tmp_path, manifest, payload, reason):
@@ -303,10 +335,35 @@ def test_signed_but_inconsistent_member_tables_are_refused(tmp_path, manifest, p
         read_eie(path)
 
 
+def test_a_manifest_that_inflates_past_its_limit_is_refused_unread(tmp_path):
+    path = tmp_path / "c.eie"
+    text = zlib.compress(b" " * (container.MAX_MANIFEST_BYTES + 10), 9)
+    head = container.HEADER.pack(b"EIE\0", V, 0, len(text), hashlib.sha256(text).digest()) + text
+    path.write_bytes(head + bytes(tensorfile.align(len(head)) - len(head)))
+    with pytest.raises(FormatError, match="manifest: inflates to over"):
+        read_eie(path)
+
+
 def test_crafted_file_with_a_consistent_table_reads(tmp_path):
     path = tmp_path / "c.eie"
-    craft_eie(path, {"format_version": 1, "eiec_version": "0", "members": [GOOD_MEMBER]}, b"abcd")
+    craft_eie(path, {"format_version": V, "eiec_version": "0", "members": [GOOD_MEMBER]}, b"abcd")
     assert read_eie(path).members == {"x": b"abcd"}
+    packed = zlib.compress(b"abcd" * 100)
+    member = {**GOOD_MEMBER, "codec": "deflate", "size": len(packed), "raw_size": 400,
+              "sha256": hashlib.sha256(packed).hexdigest()}
+    craft_eie(path, {"format_version": V, "eiec_version": "0", "members": [member]}, packed)
+    assert read_eie(path).members == {"x": b"abcd" * 100}
+
+
+def test_a_version_1_file_reads(tmp_path):
+    """Format version 1: a plain JSON manifest and members without codec or raw_size."""
+    path = tmp_path / "v1.eie"
+    member = {k: v for k, v in GOOD_MEMBER.items() if k not in ("codec", "raw_size")}
+    craft_eie(path, {"format_version": 1, "eiec_version": "0", "members": [member]}, b"abcd", version=1)
+    assert read_eie(path).members == {"x": b"abcd"}
+    craft_eie(path, {"format_version": 1, "eiec_version": "0", "members": [GOOD_MEMBER]}, b"abcd", version=1)
+    with pytest.raises(FormatError, match="exactly"):
+        read_eie(path)
 
 
 def test_resign_replaces_one_member_and_the_result_reads(eie, tmp_path):

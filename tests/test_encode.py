@@ -19,8 +19,7 @@ from eiec.errors import ModelError
 from eiec.image import SparseImage
 from eiec.ir import EIE_DOMAIN, find_layers
 from eiec.passes.encode import (Encode, count_padding, decode_image, decode_storage_streams, encode_matrix,
-                                image_from_streams, image_streams,
-                                layer_storage, storage_streams)
+                                image_from_streams, image_streams, storage_streams)
 from eiec.passes.huffman import HuffmanStream
 from eiec.passes.huffman import decode as huffman_decode
 from eiec.passmanager import Context
@@ -208,25 +207,6 @@ def test_more_pes_than_rows_leaves_pes_empty():
     img = encode_matrix(m, pes=256)
     assert img.entries_per_pe[:2].tolist() == [1, 1] and not img.entries_per_pe[2:].any()
     np.testing.assert_array_equal(decode_image(img), m)
-
-
-def test_layer_storage_counts_lines_pointers_codebook_and_bias():
-    m = np.zeros((2, 4), np.uint8)
-    m[0, :3] = [1, 2, 3]  # PE 0: 3 entries -> one line
-    m[1, :] = [4, 5, 6, 7]  # PE 1: 4 entries -> one line
-    img = encode_matrix(m, pes=2)
-    s = layer_storage(img, codebook_len=16, n_bias=2, target=Target(pes=2))
-    assert s["spmat"] == 16
-    assert s["col_ptr"] == 2 * 5 * 2  # pes * (cols + 1) pointers of 16 bits
-    assert s["codebook"] == 32 and s["bias"] == 8
-    assert s["bytes_fixed"] == 16 + 20 + 32 + 8
-    # the storage form has no per-PE pointers: one stream, its counts, codebook and bias
-    streams = storage_streams(m)
-    assert s["code_huffman"] == streams["code"].nbytes and s["rel_huffman"] == streams["rel"].nbytes
-    assert s["col_count_huffman"] == streams["col_count"].nbytes
-    assert s["bytes_huffman"] == s["code_huffman"] + s["rel_huffman"] + s["col_count_huffman"] + 32 + 8
-    assert s["storage_entries"] == 7  # every column's gaps fit rel: no padding
-    assert s["bytes_dense"] == 4 * (8 + 2)
 
 
 def slow_single_stream(m: np.ndarray, rel_bits: int) -> tuple[list[int], list[int], list[int]]:

@@ -25,6 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 from eiec import isa
 from eiec.cli import main
 from eiec.container import RESERVED_KEYS, read_eie, write_eie
+from eiec.errors import FormatError
+from eiec.passes import huffman
 from eiec.recipe import Recipe, load_recipe
 from eiec.tensorfile import pack_arrays, unpack_arrays
 
@@ -58,13 +60,16 @@ def npz_bytes(**arrays) -> bytes:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    """A folder with the tiny model, a recipe, inputs and the model compiled to good.eie."""
+    """A folder with the tiny model, a recipe, inputs and the model compiled to good.eie
+    (Huffman storage) and good_fixed.eie (--storage fixed)."""
     d = tmp_path_factory.mktemp("hostile")
     onnx.save(tiny_model(), d / "tiny.onnx")
     (d / "r.yaml").write_text(RECIPE)
     x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
     (d / "in.npz").write_bytes(npz_bytes(x=x))
     assert main([str(d / "tiny.onnx"), "-o", str(d / "good.eie"), "--config", str(d / "r.yaml"), "--quiet"]) == 0
+    assert main([str(d / "tiny.onnx"), "-o", str(d / "good_fixed.eie"), "--config", str(d / "r.yaml"), "--quiet",
+                 "--storage", "fixed"]) == 0
     return d
 
 
@@ -431,6 +436,35 @@ def _arrays(**changes: Callable[[np.ndarray], np.ndarray]):
     return change
 
 
+def _split_records(data: bytes) -> list[dict[str, bytes]]:
+    """The tiny model's Huffman records by part: fc1 (16x8) and fc2 (4x16), 4-bit codebooks."""
+    out, at = [], 0
+    for rows in (16, 4):
+        rec = {}
+        for k in ("code", "rel", "col_count"):
+            n = huffman.stream_size(data[at:])
+            rec[k], at = data[at:at + n], at + n
+        for k, n in (("codebook", 4 * 16), ("bias", 4 * rows)):
+            rec[k], at = data[at:at + n], at + n
+        out.append(rec)
+    assert at == len(data)
+    return out
+
+
+def _record(layer: int, part: str, edit: Callable[[bytes], bytes]):
+    def change(mem):
+        records = _split_records(mem[f"{SEGMENT}/weights.huffman"])
+        records[layer][part] = edit(records[layer][part])
+        mem[f"{SEGMENT}/weights.huffman"] = b"".join(v for r in records for v in r.values())
+    return change
+
+
+def _stream(data: bytes, payload=lambda p: p, lengths=lambda l: l) -> bytes:
+    s = huffman.HuffmanStream.from_bytes(data)
+    return huffman.HuffmanStream(lengths(s.lengths), payload(s.payload), s.n_symbols, s.n_bits,
+                                 s.chunk_bits).to_bytes()
+
+
 def _bump(index, value):
     def f(a):
         a[index] = value
@@ -487,7 +521,7 @@ EIE_CASES = {
     "layers that do not chain": (_seg_layer(1, in_shape=[15]), None, "do not fit weight"),
     "tile outside its matrix": (lambda m: m["segments"][0]["layers"][0]["tiles"][0].update(row_lo=9), None,
                                 "outside its matrix"),
-    "segment target with 2^30 PEs": (lambda m: m["segments"][0]["target"].update(pes=1 << 30), None, "target.pes"),
+    "target with 2^30 PEs": (lambda m: m["target"].update(pes=1 << 30), None, "target.pes"),
     "layer bits 60": (_seg_layer(0, bits=60), None, "bits 60"),
     "Q-format 10^6": (_seg_layer(0, in_frac=10 ** 6), None, "Q-format"),
     "manifest without target": (lambda m: m.pop("target"), None, "manifest target"),
@@ -501,13 +535,37 @@ EIE_CASES = {
     "host graph with another custom op": (None, _host(lambda m: m.graph.node.append(helper.make_node(
         "StringRegexReplace", ["s", "p", "r"], ["t"], domain="ai.onnx.contrib", name="re"))), "never contains"),
     "images member missing": (None, lambda mem: mem.pop(f"{SEGMENT}/images.tensors"), "member missing"),
+    "weights member missing": (None, lambda mem: mem.pop(f"{SEGMENT}/weights.huffman"), "member missing"),
+    "storage form unknown": (lambda m: m.update(storage="zip"), None, "manifest storage"),
+    # the Huffman records (the default storage form): every one a stream or record eiec never writes
+    "damaged Huffman stream": (None, _record(0, "code", lambda b: _stream(b, payload=lambda p: b"\xff" * len(p))),
+                               "Huffman stream is damaged"),
+    "code table that is not a prefix code": (None, _record(0, "code", lambda b: _stream(b, lengths=lambda l: np.where(
+        l > 0, 1, 0).astype(np.uint8))), "not a prefix code"),
+    "stream with more entries than the layer has": (None, _record(0, "code", lambda b: huffman.encode(
+        np.ones(16 * 8 + 1, np.uint8)).to_bytes()), "more than a 16x8 matrix has"),
+    "code and rel streams of different lengths": (None, _record(0, "rel", lambda b: huffman.encode(
+        np.ones(3, np.uint8)).to_bytes()), "different numbers of entries"),
+    "column counts that disagree with the entries": (None, _record(1, "col_count", lambda b: huffman.encode(
+        np.ones(16, np.uint8)).to_bytes()), "column counts do not match"),
+    "a stream cut short": (None, _record(0, "rel", lambda b: b[:-1]), "stream"),
+    "record codebook NaN": (None, _record(0, "codebook", lambda b: np.full(16, np.nan, "<f4").tobytes()), "NaN or Inf"),
+    "record cut before its bias": (None, _record(1, "bias", lambda b: b[:-4]), "before its codebook and bias"),
+    "bytes after the last record": (None, _record(1, "bias", lambda b: b + bytes(8)), "after the last layer"),
+    "images that do not match the digest": (None, _record(0, "codebook", lambda b: np.frombuffer(b, "<f4").__mul__(
+        np.float32(2)).astype("<f4").tobytes()), "do not match the manifest's digest"),
 }
+# the cases that edit the PE images or their tiles, which only the fixed storage form stores
+FIXED_CASES = {"col_ptr past the entries", "col_ptr decreasing", "pe_start inconsistent", "entries cut short",
+               "codebook NaN", "codebook too short", "bias of the wrong dtype", "tile outside its matrix",
+               "images member missing"}
 
 
 @pytest.mark.parametrize("case", list(EIE_CASES))
 def test_signed_but_tampered_eie_is_a_format_error(case, work, out, tmp_path, capsys, monkeypatch):
     manifest, members, reason = EIE_CASES[case]
-    path = _craft(work / "good.eie", tmp_path / "bad.eie", manifest, members)
+    good = work / ("good_fixed.eie" if case in FIXED_CASES else "good.eie")
+    path = _craft(good, tmp_path / "bad.eie", manifest, members)
     (tmp_path / "secret.txt").write_text("key!")
     monkeypatch.chdir(tmp_path)  # where a host graph's relative external data would be read from
     line = refused(capsys, ["run", path, "--input", work / "in.npz", "-o", out / "o.npz", "--quiet"], str(path), out)
@@ -515,6 +573,26 @@ def test_signed_but_tampered_eie_is_a_format_error(case, work, out, tmp_path, ca
     # every reader of the file says the same
     assert refused(capsys, ["inspect", path], str(path)) == line
     assert refused(capsys, ["dis", path], str(path)) == line
+
+
+def test_a_stream_declaring_millions_of_entries_is_refused_before_decoding(work, tmp_path):
+    """Ten million genuine one-bit codes for a 16x8 layer: refused by its count, in less
+    memory than the decoded entries alone would take."""
+    import tracemalloc
+
+    from eiec.artifact import load_eie
+
+    n = 10 ** 7
+    big = huffman.encode(np.ones(n, np.uint8)).to_bytes()
+    path = _craft(work / "good.eie", tmp_path / "big.eie", members=_record(0, "code", lambda b: big))
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match="more than a 16x8 matrix has"):
+            load_eie(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < n, f"{peak} bytes traced"
 
 
 def test_eie_truncated_or_flipped_anywhere_is_refused(work, out, tmp_path, capsys):
@@ -603,7 +681,8 @@ def test_installed_script_exit_codes_and_no_traceback(work, tmp_path):
         assert len(p.stderr.strip().splitlines()) == 1 and reason in p.stderr
     assert not (tmp_path / "o.eie").exists() and not (tmp_path / "o.npz").exists()
     p = _script(work / "tiny.onnx", "-o", tmp_path / "ok.eie", "--config", work / "r.yaml", "--quiet")
-    assert p.returncode == 0 and p.stderr.count("\n") <= 1  # at most the random-calibration note
+    # at most the random-calibration note and that this tiny model's .eie is larger than the model
+    assert p.returncode == 0 and p.stderr.count("\n") <= 2
 
 
 TINY_SRAMS = "target: {pes: 4, spmat_sram_bytes: 1, ptr_sram_bytes: 2}\n"  # no layer can be tiled

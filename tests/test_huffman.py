@@ -100,7 +100,8 @@ def test_lengths_are_limited_and_the_limited_code_still_round_trips():
     while len(fib) < 20:
         fib.append(fib[-1] + fib[-2])
     counts = np.array(fib)
-    assert huffman.code_lengths(counts, max_len=24).max() == 19  # unconstrained: Fibonacci depth
+    assert huffman._heap_lengths(counts).max() == 19  # unconstrained: Fibonacci depth
+    assert huffman.code_lengths(counts).max() <= huffman.MAX_CODE_LEN
     lengths = huffman.code_lengths(counts, max_len=8)
     assert lengths.max() <= 8 and (lengths > 0).all()
     assert np.sum(2.0 ** -lengths.astype(float)) <= 1.0
@@ -116,9 +117,55 @@ def test_truncated_or_inconsistent_streams_raise_format_error():
         huffman.HuffmanStream.from_bytes(data[:-1])
     with pytest.raises(FormatError):
         huffman.HuffmanStream.from_bytes(data[:5])
-    too_many = huffman.HuffmanStream(stream.lengths, stream.payload, stream.n_symbols + 1, stream.n_bits)
+    too_many = huffman.HuffmanStream(stream.lengths, stream.payload, stream.n_symbols + 1, stream.n_bits,
+                                     stream.chunk_bits)
     with pytest.raises(FormatError):
         huffman.decode(too_many)
-    too_few = huffman.HuffmanStream(stream.lengths, stream.payload, stream.n_symbols - 1, stream.n_bits)
+    too_few = huffman.HuffmanStream(stream.lengths, stream.payload, stream.n_symbols - 1, stream.n_bits,
+                                    stream.chunk_bits)
     with pytest.raises(FormatError):
         huffman.decode(too_few)
+
+
+def test_streams_of_many_chunks_decode_together_and_each_chunk_must_end_where_the_next_starts():
+    """Several streams (one decoded batch) over many SYNC_SYMBOLS chunks, against the symbols;
+    then a chunk length off by one bit, which no amount of decoding can hide."""
+    rng = np.random.default_rng(1)
+    symbols = [np.minimum(rng.geometric(p, n) - 1, 15).astype(np.uint8)
+               for p, n in ((0.3, 5 * huffman.SYNC_SYMBOLS + 17), (0.9, 3), (0.05, 2 * huffman.SYNC_SYMBOLS))]
+    streams = [huffman.encode(s) for s in symbols]
+    assert streams[0].chunk_bits.size == 5 and streams[2].chunk_bits.size == 1
+    for got, want in zip(huffman.decode_many(streams + [huffman.encode(np.zeros(0, np.uint8))]), symbols + [[]]):
+        np.testing.assert_array_equal(got, want)
+    bad = streams[0].chunk_bits.copy()
+    bad[2] += 1
+    with pytest.raises(FormatError, match="damaged"):
+        huffman.decode(huffman.HuffmanStream(streams[0].lengths, streams[0].payload, streams[0].n_symbols,
+                                             streams[0].n_bits, bad))
+
+
+def test_a_code_table_that_is_not_a_prefix_code_is_refused_before_decoding():
+    stream = huffman.encode(np.array([1, 2, 2, 3, 3, 3, 3], np.uint8))
+    lengths = stream.lengths.copy()
+    lengths[[4, 5, 6]] = 1  # three more 1-bit codes: Kraft sum > 1
+    with pytest.raises(FormatError, match="not a prefix code"):
+        huffman.decode(huffman.HuffmanStream(lengths, stream.payload, stream.n_symbols, stream.n_bits,
+                                             stream.chunk_bits))
+
+
+def test_flipped_payload_bits_are_refused_or_change_the_symbols_never_crash():
+    """Any single flipped bit of a stream whose code is incomplete either decodes (to other
+    symbols: the .eie's image digest then refuses it) or is a FormatError."""
+    rng = np.random.default_rng(2)
+    symbols = np.minimum(rng.geometric(0.4, 3 * huffman.SYNC_SYMBOLS) - 1, 9).astype(np.uint8)
+    stream = huffman.encode(symbols)
+    payload = np.frombuffer(stream.payload, np.uint8)
+    for bit in rng.integers(0, stream.n_bits, 40):
+        flipped = payload.copy()
+        flipped[bit // 8] ^= np.uint8(0x80 >> (bit % 8))
+        try:
+            got = huffman.decode(huffman.HuffmanStream(stream.lengths, flipped.tobytes(), stream.n_symbols,
+                                                       stream.n_bits, stream.chunk_bits))
+        except FormatError:
+            continue
+        assert got.shape == symbols.shape and not np.array_equal(got, symbols)

@@ -2,7 +2,9 @@
 `--bisect` that names every pass with its error and points at the pass that lost accuracy.
 
 The damaged compile is a real .eie with one codebook register value changed and every
-checksum recomputed (eiec.container.resign), so only the exactness check can catch it.
+checksum recomputed (eiec.container.resign), so only the exactness check can catch it: it
+is stored in the fixed form, whose PE images are the file's own (the Huffman form derives
+the registers from the float codebook and checks the result against a digest).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ def digits60(tmp_path_factory):
         return save_inputs(tmp_path_factory.mktemp("d") / "test60.npz", input=f["input"][:60], labels=f["labels"][:60])
 
 
-def _compile(model: str, folder, recipe_text: str, dump: bool = False):
+def _compile(model: str, folder, recipe_text: str, dump: bool = False, storage: str = "huffman"):
     recipe = folder / "recipe.yaml"
     recipe.write_text(recipe_text)
     eie = folder / f"{model}.eie"
-    args = [MODELS / f"{model}.onnx", "-o", eie, "--config", recipe, "--calibration", MODELS / "digits_calib.npz"]
+    args = [MODELS / f"{model}.onnx", "-o", eie, "--config", recipe, "--calibration", MODELS / "digits_calib.npz",
+            "--storage", storage]
     if dump:
         args += ["--dump-ir", folder / "ir"]
     code, _, err = run_cli(*args)
@@ -46,7 +49,8 @@ def _compile(model: str, folder, recipe_text: str, dump: bool = False):
 
 @pytest.fixture(scope="module")
 def mlp_eie(tmp_path_factory):
-    return _compile("lenet_300_100", tmp_path_factory.mktemp("mlp"), "defaults: {density: 0.3, bits: 4}\n")
+    return _compile("lenet_300_100", tmp_path_factory.mktemp("mlp"), "defaults: {density: 0.3, bits: 4}\n",
+                    storage="fixed")
 
 
 def _corrupt_codebook(eie, out, layer: int = 0) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from eiec import isa
-from eiec.container import read_eie
+from eiec.artifact import load_eie
 from eiec.errors import RecipeError
 from eiec.recipe import parse_recipe
 
@@ -52,19 +52,19 @@ def test_8_bit_codebooks_compile_run_and_validate_exactly(depthwise_wide):
 
 
 def test_8_bit_codebooks_fill_256_registers_and_two_byte_entries(depthwise_wide):
+    """The segments as the reader rebuilds them from the .eie (the Huffman form by default)."""
     _, compiled = depthwise_wide
-    eie = read_eie(compiled[8][0])
-    assert eie.manifest["segments"]
-    for seg in eie.manifest["segments"]:
-        assert (seg["target"]["weight_bits"], seg["target"]["rel_index_bits"]) == (8, 8)
-        images = eie.arrays(f"{seg['name']}/images.tensors")
-        program = isa.decode(eie.member(f"{seg['name']}/program.isa"), "program")
-        spmat = {(i.layer, i.tile): i.a for i in program if i.op == isa.Op.LOAD_SPMAT}
-        for li, layer in enumerate(seg["layers"]):
-            assert layer["bits"] == 8 and images[f"L{li}.codebook_q"].shape == (256,)
-            for ti, tile in enumerate(layer["tiles"]):
+    segments = load_eie(compiled[8][0]).segments
+    assert segments
+    for seg in segments.values():
+        assert (seg.target.weight_bits, seg.target.rel_index_bits) == (8, 8)
+        images = seg.image_arrays()
+        spmat = {(i.layer, i.tile): i.a for i in seg.program if i.op == isa.Op.LOAD_SPMAT}
+        for li, layer in enumerate(seg.layers):
+            assert layer.bits == 8 and images[f"L{li}.codebook_q"].shape == (256,)
+            for ti, tile in enumerate(layer.tiles):
                 entries = images[f"L{li}.T{ti}.entries"]
-                assert entries.dtype == np.uint8 and entries.size == 2 * tile["entries"]
+                assert entries.dtype == np.uint8 and entries.size == 2 * tile.n_entries
                 per_pe = np.diff(images[f"L{li}.T{ti}.pe_start"])
                 assert spmat[(li, ti)] == int(np.sum(-(-per_pe // 4)))  # 4 entries to a 64-bit line
 
