@@ -86,7 +86,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="DIR", help="draw the report's pictures as PNGs into DIR (latency by cause, "
                    "energy by module, per-PE busy/idle per layer, queue occupancy; needs the plot extra)")
     p.add_argument("--float", action="store_true", help="run the simulator's float mode (no fixed point)")
-    _workers(p, "split IN.npz's rows across them; the outputs and the report are the same as in one process")
+    _workers(p, "IN.npz's rows are split across the workers; the outputs and the report are those of a run "
+                "in one process")
     _common(p)
     return p
 
@@ -104,7 +105,8 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, metavar="P",
                    help="exit 1 when top-1 accuracy (or agreement, without labels) drops by more than P points")
     p.add_argument("--json", metavar="REPORT.json", help="also write the results as JSON")
-    _workers(p, "split the inputs' rows across them (not with --bisect); the results are the same as in one process")
+    _workers(p, "the inputs' rows are split across the workers (not with --bisect); the results are those "
+                "of a run in one process")
     _common(p)
     return p
 
@@ -136,19 +138,18 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="SWEEP.png",
                    help="also draw the Pareto views, latency vs energy and accuracy vs size (needs eiec[plot])")
     p.add_argument("--seed", type=int, default=0, help="seed of every compile (default 0; --vary seed=... to sweep it)")
-    _workers(p, "run the points on them")
+    _workers(p, "one task per point")
     _common(p)
     return p
 
 
 def _workers(p: argparse.ArgumentParser, what: str) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--workers", type=int, metavar="N",
-                   help=f"start N local Dask worker processes and {what}"
-                        + (" (default: one per core)" if p.prog == "eiec sweep" else ""))
+    default = " (default: one per core)" if p.prog == "eiec sweep" else ""
+    g.add_argument("--workers", type=int, metavar="N", help=f"run on N local Dask worker processes{default}: {what}")
     g.add_argument("--scheduler", metavar="ADDR",
-                   help=f"use the Dask cluster at ADDR (tcp://HOST:8786) and {what}; "
-                        "files named here must be readable by its workers")
+                   help=f"run on the Dask cluster at ADDR (tcp://HOST:8786): {what}; the files named here "
+                        "must be readable by its workers")
 
 
 def _inspect_parser() -> argparse.ArgumentParser:

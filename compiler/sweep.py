@@ -107,7 +107,8 @@ def check_key(key: str) -> None:
         SEED_KEY: lambda p: len(p) == 1,
     }
     if parts[0] not in known or not known[parts[0]](parts):
-        raise EiecError(None, f"--vary {key}: not a recipe key (target.<{'|'.join(TARGET_KEYS)}>, "
+        target = "|".join(k for k in TARGET_KEYS if k != "energy")
+        raise EiecError(None, f"--vary {key}: not a recipe key (target.<{target}>, "
                               f"target.energy.<name>, defaults.<{'|'.join(LAYER_KEYS)}>, "
                               f"layers.<pattern>.<key>, budget.<name> or seed)")
 
@@ -318,7 +319,10 @@ def sweep(models: list[str], input_path: str, varies: list[Vary], calibration: s
     grid = make_grid(models, varies)
     rows: dict[int, dict[str, Any]] = {}
     test_f = {m: client.scatter(t) for m, t in tests.items()}  # shipped once; workers share it
-    ref_f = {m: client.submit(reference_task, m, test_f[m], pure=False) for m in tests}
+    # workers open the files themselves, from their own working directory
+    where = {m: os.path.abspath(m) for m in tests}
+    calibration = None if calibration is None else os.path.abspath(calibration)
+    ref_f = {m: client.submit(reference_task, where[m], test_f[m], pure=False) for m in tests}
     compress_f: dict[str, Any] = {}
     futures = {}
     for p in grid:
@@ -331,7 +335,8 @@ def sweep(models: list[str], input_path: str, varies: list[Vary], calibration: s
         point_seed = seed if point_seed is None else point_seed
         key = compress_key(p.model, recipe, point_seed)
         if key not in compress_f:
-            compress_f[key] = client.submit(compress_task, p.model, recipe, calibration, point_seed, pure=False)
+            compress_f[key] = client.submit(compress_task, where[p.model], recipe, calibration, point_seed,
+                                            pure=False)
         futures[client.submit(point_task, p.index, compress_f[key], recipe.target, test_f[p.model],
                               ref_f[p.model], pure=False)] = p.index
     names = {p.index: ", ".join([p.model, *(f"{v.key}={val}" for v, val in zip(varies, p.values))]) for p in grid}
@@ -416,7 +421,8 @@ def plot(path: str, result: SweepResult) -> None:
         ax.grid(True, alpha=0.3)
     axes[0].set_title("latency vs energy (Pareto front: lower-left)")
     axes[1].set_title(f"{quality.replace('_', ' ')} vs size (Pareto front: upper-left)")
-    axes[1].legend(fontsize=8)
+    if ok:
+        axes[1].legend(fontsize=8)
     failed = len(result.rows) - len(ok)
     fig.suptitle(f"eiec sweep: {len(ok)} points" + (f" ({failed} failed, not shown)" if failed else ""))
     fig.tight_layout()

@@ -9,6 +9,7 @@ must give the same rows).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from eiec.driver import compile_model, compress_model, lower_compressed
 from eiec.recipe import load_recipe
 from eiec.runtime.session import run_file
 from eiec.runtime.validate import validate
-from eiec.sweep import Vary, make_grid, parse_vary, pareto, sweep, write_csv
+from eiec.sweep import Progress, Vary, make_grid, parse_vary, pareto, sweep, write_csv
 from eiec.target import Target
 from eiec.workers import dask_client, split_rows
 
@@ -110,7 +111,7 @@ def test_a_failing_point_is_an_error_row_and_the_sweep_goes_on(data, client, tmp
     # a 1-byte pointer SRAM holds no column pointer (lowering fails, on the worker)
     res = _sweep(data, client, "defaults.bits=3,5", "target.ptr_sram_bytes=1,32768")
     errors = [r["error"] for r in res.rows]
-    assert all("defaults.bits: bits must be an integer in 1..4" in e for e in errors[2:])
+    assert all("defaults.bits: 5-bit codebooks need target.weight_bits >= 5" in e for e in errors[2:])
     assert "PE memories hold no column" in errors[0]
     assert errors[1] == "" and res.rows[1]["cycles"] > 0
     assert res.rows[0]["cycles"] == res.rows[2]["cycles"] == ""
@@ -121,6 +122,21 @@ def test_pareto_front_keeps_the_undominated_points():
     assert pareto(xs, ys) == [0, 1, 2]
     assert pareto(xs, ys, maximize_y=True) == [0]
     assert pareto([1, 2, 3], [1, 2, 3], maximize_y=True) == [0, 1, 2]
+
+
+def test_progress_counts_done_running_failed_on_a_terminal_and_lines_otherwise():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    p = Progress(3, lambda i: f"point {i}", quiet=False, stream=tty)
+    p.start(0), p.start(1), p.finish(0, None, 1.0), p.finish(2, "bad bits", 0.0)
+    assert tty.getvalue().rsplit("\r", 1)[1].startswith("eiec sweep: 2/3 done, 1 running, 1 failed, ETA ")
+    log = io.StringIO()
+    p = Progress(2, lambda i: f"point {i}", quiet=False, stream=log)
+    p.finish(1, "bad bits", 0.0)
+    assert log.getvalue() == "eiec: sweep point 1/2 (point 1) failed: bad bits\n"
 
 
 def test_split_rows_blocks_are_multiples_of_the_batch_and_in_order():
@@ -164,8 +180,9 @@ def scheduler(tmp_path_factory):
             time.sleep(0.2)
         address = json.loads(info.read_text())["address"]
         for _ in range(2):
+            # started elsewhere: the client's relative paths must not depend on the workers' folder
             procs.append(subprocess.Popen([dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-                                           "--no-nanny", *common],
+                                           "--no-nanny", *common], cwd=folder,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         from distributed import Client
 
@@ -183,14 +200,18 @@ def scheduler(tmp_path_factory):
                 p.wait()
 
 
-def test_sweep_on_a_two_worker_scheduler_gives_the_rows_of_one_worker(data, scheduler, tmp_path):
-    code, _, err = run_cli("sweep", MLP, "--input", data / "test.npz", "--calibration", data / "calib.npz",
+def test_sweep_on_a_two_worker_scheduler_gives_the_rows_of_one_worker(data, scheduler, tmp_path, monkeypatch):
+    monkeypatch.chdir(MODELS.parent)
+    mlp = os.path.relpath(MLP)
+    code, _, err = run_cli("sweep", mlp, "--input", data / "test.npz", "--calibration", data / "calib.npz",
                            "--config", data / "recipe.yaml", "--vary", "target.pes=8,32",
                            "--vary", "target.queue_depth=2,8", "--quiet", "-o", tmp_path / "two.csv",
                            "--scheduler", scheduler)
     assert code == 0, err
     with dask_client(1, processes=False) as one:  # --workers 1, without starting a process
-        write_csv(str(tmp_path / "one.csv"), _sweep(data, one, "target.pes=8,32", "target.queue_depth=2,8"))
+        write_csv(str(tmp_path / "one.csv"), sweep([mlp], str(data / "test.npz"),
+                                                   [parse_vary("target.pes=8,32"), parse_vary("target.queue_depth=2,8")],
+                                                   str(data / "calib.npz"), str(data / "recipe.yaml"), client=one))
     assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
     rows = list(csv.DictReader(open(tmp_path / "two.csv")))
     assert len(rows) == 4 and all(float(r["latency_us"]) > 0 and float(r["energy_uj"]) > 0 for r in rows)
