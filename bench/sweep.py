@@ -5,7 +5,7 @@ model swept twice: PE count 1-256 at queue depth 8, and queue depth 1-256 at 64 
 target whose PE memories hold any of these layers whole (the paper's scaling study: one
 resident tile per layer) with plain k-means (cycles depend only on where the entries are).
 LeNet-5 (its Deep Compression densities, plain k-means) sweeps PE count x codebook bits x
-fc1's density on the digits test set.
+fc1's density on the first 100 rows of the digits test set.
 All of it runs through eiec.sweep.sweep (what `eiec sweep` runs) on one local Dask cluster,
 once per --workers value; the rows must be identical, and the wall-clock ratio is the
 speed-up. Usage: python bench/sweep.py [--layers ...] [--workers 1 2] [--out-dir bench/results]
@@ -40,6 +40,7 @@ MODEL_RECIPE = {"target": {"pes": 64}, "defaults": {"bits": 4, "refit": False, "
                                                     "obs": False, "gptq": False},
                 "layers": {"/conv1/Conv": {"density": 0.66}, "/conv2/Conv": {"density": 0.12},
                            "/fc1/Gemm": {"density": 0.08}, "/fc2/Gemm": {"density": 0.19}}}
+MODEL_TEST_ROWS = 100  # the first rows of models/digits_test.npz: 8 points x 300 rows would dominate the timing
 MODEL_VARIES = ["target.pes=16,64", "defaults.bits=3,4", "layers./fc1/Gemm.density=0.04,0.08"]
 # PE memories large enough for every paper layer at 1 PE, as one resident tile
 LAYER_RECIPE = {"target": {"queue_depth": 8, "spmat_sram_bytes": 1 << 26, "ptr_bits": 32,
@@ -71,7 +72,10 @@ def run_all(client, layers: list[BenchLayer], folder: str) -> dict[str, SweepRes
             varies = [parse_vary(f"target.{axis}=" + ",".join(map(str, values))), parse_vary(other)]
             out[f"{layer.name}/{axis}"] = sweep([model], test, varies, config=recipe, seed=SEED, client=client)
     print("shipped models ...", file=sys.stderr, flush=True)
-    out["models"] = sweep(MODELS, os.path.join(ROOT, "models", "digits_test.npz"),
+    test = os.path.join(folder, "digits_test.npz")
+    with np.load(os.path.join(ROOT, "models", "digits_test.npz")) as d:
+        np.savez(test, **{k: d[k][:MODEL_TEST_ROWS] for k in d.files})
+    out["models"] = sweep(MODELS, test,
                           [parse_vary(v) for v in MODEL_VARIES],
                           calibration=os.path.join(ROOT, "models", "digits_calib.npz"), config=model_recipe,
                           seed=SEED, client=client)
@@ -222,7 +226,7 @@ def main() -> None:
         "seed": SEED,
         "setup": {"layer_recipe": LAYER_RECIPE, "pe_counts": PE_COUNTS, "queue_depths": QUEUE_DEPTHS,
                   "models": [os.path.relpath(m, ROOT) for m in MODELS], "model_varies": MODEL_VARIES,
-                  "model_recipe": MODEL_RECIPE,
+                  "model_recipe": MODEL_RECIPE, "model_test_rows": MODEL_TEST_ROWS,
                   "input": "one input per layer at the table's activation density (eie_layers.layer_inputs)"},
         "runs": runs,
         "layers": per_layer,
