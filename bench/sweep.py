@@ -1,194 +1,239 @@
-"""Design-space sweeps of the cycle model over the paper's nine layers, as the EIE paper plots them.
+"""Design-space sweeps through `eiec sweep`: the EIE paper's nine layers and the shipped models.
 
-Speedup versus PE count (1 to 256, queue depth 8) and load balance versus activation-queue
-depth (1 to 256, 64 PEs). Each layer's matrix and input come from bench/eie_layers.py
-(same seed). Per PE count the layer is re-encoded with eiec.passes.encode.encode_matrix as
-one image, resident (PE memories assumed large enough to hold the layer, as in the
-paper's scaling study: no tiling, no reloads), and timed with eiec.runtime.cycles.cycle_layer.
-Cycles depend only on where the entries are, so the codes are the nonzero pattern of W.
-Usage: python bench/sweep.py [--layers ...] [--out-dir bench/results]   (plots need matplotlib)
+Each paper layer (bench/eie_layers.py: same weights, same input, same seed) is a one-Gemm
+model swept twice: PE count 1-256 at queue depth 8, and queue depth 1-256 at 64 PEs, on a
+target whose PE memories hold any of these layers whole (the paper's scaling study: one
+resident tile per layer) with plain k-means (cycles depend only on where the entries are).
+LeNet-5 (its Deep Compression densities, plain k-means) sweeps PE count x codebook bits x
+fc1's density on the first 100 rows of the digits test set.
+All of it runs through eiec.sweep.sweep (what `eiec sweep` runs) on one local Dask cluster,
+once per --workers value; the rows must be identical, and the wall-clock ratio is the
+speed-up. Usage: python bench/sweep.py [--layers ...] [--workers 1 2] [--out-dir bench/results]
+With --cost MODEL.onnx it times instead a two-point sweep of one model on random inputs
+(bench/results/sweep_cost.json), the per-point costs docs/sweep.md extrapolates from.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
+import onnx
+import yaml
 
 from eie_layers import (LAYER_BY_NAME, LAYERS, RESULTS, SEED, BenchLayer, command_line, layer_inputs,
-                        layer_weights, machine_info, write_json)
-from eiec.passes.encode import encode_matrix
-from eiec.runtime.cycles import cycle_layer
-from eiec.target import Target
+                        layer_model, layer_weights, machine_info, write_json)
+from eiec.sweep import SweepResult, parse_vary, plot as plot_sweep, sweep, write_csv
+from eiec.workers import dask_client
 
 PE_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 QUEUE_DEPTHS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-BASE = Target()  # 64 PEs, depth 8, 800 MHz, 4-bit codes and relative indices
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = [os.path.join(ROOT, "models", "lenet5.onnx")]
+# LeNet-5's Deep Compression densities, plain k-means (reconstruction would dominate the timing)
+MODEL_RECIPE = {"target": {"pes": 64}, "defaults": {"bits": 4, "refit": False, "bias_correction": False,
+                                                    "obs": False, "gptq": False},
+                "layers": {"/conv1/Conv": {"density": 0.66}, "/conv2/Conv": {"density": 0.12},
+                           "/fc1/Gemm": {"density": 0.08}, "/fc2/Gemm": {"density": 0.19}}}
+MODEL_TEST_ROWS = 100  # the first rows of models/digits_test.npz: 8 points x 300 rows would dominate the timing
+MODEL_VARIES = ["target.pes=16,64", "defaults.bits=3,4", "layers./fc1/Gemm.density=0.04,0.08"]
+# PE memories large enough for every paper layer at 1 PE, as one resident tile
+LAYER_RECIPE = {"target": {"queue_depth": 8, "spmat_sram_bytes": 1 << 26, "ptr_bits": 32,
+                           "ptr_sram_bytes": 1 << 20, "act_sram_bytes": 1 << 16},
+                "defaults": {"density": "keep", "bits": 4, "refit": False, "bias_correction": False,
+                             "obs": False, "gptq": False}}
 
 
-def index_matrix(layer: BenchLayer) -> np.ndarray:
-    """uint8 [outputs, inputs]: code 1 where eie_layers' W is nonzero (the compiled codes
-    differ, but cycles only see which entries exist)."""
-    w, _ = layer_weights(layer)
-    return (w != 0).astype(np.uint8)
+def layer_files(layer: BenchLayer, folder: str) -> tuple[str, str]:
+    """The layer's model and its one test input (the table's activation density)."""
+    w, bias = layer_weights(layer)
+    stem = os.path.join(folder, layer.name)
+    onnx.save(layer_model(layer, w, bias), stem + ".onnx")
+    np.savez(stem + ".npz", x=layer_inputs(layer, 1))
+    return stem + ".onnx", stem + ".npz"
 
 
-def sweep_layer(layer: BenchLayer) -> dict[str, Any]:
-    idx = index_matrix(layer)
-    x_nonzero = layer_inputs(layer, 1) != 0
-    by_pes, by_depth = [], []
-    for pes in PE_COUNTS:
-        target = dataclasses.replace(BASE, pes=pes)
-        image = encode_matrix(idx, pes, target.weight_bits, target.rel_index_bits)
-        c = cycle_layer([image], x_nonzero, target, resident=True)
-        by_pes.append({"pes": pes, "cycles": int(c.cycles[0]), "ideal_cycles": float(c.ideal_cycles[0]),
-                       "load_balance": float(c.load_balance[0]), "stall_cycles": int(c.stall_cycles[0]),
-                       "padding_overhead": float(c.padding_overhead[0]), "entries": image.n_entries})
-        if pes == BASE.pes:
-            for depth in QUEUE_DEPTHS:
-                c = cycle_layer([image], x_nonzero, dataclasses.replace(target, queue_depth=depth), resident=True)
-                by_depth.append({"queue_depth": depth, "cycles": int(c.cycles[0]),
-                                 "load_balance": float(c.load_balance[0]), "stall_cycles": int(c.stall_cycles[0])})
-        del image
-    one = by_pes[0]["cycles"]
-    for r in by_pes:
-        r["speedup"] = one / r["cycles"]
-    return {"name": layer.name, "pes_sweep": by_pes, "queue_sweep": by_depth}
+def run_all(client, layers: list[BenchLayer], folder: str) -> dict[str, SweepResult]:
+    recipe, model_recipe = os.path.join(folder, "layers.yaml"), os.path.join(folder, "lenet5.yaml")
+    for path, doc in ((recipe, LAYER_RECIPE), (model_recipe, MODEL_RECIPE)):
+        with open(path, "w") as f:
+            yaml.safe_dump(doc, f)
+    out = {}
+    for layer in layers:
+        model, test = layer_files(layer, folder)
+        for axis, values, other in (("pes", PE_COUNTS, "target.queue_depth=8"),
+                                    ("queue_depth", QUEUE_DEPTHS, "target.pes=64")):
+            print(f"{layer.name}: {axis} ...", file=sys.stderr, flush=True)
+            varies = [parse_vary(f"target.{axis}=" + ",".join(map(str, values))), parse_vary(other)]
+            out[f"{layer.name}/{axis}"] = sweep([model], test, varies, config=recipe, seed=SEED, client=client)
+    print("shipped models ...", file=sys.stderr, flush=True)
+    test = os.path.join(folder, "digits_test.npz")
+    with np.load(os.path.join(ROOT, "models", "digits_test.npz")) as d:
+        np.savez(test, **{k: d[k][:MODEL_TEST_ROWS] for k in d.files})
+    out["models"] = sweep(MODELS, test,
+                          [parse_vary(v) for v in MODEL_VARIES],
+                          calibration=os.path.join(ROOT, "models", "digits_calib.npz"), config=model_recipe,
+                          seed=SEED, client=client)
+    return out
 
 
-def cross_check(results: list[dict[str, Any]], eie_layers_json: str) -> list[str]:
-    """At 64 PEs / depth 8 a resident layer must reproduce the compiled run's cycles exactly."""
-    if not os.path.exists(eie_layers_json):
-        return [f"{eie_layers_json} not found: no cross-check"]
-    with open(eie_layers_json) as f:
-        compiled = {r["name"]: r for r in json.load(f)["layers"]}
-    notes = []
-    for res in results:
-        row = compiled.get(res["name"])
-        here = next(r["cycles"] for r in res["pes_sweep"] if r["pes"] == BASE.pes)
-        if row is None:
-            continue
-        if row["tiles"] > 1 or not row["resident"]:
-            # each tile pass pays its own pipeline fill and queue drain (and reloads when not resident)
-            notes.append(f"{res['name']}: compiled into {row['tiles']} column tiles "
-                         f"({'resident' if row['resident'] else 'reloaded per input'}): {row['cycles']:.0f} "
-                         f"cycles; the sweep's single image: {here}")
-        elif row["cycles"] != here:
-            notes.append(f"{res['name']}: MISMATCH sweep {here} vs compiled {row['cycles']:.0f} cycles")
-        else:
-            notes.append(f"{res['name']}: {here} cycles, same as the compiled run")
-    return notes
+def curves(results: dict[str, SweepResult], layers: list[BenchLayer]) -> list[dict[str, Any]]:
+    """Per layer: cycles, speedup over 1 PE and load balance along each axis."""
+    per_layer = []
+    for layer in layers:
+        pes_rows = results[f"{layer.name}/pes"].rows
+        depth_rows = results[f"{layer.name}/queue_depth"].rows
+        one = pes_rows[0]["cycles"]
+        per_layer.append({
+            "name": layer.name,
+            "pes_sweep": [{"pes": r["target.pes"], "cycles": r["cycles"], "speedup": one / r["cycles"],
+                           "load_balance": r["load_balance"], "energy_uj": r["energy_uj"]} for r in pes_rows],
+            "queue_sweep": [{"queue_depth": r["target.queue_depth"], "cycles": r["cycles"],
+                             "load_balance": r["load_balance"]} for r in depth_rows]})
+    return per_layer
 
 
-def plot(results: list[dict[str, Any]], out_dir: str) -> list[str]:
+def plot_curves(per_layer: list[dict[str, Any]], out_dir: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for res in results:
-        ax.plot([r["pes"] for r in res["pes_sweep"]], [r["speedup"] for r in res["pes_sweep"]],
-                marker="o", ms=3, label=res["name"])
-    ax.plot(PE_COUNTS, PE_COUNTS, "k--", lw=1, label="linear")
-    ax.set(xscale="log", yscale="log", xlabel="processing elements", ylabel="speedup over 1 PE",
-           title="Speedup vs PEs (queue depth 8, simulated)")
-    ax.set_xticks(PE_COUNTS, [str(p) for p in PE_COUNTS])
-    ax.set_yticks(PE_COUNTS, [str(p) for p in PE_COUNTS])
-    ax.minorticks_off()
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    paths.append(os.path.join(out_dir, "sweep_pes.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for res in results:
-        ax.plot([r["queue_depth"] for r in res["queue_sweep"]],
-                [100 * r["load_balance"] for r in res["queue_sweep"]], marker="o", ms=3, label=res["name"])
-    ax.set(xscale="log", xlabel="activation queue depth (FIFO entries)", ylabel="load balance (%)",
-           title="Load balance vs queue depth (64 PEs, simulated)", ylim=(0, 100))
-    ax.set_xticks(QUEUE_DEPTHS, [str(d) for d in QUEUE_DEPTHS])
-    ax.minorticks_off()
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="lower right")
-    paths.append(os.path.join(out_dir, "sweep_queue.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    for key, x, y, xl, yl, title, name in (
+            ("pes_sweep", "pes", "speedup", "processing elements", "speedup over 1 PE",
+             "Speedup vs PEs (queue depth 8, eiec sweep)", "sweep_pes.png"),
+            ("queue_sweep", "queue_depth", "load_balance", "activation queue depth (FIFO entries)",
+             "load balance", "Load balance vs queue depth (64 PEs, eiec sweep)", "sweep_queue.png")):
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for res in per_layer:
+            ax.plot([r[x] for r in res[key]], [r[y] for r in res[key]], marker="o", ms=3, label=res["name"])
+        if key == "pes_sweep":
+            ax.plot(PE_COUNTS, PE_COUNTS, "k--", lw=1, label="linear")
+            ax.set(yscale="log")
+            ax.set_yticks(PE_COUNTS, [str(p) for p in PE_COUNTS])
+        else:
+            ax.set(ylim=(0, 1))
+        ax.set(xscale="log", xlabel=xl, ylabel=yl, title=title)
+        ax.set_xticks(PE_COUNTS, [str(p) for p in PE_COUNTS])
+        ax.minorticks_off()
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        paths.append(os.path.join(out_dir, name))
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
 
 
-def print_tables(results: list[dict[str, Any]]) -> None:
-    print("speedup over 1 PE (queue depth 8)")
-    print(f"{'layer':<9}" + "".join(f"{p:>8}" for p in PE_COUNTS))
-    for res in results:
-        print(f"{res['name']:<9}" + "".join(f"{r['speedup']:>8.1f}" for r in res["pes_sweep"]))
-    print("\nload balance at 64 PEs by queue depth")
-    print(f"{'layer':<9}" + "".join(f"{d:>8}" for d in QUEUE_DEPTHS))
-    for res in results:
-        print(f"{res['name']:<9}" + "".join(f"{r['load_balance']:>8.1%}" for r in res["queue_sweep"]))
+COST_RECIPE = {"defaults": {"density": 0.3, "bits": 4, "refit": False, "bias_correction": False,
+                             "obs": False, "gptq": False}}
 
 
-def markdown(results: list[dict[str, Any]]) -> dict[str, str]:
-    def table(key: str, field: str, head: list[int], fmt: str, label: str) -> str:
-        lines = [f"| {label} | " + " | ".join(str(h) for h in head) + " |", "|---" * (len(head) + 1) + "|"]
-        lines += [f"| {res['name']} | " + " | ".join(fmt.format(r[field]) for r in res[key]) + " |"
-                  for res in results]
-        return "\n".join(lines)
-
-    return {"speedup_vs_pes": table("pes_sweep", "speedup", PE_COUNTS, "{:.1f}", "layer \\ PEs"),
-            "load_balance_vs_queue_depth": table("queue_sweep", "load_balance", QUEUE_DEPTHS, "{:.1%}",
-                                                 "layer \\ queue depth")}
+def cost(model: str, images: int, out_dir: str) -> None:
+    """Per-point times of a sweep over `model` (random inputs), for docs/sweep.md's extrapolation:
+    one compress shared by two points (32 and 64 PEs), each simulating `images` inputs."""
+    with tempfile.TemporaryDirectory(prefix="eiec-bench-cost-") as folder:
+        m = onnx.load(model, load_external_data=False)
+        shape = [d.dim_value or 1 for d in m.graph.input[0].type.tensor_type.shape.dim]
+        test = os.path.join(folder, "test.npz")
+        np.savez(test, **{m.graph.input[0].name: np.random.default_rng(SEED).standard_normal(
+            [images, *shape[1:]]).astype(np.float32)})
+        recipe = os.path.join(folder, "recipe.yaml")
+        with open(recipe, "w") as f:
+            yaml.safe_dump(COST_RECIPE, f)
+        load = os.getloadavg()[0]
+        with dask_client(1) as client:
+            res = sweep([model], test, [parse_vary("target.pes=32,64")], config=recipe, seed=SEED, client=client)
+    for r in res.rows:
+        print({k: r[k] for k in ("target.pes", "latency_us", "cycles", "energy_uj", "bytes_huffman", "error")})
+    record = {"benchmark": "sweep_cost", "command": command_line(), "model": os.path.basename(model),
+              "recipe": COST_RECIPE, "images_per_point": images, "compress_seconds": res.compress_seconds,
+              "point_seconds": res.point_seconds, "wall_seconds": res.seconds, "rows": res.rows,
+              "load_average_1min_before": load, "machine": machine_info()}
+    print(f"compress {res.compress_seconds[0]:.1f} s; per point (lower + {images} inputs): "
+          + ", ".join(f"{s:.1f} s" for s in res.point_seconds))
+    out = os.path.join(out_dir, "sweep_cost.json")
+    write_json(out, record)
+    print(f"wrote {out}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", nargs="+", choices=list(LAYER_BY_NAME), default=[l.name for l in LAYERS])
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="local worker counts to time")
     ap.add_argument("--out-dir", default=RESULTS)
-    ap.add_argument("--no-plot", action="store_true", help="skip the PNGs (no matplotlib needed)")
+    ap.add_argument("--cost", metavar="MODEL.onnx",
+                    help="instead: time a two-point sweep of this model (per-point costs, docs/sweep.md)")
+    ap.add_argument("--cost-images", type=int, default=4, help="inputs per point with --cost")
     args = ap.parse_args()
-
-    results = []
-    t0 = time.perf_counter()
-    for name in args.layers:
-        print(f"{name} ...", file=sys.stderr, flush=True)
-        results.append(sweep_layer(LAYER_BY_NAME[name]))
-    seconds = time.perf_counter() - t0
-    print_tables(results)
-    notes = cross_check(results, os.path.join(args.out_dir, "eie_layers.json"))
-    print("\ncross-check against eie_layers.json (64 PEs, depth 8):")
-    for n in notes:
-        print("  " + n)
+    if args.cost:
+        return cost(args.cost, args.cost_images, args.out_dir)
+    layers = [LAYER_BY_NAME[n] for n in args.layers]
     os.makedirs(args.out_dir, exist_ok=True)
-    pngs = [] if args.no_plot else plot(results, args.out_dir)
-    for p in pngs:
+
+    runs, results = [], {}
+    with tempfile.TemporaryDirectory(prefix="eiec-bench-sweep-") as folder:
+        for n in args.workers:
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            with dask_client(n) as client:
+                started = time.perf_counter()
+                res = run_all(client, layers, folder)
+            seconds = time.perf_counter() - t0
+            if results and any(res[k].rows != results[k].rows for k in res):
+                raise SystemExit(f"rows differ between {args.workers[0]} and {n} workers")
+            results = res
+            points = [s for r in res.values() for s in r.point_seconds]
+            compress = [s for r in res.values() for s in r.compress_seconds]
+            runs.append({"workers": n, "seconds": seconds, "cluster_start_seconds": started - t0,
+                         "points": len(points), "compresses": len(compress),
+                         "point_seconds_sum": sum(points), "compress_seconds_sum": sum(compress),
+                         "load_average_1min_before": load})
+            print(f"{n} worker(s): {seconds:.1f} s wall for {len(points)} points and {len(compress)} compresses",
+                  file=sys.stderr, flush=True)
+    for r in runs:
+        r["speedup_vs_first"] = runs[0]["seconds"] / r["seconds"]
+    per_layer = curves(results, layers)
+    print("speedup over 1 PE (queue depth 8)")
+    print(f"{'layer':<9}" + "".join(f"{p:>8}" for p in PE_COUNTS))
+    for res in per_layer:
+        print(f"{res['name']:<9}" + "".join(f"{r['speedup']:>8.1f}" for r in res["pes_sweep"]))
+    print("\nload balance at 64 PEs by queue depth")
+    print(f"{'layer':<9}" + "".join(f"{d:>8}" for d in QUEUE_DEPTHS))
+    for res in per_layer:
+        print(f"{res['name']:<9}" + "".join(f"{r['load_balance']:>8.1%}" for r in res["queue_sweep"]))
+    print("\nworkers  wall s  points  point s (sum)  compress s (sum)  speed-up")
+    for r in runs:
+        print(f"{r['workers']:>7}  {r['seconds']:6.1f}  {r['points']:>6}  {r['point_seconds_sum']:13.1f}  "
+              f"{r['compress_seconds_sum']:16.1f}  {r['speedup_vs_first']:8.2f}")
+    models_csv = os.path.join(args.out_dir, "sweep_models.csv")
+    write_csv(models_csv, results["models"])
+    pngs = plot_curves(per_layer, args.out_dir)
+    pngs.append(os.path.join(args.out_dir, "sweep_models.png"))
+    plot_sweep(pngs[-1], results["models"])
+    for p in [models_csv, *pngs]:
         print(f"wrote {p}")
-    result = {
+    out = os.path.join(args.out_dir, "sweep.json")
+    write_json(out, {
         "benchmark": "sweep",
         "command": command_line(),
         "seed": SEED,
-        "setup": {"pe_counts": PE_COUNTS, "queue_depths": QUEUE_DEPTHS, "queue_depth_for_pe_sweep": BASE.queue_depth,
-                  "pes_for_queue_sweep": BASE.pes, "clock_mhz": BASE.clock_mhz,
-                  "images": "one resident image per layer and PE count (encode_matrix); no tiling or reloads",
+        "setup": {"layer_recipe": LAYER_RECIPE, "pe_counts": PE_COUNTS, "queue_depths": QUEUE_DEPTHS,
+                  "models": [os.path.relpath(m, ROOT) for m in MODELS], "model_varies": MODEL_VARIES,
+                  "model_recipe": MODEL_RECIPE, "model_test_rows": MODEL_TEST_ROWS,
                   "input": "one input per layer at the table's activation density (eie_layers.layer_inputs)"},
-        "seconds": seconds,
-        "cross_check": notes,
-        "plots": [os.path.relpath(p, os.path.dirname(os.path.abspath(__file__))) for p in pngs],
-        "layers": results,
-        "markdown": markdown(results),
+        "runs": runs,
+        "layers": per_layer,
+        "models": results["models"].rows,
+        "plots": [os.path.relpath(p, ROOT) for p in pngs],
         "machine": machine_info(),
-    }
-    out = os.path.join(args.out_dir, "sweep.json")
-    write_json(out, result)
+    })
     print(f"wrote {out}")
 
 

@@ -1,4 +1,4 @@
-"""The `eiec` command line: compile, run, validate, inspect, dis, report.
+"""The `eiec` command line: compile, run, validate, inspect, dis, report, sweep.
 
 Exit codes: 0 ok; 1 validation outside tolerance; 2 bad input or usage (one line on
 stderr naming the file and the problem; a traceback only with --debug); 3 an
@@ -17,7 +17,7 @@ from typing import Callable
 from . import __version__
 from .errors import EiecError
 
-COMMANDS = ("run", "validate", "inspect", "dis", "report")
+COMMANDS = ("run", "validate", "inspect", "dis", "report", "sweep")
 
 EPILOG = """commands:
   eiec MODEL.onnx -o OUT.eie [options]     compile a model (see eiec --help)
@@ -26,6 +26,8 @@ EPILOG = """commands:
   eiec inspect OUT.eie                     layers, sizes, compression ratio
   eiec dis OUT.eie                         the instruction stream as text
   eiec report REPORT.json -o report.html   a run report as one HTML page (eiec report --help)
+  eiec sweep MODEL.onnx --input TEST.npz --vary target.pes=16,64 -o SWEEP.csv
+                                           compile and simulate a grid of recipes (eiec sweep --help)
 
 exit codes: 0 ok, 1 validation outside tolerance, 2 bad input or usage, 3 internal error
 """
@@ -87,6 +89,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="DIR", help="draw the report's pictures as PNGs into DIR (latency by cause, "
                    "energy by module, per-PE busy/idle per layer, queue occupancy; needs the plot extra)")
     p.add_argument("--float", action="store_true", help="run the simulator's float mode (no fixed point)")
+    _workers(p, "IN.npz's rows are split across the workers; the outputs and the report are those of a run "
+                "in one process")
     _common(p)
     return p
 
@@ -104,6 +108,8 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, metavar="P",
                    help="exit 1 when top-1 accuracy (or agreement, without labels) drops by more than P points")
     p.add_argument("--json", metavar="REPORT.json", help="also write the results as JSON")
+    _workers(p, "the inputs' rows are split across the workers (not with --bisect); the results are those "
+                "of a run in one process")
     _common(p)
     return p
 
@@ -115,6 +121,38 @@ def _report_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="report.html", required=True, help="the HTML file to write")
     _common(p)
     return p
+
+
+def _sweep_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="eiec sweep", description="Compile every model for every combination of the --vary "
+                "values, run the test inputs on the simulator and write one CSV row per point (docs/sweep.md). "
+                "Points run as Dask tasks; points that differ only in the target's PE array share one "
+                "prune and cluster.")
+    p.add_argument("models", metavar="MODEL.onnx", nargs="+", help="the models to sweep")
+    p.add_argument("--input", metavar="TEST.npz", required=True,
+                   help="test inputs keyed by graph input name; with 'labels' the rows carry accuracy")
+    p.add_argument("--vary", metavar="KEY=V1,V2,...", action="append", required=True,
+                   help="a recipe key path (target.pes, target.queue_depth, defaults.bits, defaults.density, "
+                        "layers.<pattern>.<key>, budget.<name>, ...; docs/recipe.md) or seed, and its values; "
+                        "repeat for more keys: the grid is their product")
+    p.add_argument("-o", "--output", metavar="SWEEP.csv", required=True, help="the CSV to write")
+    p.add_argument("--calibration", metavar="DATA.npz", help="calibration inputs for every compile (as for eiec)")
+    p.add_argument("--config", metavar="BASE.yaml", help="the recipe every point starts from (default: the defaults)")
+    p.add_argument("--plot", metavar="SWEEP.png",
+                   help="also draw the Pareto views, latency vs energy and accuracy vs size (needs eiec[plot])")
+    p.add_argument("--seed", type=int, default=0, help="seed of every compile (default 0; --vary seed=... to sweep it)")
+    _workers(p, "one task per point")
+    _common(p)
+    return p
+
+
+def _workers(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    default = " (default: one per core)" if p.prog == "eiec sweep" else ""
+    g.add_argument("--workers", type=int, metavar="N", help=f"run on N local Dask worker processes{default}: {what}")
+    g.add_argument("--scheduler", metavar="ADDR",
+                   help=f"run on the Dask cluster at ADDR (tcp://HOST:8786): {what}; the files named here "
+                        "must be readable by its workers")
 
 
 def _inspect_parser() -> argparse.ArgumentParser:
@@ -209,7 +247,8 @@ def _cmd_run(args) -> int:
     if args.plot is not None:
         from .plots import check_plot_folder
         check_plot_folder(args.plot)
-    report = run_file(args.eie, args.input, args.output, args.report, float_mode=args.float)
+    report = _on_workers(args, lambda client: run_file(args.eie, args.input, args.output, args.report,
+                                                       float_mode=args.float, client=client))
     if not args.quiet:
         print(cycle_table(report))
     if args.plot is not None:
@@ -235,8 +274,50 @@ def _cmd_validate(args) -> int:
 
     if args.json is not None:
         _check_output(args.json, [args.model, args.eie, args.input])
-    return validate_cli(args.model, args.eie, args.input, args.random, args.bisect, args.max_drop,
-                        args.json, quiet=args.quiet)
+    if args.bisect is not None and (args.workers or args.scheduler):
+        raise EiecError(None, "--bisect runs in this process: drop --workers/--scheduler")
+    return _on_workers(args, lambda client: validate_cli(args.model, args.eie, args.input, args.random, args.bisect,
+                                                         args.max_drop, args.json, quiet=args.quiet, client=client))
+
+
+def _on_workers(args, fn: Callable):
+    """fn(client): on the Dask cluster --workers/--scheduler ask for, else fn(None) in this process."""
+    from .workers import check_workers, dask_client
+
+    check_workers(args.workers, args.scheduler)
+    if args.workers is None and args.scheduler is None:
+        return fn(None)
+    with dask_client(args.workers, args.scheduler) as client:
+        return fn(client)
+
+
+def _cmd_sweep(args) -> int:
+    from . import sweep
+    from .workers import check_workers, dask_client
+
+    check_workers(args.workers, args.scheduler)
+    varies = [sweep.parse_vary(v) for v in args.vary]
+    keys = [v.key for v in varies]
+    if len(set(keys)) != len(keys):
+        raise EiecError(None, f"--vary {next(k for k in keys if keys.count(k) > 1)} is given twice")
+    _check_output(args.output, [*args.models, args.input, args.config, args.calibration])
+    if args.plot is not None:
+        _check_output(args.plot, [*args.models, args.input, args.config, args.calibration, args.output])
+        sweep.check_plot()
+    for path in [*args.models, args.input, args.config, args.calibration]:
+        if path is not None and not os.path.isfile(path):
+            raise EiecError(path, "no such file")
+    with dask_client(args.workers, args.scheduler) as client:
+        res = sweep.sweep(args.models, args.input, varies, args.calibration, args.config, args.seed,
+                          client, quiet=args.quiet)
+    sweep.write_csv(args.output, res)
+    if args.plot is not None:
+        sweep.plot(args.plot, res)
+    if not args.quiet:
+        failed = sum(1 for r in res.rows if r["error"])
+        print(f"{len(res.rows)} points ({failed} failed, see the error column) in {res.seconds:.1f} s; "
+              f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
 
 
 def _cmd_inspect(args) -> int:
@@ -271,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         cmd, rest = argv[0], argv[1:]
         parser = {"run": _run_parser, "validate": _validate_parser, "inspect": _inspect_parser,
-                  "dis": _dis_parser, "report": _report_parser}[cmd]()
+                  "dis": _dis_parser, "report": _report_parser, "sweep": _sweep_parser}[cmd]()
         handler = {"run": _cmd_run, "validate": _cmd_validate, "inspect": _cmd_inspect, "dis": _cmd_dis,
-                   "report": _cmd_report}[cmd]
+                   "report": _cmd_report, "sweep": _cmd_sweep}[cmd]
     else:
         parser, handler, rest = _compile_parser(), _cmd_compile, argv
     args = parser.parse_args(rest)

@@ -24,6 +24,7 @@ from .ir import find_layers
 from .passmanager import Context, PassManager, PassRecord, dump_stats_json
 from .recipe import LayerRecipe, Recipe, dump_recipe, load_recipe
 from .segment import blob_name
+from .target import Target
 
 RANDOM_CALIBRATION_ROWS = 64
 
@@ -38,12 +39,44 @@ class CompileResult:
 
 
 def default_passes() -> list:
+    return compress_passes() + lower_passes()
+
+
+def compress_passes() -> list:
+    """The passes that make IR2 (pruned and clustered): independent of the PE array."""
     from eiec.passes.cluster import Cluster
-    from eiec.passes.encode import Encode
-    from eiec.passes.lower import Lower
     from eiec.passes.prune import Prune
 
-    return [Prune(), Cluster(), Encode(), Lower()]
+    return [Prune(), Cluster()]
+
+
+def lower_passes() -> list:
+    """The passes that take IR2 onto one target (encode needs its PE count, lower the rest)."""
+    from eiec.passes.encode import Encode
+    from eiec.passes.lower import Lower
+
+    return [Encode(), Lower()]
+
+
+# The target fields the compression half reads (the auto search's storage model and the
+# bit widths it may choose); every other field only matters from encode on, so IR2 made
+# for one value of them lowers onto any other (what `eiec sweep` shares between points).
+COMPRESS_TARGET_KEYS = ("weight_bits", "rel_index_bits", "codebook_bits")
+
+
+@dataclass
+class Compressed:
+    """IR2 and everything lowering it needs: the target-independent half of a compile."""
+
+    model: onnx.ModelProto  # IR2
+    model_path: str
+    model_bytes: int  # the .onnx file's size (with external data), which the .eie is compared with
+    ctx: Context
+    layers_ir0: list
+    original_bytes: int
+    records: list[PassRecord]
+    notes: list[str]
+    chosen_recipe: str | None  # the automatic choices as recipe YAML, when there were any
 
 
 def check_recipe_layers(recipe: Recipe, model: onnx.ModelProto) -> None:
@@ -92,12 +125,26 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
     `input_shapes` (--input-shape) fixes input dims; dims still free past the batch are
     fixed by the calibration data's shape. The model is lowered for those shapes only.
     """
-    from eiec.passes.calibrate import load_calibration, random_inputs
-
     recipe = load_recipe(recipe_path, pes)
     for key, value in (budget or {}).items():  # command-line budgets override the recipe's
         if value is not None:
             setattr(recipe, key, float(value))
+    compressed = compress_model(model_path, recipe, calibration_path, seed, progress, dump_dir, input_shapes)
+    res = lower_compressed(compressed, out_path, progress=progress, dump_dir=dump_dir, storage=storage)
+    if compressed.chosen_recipe is not None:  # only once the .eie is written: a failed compile leaves nothing
+        res.recipe_path = os.path.splitext(out_path)[0] + ".recipe.yaml"
+        write_atomic(res.recipe_path, compressed.chosen_recipe.encode())
+        res.notes.append(f"automatic recipe written to {res.recipe_path} (edit it and pass it back with --config)")
+    return res
+
+
+def compress_model(model_path: str, recipe: Recipe, calibration_path: str | None = None, seed: int = 0,
+                   progress: Callable[[str], None] = lambda s: None,
+                   dump_dir: str | None = None, input_shapes: InputShapes | None = None) -> Compressed:
+    """Import, automatic choices, prune and cluster: IR2, for `lower_compressed` on any target
+    that agrees with `recipe.target` on COMPRESS_TARGET_KEYS."""
+    from eiec.passes.calibrate import load_calibration, random_inputs
+
     input_shapes = dict(input_shapes or {})
     model = load_model(model_path, input_shapes)
     notes: list[str] = []
@@ -116,7 +163,6 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
     check_recipe_layers(recipe, model)
     ctx = Context(recipe=recipe, seed=seed, calibration=inputs, labels=labels,
                   calibration_is_random=is_random, progress=progress)
-    records: list[PassRecord] = []
     original_bytes = _param_bytes(model)  # before the passes rewrite the weights
     layers_ir0 = find_layers(model)
     chosen_recipe = _resolve_auto(model, ctx, progress, notes)
@@ -124,29 +170,51 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
         _dump(dump_dir, 0, "import", model, {
             "layers": [{"name": l.name, "kind": l.kind, "shape": list(l.shape)} for l in layers_ir0],
             **{k: ctx.artifacts[k] for k in ("sensitivity", "auto") if k in ctx.artifacts}})
-    manager = PassManager(default_passes(), dump_dir, on_pass=lambda r: progress(
-        f"pass {r.index} {r.name}: {r.seconds:.2f} s"), save_model=_save_onnx)
-    ir4 = manager.run(model, ctx, start_index=1)
-    records = manager.records
-    manifest = build_manifest(layers_ir0, original_bytes, ir4, ctx, records, seed)
-    model_bytes = model_file_bytes(model_path)
-    manifest = save_eie(out_path, ir4, ctx.artifacts.get("segments", []), dict(manifest, model_bytes=model_bytes),
-                        storage)
+    manager = PassManager(compress_passes(), dump_dir, on_pass=_pass_line(progress), save_model=_save_onnx)
+    ir2 = manager.run(model, ctx, start_index=1)
+    # consumed by prune and cluster; dropped so the object stays small (a sweep ships it to workers)
+    for key in ("sequential", "clustering", "reconstruction_calibration"):
+        ctx.artifacts.pop(key, None)
+    return Compressed(ir2, model_path, model_file_bytes(model_path), ctx, layers_ir0, original_bytes,
+                      manager.records, notes, chosen_recipe)
+
+
+def lower_compressed(compressed: Compressed, out_path: str, target: Target | None = None,
+                     progress: Callable[[str], None] = lambda s: None,
+                     dump_dir: str | None = None, storage: str = "huffman") -> CompileResult:
+    """Encode and lower IR2 onto `target` (default: the recipe's) and write OUT.eie, its
+    weights in `storage` form ("huffman" or "fixed").
+
+    `compressed` is left as it was (encode copies IR2), so it lowers onto many targets."""
+    c = compressed
+    recipe = c.ctx.recipe
+    if target is not None:
+        differs = [k for k in COMPRESS_TARGET_KEYS if getattr(target, k) != getattr(recipe.target, k)]
+        if differs:
+            raise ValueError(f"IR2 was compressed for other target.{differs[0]}")  # a caller's bug
+        recipe = dataclasses.replace(recipe, target=target)
+    ctx = dataclasses.replace(c.ctx, recipe=recipe, progress=progress, artifacts=dict(c.ctx.artifacts))
+    manager = PassManager(lower_passes(), dump_dir, on_pass=_pass_line(progress), save_model=_save_onnx)
+    ir4 = manager.run(c.model, ctx, start_index=1 + len(c.records))
+    records = c.records + manager.records
+    manifest = build_manifest(c.layers_ir0, c.original_bytes, ir4, ctx, records, ctx.seed)
+    manifest = save_eie(out_path, ir4, ctx.artifacts.get("segments", []),
+                        dict(manifest, model_bytes=c.model_bytes), storage)
+    notes = list(c.notes)
     eie_bytes = os.path.getsize(out_path)
-    if eie_bytes > model_bytes:
+    if eie_bytes > c.model_bytes:
         layers = {form: manifest[key] - manifest["host_bytes"] for form, key in
                   (("huffman", "compressed_bytes_huffman"), ("fixed", "compressed_bytes"))}
-        notes.append(f"{out_path} ({eie_bytes:,} bytes) is larger than {model_path} ({model_bytes:,} bytes): "
+        notes.append(f"{out_path} ({eie_bytes:,} bytes) is larger than {c.model_path} ({c.model_bytes:,} bytes): "
                      f"it stores the layers in the {storage} form ({layers[storage]:,} bytes; "
                      f"{layers['huffman']:,} in the Huffman form, {layers['fixed']:,} in the fixed form), "
                      f"the host graph with {manifest['host_bytes']:,} bytes of parameters, the programs and "
                      "the manifest (`eiec inspect` shows each part)")
-    chosen_path = None
-    if chosen_recipe is not None:  # only once the .eie is written: a failed compile leaves nothing
-        chosen_path = os.path.splitext(out_path)[0] + ".recipe.yaml"
-        write_atomic(chosen_path, chosen_recipe.encode())
-        notes.append(f"automatic recipe written to {chosen_path} (edit it and pass it back with --config)")
-    return CompileResult(out_path, manifest, records, chosen_path, notes)
+    return CompileResult(out_path, manifest, records, None, notes)
+
+
+def _pass_line(progress: Callable[[str], None]) -> Callable[[PassRecord], None]:
+    return lambda r: progress(f"pass {r.index} {r.name}: {r.seconds:.2f} s")
 
 
 def _resolve_auto(model: onnx.ModelProto, ctx: Context,

@@ -19,6 +19,9 @@ class EiecError(Exception):
         self.reason = reason
         super().__init__(self.line())
 
+    def __reduce__(self):  # Exception pickles its args (the line); Dask ships errors from workers
+        return type(self), (self.path, self.reason)
+
     def line(self) -> str:
         where = f"{self.path}: " if self.path else ""
         return f"eiec: {where}{self.reason}"

@@ -204,6 +204,11 @@ def load_recipe(path: str | os.PathLike | None, pes: int | None = None) -> Recip
     """Read and validate a recipe file; None gives the defaults."""
     if path is None:
         return parse_recipe({}, None, pes)
+    return parse_recipe(read_recipe_document(path), os.fspath(path), pes)
+
+
+def read_recipe_document(path: str | os.PathLike) -> Any:
+    """A recipe file's YAML document, parsed but not yet validated (`parse_recipe` does that)."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -213,14 +218,13 @@ def load_recipe(path: str | os.PathLike | None, pes: int | None = None) -> Recip
     if len(text) > 1 << 20:
         raise RecipeError(path, "recipe larger than 1 MiB")
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise RecipeError(path, f"recipe does not parse as YAML{where}") from None
     except RecursionError:  # PyYAML's composer recurses once per nesting level
         raise RecipeError(path, "recipe is nested too deeply") from None
-    return parse_recipe(data, path, pes)
 
 
 def dump_recipe(recipe: Recipe, per_layer: dict[str, LayerRecipe]) -> str:

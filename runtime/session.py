@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 import warnings
 from typing import Any
@@ -38,6 +39,8 @@ _SEGMENTS: dict[str, Segment] = {}  # SHA-256 of a blob -> the parsed segment
 # "simulated_s": wall seconds spent in the simulator during the current run
 _STATE: dict[str, Any] = {"mode": "fixed", "cycles": True, "runs": None, "errors": [], "chunk": None,
                           "simulated_s": 0.0}
+# _STATE belongs to one run at a time: threads of one process (a Dask worker's) take turns
+_ONE_RUN = threading.Lock()
 
 
 def _segment_of(blob: np.ndarray, digest: str = "") -> Segment:
@@ -52,6 +55,12 @@ def _segment_of(blob: np.ndarray, digest: str = "") -> Segment:
         seg = _SEGMENTS.get(actual) or Segment.from_blob(data, "EIESegment blob")
         _SEGMENTS[actual] = seg
     return seg
+
+
+def forget_segments() -> None:
+    """Drop every parsed segment: a long-lived process running many models (a sweep's
+    worker) calls it between them, since the cache is never evicted otherwise."""
+    _SEGMENTS.clear()
 
 
 def _segment_shape(x: np.ndarray, blob: np.ndarray, digest: str = "") -> tuple[int, ...]:
@@ -146,7 +155,7 @@ class InferenceSession:
         def chunk(real: int) -> None:
             _STATE["chunk"] = (real, size or real)
 
-        with _collect(self.mode, self.cycles) as runs:
+        with _ONE_RUN, _collect(self.mode, self.cycles) as runs:
             try:
                 with warnings.catch_warnings():  # a failing segment is raised below, not warned about
                     warnings.simplefilter("ignore", RuntimeWarning)
@@ -206,11 +215,16 @@ def load_inputs(path: str, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray
 
 
 def run_file(eie: str, input_path: str, out_path: str | None, report_path: str | None,
-             float_mode: bool = False) -> dict[str, Any]:
+             float_mode: bool = False, client: Any = None) -> dict[str, Any]:
     """`eiec run`: inputs from .npz, outputs to .npz, report to JSON (each written atomically).
 
     Every input and output path is checked before the run, so a bad one leaves no file.
+    With a Dask `client`, the rows run in blocks on its workers (`_run_block` each): the
+    outputs and the report are the ones a run in this process gives (the host's wall time
+    is the blocks' sum).
     """
+    from eiec.workers import map_row_blocks
+
     for out in (out_path, report_path):
         if out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise InputError(out, "cannot write here: its folder does not exist")
@@ -219,8 +233,16 @@ def run_file(eie: str, input_path: str, out_path: str | None, report_path: str |
     sess = InferenceSession(eie, mode="float" if float_mode else "fixed")
     feeds, _ = load_inputs(input_path, sess.model)
     names = [o.name for o in sess.get_outputs()]
-    outs = sess.run(names, feeds)
-    report = dict(sess.last_report, mode=sess.mode)
+    if client is None:
+        outs = sess.run(names, feeds)
+        report = sess.last_report
+    else:
+        unit = fixed_batch(sess._sess, list(feeds)) or 1
+        blocks = map_row_blocks(client, _run_block, feeds, unit, os.path.abspath(eie), sess.mode, names)
+        outs = [np.concatenate([b[0][i] for b in blocks]) for i in range(len(names))]
+        runs = {seg: concat_runs([b[1][seg] for b in blocks]) for seg in blocks[0][1]}
+        report = sess._report(runs, feeds, sum(b[2] for b in blocks))
+    report = dict(report, mode=sess.mode)
     if out_path is not None:
         buf = io.BytesIO()
         np.savez(buf, **dict(zip(names, outs)))
@@ -228,3 +250,14 @@ def run_file(eie: str, input_path: str, out_path: str | None, report_path: str |
     if report_path is not None:
         write_atomic(report_path, json.dumps(report, indent=2, sort_keys=True).encode())
     return report
+
+
+def _run_block(eie: str, mode: str, names: list[str], feeds: dict[str, np.ndarray]):
+    """One row block on a worker: its outputs, each segment's layer runs (without the
+    activations, which stay on the worker) and the host's wall seconds."""
+    sess = InferenceSession(eie, mode=mode)
+    outs = sess.run(names, feeds)
+    rows = next(iter(feeds.values())).shape[0]
+    empty = np.zeros((rows, 0), np.float32)
+    runs = {name: SegmentRun(empty, empty, r.layers) for name, r in sess.last_runs.items()}
+    return outs, runs, sess.last_report["host"]["wall_ms"] / 1e3

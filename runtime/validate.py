@@ -198,7 +198,7 @@ def _inputs(compiled: onnx.ModelProto, input_path: str | None, random_n: int | N
     return random_inputs(compiled, random_n or DEFAULT_RANDOM, 0), None
 
 
-def _original_session(model_path: str) -> onnxruntime.InferenceSession:
+def original_session(model_path: str) -> onnxruntime.InferenceSession:
     from eiec.importer import load_model
 
     load_model(model_path)  # the same checks as compile: clear errors, confined external data
@@ -209,16 +209,26 @@ def _original_session(model_path: str) -> onnxruntime.InferenceSession:
 
 
 def validate(model_path: str, eie_path: str, input_path: str | None = None, random_n: int | None = None,
-             bisect_dir: str | None = None) -> dict[str, Any]:
-    """Both measures (and per pass with `bisect_dir`) as one JSON-able dict."""
-    orig = _original_session(model_path)  # checks the model first, so errors name it
+             bisect_dir: str | None = None, client: Any = None) -> dict[str, Any]:
+    """Both measures (and per pass with `bisect_dir`) as one JSON-able dict.
+
+    With a Dask `client` the rows run in blocks on its workers (`compare_rows` each) and
+    the blocks' results are merged: the same dict as in this process."""
+    from eiec.ortrun import fixed_batch
+    from eiec.workers import map_row_blocks
+
+    orig = original_session(model_path)  # checks the model first, so errors name it
     sess = InferenceSession(eie_path)
     feeds, labels = _inputs(sess.model, input_path, random_n)
     names = [o.name for o in orig.get_outputs()]
-    ref = run_rows(orig, names, feeds)
-    out = sess.run(names, feeds)
-    checks = [check_segment(sess.segment(n), r.input, r.output, r.bound, r.saturated)
-              for n, r in sess.last_runs.items()]
+    if client is None:
+        ref, out, checks = compare_rows(orig, sess, names, feeds)
+    else:
+        unit = fixed_batch(sess._sess, list(feeds)) or 1
+        blocks = map_row_blocks(client, _compare_rows_of, feeds, unit, os.path.abspath(model_path),
+                                os.path.abspath(eie_path), names)
+        ref, out = ([np.concatenate([b[k][i] for b in blocks]) for i in range(len(names))] for k in (0, 1))
+        checks = [_merge_checks([b[2][j] for b in blocks]) for j in range(len(blocks[0][2]))]
     result = {
         "inputs": int(next(iter(feeds.values())).shape[0]),
         "exact": {"ok": all(c.ok for c in checks),
@@ -229,6 +239,28 @@ def validate(model_path: str, eie_path: str, input_path: str | None = None, rand
     if bisect_dir is not None:
         result["bisect"] = bisect(bisect_dir, feeds, ref, names, labels)
     return result
+
+
+def compare_rows(orig: onnxruntime.InferenceSession, sess: InferenceSession, names: list[str],
+                 feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], list[SegmentCheck]]:
+    """The original's outputs, the compiled model's, and each segment's exactness check, on `feeds`."""
+    ref = run_rows(orig, names, feeds)
+    out = sess.run(names, feeds)
+    checks = [check_segment(sess.segment(n), r.input, r.output, r.bound, r.saturated)
+              for n, r in sess.last_runs.items()]
+    return ref, out, checks
+
+
+def _compare_rows_of(model_path: str, eie_path: str, names: list[str], feeds: dict[str, np.ndarray]):
+    """`compare_rows` on a worker, which opens both models itself."""
+    return compare_rows(original_session(model_path), InferenceSession(eie_path), names, feeds)
+
+
+def _merge_checks(parts: list[SegmentCheck]) -> SegmentCheck:
+    """One segment's checks on row blocks as the check on all the rows (maxima, and the sum)."""
+    return SegmentCheck(parts[0].name, max(p.max_error for p in parts), max(p.max_bound for p in parts),
+                        max(p.worst_ratio for p in parts), sum(p.saturated for p in parts),
+                        parts[0].bad_codebooks)
 
 
 def bisect(folder: str, feeds, ref, names, labels) -> list[dict[str, Any]]:
@@ -269,8 +301,8 @@ def _summary_line(fid: dict[str, Any]) -> str:
 
 def validate_cli(model_path: str, eie_path: str, input_path: str | None, random_n: int | None,
                  bisect_dir: str | None, max_drop: float | None, json_path: str | None,
-                 quiet: bool = False) -> int:
-    res = validate(model_path, eie_path, input_path, random_n, bisect_dir)
+                 quiet: bool = False, client: Any = None) -> int:
+    res = validate(model_path, eie_path, input_path, random_n, bisect_dir, client)
     ex = res["exact"]
     lines = [f"validating {eie_path} against {model_path} on {res['inputs']} input(s)",
              "1) accelerator path vs the same compressed weights in float (onnxruntime):"]
