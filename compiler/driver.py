@@ -26,6 +26,8 @@ from .recipe import LayerRecipe, Recipe, dump_recipe, load_recipe
 from .segment import blob_name
 
 RANDOM_CALIBRATION_ROWS = 64
+RANDOM_NOTE = (f"no --calibration given: using {RANDOM_CALIBRATION_ROWS} random inputs (N(0, 1)) for formats "
+               "and automatic choices")
 
 
 @dataclass
@@ -35,6 +37,7 @@ class CompileResult:
     records: list[PassRecord]
     recipe_path: str | None = None  # where an auto-chosen recipe was written
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def default_passes() -> list:
@@ -110,8 +113,7 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
     else:
         inputs, labels = random_inputs(model, RANDOM_CALIBRATION_ROWS, seed), None
         is_random = True
-        notes.append(f"no --calibration given: using {RANDOM_CALIBRATION_ROWS} random inputs "
-                     "for formats and automatic choices")
+        notes.append(RANDOM_NOTE)
     check_recipe_layers(recipe, model)
     ctx = Context(recipe=recipe, seed=seed, calibration=inputs, labels=labels,
                   calibration_is_random=is_random, progress=progress)
@@ -128,13 +130,30 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
     ir4 = manager.run(model, ctx, start_index=1)
     records = manager.records
     manifest = build_manifest(layers_ir0, original_bytes, ir4, ctx, records, seed)
+    warnings = _random_format_warnings(ctx) if is_random else []
+    if warnings:  # the warning says all the note did
+        notes.remove(RANDOM_NOTE)
     save_eie(out_path, ir4, ctx.artifacts.get("segments", []), manifest)
     chosen_path = None
     if chosen_recipe is not None:  # only once the .eie is written: a failed compile leaves nothing
         chosen_path = os.path.splitext(out_path)[0] + ".recipe.yaml"
         write_atomic(chosen_path, chosen_recipe.encode())
         notes.append(f"automatic recipe written to {chosen_path} (edit it and pass it back with --config)")
-    return CompileResult(out_path, manifest, records, chosen_path, notes)
+    return CompileResult(out_path, manifest, records, chosen_path, notes, warnings)
+
+
+def _random_format_warnings(ctx: Context) -> list[str]:
+    """Segments whose input format was set from random calibration inputs (not from a recipe)."""
+    fixed = {n for n, lr in ctx.artifacts.get("layer_recipes", {}).items()
+             if lr.q_format and "in_frac" in lr.q_format}
+    random_in = [s for s in ctx.artifacts.get("segments", []) if s.layers[0].name not in fixed]
+    if not random_in:
+        return []
+    bits = ctx.target.act_bits
+    held = ", ".join(f"{s.name} ({s.input}: |x| < {2.0 ** (bits - 1 - s.layers[0].in_frac):g})" for s in random_in)
+    return [f"{RANDOM_NOTE}: the input formats of {held} hold only what random data suggested; real "
+            "inputs outside those ranges will saturate (eiec run and eiec validate count it): pass "
+            "--calibration with real inputs, or fix the formats with a recipe's q_format"]
 
 
 def _resolve_auto(model: onnx.ModelProto, ctx: Context,
@@ -244,6 +263,7 @@ def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: C
     encode = {l["name"]: l for l in stats.get("encode", {}).get("layers", [])}
     cluster = {l["name"]: l for l in stats.get("cluster", {}).get("layers", [])}
     q_formats = {name: q for s in stats.get("lower", {}).get("segments", []) for name, q in s["q_formats"].items()}
+    q_rules = {name: r for s in stats.get("lower", {}).get("segments", []) for name, r in s["q_rules"].items()}
     recipes: dict[str, LayerRecipe] = ctx.artifacts.get("layer_recipes", {})
     host = _param_bytes(ir4, skip={blob_name(s.name) for s in ctx.artifacts.get("segments", [])})
     layers = []
@@ -260,7 +280,8 @@ def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: C
             entry["bits"] = cluster[l.name]["bits"]
             entry["codebook_values"] = cluster[l.name]["codebook"]
             if l.name in q_formats:
-                entry["q_formats"] = dict(zip(("in_frac", "w_frac", "out_frac"), q_formats[l.name]))
+                entry["q_formats"] = dict(zip(("in_frac", "w_frac", "out_frac", "in_rule", "out_rule"),
+                                              q_formats[l.name] + q_rules[l.name]))
             fixed_total += e["bytes_fixed"]
             huffman_total += e["bytes_huffman"]
         else:

@@ -603,7 +603,7 @@ def test_installed_script_exit_codes_and_no_traceback(work, tmp_path):
         assert len(p.stderr.strip().splitlines()) == 1 and reason in p.stderr
     assert not (tmp_path / "o.eie").exists() and not (tmp_path / "o.npz").exists()
     p = _script(work / "tiny.onnx", "-o", tmp_path / "ok.eie", "--config", work / "r.yaml", "--quiet")
-    assert p.returncode == 0 and p.stderr.count("\n") <= 1  # at most the random-calibration note
+    assert p.returncode == 0 and p.stderr.count("\n") <= 1  # at most the random-calibration warning
 
 
 TINY_SRAMS = "target: {pes: 4, spmat_sram_bytes: 1, ptr_sram_bytes: 2}\n"  # no layer can be tiled
