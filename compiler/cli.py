@@ -204,6 +204,8 @@ def _cmd_compile(args) -> int:
         raise
     for note in res.notes:
         print(f"eiec: note: {note}", file=sys.stderr)
+    for warning in res.warnings:
+        print(f"eiec: warning: {warning}", file=sys.stderr)
     if not args.quiet:
         print(size_table(res.manifest, os.path.getsize(args.output)))
         print(f"wrote {args.output}")
@@ -241,7 +243,7 @@ def _check_output(path: str, inputs: list[str | None]) -> None:
 
 
 def _cmd_run(args) -> int:
-    from .report import cycle_table
+    from .report import cycle_table, saturation_warnings
     from eiec.runtime.session import run_file
 
     if args.plot is not None:
@@ -251,6 +253,8 @@ def _cmd_run(args) -> int:
                                                        float_mode=args.float, client=client))
     if not args.quiet:
         print(cycle_table(report))
+    for line in saturation_warnings(report["saturated"], report["batch"]):
+        print(line, file=sys.stderr)
     if args.plot is not None:
         from .plots import write_plots
         paths = write_plots(report, args.plot)

@@ -27,6 +27,8 @@ from .segment import blob_name
 from .target import Target
 
 RANDOM_CALIBRATION_ROWS = 64
+RANDOM_NOTE = (f"no --calibration given: using {RANDOM_CALIBRATION_ROWS} random inputs (N(0, 1)) for formats "
+               "and automatic choices")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class CompileResult:
     records: list[PassRecord]
     recipe_path: str | None = None  # where an auto-chosen recipe was written
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def default_passes() -> list:
@@ -158,8 +161,7 @@ def compress_model(model_path: str, recipe: Recipe, calibration_path: str | None
     else:
         inputs, labels = random_inputs(model, RANDOM_CALIBRATION_ROWS, seed), None
         is_random = True
-        notes.append(f"no --calibration given: using {RANDOM_CALIBRATION_ROWS} random inputs "
-                     "for formats and automatic choices")
+        notes.append(RANDOM_NOTE)
     check_recipe_layers(recipe, model)
     ctx = Context(recipe=recipe, seed=seed, calibration=inputs, labels=labels,
                   calibration_is_random=is_random, progress=progress)
@@ -200,7 +202,8 @@ def lower_compressed(compressed: Compressed, out_path: str, target: Target | Non
     manifest = build_manifest(c.layers_ir0, c.original_bytes, ir4, ctx, records, ctx.seed)
     manifest = save_eie(out_path, ir4, ctx.artifacts.get("segments", []),
                         dict(manifest, model_bytes=c.model_bytes), storage)
-    notes = list(c.notes)
+    warnings = _random_format_warnings(ctx) if ctx.calibration_is_random else []
+    notes = [n for n in c.notes if not (warnings and n == RANDOM_NOTE)]  # the warning says all the note did
     eie_bytes = os.path.getsize(out_path)
     if eie_bytes > c.model_bytes:
         layers = {form: manifest[key] - manifest["host_bytes"] for form, key in
@@ -210,11 +213,25 @@ def lower_compressed(compressed: Compressed, out_path: str, target: Target | Non
                      f"{layers['huffman']:,} in the Huffman form, {layers['fixed']:,} in the fixed form), "
                      f"the host graph with {manifest['host_bytes']:,} bytes of parameters, the programs and "
                      "the manifest (`eiec inspect` shows each part)")
-    return CompileResult(out_path, manifest, records, None, notes)
+    return CompileResult(out_path, manifest, records, None, notes, warnings)
 
 
 def _pass_line(progress: Callable[[str], None]) -> Callable[[PassRecord], None]:
     return lambda r: progress(f"pass {r.index} {r.name}: {r.seconds:.2f} s")
+
+
+def _random_format_warnings(ctx: Context) -> list[str]:
+    """Segments whose input format was set from random calibration inputs (not from a recipe)."""
+    fixed = {n for n, lr in ctx.artifacts.get("layer_recipes", {}).items()
+             if lr.q_format and "in_frac" in lr.q_format}
+    random_in = [s for s in ctx.artifacts.get("segments", []) if s.layers[0].name not in fixed]
+    if not random_in:
+        return []
+    bits = ctx.target.act_bits
+    held = ", ".join(f"{s.name} ({s.input}: |x| < {2.0 ** (bits - 1 - s.layers[0].in_frac):g})" for s in random_in)
+    return [f"{RANDOM_NOTE}: the input formats of {held} hold only what random data suggested; real "
+            "inputs outside those ranges will saturate (eiec run and eiec validate count it): pass "
+            "--calibration with real inputs, or fix the formats with a recipe's q_format"]
 
 
 def _resolve_auto(model: onnx.ModelProto, ctx: Context,
@@ -341,6 +358,7 @@ def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: C
     encode = {l["name"]: l for l in stats.get("encode", {}).get("layers", [])}
     cluster = {l["name"]: l for l in stats.get("cluster", {}).get("layers", [])}
     q_formats = {name: q for s in stats.get("lower", {}).get("segments", []) for name, q in s["q_formats"].items()}
+    q_rules = {name: r for s in stats.get("lower", {}).get("segments", []) for name, r in s["q_rules"].items()}
     recipes: dict[str, LayerRecipe] = ctx.artifacts.get("layer_recipes", {})
     host = _param_bytes(ir4, skip={blob_name(s.name) for s in ctx.artifacts.get("segments", [])})
     layers = []
@@ -354,7 +372,8 @@ def build_manifest(layers_ir0: list, original: int, ir4: onnx.ModelProto, ctx: C
             entry["density"] = round(e["nonzeros"] / int(np.prod(l.shape)), 6)
             entry["bits"] = cluster[l.name]["bits"]
             if l.name in q_formats:
-                entry["q_formats"] = dict(zip(("in_frac", "w_frac", "out_frac"), q_formats[l.name]))
+                entry["q_formats"] = dict(zip(("in_frac", "w_frac", "out_frac", "in_rule", "out_rule"),
+                                              q_formats[l.name] + q_rules[l.name]))
         else:
             entry.update({"on_host": True})
         layers.append(entry)

@@ -20,6 +20,9 @@ from .errors import RecipeError
 from .image import MAX_WEIGHT_BITS
 from .target import ENERGY_KEYS, NODES, TARGET_KEYS, Energy, Target
 
+Q_FORMAT_KEYS = ("in_frac", "out_frac")
+MAX_Q_FRAC = 32  # fraction bits a recipe may fix: ranges from 2^-17 to 2^47 at 16 bits
+
 
 @dataclass(frozen=True)
 class LayerRecipe:
@@ -32,6 +35,7 @@ class LayerRecipe:
     bias_correction: bool = True  # re-centre the layer's mean output on calibration data
     obs: bool = True  # second-order (OBS/SparseGPT-style) update while pruning
     gptq: bool = True  # GPTQ-style error-compensated assignment of weights to the codebook
+    q_format: dict[str, int] | None = None  # fixed fraction bits {in_frac, out_frac}; else derived
 
 
 LAYER_KEYS = tuple(f.name for f in dataclasses.fields(LayerRecipe))
@@ -95,6 +99,20 @@ def _check_bits(where: str, v: Any, path: str | None, target: Target) -> int | s
     return v
 
 
+def _check_q_format(where: str, v: Any, path: str | None) -> dict[str, int] | None:
+    if v is None:  # as dump_recipe writes a layer without one
+        return None
+    if not isinstance(v, dict) or not v:
+        raise RecipeError(path, f"{where}: expected a mapping with in_frac and/or out_frac, got {v!r}")
+    for k, frac in v.items():
+        if k not in Q_FORMAT_KEYS:
+            raise RecipeError(path, f"{where}.{k}: unknown key (known: {', '.join(Q_FORMAT_KEYS)})")
+        if isinstance(frac, bool) or not isinstance(frac, int) or not -MAX_Q_FRAC <= frac <= MAX_Q_FRAC:
+            raise RecipeError(path, f"{where}.{k}: fraction bits must be an integer in "
+                              f"{-MAX_Q_FRAC}..{MAX_Q_FRAC}, got {frac!r}")
+    return dict(v)
+
+
 def _check_layer(where: str, d: Any, path: str | None, target: Target) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise RecipeError(path, f"{where}: expected a mapping of {', '.join(LAYER_KEYS)}, got {d!r}")
@@ -107,6 +125,8 @@ def _check_layer(where: str, d: Any, path: str | None, target: Target) -> dict[s
             out[k] = _check_density(key, v, path)
         elif k == "bits":
             out[k] = _check_bits(key, v, path, target)
+        elif k == "q_format":
+            out[k] = _check_q_format(key, v, path)
         elif not isinstance(v, bool):
             raise RecipeError(path, f"{key}: must be true or false, got {v!r}")
         else:
@@ -232,7 +252,8 @@ def dump_recipe(recipe: Recipe, per_layer: dict[str, LayerRecipe]) -> str:
     doc = {
         "target": recipe.target.as_dict(),
         "defaults": {"density": "keep", "bits": recipe.target.weight_bits},
-        "layers": {name: dataclasses.asdict(lr) for name, lr in per_layer.items()},
+        "layers": {name: {k: v for k, v in dataclasses.asdict(lr).items() if v is not None}  # no q_format: null
+                   for name, lr in per_layer.items()},
         "budget": {"max_accuracy_drop": recipe.max_accuracy_drop, "max_output_error": recipe.max_output_error},
     }
     return yaml.safe_dump(doc, sort_keys=False)

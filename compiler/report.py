@@ -156,12 +156,13 @@ def cycle_table(r: dict[str, Any]) -> str:
     """The per-layer table `eiec run` prints."""
     rows = [[l["name"], f"{l['cycles']:,.0f}", f"{l['ideal_cycles']:,.0f}", f"{l['latency_us']:.2f}",
              f"{100 * l['load_balance']:.1f}%", f"{l['entries']:,}", f"{l['padding_entries']:,}",
-             f"{l['nonzero_activations']:,.0f}", f"{l['energy_uj']:.3f}"] for l in r["layers"]]
+             f"{l['nonzero_activations']:,.0f}", f"{l['energy_uj']:.3f}", f"{l['saturated']:,}"]
+            for l in r["layers"]]
     lines = [
         f"{r['batch']} input(s) on {r['pes']} PEs @ {r['clock_mhz']:g} MHz (per input: mean over the batch; "
-        "accelerator segments only, host ops excluded)",
+        "accelerator segments only, host ops excluded; saturated: values clipped over the whole batch)",
         _table(["layer", "cycles", "ideal", "latency us", "balance", "entries", "padding", "nz acts",
-                "energy uJ"], rows),
+                "energy uJ", "saturated"], rows),
         f"total: {r['total_cycles']:,.0f} cycles for the batch, {r['latency_us']:.2f} us per input, "
         f"{r['energy_uj']:.3f} uJ per input on the accelerator"]
     return "\n".join(lines + _energy_lines(r) + _host_lines(r))
@@ -193,3 +194,11 @@ def _energy_lines(r: dict[str, Any]) -> list[str]:
     return [f"energy per module, uJ per input ({r.get('node_nm', 45)} nm model, docs/simulator.md):",
             _table(["layer"] + modules + ["total"], rows),
             f"average power {1e3 * r['average_power_w']:.0f} mW ({shares})"]
+
+
+def saturation_warnings(saturated: dict[str, int], inputs: int) -> list[str]:
+    """One stderr line per segment that clipped values in a run (a warning, not an error)."""
+    return [f"eiec: warning: {seg} saturated {n:,} value(s) on {inputs} input(s): they left its "
+            "fixed-point formats and were clipped, so its outputs are off by more than the "
+            "format's rounding (per layer: the eiec run table; formats: docs/simulator.md)"
+            for seg, n in saturated.items() if n]

@@ -3,8 +3,14 @@
 A chain is FC/conv layers with their bias and ReLU fused, linked directly or through
 a Flatten/Reshape that only relabels the vector; each becomes one `EIESegment` node
 whose program keeps the activations in the PEs between layers. Everything else stays
-a host op. Also picks each layer's Q-formats from calibration ranges and splits
+a host op. Also picks each layer's Q-formats and splits
 images that do not fit the PE memories into tiles.
+
+Q-formats (docs/simulator.md, "Choosing the formats"): a segment's input format holds
+`HEADROOM` times its calibration range; every later format holds the smaller of a
+worst-case bound propagated from the input format by interval arithmetic over the
+quantised weights (then nothing can saturate there) and `HEADROOM` times its calibration
+range. A recipe's `q_format` overrides either.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from eiec import isa
 from eiec.conv import block_diagonal
-from eiec.errors import ModelError
+from eiec.errors import ModelError, RecipeError
 from eiec.image import LINE_BYTES, SparseImage
 from eiec.ir import EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
 from eiec.ortrun import run_rows
@@ -28,13 +34,14 @@ from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
 from eiec.segment import ConvGeometry, LayerSpec, Segment, blob_name
 from eiec.target import Target
-from eiec.runtime.fixedpoint import choose_frac, quantize
+from eiec.runtime.fixedpoint import choose_frac, int_range, quantize, round_shift
 
 from .encode import decode_image, encode_matrix
 
-# Q-formats leave this factor of headroom over the largest calibration value, so inputs a
-# little outside the calibration range still do not saturate.
-RANGE_HEADROOM = 2.0
+# A format holds at least this many times the largest calibration value (up to twice that
+# after rounding to a power of two), unless the worst-case bound is smaller: real inputs
+# exceed the calibration range (bench/qformat.py measures what this costs and buys).
+HEADROOM = 4.0
 RELABEL_OPS = ("Flatten", "Reshape")
 # ops that hold a layer's weights; any left in IR4 run on the host and `eiec inspect` lists them
 _ONNX_WEIGHTED = ("Gemm", "Conv", "MatMul", "ConvTranspose", "Einsum", "LSTM", "GRU", "RNN")
@@ -64,10 +71,14 @@ class Lower:
         links = [link for chain in chains for link in chain.links]
         tiles = dict(zip([l.layer.name for l in links], map_layers(tiles_of, links)))
         model = copy_model(model)
+        overrides = {n: q for n, l in layers.items() if (q := ctx.layer_recipe(l).q_format)}
         segments = []
+        rules = {}
         for i, chain in enumerate(chains):
             ctx.progress(f"lower segment {i} ({', '.join(chain.names)})")
-            seg = build_segment(f"segment{i}", chain, model, values, indices, tiles, ctx.target)
+            seg, seg_rules = build_segment(f"segment{i}", chain, model, values, indices, tiles, ctx.target,
+                                           overrides, ctx.recipe.path)
+            rules[seg.name] = seg_rules
             _replace_chain(model, chain, seg)
             segments.append(seg)
         ctx.artifacts["segments"] = segments
@@ -75,7 +86,8 @@ class Lower:
             "segments": [{"name": s.name, "layers": [l.name for l in s.layers], "resident": s.resident,
                           "instructions": len(s.program),
                           "tiles": {l.name: len(l.tiles) for l in s.layers},
-                          "q_formats": {l.name: [l.in_frac, l.w_frac, l.out_frac] for l in s.layers}}
+                          "q_formats": {l.name: [l.in_frac, l.w_frac, l.out_frac] for l in s.layers},
+                          "q_rules": rules[s.name]}
                          for s in segments],
             "host_layers": _host_layers(model),
         }
@@ -240,16 +252,52 @@ def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: d
     return dict(zip(tensors, run_rows(sess, tensors, feeds, weights)))
 
 
-def _frac(values: np.ndarray, bits: int) -> int:
-    return choose_frac(float(np.max(np.abs(values), initial=0.0)) * RANGE_HEADROOM, bits)
+def _max_abs(values: np.ndarray) -> float:
+    return float(np.max(np.abs(values), initial=0.0))
+
+
+def chain_formats(chain: Chain, overrides: dict[str, dict[str, int]],
+                  recipe_path: str | None) -> tuple[int | None, list[int | None]]:
+    """The recipe's fixed formats for a chain: (its input's in_frac, each link's out_frac).
+
+    A layer's `in_frac` inside a chain is the previous layer's `out_frac` (the same
+    activations); both given and different is an error naming the two layers.
+    """
+    names = chain.names
+    q = [overrides.get(n) or {} for n in names]
+    outs: list[int | None] = [f.get("out_frac") for f in q]
+    for i in range(1, len(names)):
+        given = q[i].get("in_frac")
+        if given is None:
+            continue
+        if outs[i - 1] is not None and outs[i - 1] != given:
+            raise RecipeError(recipe_path, f"layers: {names[i]}: q_format.in_frac {given} contradicts "
+                              f"{names[i - 1]}'s q_format.out_frac {outs[i - 1]} ({names[i - 1]} writes "
+                              f"{names[i]}'s input in the same segment)")
+        outs[i - 1] = given
+    return q[0].get("in_frac"), outs
 
 
 def build_segment(name: str, chain: Chain, model: onnx.ModelProto, values: dict[str, np.ndarray],
                   indices: dict[str, np.ndarray], tiles: dict[str, list[SparseImage]],
-                  target: Target) -> Segment:
+                  target: Target, overrides: dict[str, dict[str, int]] | None = None,
+                  recipe_path: str | None = None) -> tuple[Segment, dict[str, list[str]]]:
+    """One chain as a segment: formats, quantised codebooks and biases, program.
+
+    `overrides` maps layer names to a recipe's `q_format` ({in_frac, out_frac}). Also
+    returns, per layer, what set its input and output formats: "recipe", "bound" (the
+    worst-case bound: nothing the input format holds saturates it) or "calibration"
+    (HEADROOM x the calibration range, smaller than the bound).
+    """
+    fixed_in, fixed_out = chain_formats(chain, overrides or {}, recipe_path)
     specs = []
-    in_frac = _frac(values[chain.input], target.act_bits)
-    for link in chain.links:
+    rules = {}
+    in_frac = fixed_in if fixed_in is not None else choose_frac(
+        _max_abs(values[chain.input]) * HEADROOM, target.act_bits)
+    in_rule = "recipe" if fixed_in is not None else "calibration"
+    a_lo, a_hi = int_range(target.act_bits)
+    x_lo, x_hi = np.array(a_lo, np.int64), np.array(a_hi, np.int64)  # the input format's whole range
+    for link, out_fixed in zip(chain.links, fixed_out):
         layer = link.layer
         dec = _decode_node(model, layer)
         codebook = get_initializer(model, dec.input[3]).astype(np.float32)
@@ -257,23 +305,75 @@ def build_segment(name: str, chain: Chain, model: onnx.ModelProto, values: dict[
         bias = get_initializer(model, layer.bias).astype(np.float32).ravel()
         x = values[layer.node.input[0]]
         y = values[link.output]
-        out_frac = _frac(y, target.act_bits)
-        w_frac = min(_frac(codebook / RANGE_HEADROOM, target.codebook_bits),  # codebook is exact: no headroom
+        w_frac = min(choose_frac(_max_abs(codebook), target.codebook_bits),  # codebook is exact: no headroom
                      _acc_frac_limit(w_indices, codebook, bias, in_frac, target) - in_frac)
+        codebook_q = quantize(codebook, w_frac, target.codebook_bits)
+        bias_acc = quantize(bias, in_frac + w_frac, target.acc_bits)
         conv = _conv_geometry(layer) if layer.kind == "conv" else None
+        in_shape = tuple(int(d) for d in x.shape[1:])
+        acc_lo, acc_hi = accumulator_interval(w_indices, codebook_q, bias_acc, x_lo, x_hi, in_shape, conv)
+        reach = np.maximum(acc_hi, 0) if link.relu is not None else np.maximum(acc_hi, -acc_lo)
+        bound = float(reach.max(initial=0)) * 2.0 ** -(in_frac + w_frac)
+        seen = _max_abs(y) * HEADROOM
+        if out_fixed is not None:
+            out_frac, out_rule = out_fixed, "recipe"
+        else:
+            out_frac = choose_frac(min(bound, seen), target.act_bits)
+            out_rule = "bound" if bound <= seen else "calibration"
+        rules[layer.name] = [in_rule, out_rule]
+        # the next layer's input interval: the write-back (round, saturate, ReLU) is monotone
+        shift = in_frac + w_frac - out_frac
+        x_lo, x_hi = (np.clip(round_shift(a, shift), a_lo, a_hi) for a in (acc_lo, acc_hi))
+        if link.relu is not None:
+            x_lo, x_hi = np.maximum(x_lo, 0), np.maximum(x_hi, 0)
+        if conv is not None:  # one interval per output channel, the same at every position
+            out_shape = tuple(int(d) for d in y.shape[1:])
+            x_lo, x_hi = (np.broadcast_to(a[:, None, None], out_shape) for a in (x_lo, x_hi))
         nonzero = int(np.count_nonzero(w_indices))
         specs.append(LayerSpec(
             name=layer.name, kind=layer.kind, weight_shape=layer.shape,
-            in_shape=tuple(int(d) for d in x.shape[1:]), out_shape=tuple(int(d) for d in y.shape[1:]),
+            in_shape=in_shape, out_shape=tuple(int(d) for d in y.shape[1:]),
             relu=link.relu is not None, bits=int(np.log2(codebook.size)), density=nonzero / w_indices.size,
             in_frac=in_frac, w_frac=w_frac, out_frac=out_frac, codebook=codebook,
-            codebook_q=quantize(codebook, w_frac, target.codebook_bits),
-            bias=bias, bias_acc=quantize(bias, in_frac + w_frac, target.acc_bits), tiles=tiles[layer.name], conv=conv))
-        in_frac = out_frac
+            codebook_q=codebook_q, bias=bias, bias_acc=bias_acc, tiles=tiles[layer.name], conv=conv))
+        in_frac, in_rule = out_frac, out_rule
     resident = _fits_at_once(specs, target)
     seg = Segment(name, chain.input, chain.output, specs, [], target, resident)
     seg.program = emit_program(seg, in_len=int(np.prod(values[chain.input].shape[1:])))
-    return seg
+    return seg, rules
+
+
+def accumulator_interval(indices: np.ndarray, codebook_q: np.ndarray, bias_acc: np.ndarray,
+                         x_lo: np.ndarray, x_hi: np.ndarray, in_shape: tuple[int, ...],
+                         conv: ConvGeometry | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the least and greatest accumulator value (bias added) over every input
+    with x_lo <= x <= x_hi elementwise (integer activations: scalars, or arrays of
+    `in_shape`'s size, e.g. the previous conv's output before a flatten): b_i + sum_j min/max(w_ij x_lo_j, w_ij x_hi_j) over the quantised weights.
+
+    Zero is added to every input interval (conv padding reads zeros). Exact: the terms
+    are integers and the sums stay below 2^(acc_bits-1) <= 2^47 (`_acc_frac_limit`),
+    where float64 is exact.
+    """
+    rows, cols = indices.shape
+    def spread(a: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(a, in_shape) if np.ndim(a) == 0 else np.reshape(a, in_shape)
+
+    lo = np.minimum(spread(x_lo), 0).astype(np.float64)
+    hi = np.maximum(spread(x_hi), 0).astype(np.float64)
+    if conv is None:  # column j reads input element j
+        lo_cols, hi_cols, group = lo.reshape(1, cols), hi.reshape(1, cols), 1
+    else:  # column (c, kh, kw) of group g reads channel g * C/g + c at every position
+        group, taps = conv.group, conv.kernel[0] * conv.kernel[1]
+        lo_cols = np.repeat(lo.reshape(lo.shape[0], -1).min(axis=1), taps).reshape(group, cols)
+        hi_cols = np.repeat(hi.reshape(hi.shape[0], -1).max(axis=1), taps).reshape(group, cols)
+    r, c = np.nonzero(indices)
+    w = np.asarray(codebook_q, np.float64)[indices[r, c]]
+    g = r // (rows // group)
+    at_lo, at_hi = w * lo_cols[g, c], w * hi_cols[g, c]
+    base = np.asarray(bias_acc, np.float64)
+    acc_lo = base + np.bincount(r, np.minimum(at_lo, at_hi), minlength=rows)
+    acc_hi = base + np.bincount(r, np.maximum(at_lo, at_hi), minlength=rows)
+    return acc_lo.astype(np.int64), acc_hi.astype(np.int64)
 
 
 def _acc_frac_limit(indices: np.ndarray, codebook: np.ndarray, bias: np.ndarray, in_frac: int,

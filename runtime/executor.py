@@ -22,8 +22,25 @@ from eiec.conv import im2col
 
 from .cycles import cycle_layer, queue_occupancy
 from .energy import MODULES, access_energies, idle_cycle_energy_uj, layer_energy, pe_area_mm2
-from .fixedpoint import dequantize, quantize
+from .fixedpoint import count_saturated, dequantize, quantize
 from .simulator import error_bound, spmv_fixed, spmv_float, tile_cached
+
+
+@dataclass
+class Saturation:
+    """Values one layer clipped over a whole batch (conv: over all output positions)."""
+
+    inputs: int = 0  # segment inputs clipped by the first layer's input format
+    accumulators: int = 0  # (input, row) accumulators clipped while summing or at the bias add
+    outputs: int = 0  # outputs whose clip to the output format changed them
+
+    @property
+    def total(self) -> int:
+        return self.inputs + self.accumulators + self.outputs
+
+    @staticmethod
+    def summed(parts: list[Saturation]) -> Saturation:
+        return Saturation(*(sum(getattr(p, f.name) for p in parts) for f in dataclasses.fields(Saturation)))
 
 
 @dataclass
@@ -42,7 +59,7 @@ class LayerRun:
     padding_processed: np.ndarray  # [B]
     fill_cycles: np.ndarray  # [B]
     reload_cycles: np.ndarray  # [B]
-    saturated: int = 0
+    saturation: Saturation = field(default_factory=Saturation)
     # the first input's activation-queue occupancy, cycle by cycle (computed when asked)
     queue_of: Callable[[], tuple[np.ndarray, int]] | None = field(default=None, repr=False)
 
@@ -72,7 +89,8 @@ class LayerRun:
             "energy_breakdown_uj": {k: float(v.mean()) for k, v in self.energy_uj.items()},
             "latency_breakdown_cycles": self.latency_causes(),
             "pe_busy_cycles": self.busy.mean(axis=0).round(1).tolist(),
-            "saturated": self.saturated,
+            "saturated": self.saturation.total,
+            "saturation": dataclasses.asdict(self.saturation),
         }
 
 
@@ -80,7 +98,8 @@ class LayerRun:
 class SegmentRun:
     input: np.ndarray  # float32 [B, *in_shape]: what the host handed the segment
     output: np.ndarray  # float32 [B, *out_shape]
-    layers: list[LayerRun] = field(default_factory=list)
+    layers: list[LayerRun] = field(default_factory=list)  # with cycles only
+    saturation: dict[str, Saturation] = field(default_factory=dict)  # layer name -> what it clipped
     bound_of: Callable[[], np.ndarray | None] = field(default=lambda: None, repr=False)
 
     @functools.cached_property
@@ -91,7 +110,7 @@ class SegmentRun:
 
     @property
     def saturated(self) -> int:
-        return sum(l.saturated for l in self.layers)
+        return sum(s.total for s in self.saturation.values())
 
 
 def concat_runs(runs: list[SegmentRun]) -> SegmentRun:
@@ -110,17 +129,18 @@ def concat_runs(runs: list[SegmentRun]) -> SegmentRun:
             return {k: join([x[k] for x in values]) for k in v}
         return v
 
-    layers = [dataclasses.replace(ls[0], saturated=sum(l.saturated for l in ls),
+    layers = [dataclasses.replace(ls[0], saturation=Saturation.summed([l.saturation for l in ls]),
                                   **{f.name: join([getattr(l, f.name) for l in ls])
-                                     for f in dataclasses.fields(LayerRun) if f.name != "saturated"})
+                                     for f in dataclasses.fields(LayerRun) if f.name != "saturation"})
               for ls in zip(*(r.layers for r in runs))]
+    saturation = {name: Saturation.summed([r.saturation[name] for r in runs]) for name in runs[0].saturation}
 
     def bound() -> np.ndarray | None:
         parts = [r.bound for r in runs]
         return None if any(p is None for p in parts) else np.concatenate(parts)
 
     return SegmentRun(np.concatenate([r.input for r in runs]), np.concatenate([r.output for r in runs]),
-                      layers, bound)
+                      layers, saturation, bound)
 
 
 def _positions(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
@@ -152,6 +172,7 @@ def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool =
     first = seg.layers[0]
     x = np.asarray(x, np.float32).reshape(batch, *first.in_shape)
     act = quantize(x, first.in_frac, t.act_bits) if mode == "fixed" else x
+    clipped_inputs = count_saturated(x, first.in_frac, t.act_bits) if mode == "fixed" else 0
     # error bound state: |x| and the error of the activations held in the PEs
     e_x = np.abs(dequantize(act, first.in_frac) - x) if mode == "fixed" else None
     run = SegmentRun(input=x, output=np.empty(0, np.float32))
@@ -164,7 +185,9 @@ def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool =
         elif ins.op == isa.Op.RUN and ins.flags & isa.Flag.LAST and _last_tile_of_layer(seg, ins):
             spec = seg.layers[ins.layer]
             src = buffers[ins.src]
-            out, layer_run, e_out = _run_layer(seg, spec, src, bounds[ins.src], mode, cycles)
+            sat = Saturation(inputs=clipped_inputs if ins.layer == 0 else 0)
+            out, layer_run, e_out = _run_layer(seg, spec, src, bounds[ins.src], mode, cycles, sat)
+            run.saturation[spec.name] = sat
             buffers[ins.dst] = out
             bounds[ins.dst] = e_out
             if layer_run is not None:
@@ -183,17 +206,17 @@ def _last_tile_of_layer(seg: Segment, ins: isa.Instr) -> bool:
 
 
 def _run_layer(seg: Segment, spec: LayerSpec, act: np.ndarray, e_in: Callable[[], np.ndarray | None],
-               mode: str, want_cycles: bool
+               mode: str, want_cycles: bool, sat: Saturation
                ) -> tuple[np.ndarray, LayerRun | None, Callable[[], np.ndarray | None]]:
-    """Run one layer. e_in gives the input's error bound, and the returned function the
-    output's: both are only evaluated when SegmentRun.bound is read."""
+    """Run one layer, adding what it clips to `sat`. e_in gives the input's error bound, and
+    the returned function the output's: both are only evaluated when SegmentRun.bound is read."""
     t = seg.target
     batch = act.shape[0]
     x = _positions(act, spec)
-    saturated = 0
     if mode == "fixed":
         y, stats = spmv_fixed(spec.tiles, spec.codebook_q, x, spec.bias_acc, spec.shift, spec.relu, t)
-        saturated = stats.saturated_accumulators + stats.saturated_outputs
+        sat.accumulators += stats.saturated_accumulators
+        sat.outputs += stats.saturated_outputs
     else:
         y = spmv_float(spec.tiles, spec.codebook, x, spec.bias, spec.relu)
     out = _to_output(y, spec, batch)
@@ -201,7 +224,7 @@ def _run_layer(seg: Segment, spec: LayerSpec, act: np.ndarray, e_in: Callable[[]
     layer_run = None
     if want_cycles:
         run = cycle_layer(spec.tiles, x != 0, t, resident=seg.resident or spec.kind == "conv")
-        layer_run = _merge_runs(seg, spec, run, batch, saturated)
+        layer_run = _merge_runs(seg, spec, run, batch, sat)
         first = x[:x.shape[0] // batch] != 0  # keep only the first input's activity pattern
         layer_run.queue_of = lambda: queue_occupancy(spec.tiles, first, t)
     return out, layer_run, e_out
@@ -218,7 +241,7 @@ def _layer_bound(spec: LayerSpec, act: np.ndarray, e_in: np.ndarray | None, batc
     return _to_output(bound, spec, batch)
 
 
-def _merge_runs(seg: Segment, spec: LayerSpec, run, batch: int, saturated: int) -> LayerRun:
+def _merge_runs(seg: Segment, spec: LayerSpec, run, batch: int, sat: Saturation) -> LayerRun:
     """Sum the cycle model's per-vector results over a conv's output positions, per input.
 
     A conv layer's positions share one load of its tiles per input: when the segment is
@@ -254,7 +277,7 @@ def _merge_runs(seg: Segment, spec: LayerSpec, run, batch: int, saturated: int) 
         entries=spec.entries,  # padding counted once per tile: a full scan of the codes otherwise
         padding_entries=sum(tile_cached(t, "n_padding", lambda tt: tt.n_padding) for t in spec.tiles),
         entries_processed=per_input(run.entries_processed),
-        energy_uj=energy, saturated=saturated,
+        energy_uj=energy, saturation=sat,
         padding_processed=per_input(run.padding_processed),
         fill_cycles=per_input(run.fill_cycles),
         reload_cycles=reload_cycles)

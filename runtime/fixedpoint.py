@@ -22,13 +22,23 @@ def saturate(x: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.asarray(x, np.int64), lo, hi)
 
 
+def _scaled(x: np.ndarray, frac: int) -> np.ndarray:
+    # float64 holds x * 2**frac exactly for float32 inputs, so rint sees the true value
+    return np.rint(np.asarray(x, np.float64) * math.ldexp(1.0, frac))
+
+
 def quantize(x: np.ndarray, frac: int, bits: int) -> np.ndarray:
     """round_half_even(x * 2**frac), saturated to signed `bits`; NaN -> 0, +-inf saturate."""
     lo, hi = int_range(bits)
-    # float64 holds x * 2**frac exactly for float32 inputs, so rint sees the true value
-    scaled = np.rint(np.asarray(x, np.float64) * math.ldexp(1.0, frac))
-    scaled = np.nan_to_num(scaled, nan=0.0, posinf=hi, neginf=lo)
+    scaled = np.nan_to_num(_scaled(x, frac), nan=0.0, posinf=hi, neginf=lo)
     return np.clip(scaled, lo, hi).astype(np.int64)
+
+
+def count_saturated(x: np.ndarray, frac: int, bits: int) -> int:
+    """How many values of x `quantize(x, frac, bits)` saturates (+-inf included, NaN not)."""
+    lo, hi = int_range(bits)
+    scaled = _scaled(x, frac)
+    return int(np.count_nonzero((scaled < lo) | (scaled > hi)))
 
 
 def dequantize(q: np.ndarray, frac: int) -> np.ndarray:

@@ -203,6 +203,7 @@ class InferenceSession:
         report["segments"] = list(runs)
         report["host"] = {"ops": host_ops(self.model), "wall_ms": 1e3 * host_s,
                           "wall_ms_per_input": 1e3 * host_s / max(batch, 1)}
+        report["saturated"] = {name: r.saturated for name, r in runs.items()}
         return report
 
 

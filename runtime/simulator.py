@@ -33,7 +33,7 @@ class SimStats:
     """What clipped during one spmv_fixed call (counts over batch x rows)."""
 
     saturated_accumulators: int = 0  # accumulators clipped while summing or at bias add
-    saturated_outputs: int = 0  # outputs clipped to act_bits at write-back
+    saturated_outputs: int = 0  # outputs whose clip to act_bits changed them (after ReLU, if any)
 
 
 # ---------------------------------------------------------------- per-tile cache
@@ -263,10 +263,12 @@ def spmv_fixed(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q: np.nda
     shifted = round_shift(pre, shift)
     a_lo, a_hi = int_range(target.act_bits)
     y = np.clip(shifted, a_lo, a_hi)
-    stats = SimStats(int(clipped.sum()), int((y != shifted).sum()))
-    if relu:
+    if relu:  # clipping a negative value that ReLU then zeroes changes nothing: not counted
         y = np.maximum(y, 0)
-    return y, stats
+        changed = int(np.count_nonzero(shifted > a_hi))
+    else:
+        changed = int(np.count_nonzero(y != shifted))
+    return y, SimStats(int(clipped.sum()), changed)
 
 
 def spmv_float(tiles: Sequence[SparseImage], codebook: np.ndarray, x: np.ndarray,

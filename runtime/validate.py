@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from eiec.fileio import write_atomic
 from eiec.ir import OPSET
 from eiec.ortrun import run_rows, session
 from eiec.passes.encode import decode_image
+from eiec.report import saturation_warnings
 from eiec.segment import Segment
 
 from .session import InferenceSession, load_inputs
@@ -338,6 +340,8 @@ def validate_cli(model_path: str, eie_path: str, input_path: str | None, random_
             lines.append(f"   largest step: {worst[0]} (+{worst[1]:.2f} points)")
     if not quiet:
         print("\n".join(lines))
+    for line in saturation_warnings({s["name"]: s["saturated"] for s in ex["segments"]}, res["inputs"]):
+        print(line, file=sys.stderr)
     if json_path is not None:
         write_atomic(json_path, json.dumps(res, indent=2, sort_keys=True).encode())
     return 0 if ex["ok"] and not over_budget else 1

@@ -681,7 +681,7 @@ def test_installed_script_exit_codes_and_no_traceback(work, tmp_path):
         assert len(p.stderr.strip().splitlines()) == 1 and reason in p.stderr
     assert not (tmp_path / "o.eie").exists() and not (tmp_path / "o.npz").exists()
     p = _script(work / "tiny.onnx", "-o", tmp_path / "ok.eie", "--config", work / "r.yaml", "--quiet")
-    # at most the random-calibration note and that this tiny model's .eie is larger than the model
+    # at most the random-calibration warning and that this tiny model's .eie is larger than the model
     assert p.returncode == 0 and p.stderr.count("\n") <= 2
 
 

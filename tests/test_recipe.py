@@ -20,7 +20,8 @@ def test_later_matching_patterns_override_earlier_ones_and_defaults():
 def test_dumped_recipe_replays_to_the_same_target_budget_and_layers():
     r = parse_recipe({"target": {"pes": 16, "queue_depth": 4, "energy": {"dram_byte": 200.0}},
                       "budget": {"max_output_error": 0.1}})
-    chosen = {"fc1": LayerRecipe(density=0.1, bits=3, obs=False), "fc2": LayerRecipe(density="keep", bits=4)}
+    chosen = {"fc1": LayerRecipe(density=0.1, bits=3, obs=False, q_format={"out_frac": 9}),
+              "fc2": LayerRecipe(density="keep", bits=4)}
     replay = parse_recipe(yaml.safe_load(dump_recipe(r, chosen)))
     assert replay.target == r.target
     assert replay.max_output_error == 0.1 and replay.max_accuracy_drop == r.max_accuracy_drop

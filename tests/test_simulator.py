@@ -99,8 +99,8 @@ def reference_spmv(tiles, codebook_q, x_q, bias_acc, shift, relu, target):
                 clipped[i] = True
             v = slow_round_shift(min(max(s, lo), hi), shift)
             out = min(max(v, a_lo), a_hi)
-            sat_out += out != v
             y[b, i] = max(out, 0) if relu else out
+            sat_out += y[b, i] != (max(v, 0) if relu else v)  # the clip changed what is written
         sat_acc += sum(clipped)
     return y, sat_acc, sat_out
 
