@@ -326,14 +326,16 @@ def _cmd_sweep(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from .artifact import load_eie
-    from .report import host_op_counts, inspect_json, sensitivity_table, size_table
+    from .ir import host_ops
+    from .report import inspect_json, sensitivity_table, size_table
 
     compiled = load_eie(args.eie)
-    m, host_ops, layout = compiled.manifest, host_op_counts(compiled.model.graph), compiled.layout
+    m, layout = compiled.manifest, compiled.layout
+    counts = {h["op"]: h["count"] for h in host_ops(compiled.model)}
     if args.json:
-        print(json.dumps(inspect_json(m, host_ops, layout), indent=2, sort_keys=True))
+        print(json.dumps(inspect_json(m, counts, layout), indent=2, sort_keys=True))
     else:
-        print(size_table(m, host_ops, sum(layout.values()), layout))
+        print(size_table(m, counts, sum(layout.values()), layout))
         if args.sensitivity:
             print(sensitivity_table(m))
     return 0

@@ -20,20 +20,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def host_op_counts(graph) -> dict[str, int]:
-    """How many nodes of each op the host (onnxruntime) runs in an IR4 graph, segments aside."""
-    counts: dict[str, int] = {}
-    for n in graph.node:
-        if n.op_type != "EIESegment":
-            key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-            counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
-
-
 def inspect_json(m: dict[str, Any], host_ops: dict[str, int] | None = None,
                  layout: dict[str, int] | None = None) -> dict[str, Any]:
-    """The `eiec inspect --json` object; `host_ops` from `host_op_counts`, `layout` the file's
-    bytes by part (eiec.container.EieFile.layout)."""
+    """The `eiec inspect --json` object; `host_ops` counts the host graph's ops by type,
+    `layout` the file's bytes by part (eiec.container.EieFile.layout)."""
     layers = []
     for l in m["layers"]:
         e = {"name": l["name"], "kind": l["kind"], "shape": l["shape"], "on_host": bool(l.get("on_host"))}
@@ -84,7 +74,7 @@ def size_table(m: dict[str, Any], host_ops: dict[str, int] | None = None, file_b
                layout: dict[str, int] | None = None) -> str:
     """Per-layer sizes and the model's compression ratios, as `eiec inspect` prints them: the
     .eie file itself (`file_bytes`, and by part from `layout`), the Huffman storage form and
-    the fixed form the PEs hold; `host_ops` (from `host_op_counts`) lists every op left to
+    the fixed form the PEs hold; `host_ops` (op -> count) lists every op left to
     onnxruntime."""
     rows = []
     for l in m["layers"]:
