@@ -1,4 +1,4 @@
-"""Deep Compression ratios without retraining, on LeNet-300-100 and LeNet-5 (digits).
+"""Deep Compression ratios without retraining, on LeNet-300-100, LeNet-5 and a MobileNetV3 (digits).
 
 Compiles each model with a recipe in the spirit of Deep Compression's (their per-layer
 densities, 4-bit codebooks) under each reconstruction ablation (none / +OBS / +GPTQ / +refit /
@@ -10,8 +10,12 @@ hardware form (fixed 4-bit entries + per-PE pointers) and of the storage form (o
 Huffman-coded CSC stream), the size of the .eie file itself (the Huffman storage form plus
 host graph, programs and manifest) against the .onnx file, and test accuracy measured by
 running the compiled model: the IR2 dump in onnxruntime and the .eie on the bit-exact simulator.
+mobilenet_digits (depthwise convs, squeeze-excite, hardswish; fixed batch 1) has no published
+Deep Compression figures: it is compiled with the recipes in MOBILE_RECIPES (each names the
+hardware target it needs), all reconstruction steps on; bench/layer_bits.py says why those.
 Usage: python bench/compression.py [--out bench/results/compression.json] [--runs auto,all]
-(--runs: only these runs — ablation names such as "all", or "auto" — merged into the existing --out)
+(--runs: only these runs — ablation names such as "all", "auto", or "mobilenet_digits" for all
+of that model's recipes — merged into the existing --out)
 """
 
 from __future__ import annotations
@@ -50,6 +54,19 @@ MODELS = {
     },
 }
 BITS = 4
+# mobilenet_digits: recipe name -> recipe (None: the automatic one), each with the target it needs
+MOBILE = {"file": "mobilenet_digits.onnx", "output": "logits"}
+WIDE = {"weight_bits": 8, "rel_index_bits": 8}  # 16-bit entries: codebooks up to 256 entries
+MOBILE_RECIPES: dict[str, dict | None] = {
+    "4 bits, density 1": {"defaults": {"density": 1.0, "bits": 4}},
+    "8 bits, density 1 (16-bit entries)": {"target": WIDE, "defaults": {"density": 1.0, "bits": 8}},
+    # bench/layer_bits.py: squeeze-excite and the FCs lose nothing at 4 bits, the 1x1 and
+    # depthwise convs need 6; the entries are 16 bits wide either way (one width per target)
+    "6 bits, SE and FCs 4 bits, density 1 (16-bit entries)": {
+        "target": WIDE, "defaults": {"density": 1.0, "bits": 6},
+        "layers": {"*/fc[12]/Conv": {"bits": 4}, "*/classifier/*": {"bits": 4}}},
+    "auto (budget 0.5 points on held-out calib), all": None,
+}
 TARGETS = {"lenet_300_100": 40.0, "lenet5": 39.0}  # total compression, with drop <= 0.5 points
 MAX_DROP = 0.5
 ABLATIONS = {  # name -> (obs, refit, bias_correction, gptq)
@@ -80,6 +97,15 @@ def accuracy(y: np.ndarray, labels: np.ndarray) -> float:
     return 100.0 * float(np.mean(y.reshape(y.shape[0], -1).argmax(axis=1) == labels))
 
 
+def predict(sess, x: np.ndarray, output: str) -> np.ndarray:
+    """`output` for every row of x, fed in chunks of the model's declared batch size (if fixed)."""
+    inp = sess.get_inputs()[0]
+    batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else len(x)
+    names = [o.name for o in sess.get_outputs()]
+    return np.concatenate([sess.run(None, {inp.name: x[i : i + batch]})[names.index(output)]
+                           for i in range(0, len(x), batch)])
+
+
 def run_config(model: str, spec: dict, recipe: dict | None, work: str, tag: str,
                test: dict, base_acc: float) -> dict[str, Any]:
     path = os.path.join(ROOT, "models", spec["file"])
@@ -96,10 +122,11 @@ def run_config(model: str, spec: dict, recipe: dict | None, work: str, tag: str,
     m = res.manifest
     file_bytes, onnx_bytes = os.path.getsize(out), os.path.getsize(path)
     ir2 = ort.InferenceSession(os.path.join(dump, "2_cluster.onnx"), providers=["CPUExecutionProvider"])
-    acc_ir2 = accuracy(ir2.run([spec["output"]], {"input": test["input"]})[0], test["labels"])
-    sess = InferenceSession(out, cycles=False)
-    names = [o.name for o in sess.get_outputs()]
-    acc_eie = accuracy(sess.run(None, {"input": test["input"]})[names.index(spec["output"])], test["labels"])
+    acc_ir2 = accuracy(predict(ir2, test["input"], spec["output"]), test["labels"])
+    y_eie = predict(InferenceSession(out, cycles=False), test["input"], spec["output"])
+    dense = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    dense_pred = predict(dense, test["input"], spec["output"]).argmax(axis=1)
+    acc_eie = accuracy(y_eie, test["labels"])
     cluster = {l["name"]: l for l in json.load(open(os.path.join(dump, "2_cluster.json")))["stats"]["layers"]}
     prune = {l["name"]: l for l in json.load(open(os.path.join(dump, "1_prune.json")))["stats"]["layers"]}
     layers = []
@@ -130,6 +157,7 @@ def run_config(model: str, spec: dict, recipe: dict | None, work: str, tag: str,
         "bytes_fixed": m["compressed_bytes"], "bytes_huffman": m["compressed_bytes_huffman"],
         "ratio_fixed": m["compression_ratio"], "ratio_huffman": m["compression_ratio_huffman"],
         "file_bytes": file_bytes, "onnx_bytes": onnx_bytes, "ratio_file": round(onnx_bytes / file_bytes, 2),
+        "target": m["target"], "test_agreement_eie": 100.0 * float(np.mean(y_eie.argmax(axis=1) == dense_pred)),
         "test_accuracy_ir2": acc_ir2, "test_accuracy_eie": acc_eie,
         "drop_ir2": base_acc - acc_ir2, "drop_eie": base_acc - acc_eie,
         "calibration_auto": m.get("auto"),
@@ -160,9 +188,10 @@ def layer_table(run: dict[str, Any]) -> str:
 def summary_table(results: dict[str, Any]) -> str:
     rows = []
     for model, r in results["models"].items():
-        pub = MODELS[model]["published"]
-        rows.append([model, "Deep Compression (published, retrained)", f"{pub['before_kb']} -> {pub['after_kb']} KB",
-                     "-", f"{pub['ratio']}x", f"{pub['accuracy_drop']:+.2f}", "-"])
+        if model in MODELS:  # the published Deep Compression figures
+            pub = MODELS[model]["published"]
+            rows.append([model, "Deep Compression (published, retrained)", f"{pub['before_kb']} -> {pub['after_kb']} KB",
+                         "-", f"{pub['ratio']}x", "-", f"{pub['accuracy_drop']:+.2f}", "-"])
         for tag, run in r["runs"].items():
             file = (f"{run['file_bytes'] / 1024:,.1f} KB ({run['ratio_file']:.1f}x)" if "file_bytes" in run
                     else "-")
@@ -177,8 +206,8 @@ def summary_table(results: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "compression.json"))
-    ap.add_argument("--runs", help="comma-separated ablation names (none, +obs, ..., all) or auto: only those "
-                                   "runs, merged into --out")
+    ap.add_argument("--runs", help="comma-separated ablation names (none, +obs, ..., all), auto, or mobilenet_digits: "
+                                   "only those runs, merged into --out")
     args = ap.parse_args()
     wanted = args.runs.split(",") if args.runs else None
     test = dict(np.load(TEST, allow_pickle=False))
@@ -187,6 +216,7 @@ def main() -> None:
     if wanted:
         with open(args.out) as f:
             results = json.load(f)
+    chosen = lambda t: wanted is None or t in wanted  # noqa: E731
     with tempfile.TemporaryDirectory() as work:
         for model, spec in MODELS.items():
             path = os.path.join(ROOT, "models", spec["file"])
@@ -194,7 +224,6 @@ def main() -> None:
             base = accuracy(dense.run([spec["output"]], {"input": test["input"]})[0], test["labels"])
             names = layer_names(path)
             runs = results["models"][model]["runs"] if wanted else {}
-            chosen = lambda t: wanted is None or t in wanted  # noqa: E731
             for tag, steps in ABLATIONS.items():
                 if chosen(tag):
                     runs[f"deep-compression densities, {tag}"] = run_config(
@@ -209,11 +238,25 @@ def main() -> None:
             print(f"\n## {model}: dense test accuracy {base:.2f} %")
             for tag in ("deep-compression densities, all", "auto (budget 0.5 points on held-out calib), all"):
                 print(f"\n{tag}:\n" + layer_table(runs[tag]))
+        if chosen("mobilenet_digits"):
+            dense = ort.InferenceSession(os.path.join(ROOT, "models", MOBILE["file"]), providers=["CPUExecutionProvider"])
+            base = accuracy(predict(dense, test["input"], MOBILE["output"]), test["labels"])
+            runs = {tag: run_config("mobilenet_digits", MOBILE, recipe, work, f"recipe{i}", test, base)
+                    for i, (tag, recipe) in enumerate(MOBILE_RECIPES.items())}
+            results["models"]["mobilenet_digits"] = {
+                "dense_test_accuracy": base, "runs": runs,
+                "target_reached_by": [t for t, r in runs.items() if r["drop_eie"] <= MAX_DROP]}
+            print(f"\n## mobilenet_digits: dense test accuracy {base:.2f} %")
+            for tag, run in runs.items():
+                print(f"\n{tag} (target {run['target']['weight_bits']}+{run['target']['rel_index_bits']}-bit entries), "
+                      f"test accuracy {run['test_accuracy_eie']:.2f} %, top-1 agreement {run['test_agreement_eie']:.2f} %:\n"
+                      + layer_table(run))
     print("\n## Summary (test accuracy drop in points on models/digits_test.npz; positive = worse)\n")
     print(summary_table(results))
     for model, r in results["models"].items():
         verdict = ", ".join(r["target_reached_by"]) or "not reached"
-        print(f"{model}: target >= {r['target_ratio']:g}x with drop <= {MAX_DROP} points: {verdict}")
+        goal = f"target >= {r['target_ratio']:g}x with" if "target_ratio" in r else "recipes with a"
+        print(f"{model}: {goal} drop <= {MAX_DROP} points: {verdict}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
