@@ -8,6 +8,7 @@ alone) on these configurations:
   8+8 / 8-bit          Deep Compression's conv setting: 256-entry codebooks
   8+8 / dw 8-bit       per-layer bits: 8 on depthwise layers, 4 elsewhere (entries stay 16-bit)
   4+4 / dw on host     depthwise layers left dense on the host (`skip: true`)
+  8+8 / 8-bit, dw on host   both
 and float what-ifs in onnxruntime that isolate the depthwise layers' codebooks (only they
 are clustered, plain k-means, no reconstruction, no fixed point; every other layer float):
 at 4 bits, at 8 bits, and at 4 bits scaled per output channel (each channel's weights
@@ -95,6 +96,8 @@ def configs(dw: list[str]) -> dict[str, dict[str, Any]]:
                                  "layers": {n: {"bits": 8} for n in dw}}
         out["4+4 / dw on host"] = {"defaults": {"density": 1.0, "bits": 4},
                                    "layers": {n: {"skip": True} for n in dw}}
+        out["8+8 / 8-bit, dw on host"] = {"target": WIDE, "defaults": {"density": 1.0, "bits": 8},
+                                          "layers": {n: {"skip": True} for n in dw}}
     return out
 
 
