@@ -207,7 +207,7 @@ def _cmd_compile(args) -> int:
     for warning in res.warnings:
         print(f"eiec: warning: {warning}", file=sys.stderr)
     if not args.quiet:
-        print(size_table(res.manifest, os.path.getsize(args.output)))
+        print(size_table(res.manifest, file_bytes=os.path.getsize(args.output)))
         print(f"wrote {args.output}")
     return 0
 
