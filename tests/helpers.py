@@ -18,6 +18,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from eiec.cli import main as cli_main
+
+# 16-bit activations with 4x range headroom (lower.HEADROOM): the relative L2 error a
+# lossless compile (weights already on a 4-bit grid, nothing pruned) may show
+FIXED_POINT_REL_L2 = 4e-3
 from eiec.container import read_eie
 from eiec.driver import compile_model
 from eiec.ir import OPSET

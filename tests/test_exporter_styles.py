@@ -17,10 +17,9 @@ import pytest
 
 from eiec.importer import canonicalize
 from exporter_styles import STYLES
-from helpers import compile_and_validate, run_cli, run_ort
+from helpers import FIXED_POINT_REL_L2, compile_and_validate, run_cli, run_ort
 
 LOSSLESS = "target: {pes: 8}\ndefaults: {density: keep, bits: 4, refit: false, bias_correction: false}\n"
-FIXED_POINT_REL_L2 = 2e-3  # as tests/test_exporters.py
 
 # (style, opset, batch): the opsets these exporters write, 11 to 21; a free batch, and the
 # fixed batch of 1 exporters write by default (a fixed batch also folds the flatten to [1, -1])

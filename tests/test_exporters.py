@@ -19,15 +19,13 @@ import pytest
 from onnx import helper, numpy_helper
 
 from eiec.runtime.session import InferenceSession
-from helpers import (MODELS, ZOO, compile_and_validate, lossless_weights, make_model, run_cli,
-                     save_inputs, tensor)
+from helpers import (FIXED_POINT_REL_L2, MODELS, ZOO, compile_and_validate, lossless_weights, make_model,
+                     run_cli, save_inputs, tensor)
 
 REAL = "target: {pes: 8}\ndefaults: {density: 0.3, bits: 4}\n"
 # density keep on weights that are 30 % dense with 14 levels: real 0.3 / 4-bit compression,
 # without loss; refit and bias correction off because they exist to move the values
 LOSSLESS = "target: {pes: 8}\ndefaults: {density: keep, bits: 4, refit: false, bias_correction: false}\n"
-# 16-bit activations with 4x range headroom (lower.HEADROOM): relative L2 error of a lossless compile
-FIXED_POINT_REL_L2 = 4e-3
 TORCH_ZOO = ["torch_mlp", "torch_convnet", "torch_depthwise_dilated", "torch_resnet_block",
              "torch_inception", "torch_fire"]
 

@@ -323,10 +323,11 @@ def make_good(d: Path) -> Good:
             "layers": [{"kind": "conv", "out": 4, "k": 3, "pad": 1, "stride": 1, "group": 2, "relu": True, "bias": True},
                        {"kind": "fc", "out": 5, "relu": False, "bias": True}]}
     compile_and_validate(spec, str(d))
+    compile_model(str(d / "m.onnx"), str(d / "fixed.eie"), str(d / "r.yaml"), storage="fixed")
     buf = io.BytesIO()
     np.savez(buf, x=np.random.default_rng(0).standard_normal((3, 2, 6, 6)).astype(np.float32))
-    return Good(dir=d, eie=(d / "m.eie").read_bytes(), model=(d / "m.onnx").read_bytes(),
-                proto=onnx.load(d / "m.onnx"), npz=buf.getvalue())
+    return Good(dir=d, eie=(d / "m.eie").read_bytes(), eie_fixed=(d / "fixed.eie").read_bytes(),
+                model=(d / "m.onnx").read_bytes(), proto=onnx.load(d / "m.onnx"), npz=buf.getvalue())
 
 
 def _scratch(good: dict, name: str, data: bytes) -> Path:
@@ -347,14 +348,15 @@ def test_eie_reader_survives_raw_byte_damage(good, edits, cut):
 @st.composite
 def signed_damage(draw, members: list[str]) -> tuple[str, object]:
     """A member to damage and how: raw bytes, one ISA field, one image array value, or a manifest value."""
-    kind = draw(st.sampled_from(["bytes", "isa", "array", "manifest"]))
+    arrays = [m for m in members if m.endswith(".tensors")]  # only the fixed form stores image arrays
+    kind = draw(st.sampled_from(["bytes", "isa", "array", "manifest"] if arrays else ["bytes", "isa", "manifest"]))
     if kind == "bytes":
         return kind, (draw(st.sampled_from(members)), draw(byte_edits), draw(cuts))
     if kind == "isa":
         return kind, (draw(st.sampled_from([m for m in members if m.endswith(".isa")])), draw(st.integers(0, 10**6)),
                       draw(st.sampled_from(INSTR_DTYPE.names)), draw(st.integers(0, 2**32 - 1)))
     if kind == "array":
-        return kind, (draw(st.sampled_from([m for m in members if m.endswith(".tensors")])), draw(st.integers(0, 10**6)),
+        return kind, (draw(st.sampled_from(arrays)), draw(st.integers(0, 10**6)),
                       draw(st.integers(0, 10**6)), draw(st.sampled_from([0, 1, -1, 7, 255, 2**15, 2**31 - 1, -2**31, 10**12])))
     json_values = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64), st.text(max_size=4),
                             st.floats(allow_nan=False, allow_infinity=False), st.lists(st.integers(-3, 3), max_size=3),
@@ -416,21 +418,25 @@ def read_eie_bytes(data: bytes):
     return _PARSED[data]
 
 
+# the members of the good file in each storage form (the Huffman form is the default)
+FORM_MEMBERS = {"huffman": ["host.onnx", "segment0/weights.huffman", "segment0/program.isa"],
+                "fixed": ["host.onnx", "segment0/images.tensors", "segment0/program.isa"]}
+
+
 @st.composite
 def _signed(draw):
-    return draw(signed_damage(["host.onnx", "segment0/images.tensors", "segment0/program.isa",
-                               "segment1/images.tensors", "segment1/program.isa"]))
+    form = draw(st.sampled_from(sorted(FORM_MEMBERS)))
+    return form, draw(signed_damage(FORM_MEMBERS[form]))
 
 
 @examples(150)
 @given(damage=_signed())
 def test_eie_loader_refuses_signed_damage_cleanly(good, damage):
     CASES["eie signed"] += 1
-    kind, args = damage
-    members = read_eie_bytes(good["eie"]).members
-    if kind in ("bytes", "isa", "array") and args[0] not in members:
-        args = (sorted(m for m in members if m.endswith(args[0].rsplit(".", 1)[-1]))[0],) + tuple(args[1:])
-    manifest, members = damaged_eie(good["eie"], kind, args)
+    form, (kind, args) = damage
+    eie = good["eie"] if form == "huffman" else good["eie_fixed"]
+    assert kind == "manifest" or args[0] in read_eie_bytes(eie).members, "FORM_MEMBERS names the good file's members"
+    manifest, members = damaged_eie(eie, kind, args)
     path = good["dir"] / "signed.eie"
     try:
         write_eie(path, manifest, members)
