@@ -147,7 +147,10 @@ def test_sigkill_at_any_moment_leaves_nothing_at_the_output_path(tmp_path):
 
 
 SLOW_WRITE = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as a terminal delivers it: a shell without job control starts background jobs with
+# SIGINT ignored, and a child inherits that, so a suite run that way would not see it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import eiec.container as c
 real = c._write_chunk
 def slow(f, chunk):  # a slow disk: each chunk reaches the temporary file, then a pause
