@@ -128,17 +128,24 @@ def recipe_text(spec: dict) -> str:
                        "layers": {"layer0": spec["first_layer"]}})  # JSON is YAML
 
 
-def compile_and_validate(spec: dict, folder: str) -> dict:
-    model = os.path.join(folder, "m.onnx")
-    onnx.save(build_chain(spec), model)
+def compile_and_validate(spec: dict, folder: str, model: onnx.ModelProto | None = None,
+                         inputs: np.ndarray | None = None, calibrate: bool = False) -> dict:
+    """Compile the spec's chain (or `model`) with the spec's recipe and validate it on `inputs`
+    (6 random rows when None); `calibrate` compiles with `inputs` as the calibration data."""
+    path = os.path.join(folder, "m.onnx")
+    onnx.save(build_chain(spec) if model is None else model, path)
     recipe = os.path.join(folder, "r.yaml")
     with open(recipe, "w") as f:
         f.write(recipe_text(spec))
+    data = None
+    if inputs is not None:
+        data = os.path.join(folder, "x.npz")
+        np.savez(data, x=inputs)
     out = os.path.join(folder, "m.eie")
-    compile_model(model, out, recipe)
+    compile_model(path, out, recipe, calibration_path=data if calibrate else None)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a segment op swallowing an exception warns
-        return validate(model, out, random_n=6)
+        return validate(path, out, input_path=data, random_n=None if data else 6)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -251,19 +258,8 @@ def user_inputs(spec: dict) -> np.ndarray:
 def test_user_shaped_models_compile_run_and_validate_exactly(spec):
     CASES["user model"] += 1
     with tempfile.TemporaryDirectory() as d:
-        model = build_user_model(spec)
-        path = os.path.join(d, "m.onnx")
-        onnx.save(model, path)
-        recipe = os.path.join(d, "r.yaml")
-        with open(recipe, "w") as f:
-            f.write(recipe_text(spec))
-        data = os.path.join(d, "x.npz")
-        np.savez(data, x=user_inputs(spec))
-        out = os.path.join(d, "m.eie")
-        compile_model(path, out, recipe, calibration_path=data if spec["free_spatial"] or spec["rows"] > 3 else None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)
-            res = validate(path, out, input_path=data)
+        res = compile_and_validate(spec, d, build_user_model(spec), user_inputs(spec),
+                                   calibrate=spec["free_spatial"] or spec["rows"] > 3)
     assert res["exact"]["ok"], (spec, res["exact"])
     assert res["exact"]["segments"], "every chain layer is compressible, so there is a segment"
 
