@@ -20,8 +20,9 @@ from .errors import ModelError, RecipeError
 from .fileio import write_atomic
 from .importer import InputShapes, load_model
 from .ortrun import graph_inputs
-from .ir import find_layers
+from .ir import ACTIVATION_PRODUCT, find_layers
 from .passmanager import Context, PassManager, PassRecord, dump_stats_json
+from .report import format_dims
 from .recipe import LayerRecipe, Recipe, dump_recipe, load_recipe
 from .segment import blob_name
 from .target import Target
@@ -99,20 +100,22 @@ def check_recipe_layers(recipe: Recipe, model: onnx.ModelProto) -> None:
 def _not_a_layer(model: onnx.ModelProto, node: onnx.NodeProto) -> str:
     """Why import left `node` out of the compressible layers (see eiec.ir)."""
     consts = {t.name: t for t in model.graph.initializer}
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*model.graph.value_info, *model.graph.input)
-             if v.type.tensor_type.HasField("shape")}
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in (*model.graph.value_info, *model.graph.input) if v.type.tensor_type.HasField("shape")}
     if node.op_type not in ("Gemm", "MatMul", "Conv"):
-        return "it is not an FC (Gemm/MatMul) or 2-D Conv layer"
+        return "it is not an FC (Gemm/MatMul) or 1-D/2-D Conv layer"
     w = consts.get(node.input[1]) if len(node.input) > 1 else None
     if w is None:
-        return "its weight is computed at run time, not a constant"
+        return ACTIVATION_PRODUCT if node.op_type != "Conv" else "its weight is computed at run time, not a constant"
     if node.op_type == "Conv":
-        return f"it is a {len(w.dims) - 2}-D conv; the accelerator runs 2-D convs only"
-    rank = ranks.get(node.input[0])
-    if node.op_type == "MatMul" and rank != 2:
-        return (f"it multiplies a rank-{rank} activation; the accelerator runs FC layers on [batch, features] "
-                "(rank 2) activations only" if rank is not None else
-                "the rank of its activation is unknown; the accelerator runs FC layers on rank-2 activations only")
+        return f"it is a {len(w.dims) - 2}-D conv; the accelerator runs 1-D and 2-D convs only"
+    x = dims.get(node.input[0])
+    if node.op_type == "MatMul" and (x is None or len(x) < 2 or sum(d is None for d in x[:-1]) > 1):
+        return ("the rank of its activation is unknown" if x is None else
+                f"its activation has rank {len(x)}" if len(x) < 2 else
+                f"its activation's leading dims {format_dims(x[:-1])} have more than one free size "
+                "(fix them with --input-shape or calibration data)") + \
+            "; the accelerator runs linear layers on [..., features] activations with a known token layout"
     return f"its weight is not a float32 matrix ({len(w.dims)}-D, {onnx.helper.tensor_dtype_to_np_dtype(w.data_type)})"
 
 

@@ -639,6 +639,9 @@ class _Rewriter:
         self.graph = graph
         self.names = set(graph.tensors().keys())
         self.canonical: set[int] = set()  # id() of canonical Gemm/Conv nodes
+        # id() of a tensor -> the same values in the layout a layer reads (see `inner`)
+        self.relabelled: dict[str, dict[int, gs.Tensor]] = {"tokens": {}, "conv1d": {}}  # activations
+        self.outer: dict[str, dict[int, gs.Tensor]] = {"tokens": {}, "conv1d": {}}  # layer outputs put back
 
     def run(self) -> None:
         rewrites = {"Gemm": self.gemm, "MatMul": self.matmul, "Conv": self.conv}
@@ -737,11 +740,16 @@ class _Rewriter:
 
     def matmul(self, node: gs.Node) -> None:
         x, b = node.inputs
-        if _is_const(x) or not _const_f32(b, 2) or x.shape is None or len(x.shape) != 2:
-            return  # rank > 2 (or unknown) activations stay a host MatMul
+        if _is_const(x) or not _const_f32(b, 2) or x.shape is None or len(x.shape) < 2:
+            return  # a run-time (activation x activation) or unknown-rank product stays a host MatMul
         w = b.values.T
         n = w.shape[0]
         y = node.outputs[0]
+        lead = list(x.shape[:-1])
+        if sum(not isinstance(d, int) or d < 0 for d in lead) > 1:
+            return  # two free leading dims: the tokens' layout is unknown until run time
+        if len(lead) > 1:  # [..., K] @ [K, N]: one matrix-vector product per token, on [tokens, K]
+            x = self.tokens(x, w.shape[1])
         bias, b_const, out, add = np.zeros(n, np.float32), None, y, None
         if len(y.outputs) == 1 and y not in self.graph.outputs:
             add = y.outputs[0]
@@ -754,13 +762,59 @@ class _Rewriter:
                 add.outputs.clear()
             else:
                 add = None
+        if len(lead) > 1:
+            y_nd, out = out, self.variable(f"{node.name}.tokens_out")
+            self.untokens(out, y_nd, lead, n)
         self.make_gemm(node, x, w, bias, b, b_const, out)
         if add is not None:
             add.inputs.clear()  # only now: while the Add reads the bias, the bias keeps its name
 
+    def tokens(self, x: gs.Tensor, k: int) -> gs.Tensor:
+        """`x` [..., k] as [tokens, k], one Reshape per tensor (Q, K and V read the same one)."""
+        inner = self.inner(x, "tokens")
+        if inner is None:
+            inner = self.variable(f"{x.name}.tokens")
+            self.add_node("Reshape", f"{x.name}.tokens",
+                          [x, gs.Constant(self.fresh(f"{x.name}.tokens_shape"), np.array([-1, k], np.int64))], [inner])
+            self.relabelled["tokens"][id(x)] = inner
+        return inner
+
+    def inner(self, x: gs.Tensor, layout: str) -> gs.Tensor | None:
+        """The tensor in `layout` ("tokens": [tokens, k]; "conv1d": [N, C, 1, L]) that x is a
+        relabelling of, if an earlier rewrite made one: a layer's output put back to x's
+        layout (`self.outer`), perhaps through a Relu, which then moves before the
+        relabelling, so consecutive layers with only a ReLU between them stay one segment."""
+        for known in (self.relabelled[layout], self.outer[layout]):
+            if id(x) in known:
+                return known[id(x)]
+        src = x.inputs[0] if len(x.inputs) == 1 else None
+        if (src is None or src.op != "Relu" or src.domain not in DEFAULT_DOMAINS
+                or id(src.inputs[0]) not in self.outer[layout] or len(src.inputs[0].outputs) != 1
+                or src.inputs[0] in self.graph.outputs):
+            return None
+        back = src.inputs[0].inputs[0]  # the node that put the layer's output back to x's layout
+        inner = self.variable(f"{src.name}.{layout}")
+        inner.shape = self.outer[layout][id(src.inputs[0])].shape
+        src.inputs[0] = self.outer[layout][id(src.inputs[0])]
+        src.outputs[0] = inner
+        back.inputs[0], back.outputs[0] = inner, x
+        self.outer[layout][id(x)] = inner
+        return inner
+
+    def untokens(self, flat: gs.Tensor, y: gs.Tensor, lead: list, n: int) -> None:
+        """Reshape a linear layer's [tokens, n] output `flat` back to `y` [*lead, n]
+        (`lead`: the activation's leading dims, at most one of them free)."""
+        shape = gs.Constant(self.fresh(f"{y.name}.shape"), np.array(
+            [d if isinstance(d, int) and d >= 0 else -1 for d in lead] + [n], np.int64))
+        self.add_node("Reshape", f"{y.name}.untokens", [flat, shape], [y])
+        self.outer["tokens"][id(y)] = flat
+
     def conv(self, node: gs.Node) -> None:
         x, w = node.inputs[0], node.inputs[1]
         b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        if _const_f32(w, 3) and (b is None or _const_f32(b, 1)):
+            self.conv1d(node)
+            return
         if not _const_f32(w, 4) or (b is not None and not _const_f32(b, 1)):
             return  # 1-D/3-D convs and run-time weights stay host ops
         kernel = [int(k) for k in w.values.shape[2:]]
@@ -790,6 +844,36 @@ class _Rewriter:
         node.inputs.clear()  # graphsurgeon's synchronised lists take no slice deletion
         node.inputs.extend([x, wc, bc])
         self.canonical.add(id(node))
+
+    def conv1d(self, node: gs.Node) -> None:
+        """A 1-D conv as the 2-D conv of height 1 it equals: Unsqueeze(x, 2) -> Conv -> Squeeze(2)."""
+        x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        if x.shape is None or len(x.shape) != 3:
+            return  # the rank is needed to insert the height axis
+        x4 = self.inner(x, "conv1d")
+        if x4 is None:
+            x4 = self.variable(f"{x.name}.h1")
+            self.add_node("Unsqueeze", f"{x.name}.h1",
+                          [x, gs.Constant(self.fresh(f"{x.name}.h1_axes"), np.array([2], np.int64))], [x4])
+            self.relabelled["conv1d"][id(x)] = x4  # every 1-D conv of x reads the same one
+            if x.shape is not None:
+                x4.shape = [*x.shape[:2], 1, *x.shape[2:]]
+        attrs = node.attrs
+        pads = [int(p) for p in attrs.get("pads", [0, 0])]
+        node.attrs = {**{k: v for k, v in attrs.items() if k not in ("kernel_shape", "pads", "strides", "dilations")},
+                      "kernel_shape": [1, int(w.values.shape[2])], "pads": [0, pads[0], 0, pads[1]],
+                      "strides": [1, int(attrs.get("strides", [1])[0])],
+                      "dilations": [1, int(attrs.get("dilations", [1])[0])]}
+        w4 = gs.Constant(self.fresh(f"{node.name}.weight"), np.ascontiguousarray(w.values[:, :, None, :]))
+        y4 = self.variable(f"{y.name}.h1")
+        if y.shape is not None:
+            y4.shape = [*y.shape[:2], 1, *y.shape[2:]]
+        node.inputs[0], node.inputs[1] = x4, w4
+        node.outputs[0] = y4
+        self.add_node("Squeeze", f"{y.name}.h1",
+                      [y4, gs.Constant(self.fresh(f"{y.name}.h1_axes"), np.array([2], np.int64))], [y])
+        self.outer["conv1d"][id(y)] = y4
+        self.conv(node)
 
     def fold_batchnorm(self, node: gs.Node) -> None:
         x = node.inputs[0]

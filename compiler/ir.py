@@ -117,6 +117,10 @@ def matrix_view(w: np.ndarray) -> np.ndarray:
     return w.reshape(w.shape[0], -1)
 
 
+# why a MatMul/Gemm whose second operand is computed at run time stays on the host
+ACTIVATION_PRODUCT = ("it multiplies two activations (as attention's QK^T and PV do): there is no constant "
+                      "weight for the accelerator to hold, so the host runs it")
+
 MAC_OPS = ("MatMul", "Gemm", "Conv")  # host ops whose multiply-accumulates eiec counts
 
 

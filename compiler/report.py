@@ -111,6 +111,7 @@ def size_table(m: dict[str, Any], host_ops: dict[str, int] | None = None, file_b
     host = m.get("host_ops", [])
     if host:
         out.append("on the host (not compressed): " + ", ".join(f"{h['name']} ({h['op']})" for h in host))
+        out += [f"  {h['name']}: {h['why']}" for h in host if "why" in h]
     if host_ops:
         out.append("ops run by the host (onnxruntime): " + ", ".join(f"{op} x{n}" for op, n in host_ops.items()))
     return "\n".join(out)

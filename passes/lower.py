@@ -28,7 +28,7 @@ from eiec import isa
 from eiec.conv import block_diagonal
 from eiec.errors import ModelError, RecipeError
 from eiec.image import LINE_BYTES, SparseImage
-from eiec.ir import EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
+from eiec.ir import ACTIVATION_PRODUCT, EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
 from eiec.ortrun import run_rows
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
@@ -540,5 +540,7 @@ def _replace_chain(model: onnx.ModelProto, chain: Chain, seg: Segment) -> None:
 
 def _host_layers(model: onnx.ModelProto) -> list[dict[str, Any]]:
     """Weighted ops the lowering left on the host (dense), so inspect can list them."""
-    return [{"name": n.name, "op": n.op_type} for n in model.graph.node
-            if n.op_type in HOST_LAYER_OPS.get(n.domain or "", ())]
+    consts = {t.name for t in model.graph.initializer}
+    return [{"name": n.name, "op": n.op_type,
+             **({"why": ACTIVATION_PRODUCT} if n.op_type in ("MatMul", "Gemm") and n.input[1] not in consts else {})}
+            for n in model.graph.node if n.op_type in HOST_LAYER_OPS.get(n.domain or "", ())]

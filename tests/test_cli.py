@@ -154,17 +154,16 @@ def test_recipe_naming_an_op_eiec_cannot_compress_is_an_error(tmp_path, capsys):
     assert "ArgMax" in err and "cannot compress" in err
 
 
-def test_recipe_naming_a_matmul_on_a_rank3_activation_gives_the_rank_as_the_reason(tmp_path, capsys):
-    w = numpy_helper.from_array(np.ones((16, 8), np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 8])], [w])
+def test_recipe_naming_an_activation_product_says_it_has_no_weight(tmp_path, capsys):
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"], name="qk")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 5])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("layers:\n  proj: {density: 0.5}\n")
+    recipe.write_text("layers:\n  qk: {density: 0.5}\n")
     assert main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.eie"), "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert "'proj' is a MatMul" in err and "rank-3 activation" in err and len(err.strip().splitlines()) == 1
+    assert "'qk' is a MatMul" in err and "multiplies two activations" in err and len(err.strip().splitlines()) == 1
 
 
 def test_tampered_eie_is_rejected(mlp_eie, tmp_path, capsys):

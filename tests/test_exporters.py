@@ -418,19 +418,19 @@ def test_external_data_weights_compile_and_validate(tmp_path):
 # ---------------------------------------------------------------- what stays on the host
 
 def _host_layers_model(rng):
-    """A 1-D conv, a MatMul on 3-D activations and a Gemm the recipe skips: all host layers."""
-    nodes = [helper.make_node("Conv", ["x", "w1d", "b1d"], ["c"], kernel_shape=[3]),
+    """A 3-D conv, a product of two activations and a Gemm the recipe skips: all host layers."""
+    nodes = [helper.make_node("Conv", ["x", "w3d", "b3d"], ["c"], kernel_shape=[1, 1, 3]),
              helper.make_node("Relu", ["c"], ["cr"]), helper.make_node("Flatten", ["cr"], ["f"]),
              helper.make_node("Gemm", ["f", "wa", "ba"], ["h"], transB=1, name="fc_accel"),
              helper.make_node("Reshape", ["h", "shape3"], ["h3"]),
-             helper.make_node("MatMul", ["h3", "w3d"], ["m3"], name="matmul_3d"),
+             helper.make_node("MatMul", ["h3", "h3"], ["m3"], name="activation_product"),
              helper.make_node("Flatten", ["m3"], ["m"]),
              helper.make_node("Gemm", ["m", "ws", "bs"], ["y"], transB=1, name="fc_skipped")]
-    inits = {"w1d": rng.standard_normal((6, 4, 3)).astype(np.float32), "b1d": np.zeros(6, np.float32),
-             "wa": lossless_weights(rng, (16, 60)), "ba": np.zeros(16, np.float32),
-             "shape3": np.array([-1, 4, 4], np.int64), "w3d": rng.standard_normal((4, 4)).astype(np.float32),
+    inits = {"w3d": rng.standard_normal((6, 4, 1, 1, 3)).astype(np.float32), "b3d": np.zeros(6, np.float32),
+             "wa": lossless_weights(rng, (16, 72)), "ba": np.zeros(16, np.float32),
+             "shape3": np.array([-1, 4, 4], np.int64),
              "ws": rng.standard_normal((10, 16)).astype(np.float32), "bs": np.zeros(10, np.float32)}
-    return make_model(nodes, [tensor("x", ["N", 4, 12])], [tensor("y", ["N", 10])], inits)
+    return make_model(nodes, [tensor("x", ["N", 4, 2, 2, 5])], [tensor("y", ["N", 10])], inits)
 
 
 def test_layers_the_accelerator_cannot_run_stay_on_the_host_and_are_listed(tmp_path):
