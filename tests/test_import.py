@@ -165,12 +165,21 @@ def test_matmul_alone_becomes_gemm_with_zero_bias(tmp_path):
     assert_same_outputs(orig, canon)
 
 
-def test_matmul_with_rank3_activations_stays_a_host_op(tmp_path):
+def test_matmul_with_rank3_activations_becomes_a_gemm_on_the_tokens(tmp_path):
     nodes = [h.make_node("MatMul", ["x", "W"], ["h"]), h.make_node("Add", ["h", "b"], ["y"])]
     orig = make_model(nodes, {"x": [2, 3, 6]}, {"y": [2, 3, 5]}, {"W": f32(6, 5), "b": f32(5)})
     canon = imported(tmp_path, orig)
-    assert ops(canon) == ["MatMul", "Add"] and find_layers(canon) == []
+    assert ops(canon) == ["Reshape", "Gemm", "Reshape"]
+    (layer,) = find_layers(canon)
+    assert_canonical_fc(layer, 5, 6, canon)
+    assert get_initializer(canon, layer.bias).any()  # the Add is the layer's bias
     assert_same_outputs(orig, canon)
+
+
+def test_matmul_of_two_activations_stays_a_host_op(tmp_path):
+    orig = make_model([h.make_node("MatMul", ["x", "x"], ["y"])], {"x": [2, 3, 3]}, {"y": [2, 3, 3]})
+    canon = imported(tmp_path, orig)
+    assert ops(canon) == ["MatMul"] and find_layers(canon) == []
 
 
 def test_matmul_add_not_fused_when_matmul_output_is_also_used_elsewhere(tmp_path):
@@ -424,12 +433,14 @@ def test_conv_gets_explicit_attributes_and_a_bias(case, with_bias):
     assert_same_outputs(orig, canon, batches=(1, 2))
 
 
-def test_conv1d_is_left_untouched():
+def test_conv1d_becomes_a_2d_conv_of_height_1():
     node = h.make_node("Conv", ["x", "W"], ["y"], auto_pad="SAME_UPPER")
     orig = make_model([node], {"x": [1, 2, 7]}, {"y": [1, 3, 7]}, {"W": f32(3, 2, 3)})
     canon = canonicalize(orig, "conv1d.onnx")
-    assert find_layers(canon) == [] and len(canon.graph.node[0].input) == 2
-    assert_same_outputs(orig, canon)
+    assert ops(canon) == ["Unsqueeze", "Conv", "Squeeze"]
+    (layer,) = find_layers(canon)
+    assert layer.shape == (3, 2, 1, 3) and layer.attr("pads") == [0, 1, 0, 1]
+    assert_same_outputs(orig, canon, batches=(1, 2))
 
 
 def bn_inits(c: int, rng=RNG) -> dict[str, np.ndarray]:
