@@ -282,11 +282,22 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 # The EIE paper's figures for its 64-PE, 800 MHz, 45 nm design (ISCA 2016, arXiv 1602.01528):
-# the abstract's total power. Its per-PE power table (by module: SpmatRead, PtrRead,
-# ArithmUnit, ActRW, Act_queue; by type: memory, clock network, register, combinational)
-# could not be retrieved through this project's search tool, so its figures are not
-# quoted here rather than typed from memory (docs/simulator.md).
-PAPER = {"power_mw": 600.0, "pes": 64, "clock_mhz": 800, "node_nm": 45, "module_shares": None}
+# the abstract's total power and Table II, the power of one PE by module and by component
+# type. Table II was transcribed from the published paper; this project's search tool did
+# not return it, so it could not be re-checked here, but it is self-consistent: the module
+# rows and the type rows each sum to the PE's 9.157 mW, and 64 PEs draw 586 mW, the
+# abstract's "600 mW" (docs/simulator.md).
+PAPER = {"power_mw": 600.0, "pe_power_mw": 9.157, "pes": 64, "clock_mhz": 800, "node_nm": 45,
+         "source": "Han et al., EIE, ISCA 2016: abstract (total) and Table II (one PE)",
+         "module_mw": {"SpmatRead": 4.955, "PtrRead": 1.807, "ArithmUnit": 1.162, "ActRW": 1.122,
+                       "ActQueue": 0.112},
+         "type_mw": {"memory": 5.416, "clock network": 1.874, "register": 1.026, "combinational": 0.841}}
+PAPER_MODULES = tuple(PAPER["module_mw"])
+
+
+def paper_shares(part: str) -> dict[str, float]:
+    """The paper's Table II rows as shares of its PE's total power."""
+    return {k: v / PAPER["pe_power_mw"] for k, v in PAPER[part].items()}
 
 
 def power_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -323,10 +334,23 @@ def print_power(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
             print("  ".join("-" * wd for wd in widths))
     shares = summary["module_shares"]
     print(f"model: average power {summary['average_power_mw']:.0f} mW over the layers run "
-          f"(per layer {summary['per_layer_power_mw']['min']:.0f}-{summary['per_layer_power_mw']['max']:.0f} mW); "
-          + ", ".join(f"{m} {100 * shares[m]:.1f}%" for m in MODULES))
-    print(f"paper: {PAPER['power_mw']:.0f} mW for {PAPER['pes']} PEs at {PAPER['clock_mhz']} MHz, "
-          f"{PAPER['node_nm']} nm; per-module PE power table: not retrieved (see docs/simulator.md)")
+          f"(per layer {summary['per_layer_power_mw']['min']:.0f}-{summary['per_layer_power_mw']['max']:.0f} mW), "
+          f"{summary['average_power_mw'] / summary['pes']:.2f} mW per PE")
+    print(f"paper: {PAPER['pe_power_mw'] * PAPER['pes']:.0f} mW ({PAPER['pe_power_mw']} mW per PE x {PAPER['pes']} PEs "
+          f"at {PAPER['clock_mhz']} MHz, {PAPER['node_nm']} nm; abstract: about {PAPER['power_mw']:.0f} mW)")
+    # The paper's module rows include each module's clock tree and leakage; the model books
+    # those apart, so the modules are also compared renormalised to the five modules alone.
+    in_modules = sum(shares[m] for m in PAPER_MODULES)
+    paper = paper_shares("module_mw")
+    print()
+    print("module shares    model  model, 5 modules only  paper (Table II)")
+    for m in PAPER_MODULES:
+        print(f"{m:<14}  {100 * shares[m]:5.1f}%  {100 * shares[m] / in_modules:20.1f}%  {100 * paper[m]:15.1f}%")
+    kinds = paper_shares("type_mw")
+    print(f"{'clock':<14}  {100 * shares['clock']:5.1f}%  {'-':>21}  {100 * kinds['clock network']:9.1f}% (by type)")
+    print(f"{'leakage':<14}  {100 * shares['leakage']:5.1f}%  {'-':>21}  {'not given':>16}")
+    print(f"{'dram':<14}  {100 * shares['dram']:5.1f}%  {'-':>21}  {'not in the PE':>16}")
+    print(f"paper by type: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in kinds.items()))
 
 
 def main() -> None:
@@ -369,7 +393,8 @@ def main() -> None:
                             "default threads (ort_dense_us) and 1 thread (ort_dense_1thread_us)"},
         "machine": machine_info(),
         "layers": rows,
-        "power": power, "paper": PAPER,
+        "power": power, "paper": {**PAPER, "module_shares": paper_shares("module_mw"),
+                                   "type_shares": paper_shares("type_mw")},
         "markdown": markdown_table(rows),
     }
     write_json(args.out, result)
