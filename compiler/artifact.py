@@ -156,11 +156,15 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
                                      "manifest's digest")
         model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(blob, np.uint8), blob_name(name)))
         digests[name] = digest
-    for node in model.graph.node:  # the runtime's cache key, derived here: the members are what is checked
-        if node.op_type == "EIESegment" and node.name in digests:
+    # the runtime's cache key, derived here: the members are what is checked. A node runs the
+    # segment whose blob it reads (a recurrent layer's segment has one node per time step)
+    by_blob = {blob_name(name): name for name in digests}
+    for node in model.graph.node:
+        if node.op_type == "EIESegment" and len(node.input) > 1 and node.input[1] in by_blob:
             del node.attribute[:]
-            node.attribute.append(onnx.helper.make_attribute("digest", digests[node.name]))
-    used = {n.name for n in model.graph.node if n.op_type == "EIESegment"}
+            node.attribute.append(onnx.helper.make_attribute("digest", digests[by_blob[node.input[1]]]))
+    used = {by_blob.get(n.input[1]) if len(n.input) > 1 else None
+            for n in model.graph.node if n.op_type == "EIESegment"}
     if used != set(segments):
         raise FormatError(path, "the host graph's EIESegment nodes do not match the manifest's segments")
     _check_host_ops(model.graph, path)

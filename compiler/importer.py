@@ -13,6 +13,7 @@ opset of the default domain is max(model opset, ir.OPSET).
 from __future__ import annotations
 
 import heapq
+from functools import partial
 import math
 import os
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from .errors import ModelError
 from .fileio import input_file_size
 from .ir import OPSET, copy_model
+from .recurrent import GATES, canonicalize_recurrent
 from .report import format_dims
 
 InputShapes = dict[str, tuple[int | None, ...]]  # graph input -> dims to fix (None keeps one)
@@ -644,7 +646,8 @@ class _Rewriter:
         self.outer: dict[str, dict[int, gs.Tensor]] = {"tokens": {}, "conv1d": {}}  # layer outputs put back
 
     def run(self) -> None:
-        rewrites = {"Gemm": self.gemm, "MatMul": self.matmul, "Conv": self.conv}
+        rewrites = {"Gemm": self.gemm, "MatMul": self.matmul, "Conv": self.conv,
+                    **{op: partial(canonicalize_recurrent, self) for op in GATES}}
         for node in list(self.graph.nodes):
             if node.op in rewrites and node.domain in DEFAULT_DOMAINS and node.outputs:
                 rewrites[node.op](node)

@@ -7,6 +7,8 @@ After import (IR0) every compressible layer is one of:
   [out, in], B is [out] (always present, zeros when the model had none).
 * Conv: ``Conv(X, W, B)``, 2-D, explicit ``pads``/``strides``/``dilations``/
   ``group``/``kernel_shape``; W is [out, in/group, kh, kw], B is [out].
+* Recurrent: an ``LSTM``/``GRU``/``RNN`` node whose R and B are assembled from
+  [gate rows, hidden] matrices and their biases (`eiec.recurrent`); each is a layer.
 
 The layer's name is its node's name (unique after import). W is produced by:
 
@@ -33,11 +35,17 @@ class Layer:
     """One compressible layer of a canonical model."""
 
     name: str  # the Gemm/Conv node's name
-    kind: str  # "fc" or "conv"
+    kind: str  # "fc", "conv" or "recurrent" (a recurrent node's R matrix: eiec.recurrent)
     node: onnx.NodeProto
     weight: str  # name of W (initializer in IR0/1, a node output later)
     bias: str  # name of the bias initializer [out]
     shape: tuple[int, ...]  # shape of W
+
+    @property
+    def input(self) -> str:
+        """The tensor holding what the layer multiplies: its activation, or for a recurrent
+        layer its node's hidden states Y (each step's input h(t-1) is the step before's)."""
+        return self.node.output[0] if self.kind == "recurrent" else self.node.input[0]
 
     def attr(self, name: str, default=None):
         for a in self.node.attribute:
@@ -62,29 +70,46 @@ def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
-    """The compressible layers of a canonical model, in graph order."""
+    """The compressible layers of a canonical model, in graph order (a recurrent node's
+    layers in the order of its R input, `eiec.recurrent`)."""
+    from .recurrent import GATES, assembled_from, directions, layer_name, roles
+
     inits = initializer_map(model)
     prod = producers(model)
-    layers = []
-    for node in model.graph.node:
-        if node.op_type not in ("Gemm", "Conv") or node.domain not in ("", "ai.onnx"):
-            continue
-        if len(node.input) < 3:
-            continue
-        w = node.input[1]
+
+    def shape_of(w: str) -> tuple[int, ...] | None:
         src = prod.get(w)
         if w in inits:
-            shape = tuple(inits[w].dims)
-        elif src is not None and src.op_type == "Gather" and src.input[1] in prod:
-            shape = tuple(inits[prod[src.input[1]].input[0]].dims)  # Cast(indices)
-        elif src is not None and src.op_type == "EIEDecode":
-            shape = tuple(next(a.ints for a in src.attribute if a.name == "shape"))
-        else:
+            return tuple(int(d) for d in inits[w].dims)
+        if src is not None and src.op_type == "Gather" and src.input[1] in prod:
+            return tuple(int(d) for d in inits[prod[src.input[1]].input[0]].dims)  # Cast(indices)
+        if src is not None and src.op_type == "EIEDecode":
+            return tuple(int(d) for d in next(a.ints for a in src.attribute if a.name == "shape"))
+        return None
+
+    layers = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
             continue
-        if len(shape) != (2 if node.op_type == "Gemm" else 4):
-            continue  # 1-D/3-D convs are not canonical layers: they stay host ops
+        if node.op_type in GATES and len(node.input) > 3 and node.input[3]:
+            ws, bs = assembled_from(prod, node.input[2]), assembled_from(prod, node.input[3])
+            shapes = [shape_of(w) for w in ws]
+            if len(ws) != len(bs) or any(s is None or len(s) != 2 for s in shapes):
+                continue  # not assembled by import: a host op
+            hidden = shapes[0][1]
+            parts = [(d, r) for d in range(len(directions(node))) for r in roles(node.op_type, hidden)]
+            if len(parts) != len(ws):
+                continue
+            layers += [Layer(layer_name(node.name, r[0], d), "recurrent", node, w, b, s)
+                       for (d, r), w, b, s in zip(parts, ws, bs, shapes)]
+            continue
+        if node.op_type not in ("Gemm", "Conv") or len(node.input) < 3:
+            continue
+        shape = shape_of(node.input[1])
+        if shape is None or len(shape) != (2 if node.op_type == "Gemm" else 4):
+            continue  # 3-D convs are not canonical layers: they stay host ops
         kind = "fc" if node.op_type == "Gemm" else "conv"
-        layers.append(Layer(node.name, kind, node, w, node.input[2], tuple(int(d) for d in shape)))
+        layers.append(Layer(node.name, kind, node, node.input[1], node.input[2], shape))
     return layers
 
 

@@ -180,6 +180,8 @@ def _layer_rows(layer: Layer, x: np.ndarray) -> int:
     """How many rows the layer's weight matrix multiplies for input tensor x (FC: batch; conv: positions)."""
     if layer.kind == "fc":
         return x.shape[0]
+    if layer.kind == "recurrent":
+        return _hidden_states(layer, x).shape[0]
     p = conv_params(layer)
     Ho, Wo = conv_output_hw(x.shape[2:], p["kernel"], p["pads"], p["strides"], p["dilations"])
     return x.shape[0] * Ho * Wo
@@ -189,9 +191,18 @@ def _layer_matrix(layer: Layer, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The chosen rows of the layer's input as its weight matrix sees them ([n, in] or [g, n, in_g])."""
     if layer.kind == "fc":
         return x.reshape(x.shape[0], -1)[rows]
+    if layer.kind == "recurrent":
+        return _hidden_states(layer, x)[rows]
     p = conv_params(layer)
     patches = im2col(x, rows=rows, **p)
     return patches[0] if p["group"] == 1 else patches
+
+
+def _hidden_states(layer: Layer, y: np.ndarray) -> np.ndarray:
+    """A recurrent layer's rows: its direction's hidden states in the node's output Y
+    [T, dirs, B, H], which are the inputs h(t-1) of the next steps. (A GRU's hidden gate
+    multiplies r * h(t-1); h stands in for it.)"""
+    return y[:, int(layer.name.endswith("_reverse"))].reshape(-1, y.shape[-1])
 
 
 def _row_cap(layer: Layer, max_rows: int, max_bytes: int | None) -> int:
@@ -220,21 +231,21 @@ def capture_layer_inputs(
 ) -> dict[str, np.ndarray]:
     """Each layer's inputs on the calibration data, as the rows its weight matrix multiplies.
 
-    One onnxruntime run with every layer's input tensor (node.input[0]) added as a
+    One onnxruntime run with every layer's input tensor (`Layer.input`) added as a
     graph output. FC: X [n, in]. Conv: im2col patches, [n, in/g*kh*kw] when g = 1,
     else [g, n, in/g*kh*kw] (the per-group form every `reconstruct` function takes).
     At most max_rows rows (and, with max_bytes, at most max_bytes of float32 rows per
     layer), picked uniformly without replacement (seeded) and kept in order.
     Memory: all layers' rows at once (float32).
     """
-    wanted = list(dict.fromkeys(l.node.input[0] for l in layers if l.node.input[0] not in inputs))
+    wanted = list(dict.fromkeys(l.input for l in layers if l.input not in inputs))
     m = _with_outputs(model, wanted)
     values = dict(zip(wanted, run_rows(session(m), wanted, inputs))) if wanted else {}
     values.update(inputs)
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for layer in layers:
-        x = np.asarray(values[layer.node.input[0]])
+        x = np.asarray(values[layer.input])
         out[layer.name] = _layer_matrix(layer, x, _pick(_layer_rows(layer, x), _row_cap(layer, max_rows, max_bytes), rng))
     return out
 
@@ -330,7 +341,7 @@ class Sequential:
         self.calibration = calibration
         self.seed = seed
         self.progress = progress
-        m = _with_outputs(model, [l.node.input[0] for l in self.layers if l.node.input[0] not in calibration])
+        m = _with_outputs(model, [l.input for l in self.layers if l.input not in calibration])
         m.ir_version = max(m.ir_version, 4)  # initializers that are also inputs are overridable
         inits = {t.name: t for t in m.graph.initializer}
         self.weights: dict[str, np.ndarray] = {}
@@ -348,7 +359,7 @@ class Sequential:
         self.rows: dict[str, np.ndarray] = {}
         self.X_ref: dict[str, np.ndarray] = {}
         for i, layer in enumerate(self.layers):
-            x = dense[layer.node.input[0]]
+            x = dense[layer.input]
             rng = np.random.default_rng([seed, i])
             self.rows[layer.name] = _pick(_layer_rows(layer, x), _row_cap(layer, max_rows, max_bytes), rng)
             self.X_ref[layer.name] = _layer_matrix(layer, x, self.rows[layer.name])
@@ -359,10 +370,10 @@ class Sequential:
         self.cache_limit = cache_bytes
 
     def _tensors(self, layers: list[Layer], overrides: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = list(dict.fromkeys(l.node.input[0] for l in layers if l.node.input[0] not in self.calibration))
+        names = list(dict.fromkeys(l.input for l in layers if l.input not in self.calibration))
         out = dict(zip(names, self._run(names, overrides))) if names else {}
-        out.update({l.node.input[0]: self.calibration[l.node.input[0]] for l in layers
-                    if l.node.input[0] in self.calibration})
+        out.update({l.input: self.calibration[l.input] for l in layers
+                    if l.input in self.calibration})
         return out
 
     def _run(self, names: list[str], overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -370,7 +381,7 @@ class Sequential:
 
     def layer_inputs(self, layer: Layer, overrides: dict[str, np.ndarray]) -> np.ndarray:
         """The layer's calibration rows ([n, in] or [g, n, in_g]) when the model runs with `overrides`."""
-        x = self._tensors([layer], overrides)[layer.node.input[0]]
+        x = self._tensors([layer], overrides)[layer.input]
         return _layer_matrix(layer, x, self.rows[layer.name])
 
     def matches(self, model: onnx.ModelProto, layers: list[Layer], steps: dict[str, Steps],

@@ -2,8 +2,9 @@
 
 A chain is FC/conv layers with their bias and ReLU fused, linked directly or through
 a Flatten/Reshape that only relabels the vector; each becomes one `EIESegment` node
-whose program keeps the activations in the PEs between layers. Everything else stays
-a host op. Also picks each layer's Q-formats and splits
+whose program keeps the activations in the PEs between layers. A recurrent node's R
+matrices become one-layer segments its unrolled time steps call (`.recurrent`).
+Everything else stays a host op. Also picks each layer's Q-formats and splits
 images that do not fit the PE memories into tiles.
 
 Q-formats (docs/simulator.md, "Choosing the formats"): a segment's input format holds
@@ -37,6 +38,7 @@ from eiec.target import Target
 from eiec.runtime.fixedpoint import choose_frac, int_range, quantize, round_shift
 
 from .encode import decode_image, encode_matrix
+from .recurrent import fc_view, layer_ranges, time_steps, unroll
 
 # A format holds at least this many times the largest calibration value (up to twice that
 # after rounding to a power of two), unless the worst-case bound is smaller: real inputs
@@ -62,13 +64,15 @@ class Lower:
         names = list(layers)
         indices = dict(zip(names, map_layers(lambda n: _indices_of(model, layers[n]), names)))
         values = _run_for_ranges(model, layers, indices, _candidate_tensors(model, layers), ctx)
-        chains = find_chains(model, layers, {t: v.shape[1:] for t, v in values.items()})
+        chains = find_chains(model, {n: l for n, l in layers.items() if l.kind != "recurrent"},
+                             {t: v.shape[1:] for t, v in values.items()})
+        recurrent = [l for l in layers.values() if l.kind == "recurrent"]
 
         def tiles_of(link: ChainLink) -> list[SparseImage]:  # independent per layer: all cores
             ctx.progress(f"tile {link.layer.name}")
             return tile_layer(link.layer.name, pe_matrix(link.layer, indices[link.layer.name]), ctx.target)
 
-        links = [link for chain in chains for link in chain.links]
+        links = [link for chain in chains for link in chain.links] + [ChainLink(l, None, None) for l in recurrent]
         tiles = dict(zip([l.layer.name for l in links], map_layers(tiles_of, links)))
         model = copy_model(model)
         overrides = {n: q for n, l in layers.items() if (q := ctx.layer_recipe(l).q_format)}
@@ -81,6 +85,10 @@ class Lower:
             rules[seg.name] = seg_rules
             _replace_chain(model, chain, seg)
             segments.append(seg)
+        for node_name in dict.fromkeys(l.node.name for l in recurrent):  # each recurrent node, unrolled
+            node_layers = [l for l in recurrent if l.node.name == node_name]
+            segs = lower_recurrent(model, node_layers, values, indices, tiles, ctx, overrides, len(segments), rules)
+            segments += segs
         ctx.artifacts["segments"] = segments
         stats = {
             "segments": [{"name": s.name, "layers": [l.name for l in s.layers], "resident": s.resident,
@@ -92,6 +100,31 @@ class Lower:
             "host_layers": _host_layers(model),
         }
         return PassResult(model, stats)
+
+
+def lower_recurrent(model: onnx.ModelProto, layers: list[Layer], values: dict[str, np.ndarray],
+                    indices: dict[str, np.ndarray], tiles: dict[str, list[SparseImage]], ctx: Context,
+                    overrides: dict[str, dict[str, int]], first: int, rules: dict) -> list[Segment]:
+    """A recurrent node's layers as one-layer segments, and the node unrolled around them
+    (`eiec.passes.recurrent`)."""
+    node = next(n for n in model.graph.node if n.name == layers[0].node.name)
+    weights = {}
+    for l in layers:
+        codebook = get_initializer(model, _decode_node(model, l).input[3]).astype(np.float32)
+        weights[l.name] = codebook[indices[l.name]].reshape(l.shape)
+    biases = {l.name: get_initializer(model, l.bias).astype(np.float32) for l in layers}
+    rows = layer_ranges(node, layers, values, weights, biases)
+    segs = []
+    for i, l in enumerate(layers):
+        view = fc_view(l)
+        values[view.node.input[0]], values[view.node.output[0]] = rows[l.name]
+        ctx.progress(f"lower segment {first + i} ({l.name}, every time step)")
+        seg, rules[f"segment{first + i}"] = build_segment(f"segment{first + i}", Chain([ChainLink(view, None, None)]),
+                                                          model, values, indices, tiles, ctx.target, overrides,
+                                                          ctx.recipe.path)
+        segs.append(seg)
+    unroll(model, node, segs, time_steps(model, node))
+    return segs
 
 
 @dataclasses.dataclass

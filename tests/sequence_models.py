@@ -10,7 +10,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from typing import Callable
+
 from helpers import lossless_weights, make_model, tensor
+
+Weights = Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]
 
 
 def _c(name: str, value) -> onnx.NodeProto:
@@ -20,16 +24,17 @@ def _c(name: str, value) -> onnx.NodeProto:
 
 def transformer_block(decoder: bool = False, opset: int = 17, batch: int | str = 1, tokens: int = 5,
                       d_model: int = 16, heads: int = 2, ffn: int = 32, fused_qkv: bool = True,
-                      seed: int = 0) -> onnx.ModelProto:
+                      seed: int = 0, weights: Weights | None = None) -> onnx.ModelProto:
     """A post-LN encoder layer (torch.nn.TransformerEncoderLayer's graph: Q/K/V/out
     projections, attention, residual + LayerNorm, Linear -> ReLU -> Linear, residual +
     LayerNorm); `decoder` adds a causal mask to the attention scores (GPT-style block).
     Linear layers are MatMul(x, W^T) + Add(b) on [batch, tokens, d_model], as torch
     writes them; Q/K/V are one [d, 3d] MatMul split in three (torch's fused in_proj), or
-    three MatMuls (`fused_qkv=False`, as Hugging Face models write them)."""
+    three MatMuls (`fused_qkv=False`, as Hugging Face models write them). `weights(rng,
+    shape)` draws each matrix (default: lossless ones)."""
     rng = np.random.default_rng(seed)
     d, dh = d_model, d_model // heads
-    w = lambda *s: lossless_weights(rng, s)  # noqa: E731
+    w = lambda *s: (weights or lossless_weights)(rng, s)  # noqa: E731
     inits = {"in_proj.w": w(d, 3 * d), "in_proj.b": rng.choice([-0.5, 0.0, 0.5], 3 * d).astype(np.float32),
              "out_proj.w": w(d, d), "out_proj.b": np.zeros(d, np.float32),
              "linear1.w": w(d, ffn), "linear1.b": np.full(ffn, 0.25, np.float32),
@@ -98,3 +103,65 @@ def _layer_norm(x: str, p: str, y: str, opset: int) -> list[onnx.NodeProto]:
             helper.make_node("Div", [f"{p}.xc", f"{p}.sd"], [f"{p}.n"], name=f"{p}.div"),
             helper.make_node("Mul", [f"{p}.n", f"{p}.g"], [f"{p}.ng"], name=f"{p}.gamma"),
             helper.make_node("Add", [f"{p}.ng", f"{p}.b"], [y], name=f"{p}.beta")]
+
+
+GATE_COUNT = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def recurrent(op: str = "LSTM", direction: str = "forward", opset: int = 17, batch: int | str = 1,
+              steps: int = 4, inputs: int = 6, hidden: int = 8, batch_first: bool = True,
+              initial_state: bool = False, seq_lens: bool = False, peepholes: bool = False,
+              extra: dict | None = None, seed: int = 0, weights: Weights | None = None,
+              head: bool = True) -> onnx.ModelProto:
+    """One ONNX LSTM/GRU/RNN layer, then a Linear head on every step's output.
+
+    `batch_first` writes what torch.onnx.export does for `nn.LSTM(batch_first=True)`:
+    x [batch, steps, inputs] transposed to the op's [steps, batch, inputs]; else x is
+    [steps, batch, inputs] (`batch_first=False`). Initial states and sequence lengths
+    are constants (graph inputs of int type cannot be drawn at random). `extra`: more
+    attributes (activations, clip, linear_before_reset, input_forget). `weights(rng, shape)`
+    draws W and R (default: lossless ones, halved); without `head` the outputs are Y and Y_h."""
+    rng = np.random.default_rng(seed)
+    draw = weights or (lambda r, shape: lossless_weights(r, shape) / 2)
+    dirs = 2 if direction == "bidirectional" else 1
+    g = GATE_COUNT[op] * hidden
+    bsz = batch if isinstance(batch, int) else 2
+    inits = {"W": draw(rng, (dirs, g, inputs)), "R": draw(rng, (dirs, g, hidden)),
+             "B": rng.choice([-0.25, 0.0, 0.25], (dirs, 2 * g)).astype(np.float32),
+             "head.w": lossless_weights(rng, (dirs * hidden, 3)), "head.b": np.full(3, 0.5, np.float32)}
+    names = ["xt" if batch_first else "x", "W", "R", "B", "", "", "", ""]
+    if seq_lens:
+        inits["seq"] = np.array([steps, max(1, steps - 2)][:bsz] + [steps] * max(0, bsz - 2), np.int32)
+        names[4] = "seq"
+    if initial_state:
+        shape = (dirs, bsz, hidden)
+        inits["h0"] = rng.choice([-0.5, 0.0, 0.5], shape).astype(np.float32)
+        names[5] = "h0"
+        if op == "LSTM":
+            inits["c0"] = rng.choice([-0.5, 0.0, 0.5], shape).astype(np.float32)
+            names[6] = "c0"
+    if peepholes:
+        inits["P"] = rng.choice([-0.25, 0.25], (dirs, 3 * hidden)).astype(np.float32)
+        names[7] = "P"
+    while names and not names[-1]:
+        names.pop()
+    attrs = {"hidden_size": hidden, "direction": direction, **(extra or {})}
+    outputs = ["Y", "Y_h"] + (["Y_c"] if op == "LSTM" else [])
+    nodes = []
+    if batch_first:
+        nodes.append(helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2], name="to_time_major"))
+    nodes.append(helper.make_node(op, names, outputs, name=op.lower(), **attrs))
+    in_shape = [batch, steps, inputs] if batch_first else [steps, batch, inputs]
+    if not head:
+        del inits["head.w"], inits["head.b"]
+        return make_model(nodes, [tensor("x", in_shape)], [tensor("Y", [steps, dirs, batch, hidden]),
+                                                           tensor("Y_h", [dirs, batch, hidden])],
+                          inits, opset, name=f"{op.lower()}_{direction}")
+    # Y [T, dirs, B, H] -> [B, T, dirs * H] -> head
+    inits["flat"] = np.array([0, 0, dirs * hidden], np.int64)
+    nodes += [helper.make_node("Transpose", ["Y"], ["Yt"], perm=[2, 0, 1, 3], name="batch_major"),
+              helper.make_node("Reshape", ["Yt", "flat"], ["feat"], name="merge_dirs")]
+    nodes += [helper.make_node("MatMul", ["feat", "head.w"], ["logits0"], name="head"),
+              helper.make_node("Add", ["logits0", "head.b"], ["y"], name="head_add")]
+    outs = [tensor("y", [batch, steps, 3]), tensor("Y_h", [dirs, batch, hidden])]
+    return make_model(nodes, [tensor("x", in_shape)], outs, inits, opset, name=f"{op.lower()}_{direction}")

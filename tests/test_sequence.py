@@ -15,7 +15,7 @@ import pytest
 from onnx import helper
 
 from helpers import FIXED_POINT_REL_L2, compile_and_validate, lossless_weights, make_model, run_cli, tensor
-from sequence_models import transformer_block
+from sequence_models import recurrent, transformer_block
 
 LOSSLESS = "target: {pes: 8}\ndefaults: {density: keep, bits: 4}\n"
 
@@ -75,3 +75,57 @@ def test_1d_convs_lower_like_2d_convs_and_chain_through_relu(tmp_path):
     c = compile_and_validate(tmp_path / "c.onnx", tmp_path, LOSSLESS, random_n=3)
     _check_exact(c)
     assert _accelerated(c) == [["conv1", "conv2"]] and c.manifest["host_ops"] == []
+
+
+RECURRENT = {  # name: (builder arguments, the recurrent node's layers)
+    "lstm_torch_style": (dict(op="LSTM", opset=17), ["lstm.R"]),
+    "gru_bidirectional": (dict(op="GRU", direction="bidirectional", batch="N", opset=13),
+                          ["gru.R_zr", "gru.R_h", "gru.R_zr_reverse", "gru.R_h_reverse"]),
+    "lstm_states_lengths_peepholes": (dict(op="LSTM", direction="bidirectional", initial_state=True, seq_lens=True,
+                                           peepholes=True, batch=2, opset=21), ["lstm.R", "lstm.R_reverse"]),
+    "gru_reverse_linear_before_reset": (dict(op="GRU", direction="reverse", initial_state=True, opset=14,
+                                             extra={"linear_before_reset": 1}), ["gru.R_zr", "gru.R_h"]),
+    "rnn_relu_clip": (dict(op="RNN", batch="N", opset=11, extra={"activations": ["Relu"], "clip": 1.5}), ["rnn.R"]),
+    "lstm_coupled_gates_other_activations": (
+        dict(op="LSTM", opset=11, extra={"input_forget": 1, "activations": ["HardSigmoid", "Tanh", "Softsign"],
+                                         "activation_alpha": [0.25], "activation_beta": [0.5]}), ["lstm.R"]),
+}
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_recurrent_weights_run_on_the_accelerator_every_time_step(tmp_path, name):
+    kwargs, recurrent_layers = RECURRENT[name]
+    onnx.save(recurrent(**kwargs), tmp_path / f"{name}.onnx")
+    # 4 rows: a whole number of fixed batches of 2, so no padded row meets a per-row sequence length
+    c = compile_and_validate(tmp_path / f"{name}.onnx", tmp_path, LOSSLESS, random_n=4)
+    _check_exact(c)
+    node = kwargs["op"].lower()
+    assert _accelerated(c) == [[f"{node}.W"], ["head"]] + [[l] for l in recurrent_layers]
+    code, out, _ = run_cli("inspect", c.eie, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["host_ops"] == []
+    assert {l["name"] for l in report["layers"] if not l.get("on_host")} == {f"{node}.W", "head", *recurrent_layers}
+    assert run_cli("validate", c.model, c.eie, "--random", "4")[0] == 0
+
+
+def test_run_reports_a_recurrent_layers_cycles_per_time_step(tmp_path):
+    onnx.save(recurrent(op="RNN", steps=5, batch=1), tmp_path / "rnn.onnx")
+    c = compile_and_validate(tmp_path / "rnn.onnx", tmp_path, LOSSLESS, random_n=2)
+    from eiec.runtime import InferenceSession
+
+    sess = InferenceSession(c.eie)
+    sess.run(None, {"x": np.random.default_rng(0).standard_normal((1, 5, 6)).astype(np.float32)})
+    runs = sess.last_runs["segment2"]
+    assert [l.name for l in runs.layers] == ["rnn.R"] and runs.layers[0].cycles.shape == (5,)  # one per step
+    (r,) = [l for l in sess.last_report["layers"] if l["name"] == "rnn.R"]
+    assert r["cycles"] == pytest.approx(float(runs.layers[0].cycles.mean()))
+
+
+def test_a_recipe_names_the_gate_matrices(tmp_path):
+    onnx.save(recurrent(op="GRU", hidden=16), tmp_path / "gru.onnx")
+    recipe = LOSSLESS + "layers:\n  gru.R_*: {density: 0.2, obs: false}\n  gru.W: {density: 0.5}\n"
+    c = compile_and_validate(tmp_path / "gru.onnx", tmp_path, recipe, random_n=4)
+    density = {l["name"]: l["density"] for l in c.manifest["layers"]}
+    assert density["gru.R_zr"] == pytest.approx(0.2, abs=0.01) and density["gru.R_h"] == pytest.approx(0.2, abs=0.01)
+    assert density["gru.W"] <= 0.3  # already 30 % dense: a 0.5 target keeps every weight
+    assert c.result["exact"]["ok"]
