@@ -6,8 +6,8 @@ Import (`eiec.importer`) splits a recurrent node with constant weights in two:
   layer `<node>.W` on the [time x batch, input] rows: the input projection does not
   depend on the recurrence, so it runs one matrix-vector product per time step like
   any linear layer on a 3-D activation;
-* the node itself keeps the recurrence. Its X is the projected gates, its W a constant
-  selection (identity blocks, so ONNX computes the same thing), and its R and B are
+* the node itself keeps the recurrence. Its X is the projected gates, its W a selection
+  (identity blocks made at run time, so ONNX computes the same thing), and its R and B are
   assembled from one [gate rows, hidden] matrix and one bias per recurrent layer:
   `R = Concat_dirs(Unsqueeze(Concat_roles(R layers)))`,
   `B = Concat_dirs(Unsqueeze(Pad(Concat_roles(R biases), [gate rows, 0])))`.
@@ -86,9 +86,6 @@ def canonicalize_recurrent(rw, node) -> None:
     flat = rw.variable(f"{node.name}.W.out")
     rw.make_gemm(proj, rows, w.values.reshape(dirs * gh, inp), bias[:, :gh].reshape(-1), None, None, flat)
     rw.untokens(flat, gates, lead, dirs * gh)
-    select = np.zeros((dirs, gh, dirs * gh), np.float32)
-    for d in range(dirs):
-        select[d, :, d * gh:(d + 1) * gh] = np.eye(gh, dtype=np.float32)
 
     def const(base: str, values) -> gs.Constant:
         return gs.Constant(rw.fresh(base), np.ascontiguousarray(values))
@@ -97,6 +94,18 @@ def canonicalize_recurrent(rw, node) -> None:
         out = rw.variable(base)
         rw.add_node(op, base, parts, [out], attrs)
         return out
+
+    # W: direction d's gates are columns d*gh.. of the projected input. Made at run time from
+    # a shape, not stored: the identity would be the model's largest tensor (and count as
+    # its parameters)
+    zero = joined(f"{node.name}.zero", [const(f"{node.name}.square", np.array([gh, gh], np.int64))],
+                  "ConstantOfShape", value=onnx.numpy_helper.from_array(np.zeros(1, np.float32)))
+    eye = joined(f"{node.name}.eye", [zero], "EyeLike")
+    blocks = [eye if dirs == 1 else joined(f"{node.name}.select{d}", [eye, zero] if d == 0 else [zero, eye],
+                                           "Concat", axis=1) for d in range(dirs)]
+    select = [joined(f"{node.name}.select{d}_dir", [b, const(f"{node.name}.select_axes", np.array([0], np.int64))],
+                     "Unsqueeze") for d, b in enumerate(blocks)]
+    select = select[0] if dirs == 1 else joined(f"{node.name}.select", select, "Concat", axis=0)
 
     r_dirs, b_dirs = [], []
     for d in range(dirs):
@@ -115,7 +124,7 @@ def canonicalize_recurrent(rw, node) -> None:
     b_all = b_dirs[0] if dirs == 1 else joined(f"{node.name}.B_all", b_dirs, "Concat", axis=0)
     rest = [t if t is not None else gs.Variable("") for t in ins[4:len(node.inputs)]]
     node.inputs.clear()
-    node.inputs.extend([gates, const(f"{node.name}.select", select), r_all, b_all, *rest])
+    node.inputs.extend([gates, select, r_all, b_all, *rest])
     if not node.outputs or not node.outputs[0].name:  # Y: the lower pass reads its range
         y = rw.variable(f"{node.name}.Y")
         if node.outputs:
