@@ -88,11 +88,13 @@ def test_corpus_exporter_patterns_are_the_documented_ones():
 
 
 def _compile_run_validate(stem: str, folder: Path, recipe: str | None) -> dict:
-    """`eiec MODEL -o OUT.eie [--config]`, `eiec run` on 2 rows, `eiec validate`; the manifest."""
+    """`eiec MODEL -o OUT.eie [--config]` (a file smaller than the model), `eiec run` on 2 rows,
+    `eiec validate`; the manifest."""
     model, eie = _path(stem), folder / f"{stem}.eie"
     config = [] if recipe is None else ["--config", write_recipe(folder, recipe)]
     code, _, err = run_cli(model, "-o", eie, *config)
     assert code == 0, err
+    assert eie.stat().st_size < model.stat().st_size  # the compiled file never outgrows the model
     name = onnx.load(model).graph.input[0].name
     x = np.random.default_rng(1).standard_normal((2, *SHAPE[1:])).astype(np.float32)
     outputs = folder / "out.npz"

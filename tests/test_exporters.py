@@ -73,6 +73,10 @@ def test_torch_model_validate_exits_0(torch_compiled):
     assert "EXACT within the fixed-point bound" in out
 
 
+def test_torch_model_compiles_to_a_file_smaller_than_the_model(torch_compiled):
+    assert torch_compiled.eie.stat().st_size < torch_compiled.model.stat().st_size
+
+
 def test_torch_model_every_layer_runs_on_the_accelerator(torch_compiled):
     m = torch_compiled.manifest
     assert m["host_ops"] == []
