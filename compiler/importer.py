@@ -29,7 +29,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .errors import ModelError
 from .fileio import input_file_size
-from .ir import OPSET, copy_model
+from .ir import OPSET, copy_model, find_layers, get_initializer
 from .recurrent import GATES, canonicalize_recurrent
 from .report import format_dims
 
@@ -116,6 +116,7 @@ def canonicalize(model: onnx.ModelProto, path: str, input_shapes: InputShapes | 
     # shapes on every edge help later passes; a failure here would be an eiec bug, not a user error
     out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
     onnx.checker.check_model(out)
+    _check_layers_finite(out, path)
     return out
 
 
@@ -311,19 +312,27 @@ def _load_external(t: TensorProto, where: str, nbytes: int, path: str, base: str
 
 
 def _check_finite(model: onnx.ModelProto, path: str) -> None:
+    """No constant holds NaN. Inf is a value masks use (a causal mask's -inf, as torch writes
+    it); `_check_layers_finite` refuses it in what becomes a layer's weights or bias."""
     for where, t in _iter_tensors(model.graph):
         if t.data_type in FLOAT_TYPES:
-            value = numpy_helper.to_array(t)
-            if not np.isfinite(value).all():
-                kind = "NaN" if np.isnan(value).any() else "Inf"
-                raise ModelError(path, f"{where} contains {kind}")
+            if np.isnan(numpy_helper.to_array(t)).any():
+                raise ModelError(path, f"{where} contains NaN")
     for node in model.graph.node:
         for a in node.attribute:
             if a.name in ("value_float", "value_floats"):
                 v = np.asarray(onnx.helper.get_attribute_value(a), np.float32)
-                if not np.isfinite(v).all():
+                if np.isnan(v).any():
                     raise ModelError(path, f"attribute '{a.name}' of node '{node.name or node.op_type}' "
-                                           "contains NaN or Inf")
+                                           "contains NaN")
+
+
+def _check_layers_finite(model: onnx.ModelProto, path: str) -> None:
+    """Every layer's weights and bias are finite: the accelerator cannot hold an infinity."""
+    for layer in find_layers(model):
+        for role, name in (("weight", layer.weight), ("bias", layer.bias)):
+            if not np.isfinite(get_initializer(model, name)).all():
+                raise ModelError(path, f"layer {layer.name}: its {role} {name!r} contains Inf")
 
 
 def _check_domains(model: onnx.ModelProto, path: str) -> None:

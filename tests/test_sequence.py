@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from helpers import FIXED_POINT_REL_L2, compile_and_validate, lossless_weights, make_model, run_cli, tensor
+from helpers import FIXED_POINT_REL_L2, ZOO, compile_and_validate, lossless_weights, make_model, run_cli, tensor
 from sequence_models import recurrent, transformer_block
 
 LOSSLESS = "target: {pes: 8}\ndefaults: {density: keep, bits: 4}\n"
@@ -134,3 +134,24 @@ def test_a_recipe_names_the_gate_matrices(tmp_path):
     assert density["gru.R_zr"] == pytest.approx(0.2, abs=0.01) and density["gru.R_h"] == pytest.approx(0.2, abs=0.01)
     assert density["gru.W"] <= 0.3  # already 30 % dense: a 0.5 target keeps every weight
     assert c.result["exact"]["ok"]
+
+
+TORCH = {  # tests/models/<name>.onnx (models/make_sequence_zoo.py): torch.onnx.export's defaults, batch 1
+    "torch_encoder": [["/layer/self_attn/MatMul"], ["/layer/self_attn/Gemm"],
+                      ["/layer/linear1/MatMul", "/layer/linear2/MatMul"], ["/head/MatMul"]],
+    "torch_decoder": [["/layer/self_attn/MatMul"], ["/layer/self_attn/Gemm"],
+                      ["/layer/linear1/MatMul", "/layer/linear2/MatMul"], ["/head/MatMul"]],
+    "torch_lstm": [["/rnn/LSTM.W"], ["/head/MatMul"], ["/rnn/LSTM.R"]],
+    "torch_gru": [["/rnn/GRU.W"], ["/head/MatMul"], ["/rnn/GRU.R_zr"], ["/rnn/GRU.R_h"], ["/rnn/GRU.R_zr_reverse"],
+                  ["/rnn/GRU.R_h_reverse"]],
+}
+
+
+@pytest.mark.parametrize("name", TORCH)
+def test_torch_exported_sequence_models_run_their_weights_on_the_accelerator(tmp_path, name):
+    c = compile_and_validate(ZOO / f"{name}.onnx", tmp_path, LOSSLESS, random_n=3)
+    _check_exact(c)
+    assert _accelerated(c) == TORCH[name]  # torch's fused in_proj [16, 48] MatMul; out_proj a Gemm
+    host = {h["op"] for h in c.manifest["host_ops"]}
+    assert host == ({"MatMul"} if "coder" in name else set())  # QK^T and PV
+    assert all("multiplies two activations" in h["why"] for h in c.manifest["host_ops"])
