@@ -156,6 +156,10 @@ def cycle_table(r: dict[str, Any]) -> str:
                 "energy uJ", "saturated"], rows),
         f"total: {r['total_cycles']:,.0f} cycles for the batch, {r['latency_us']:.2f} us per input, "
         f"{r['energy_uj']:.3f} uJ per input on the accelerator"]
+    per_row = [l for l in r["layers"] if l.get("rows_per_input", 1) != 1]
+    if per_row:  # linear layers on tokens, recurrent layers on time steps: their rows are per token / step
+        lines.insert(1, "layers run per token or time step (their rows are per token / step, the totals per input): "
+                     + ", ".join(f"{l['name']} x{l['rows_per_input']:g}" for l in per_row))
     return "\n".join(lines + _energy_lines(r) + _host_lines(r))
 
 

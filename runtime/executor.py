@@ -304,11 +304,14 @@ def queue_trace(run: LayerRun, target) -> dict[str, Any]:
 
 
 def segment_report(runs: list[LayerRun], target, batch: int) -> dict[str, Any]:
-    """The run report: per layer means over the batch, totals for the batch, the energy
-    model's per-access figures and the slowest layer's activation-queue trace."""
+    """The run report: per layer means over the rows it ran (one per input, or per token /
+    time step when a layer runs on each: `rows_per_input`), totals for the batch, per-input
+    totals, the energy model's per-access figures and the slowest layer's queue trace."""
     layers = [r.summary(target.clock_mhz) for r in runs]
-    per_input_cycles = float(sum(l["cycles"] for l in layers))
-    energy = float(sum(l["energy_uj"] for l in layers))
+    for l, r in zip(layers, runs):
+        l["rows_per_input"] = r.cycles.size / max(batch, 1)
+    per_input_cycles = float(sum(l["cycles"] * l["rows_per_input"] for l in layers))
+    energy = float(sum(l["energy_uj"] * l["rows_per_input"] for l in layers))
     latency = per_input_cycles / target.clock_mhz
     report = {"pes": target.pes, "clock_mhz": target.clock_mhz, "batch": batch,
               "node_nm": target.node_nm,
@@ -317,7 +320,8 @@ def segment_report(runs: list[LayerRun], target, batch: int) -> dict[str, Any]:
               "latency_us": latency,
               "energy_uj": energy,
               "energy_modules": list(MODULES),
-              "energy_modules_uj": {k: float(sum(l["energy_breakdown_uj"][k] for l in layers)) for k in MODULES},
+              "energy_modules_uj": {k: float(sum(l["energy_breakdown_uj"][k] * l["rows_per_input"] for l in layers))
+                                    for k in MODULES},
               "average_power_w": energy / latency if latency > 0 else 0.0,
               "energy_per_access_pj": access_energies(target),
               "pe_area_mm2": pe_area_mm2(target),

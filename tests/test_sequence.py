@@ -122,8 +122,12 @@ def test_run_reports_a_recurrent_layers_cycles_per_time_step(tmp_path):
     sess.run(None, {"x": np.random.default_rng(0).standard_normal((1, 5, 6)).astype(np.float32)})
     runs = sess.last_runs["segment2"]
     assert [l.name for l in runs.layers] == ["rnn.R"] and runs.layers[0].cycles.shape == (5,)  # one per step
-    (r,) = [l for l in sess.last_report["layers"] if l["name"] == "rnn.R"]
-    assert r["cycles"] == pytest.approx(float(runs.layers[0].cycles.mean()))
+    report = sess.last_report
+    (r,) = [l for l in report["layers"] if l["name"] == "rnn.R"]
+    assert r["cycles"] == pytest.approx(float(runs.layers[0].cycles.mean())) and r["rows_per_input"] == 5
+    # per input: every layer's rows (steps, tokens) counted, not one row per layer
+    assert report["cycles_per_input"] == pytest.approx(report["total_cycles"])
+    assert report["cycles_per_input"] == pytest.approx(sum(l["cycles"] * 5 for l in report["layers"]))
 
 
 def test_a_recipe_names_the_gate_matrices(tmp_path):
