@@ -10,12 +10,13 @@ hardware form (fixed 4-bit entries + per-PE pointers) and of the storage form (o
 Huffman-coded CSC stream), the size of the .eie file itself (the Huffman storage form plus
 host graph, programs and manifest) against the .onnx file, and test accuracy measured by
 running the compiled model: the IR2 dump in onnxruntime and the .eie on the bit-exact simulator.
-mobilenet_digits (depthwise convs, squeeze-excite, hardswish; fixed batch 1) has no published
-Deep Compression figures: it is compiled with the recipes in MOBILE_RECIPES (each names the
-hardware target it needs), all reconstruction steps on; bench/layer_bits.py says why those.
+mobilenet_digits (depthwise convs, squeeze-excite, hardswish; fixed batch 1) and lstm_digits (an
+LSTM reading each digit row by row; fixed batch 1) have no published Deep Compression figures:
+they are compiled with the recipes in MOBILE_RECIPES (each names the hardware target it needs;
+bench/layer_bits.py says why those) and LSTM_RECIPES, all reconstruction steps on.
 Usage: python bench/compression.py [--out bench/results/compression.json] [--runs auto,all]
-(--runs: only these runs — ablation names such as "all", "auto", or "mobilenet_digits" for all
-of that model's recipes — merged into the existing --out)
+(--runs: only these runs — ablation names such as "all", "auto", or "mobilenet_digits" /
+"lstm_digits" for all of that model's recipes — merged into the existing --out)
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ MOBILE_RECIPES: dict[str, dict | None] = {
         "layers": {"*/fc[12]/Conv": {"bits": 4}, "*/classifier/*": {"bits": 4}}},
     "auto (budget 0.5 points on held-out calib), all": None,
 }
+# lstm_digits: an LSTM reading each digit row by row (28 steps): its errors compound over the steps
+LSTM = {"file": "lstm_digits.onnx", "output": "logits"}
+LSTM_RECIPES: dict[str, dict | None] = {
+    "4 bits, density 1": {"defaults": {"density": 1.0, "bits": 4}},
+    "4 bits, density 0.5": {"defaults": {"density": 0.5, "bits": 4}},
+    "4 bits, density 0.3": {"defaults": {"density": 0.3, "bits": 4}},
+    "auto (budget 0.5 points on held-out calib), all": None,
+}
+# models without published Deep Compression figures: name -> (spec, recipes)
+OTHER_MODELS = {"mobilenet_digits": (MOBILE, MOBILE_RECIPES), "lstm_digits": (LSTM, LSTM_RECIPES)}
 TARGETS = {"lenet_300_100": 40.0, "lenet5": 39.0}  # total compression, with drop <= 0.5 points
 MAX_DROP = 0.5
 ABLATIONS = {  # name -> (obs, refit, bias_correction, gptq)
@@ -238,15 +249,17 @@ def main() -> None:
             print(f"\n## {model}: dense test accuracy {base:.2f} %")
             for tag in ("deep-compression densities, all", "auto (budget 0.5 points on held-out calib), all"):
                 print(f"\n{tag}:\n" + layer_table(runs[tag]))
-        if chosen("mobilenet_digits"):
-            dense = ort.InferenceSession(os.path.join(ROOT, "models", MOBILE["file"]), providers=["CPUExecutionProvider"])
-            base = accuracy(predict(dense, test["input"], MOBILE["output"]), test["labels"])
-            runs = {tag: run_config("mobilenet_digits", MOBILE, recipe, work, f"recipe{i}", test, base)
-                    for i, (tag, recipe) in enumerate(MOBILE_RECIPES.items())}
-            results["models"]["mobilenet_digits"] = {
+        for name, (spec, recipes) in OTHER_MODELS.items():
+            if not chosen(name):
+                continue
+            dense = ort.InferenceSession(os.path.join(ROOT, "models", spec["file"]), providers=["CPUExecutionProvider"])
+            base = accuracy(predict(dense, test["input"], spec["output"]), test["labels"])
+            runs = {tag: run_config(name, spec, recipe, work, f"recipe{i}", test, base)
+                    for i, (tag, recipe) in enumerate(recipes.items())}
+            results["models"][name] = {
                 "dense_test_accuracy": base, "runs": runs,
                 "target_reached_by": [t for t, r in runs.items() if r["drop_eie"] <= MAX_DROP]}
-            print(f"\n## mobilenet_digits: dense test accuracy {base:.2f} %")
+            print(f"\n## {name}: dense test accuracy {base:.2f} %")
             for tag, run in runs.items():
                 print(f"\n{tag} (target {run['target']['weight_bits']}+{run['target']['rel_index_bits']}-bit entries), "
                       f"test accuracy {run['test_accuracy_eie']:.2f} %, top-1 agreement {run['test_agreement_eie']:.2f} %:\n"

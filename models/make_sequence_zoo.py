@@ -1,7 +1,7 @@
 """Export small PyTorch sequence models as torch.onnx.export writes them by default.
 
 Needs torch: `/work/torchenv/bin/python models/make_sequence_zoo.py`. Writes
-tests/models/torch_{encoder,decoder,lstm,gru}.onnx: fixed batch 1 (the exporter's default:
+tests/models/sequence_{encoder,decoder,lstm,gru}.onnx: fixed batch 1 (the exporter's default:
 no dynamic axes), opset 17, input "input" [1, tokens, features], output "output". Every
 weight matrix is on the 14 levels +-0.25 .. +-1.75 at 30 % density and every bias a
 multiple of 0.25, so a 4-bit codebook holds them without loss (tests/helpers.py, LEVELS).
@@ -55,10 +55,10 @@ class Recurrent(nn.Module):
 
 
 ZOO = {
-    "torch_encoder": lambda: Block(decoder=False),
-    "torch_decoder": lambda: Block(decoder=True),
-    "torch_lstm": lambda: Recurrent(nn.LSTM, bidirectional=False),
-    "torch_gru": lambda: Recurrent(nn.GRU, bidirectional=True),
+    "sequence_encoder": lambda: Block(decoder=False),
+    "sequence_decoder": lambda: Block(decoder=True),
+    "sequence_lstm": lambda: Recurrent(nn.LSTM, bidirectional=False),
+    "sequence_gru": lambda: Recurrent(nn.GRU, bidirectional=True),
 }
 
 

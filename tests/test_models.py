@@ -136,6 +136,17 @@ def test_mobilenet_digits_has_a_fixed_batch_and_the_documented_accuracy(digits_t
     assert (logits.argmax(axis=1) == digits_test["labels"]).sum() == 297  # 99.00 %
 
 
+def test_lstm_digits_reads_rows_with_an_lstm_and_has_the_documented_accuracy(digits_test) -> None:
+    """torch.onnx.export's defaults: input [1, 784], the ONNX LSTM op; 95.00 % on test."""
+    model = onnx.load(MODELS / "lstm_digits.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    assert input_dims(model) == [1, 784] and "LSTM" in {n.op_type for n in model.graph.node}
+    sess = session(MODELS / "lstm_digits.onnx")
+    x = digits_test["input"]
+    logits = np.concatenate([sess.run(["logits"], {"input": x[i : i + 1]})[0] for i in range(len(x))])
+    assert (logits.argmax(axis=1) == digits_test["labels"]).sum() == 285  # 95.00 %
+
+
 def test_mobilenet_digits_has_depthwise_convs_squeeze_excite_and_hardswish() -> None:
     model = onnx.load(MODELS / "mobilenet_digits.onnx")
     w = weights(model)

@@ -141,12 +141,12 @@ def test_a_recipe_names_the_gate_matrices(tmp_path):
 
 
 TORCH = {  # tests/models/<name>.onnx (models/make_sequence_zoo.py): torch.onnx.export's defaults, batch 1
-    "torch_encoder": [["/layer/self_attn/MatMul"], ["/layer/self_attn/Gemm"],
+    "sequence_encoder": [["/layer/self_attn/MatMul"], ["/layer/self_attn/Gemm"],
                       ["/layer/linear1/MatMul", "/layer/linear2/MatMul"], ["/head/MatMul"]],
-    "torch_decoder": [["/layer/self_attn/MatMul"], ["/layer/self_attn/Gemm"],
+    "sequence_decoder": [["/layer/self_attn/MatMul"], ["/layer/self_attn/Gemm"],
                       ["/layer/linear1/MatMul", "/layer/linear2/MatMul"], ["/head/MatMul"]],
-    "torch_lstm": [["/rnn/LSTM.W"], ["/head/MatMul"], ["/rnn/LSTM.R"]],
-    "torch_gru": [["/rnn/GRU.W"], ["/head/MatMul"], ["/rnn/GRU.R_zr"], ["/rnn/GRU.R_h"], ["/rnn/GRU.R_zr_reverse"],
+    "sequence_lstm": [["/rnn/LSTM.W"], ["/head/MatMul"], ["/rnn/LSTM.R"]],
+    "sequence_gru": [["/rnn/GRU.W"], ["/head/MatMul"], ["/rnn/GRU.R_zr"], ["/rnn/GRU.R_h"], ["/rnn/GRU.R_zr_reverse"],
                   ["/rnn/GRU.R_h_reverse"]],
 }
 
