@@ -89,6 +89,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="DIR", help="draw the report's pictures as PNGs into DIR (latency by cause, "
                    "energy by module, per-PE busy/idle per layer, queue occupancy; needs the plot extra)")
     p.add_argument("--float", action="store_true", help="run the simulator's float mode (no fixed point)")
+    p.add_argument("--trace", metavar="TRACE.jsonl",
+                   help="write one JSON line per executed instruction per input: sample, segment, pc, op, "
+                   "start and end cycle (counted from the start of that input's run; docs/simulator.md)")
     _workers(p, "IN.npz's rows are split across the workers; the outputs and the report are those of a run "
                 "in one process")
     _common(p)
@@ -250,7 +253,8 @@ def _cmd_run(args) -> int:
         from .plots import check_plot_folder
         check_plot_folder(args.plot)
     report = _on_workers(args, lambda client: run_file(args.eie, args.input, args.output, args.report,
-                                                       float_mode=args.float, client=client))
+                                                       float_mode=args.float, client=client,
+                                                       trace_path=args.trace))
     if not args.quiet:
         print(cycle_table(report))
     for line in saturation_warnings(report["saturated"], report["batch"]):

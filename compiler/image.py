@@ -14,7 +14,7 @@ to a 64-bit SRAM line), else two bytes, little-endian (4 to a line).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -54,6 +54,9 @@ class SparseImage:
     col_ptr: np.ndarray  # int64 [pes, cols + 1], relative to pe_start[p]
     row_lo: int = 0
     col_lo: int = 0
+    # what the simulator derives from the image, by name (eiec.runtime.simulator.tile_cached):
+    # an image is not changed once built, and a copy (dataclasses.replace) starts empty
+    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_entries(self) -> int:

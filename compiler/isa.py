@@ -192,6 +192,17 @@ def decode(data: bytes | bytearray | memoryview, where: str) -> list[Instr]:
     return [Instr(Opcode(t[0]), Flag(t[1]), *t[2:]) for t in table.tolist()]
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """What a program's operands must agree with, per layer of its segment."""
+
+    tiles: tuple[tuple[int, int, int, int, int], ...]  # per tile: row_lo, row_hi, col_lo, col_hi, lines
+    rows: int
+    conv: bool
+    in_len: int  # elements of the layer's input vector
+    out_len: int  # elements of its output
+
+
 def validate_program(
     instrs: Sequence[Instr],
     n_layers: int,
@@ -199,6 +210,7 @@ def validate_program(
     where: str | None = None,
     *,
     n_buffers: int | None = None,
+    shapes: Sequence[LayerShape] | None = None,
 ) -> None:
     """Semantic checks on a program, FormatError(where, reason) on the first violation.
 
@@ -209,16 +221,34 @@ def validate_program(
     before a RUN or STORE reads them. Accumulation over column tiles is one run of RUNs
     from a FIRST to a LAST, same layer, rows, src and dst, with only loads of the next
     tile (and NOPs) in between.
+
+    With the segment's `shapes` (what a reader of a .eie has), also: every operand is the
+    layer's or tile's own (lengths, row and column ranges, line counts, the CONV flag), a
+    buffer is read only once it holds all rows of what the reader needs (LOAD_ACT: the
+    segment input; a layer's RUNs: the previous layer's output; STORE: the last layer's),
+    and every layer runs.
     """
     if len(tiles_per_layer) != n_layers:
         raise ValueError(f"tiles_per_layer has {len(tiles_per_layer)} entries for {n_layers} layers")
+    if shapes is not None and len(shapes) != n_layers:
+        raise ValueError(f"shapes has {len(shapes)} entries for {n_layers} layers")
     if not instrs or instrs[-1].op != Opcode.END:
         raise FormatError(where, "program does not end with END")
     codebook: int | None = None
     ptr: tuple[int, int, int, int] | None = None  # layer, tile, col_lo, col_hi
     spmat: tuple[int, int] | None = None
     written: set[int] = set()
+    # with shapes: buffer -> (layer whose output it holds (-1: the input), its rows written)
+    holds: dict[int, tuple[int, set[tuple[int, int]]]] = {}
+    completed: set[int] = set()
     open_run: Instr | None = None  # the RUN whose accumulation is still open
+
+    def holding(buf: int) -> int | None:
+        """The layer whose whole output buffer `buf` holds (-1: the input), else None."""
+        if buf not in holds:
+            return None
+        layer, rows = holds[buf]
+        return layer if layer < 0 or sum(b - a for a, b in rows) == shapes[layer].rows else None
 
     for i, ins in enumerate(instrs):
         def fail(reason: str) -> None:
@@ -236,20 +266,34 @@ def validate_program(
                 fail(f"buffer b{buf} out of range ({n_buffers} buffers)")
         if open_run is not None and ins.op not in _WITHIN_ACCUMULATION:
             fail(f"accumulation opened by a FIRST RUN of layer {open_run.layer} is still open (no LAST)")
+        tile = shapes[ins.layer].tiles[ins.tile] if shapes is not None and ins.op in _TILE_OPS else None
 
         if ins.op == Opcode.LOAD_CB:
             codebook = ins.layer
         elif ins.op == Opcode.LOAD_PTR:
             if ins.a > ins.b:
                 fail(f"cols {ins.a}..{ins.b} are reversed")
+            if tile is not None and (ins.a, ins.b) != tile[2:4]:
+                fail(f"cols {ins.a}..{ins.b} are not tile {ins.tile}'s {tile[2]}..{tile[3]}")
             ptr = (ins.layer, ins.tile, ins.a, ins.b)
         elif ins.op == Opcode.LOAD_SPMAT:
+            if tile is not None and ins.a != tile[4]:
+                fail(f"{ins.a} lines, but tile {ins.tile} fills {tile[4]}")
             spmat = (ins.layer, ins.tile)
         elif ins.op == Opcode.LOAD_ACT:
+            if shapes is not None:
+                if ins.a != shapes[0].in_len:
+                    fail(f"length {ins.a}, but the first layer reads {shapes[0].in_len}")
+                holds[ins.dst] = (-1, set())
             written.add(ins.dst)
         elif ins.op == Opcode.STORE:
             if ins.src not in written:
                 fail(f"buffer b{ins.src} is read before it is written")
+            if shapes is not None:
+                if ins.a != shapes[-1].out_len:
+                    fail(f"length {ins.a}, but the last layer writes {shapes[-1].out_len}")
+                if holding(ins.src) != n_layers - 1:
+                    fail(f"buffer b{ins.src} does not hold the last layer's whole output")
         elif ins.op == Opcode.RUN:
             if Flag.FIRST in ins.flags:
                 if open_run is not None:
@@ -274,11 +318,27 @@ def validate_program(
                 fail(f"src and dst are both b{ins.src}")
             if ins.src not in written:
                 fail(f"buffer b{ins.src} is read before it is written")
+            if tile is not None:
+                if (ins.a, ins.b, ins.c, ins.d) != tile[:4]:
+                    fail(f"rows/cols differ from tile {ins.tile} of layer {ins.layer}")
+                if bool(ins.flags & Flag.CONV) != shapes[ins.layer].conv:
+                    fail(f"CONV flag does not match layer {ins.layer}")
+                if holding(ins.src) != ins.layer - 1:
+                    fail(f"buffer b{ins.src} does not hold layer {ins.layer}'s whole input")
             open_run = None if Flag.LAST in ins.flags else ins
             if Flag.LAST in ins.flags:
                 written.add(ins.dst)
+                if shapes is not None:
+                    layer, rows = holds.get(ins.dst, (None, set()))
+                    rows = rows if layer == ins.layer and (ins.a, ins.b) not in rows else set()
+                    holds[ins.dst] = (ins.layer, rows | {(ins.a, ins.b)})
+                    if holding(ins.dst) == ins.layer:
+                        completed.add(ins.layer)
+    if shapes is not None and len(completed) != n_layers:
+        raise FormatError(where, "the program does not run every layer")
 
 
+_TILE_OPS = frozenset({Opcode.LOAD_PTR, Opcode.LOAD_SPMAT, Opcode.RUN})
 _WITHIN_ACCUMULATION = frozenset({Opcode.RUN, Opcode.LOAD_PTR, Opcode.LOAD_SPMAT, Opcode.LOAD_CB, Opcode.NOP})
 
 

@@ -174,9 +174,19 @@ class Segment:
             raise FormatError(where, f"segment target: {e.reason}") from None
         except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
             raise FormatError(where, f"segment metadata is inconsistent ({type(e).__name__}: {e})") from None
-        isa.validate_program(seg.program, len(layers), [len(l.tiles) for l in layers], where)
-        _check_program_shapes(seg, where)
+        if not layers:
+            raise FormatError(where, "segment has no layers")
+        isa.validate_program(seg.program, len(layers), [len(l.tiles) for l in layers], where,
+                             shapes=[program_shape(l) for l in layers])
         return seg
+
+
+def program_shape(layer: LayerSpec) -> isa.LayerShape:
+    """What `isa.validate_program` checks a program's operands against for this layer."""
+    return isa.LayerShape(
+        tiles=tuple((t.row_lo, t.row_lo + t.rows, t.col_lo, t.col_lo + t.cols, t.lines) for t in layer.tiles),
+        rows=layer.rows, conv=layer.kind == "conv",
+        in_len=math.prod(layer.in_shape), out_len=math.prod(layer.out_shape))
 
 
 def layer_arrays(i: int, codebook: np.ndarray, codebook_q: np.ndarray, bias: np.ndarray, bias_acc: np.ndarray,
@@ -190,55 +200,6 @@ def layer_arrays(i: int, codebook: np.ndarray, codebook_q: np.ndarray, bias: np.
         # stored at the pointer SRAM's width (tiling keeps every pointer below 2^ptr_bits)
         arrays[f"L{i}.T{t}.col_ptr"] = img.col_ptr.astype(ptr_dtype(target))
     return arrays
-
-
-def _check_program_shapes(seg: Segment, where: str) -> None:
-    """The program's operands and data flow agree with the layers (a reader's last check).
-
-    `isa.validate_program` checks ids and load order; this checks what it cannot know:
-    lengths, row/column ranges and line counts are the tiles' own, and each RUN reads
-    the buffer holding the previous layer's output (LOAD_ACT holds the segment input),
-    so a signed-but-tampered program is refused at load instead of failing mid-run.
-    """
-    if not seg.layers:
-        raise FormatError(where, "segment has no layers")
-    holds: dict[int, int] = {}  # buffer -> index of the layer whose output it holds (-1: input)
-    ran = set()
-    for i, ins in enumerate(seg.program):
-        def fail(reason: str) -> None:
-            raise FormatError(where, f"instruction {i} ({ins.op.name}): {reason}")
-
-        if ins.op == isa.Op.LOAD_ACT:
-            want = math.prod(seg.layers[0].in_shape)
-            if ins.a != want:
-                fail(f"length {ins.a}, but the first layer reads {want}")
-            holds[ins.dst] = -1
-        elif ins.op == isa.Op.STORE:
-            want = math.prod(seg.layers[-1].out_shape)
-            if ins.a != want:
-                fail(f"length {ins.a}, but the last layer writes {want}")
-            if holds.get(ins.src) != len(seg.layers) - 1:
-                fail(f"buffer b{ins.src} does not hold the last layer's output")
-        elif ins.op in (isa.Op.LOAD_PTR, isa.Op.LOAD_SPMAT, isa.Op.RUN):
-            layer = seg.layers[ins.layer]
-            t = layer.tiles[ins.tile]
-            cols = (t.col_lo, t.col_lo + t.cols)
-            if ins.op == isa.Op.LOAD_PTR and (ins.a, ins.b) != cols:
-                fail(f"cols {ins.a}..{ins.b} are not tile {ins.tile}'s {cols[0]}..{cols[1]}")
-            if ins.op == isa.Op.LOAD_SPMAT and ins.a != t.lines:
-                fail(f"{ins.a} lines, but tile {ins.tile} fills {t.lines}")
-            if ins.op == isa.Op.RUN:
-                if (ins.a, ins.b, ins.c, ins.d) != (t.row_lo, t.row_lo + t.rows, *cols):
-                    fail(f"rows/cols differ from tile {ins.tile} of layer {layer.name}")
-                if bool(ins.flags & isa.Flag.CONV) != (layer.kind == "conv"):
-                    fail(f"CONV flag does not match layer {layer.name}, a {layer.kind} layer")
-                if holds.get(ins.src) != ins.layer - 1:
-                    fail(f"buffer b{ins.src} does not hold layer {ins.layer}'s input")
-                if ins.flags & isa.Flag.LAST and ins.tile == len(layer.tiles) - 1:
-                    holds[ins.dst] = ins.layer
-                    ran.add(ins.layer)
-    if len(ran) != len(seg.layers):
-        raise FormatError(where, "the program does not run every layer")
 
 
 def _check_shapes(i: int, m: dict, shape: tuple[int, ...], conv: ConvGeometry | None,

@@ -520,12 +520,12 @@ def _column_cut(work: np.ndarray, c0: int, target: Target) -> int:
 
 def emit_program(seg: Segment, in_len: int) -> list[isa.Instr]:
     """The CCU's instruction stream: load each layer's images, run its tiles, ping-pong buffers."""
-    I, Op, F = isa.Instr, isa.Op, isa.Flag
-    prog = [I(Op.LOAD_ACT, dst=0, a=in_len)]
+    F = isa.Flag
+    prog = [isa.load_act(0, in_len)]
     src = 0
     for li, l in enumerate(seg.layers):
         dst = 1 - src
-        prog.append(I(Op.LOAD_CB, layer=li))
+        prog.append(isa.load_cb(li))
         col_tiles = {}
         for t in l.tiles:
             col_tiles.setdefault(t.row_lo, []).append(t)
@@ -533,13 +533,12 @@ def emit_program(seg: Segment, in_len: int) -> list[isa.Instr]:
             same_rows = col_tiles[t.row_lo]
             flags = F.BIAS | (F.RELU if l.relu else 0) | (F.CONV if l.kind == "conv" else 0)
             flags |= (F.FIRST if t is same_rows[0] else 0) | (F.LAST if t is same_rows[-1] else 0)
-            prog += [I(Op.LOAD_PTR, layer=li, tile=ti, a=t.col_lo, b=t.col_lo + t.cols),
-                     I(Op.LOAD_SPMAT, layer=li, tile=ti, a=t.lines),
-                     I(Op.RUN, flags=int(flags), layer=li, tile=ti, src=src, dst=dst,
-                       a=t.row_lo, b=t.row_lo + t.rows, c=t.col_lo, d=t.col_lo + t.cols)]
+            cols = (t.col_lo, t.col_lo + t.cols)
+            prog += [isa.load_ptr(li, ti, *cols), isa.load_spmat(li, ti, t.lines),
+                     isa.run(li, ti, src, dst, (t.row_lo, t.row_lo + t.rows), cols, flags)]
         src = dst
     out_len = int(np.prod(seg.layers[-1].out_shape))
-    prog += [I(Op.STORE, src=src, a=out_len), I(Op.END)]
+    prog += [isa.store(src, out_len), isa.end()]
     return prog
 
 

@@ -7,6 +7,7 @@ blocks of broadcasts, vectorised over (broadcast, batch, pe).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from eiec.errors import FormatError
-from eiec.image import SparseImage
+from eiec.image import LINE_BYTES, SparseImage
 from eiec.runtime.simulator import tile_cached
 from eiec.target import Target
 
@@ -230,103 +231,183 @@ def _broadcast_lists(nz: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return cols_k, valid, count, b_idx, j_idx
 
 
-def _pass_order(tiles: Sequence[SparseImage]) -> list[int]:
-    """Tile passes in hardware order: by row block, then ascending col_lo."""
-    return sorted(range(len(tiles)), key=lambda i: (tiles[i].row_lo, tiles[i].rows, tiles[i].col_lo))
+@dataclass
+class PassCycles:
+    """What one RUN (one tile pass) costs, one value per vector it multiplies."""
+
+    cycles: np.ndarray  # int64 [N]: fill + queue span (+ write-back when the RUN is LAST)
+    busy: np.ndarray  # int64 [N, pes]: cycles each PE spends on entries
+    padding: np.ndarray  # int64 [N]: padding entries among them
+    lines: np.ndarray  # int64 [N]: sparse-matrix SRAM lines read
+    broadcasts: np.ndarray  # int64 [N]
+    stall: np.ndarray  # int64 [N]: cycles the broadcast waited for a full act_queue
+    fill: np.ndarray  # int64 [N]: pipeline fill/drain (+ write-back), within cycles
+    writeback_rows: np.ndarray  # int64 [N]: rows written back (0 unless LAST)
+
+    def per_input(self, batch: int) -> PassCycles:
+        """Summed over the vectors of each input (a conv's output positions)."""
+        return PassCycles(*(a.reshape(batch, -1, *a.shape[1:]).sum(axis=1)
+                            for a in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
 
-def cycle_layer(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target: Target,
-                resident: bool | None = None) -> LayerCycles:
-    """Cycles and events of one layer for each input of a batch.
+def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_back: bool) -> PassCycles:
+    """One RUN of `tile` on each vector of x_nonzero (bool [N, layer cols], the nonzero =
+    broadcast activations): pipeline fill, the activation queues' span and, for a LAST
+    RUN, the write-back of the tile's rows (one row per PE per cycle)."""
+    if tile.pes != target.pes:
+        raise FormatError(None, f"tile built for {tile.pes} PEs, target has {target.pes}")
+    if tile.col_lo + tile.cols > x_nonzero.shape[1]:
+        raise ValueError(f"tile columns end at {tile.col_lo + tile.cols}, input has {x_nonzero.shape[1]}")
+    n = x_nonzero.shape[0]
+    _, work, _ = tile_cached(tile, "column_tables", _column_tables)
+    events = tile_cached(tile, f"events{target.entries_per_line}",
+                         lambda tt: _event_table(tt, target.entries_per_line))
+    nz = x_nonzero[:, tile.col_lo:tile.col_lo + tile.cols]
+    cols_k, valid, count, _, j_idx = _broadcast_lists(nz)
+    span, stall = _queue_span(work, cols_k, valid, target.queue_depth)
+    # sum of the event rows of each vector's broadcast columns, as a sparse product
+    # (touches only the broadcasts; a dense [N, cols] product would touch every column)
+    picked = sp.csr_matrix((np.ones(j_idx.size, np.int64), j_idx, np.r_[0, np.cumsum(count)]), shape=nz.shape)
+    per_vector = np.asarray(picked @ events).reshape(n, target.pes + 2)
+    write = -(-tile.rows // target.pes) if write_back else 0
+    fill = np.full(n, target.pipeline_depth + write, np.int64)
+    return PassCycles(cycles=span + fill, busy=per_vector[:, :target.pes], padding=per_vector[:, target.pes],
+                      lines=per_vector[:, target.pes + 1], broadcasts=count.astype(np.int64), stall=stall,
+                      fill=fill, writeback_rows=np.full(n, tile.rows if write_back else 0, np.int64))
 
-    x_nonzero: bool [B, cols], which input activations are nonzero (= broadcast).
-    resident: the layer's tiles stay in the PEs' SRAMs between inputs; default: only
-    when the layer is one tile. A non-resident layer reloads every tile per input.
-    """
-    x_nonzero = np.atleast_2d(np.asarray(x_nonzero, bool))
-    batch = x_nonzero.shape[0]
-    pes = target.pes
-    if resident is None:
-        resident = len(tiles) == 1
-    for t in tiles:
-        if t.pes != pes:
-            raise FormatError(None, f"tile built for {t.pes} PEs, target has {pes}")
-        if t.col_lo + t.cols > x_nonzero.shape[1]:
-            raise ValueError(f"tile columns end at {t.col_lo + t.cols}, input has {x_nonzero.shape[1]}")
 
-    def zeros() -> np.ndarray:
-        return np.zeros(batch, np.int64)
+@dataclass
+class LoadCost:
+    """What loads cost: cycles, bytes moved from DRAM, SRAM words written (ints for one
+    load, or [B] arrays summed over a layer's loads per input)."""
 
-    cycles, stall, reload_cycles, reload_bytes = zeros(), zeros(), zeros(), zeros()
-    broadcasts, padding, lines, writeback_rows = zeros(), zeros(), zeros(), zeros()
-    fill, line_writes, ptr_writes = zeros(), zeros(), zeros()
-    busy = np.zeros((batch, pes), np.int64)
+    cycles: int | np.ndarray
+    bytes: int | np.ndarray
+    line_writes: int | np.ndarray = 0  # sparse-matrix SRAM lines (all PEs)
+    ptr_writes: int | np.ndarray = 0  # pointers (all PEs)
 
-    # row blocks write back once, after their last column tile (ascending col_lo)
-    order = _pass_order(tiles)
-    for n, i in enumerate(order):
-        t = tiles[i]
-        _, work, _ = tile_cached(t, "column_tables", _column_tables)
-        events = tile_cached(t, f"events{target.entries_per_line}",
-                             lambda tt: _event_table(tt, target.entries_per_line))
-        nz = x_nonzero[:, t.col_lo:t.col_lo + t.cols]
-        cols_k, valid, count, _, j_idx = _broadcast_lists(nz)
-        span, pass_stall = _queue_span(work, cols_k, valid, target.queue_depth)
 
-        # sum of the event rows of each input's broadcast columns, as a sparse product
-        # (touches only the broadcasts; a dense [B, cols] product would touch every column)
-        picked = sp.csr_matrix((np.ones(j_idx.size, np.int64), j_idx, np.r_[0, np.cumsum(count)]),
-                               shape=nz.shape)
-        per_input = np.asarray(picked @ events).reshape(batch, pes + 2)
-        busy += per_input[:, :pes]
-        padding += per_input[:, pes]
-        lines += per_input[:, pes + 1]
-        broadcasts += count
-        stall += pass_stall
-        cycles += target.pipeline_depth + span
-        fill += target.pipeline_depth
-        last_of_block = n + 1 == len(order) or (tiles[order[n + 1]].row_lo, tiles[order[n + 1]].rows) \
-            != (t.row_lo, t.rows)
-        if last_of_block:
-            cycles += -(-t.rows // pes)
-            fill += -(-t.rows // pes)
-            writeback_rows += t.rows
-        if not resident:
-            pe_lines = np.asarray(t.lines_per_pe, np.int64)
-            ptrs = -(-(t.cols + 1) // POINTER_BANKS)
-            reload_cycles += max(int(pe_lines.max(initial=0)), ptrs)
-            line_writes += int(pe_lines.sum())
-            ptr_writes += pes * (t.cols + 1)
-            reload_bytes += tile_cached(t, "packed_bytes", lambda tt: tt.packed().size) + pes * (t.cols + 1) * target.ptr_bits // 8
+def load_ptr_cost(col_lo: int, col_hi: int, target: Target) -> LoadCost:
+    """LOAD_PTR of columns col_lo..col_hi: every PE's cols + 1 pointers, two banks written per cycle."""
+    ptrs = col_hi - col_lo + 1
+    return LoadCost(cycles=-(-ptrs // POINTER_BANKS), bytes=target.pes * ptrs * target.ptr_bits // 8,
+                    ptr_writes=target.pes * ptrs)
 
-    cycles += reload_cycles
+
+def load_spmat_cost(lines: int, tile: SparseImage) -> LoadCost:
+    """LOAD_SPMAT of `lines` 64-bit lines (all PEs): the PEs' SRAMs are written in parallel,
+    a line a cycle each, so the fullest PE of the loaded image sets the cycles."""
+    return LoadCost(cycles=int(np.max(tile.lines_per_pe, initial=0)), bytes=lines * LINE_BYTES, line_writes=lines)
+
+
+class Timeline:
+    """The CCU's clock, one time per input of a batch (docs/simulator.md, "The program's
+    timeline"). A load starts when the instruction before the load group ended and its
+    memory is free, so loads into different memories (pointer and sparse-matrix SRAMs)
+    overlap; any other instruction starts when every load before it has ended."""
+
+    def __init__(self, batch: int):
+        self.now = np.zeros(batch, np.int64)  # end of the last non-load instruction
+        self.ready = np.zeros(batch, np.int64)  # end of every load issued so far
+        self._free: dict[str, np.ndarray] = {}  # memory -> when its last load ends
+
+    def load(self, memory: str, cycles: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        start = np.maximum(self.now, self._free.get(memory, self.now))
+        end = start + cycles
+        self._free[memory] = end
+        self.ready = np.maximum(self.ready, end)
+        return start, end
+
+    def waiting(self) -> np.ndarray:
+        """Cycles the next non-load instruction waits for the loads before it."""
+        return np.maximum(self.ready - self.now, 0)
+
+    def step(self, cycles: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        start = np.maximum(self.now, self.ready)
+        self.now = self.ready = start + cycles
+        return start, self.now
+
+
+def layer_cycles(passes: Sequence[PassCycles], loads: LoadCost, nonzero_activations: np.ndarray,
+                 rows: int, cols: int, target: Target) -> LayerCycles:
+    """A layer's LayerCycles from its RUNs' passes and its loads, one value per input each.
+    loads.cycles: what the loads added to the layer's time (after overlapping)."""
+    batch = nonzero_activations.shape[0]
+
+    def total(name: str, shape=(batch,)) -> np.ndarray:
+        out = np.zeros(shape, np.int64)
+        for p in passes:
+            out += getattr(p, name)
+        return out
+
+    def per_input(v: int | np.ndarray) -> np.ndarray:
+        return np.broadcast_to(np.asarray(v, np.int64), (batch,)).copy()
+
+    busy = total("busy", (batch, target.pes))
+    padding, writeback_rows, broadcasts = total("padding"), total("writeback_rows"), total("broadcasts")
+    reload = per_input(loads.cycles)
+    cycles = total("cycles") + reload
     entries = busy.sum(axis=1)
     real = entries - padding
     return LayerCycles(
         cycles=cycles,
-        ideal_cycles=entries / pes,
+        ideal_cycles=entries / target.pes,
         busy=busy,
-        load_balance=np.where(cycles > 0, entries / (pes * np.maximum(cycles, 1)), 1.0),
-        nonzero_activations=x_nonzero.sum(axis=1).astype(np.int64),
+        load_balance=np.where(cycles > 0, entries / (target.pes * np.maximum(cycles, 1)), 1.0),
+        nonzero_activations=nonzero_activations,
         broadcasts=broadcasts,
         entries_processed=entries,
         padding_processed=padding,
-        stall_cycles=stall,
-        reload_cycles=reload_cycles,
-        reload_bytes=reload_bytes,
-        spmat_line_reads=lines,
-        ptr_reads=broadcasts * pes,
+        stall_cycles=total("stall"),
+        reload_cycles=reload,
+        reload_bytes=per_input(loads.bytes),
+        spmat_line_reads=total("lines"),
+        ptr_reads=broadcasts * target.pes,
         # source read per broadcast; accumulator read+write per real entry; write-back
         act_reads=broadcasts + real + writeback_rows,
         act_writes=real + writeback_rows,
         mults=real,
         adds=real + writeback_rows,  # bias add at write-back
-        fill_cycles=fill,
-        spmat_line_writes=line_writes,
-        ptr_writes=ptr_writes,
-        rows=max((t.row_lo + t.rows for t in tiles), default=0) - min((t.row_lo for t in tiles), default=0),
-        cols=max((t.col_lo + t.cols for t in tiles), default=0) - min((t.col_lo for t in tiles), default=0),
+        fill_cycles=total("fill"),
+        spmat_line_writes=per_input(loads.line_writes),
+        ptr_writes=per_input(loads.ptr_writes),
+        rows=rows,
+        cols=cols,
     )
+
+
+def cycle_layer(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target: Target,
+                resident: bool | None = None) -> LayerCycles:
+    """Cycles and events of one layer run alone, for each vector of x_nonzero (bool [B, cols],
+    which input activations are nonzero = broadcast): the tiles in the order given, as a
+    program runs them (a row block writes back after its last tile in that order).
+
+    resident: the tiles stay in the PEs' SRAMs between vectors; default: only when the
+    layer is one tile. A non-resident layer loads every tile (LOAD_PTR and LOAD_SPMAT,
+    overlapping) per vector. A segment's layers are costed by their program instead
+    (eiec.runtime.executor).
+    """
+    x_nonzero = np.atleast_2d(np.asarray(x_nonzero, bool))
+    batch = x_nonzero.shape[0]
+    if resident is None:
+        resident = len(tiles) == 1
+    clock = Timeline(batch)
+    passes, moved = [], LoadCost(0, 0)
+    for n, t in enumerate(tiles):
+        if not resident:
+            for memory, cost in (("ptr", load_ptr_cost(t.col_lo, t.col_lo + t.cols, target)),
+                                 ("spmat", load_spmat_cost(t.lines, t))):
+                clock.load(memory, cost.cycles)
+                moved = LoadCost(0, moved.bytes + cost.bytes, moved.line_writes + cost.line_writes,
+                                 moved.ptr_writes + cost.ptr_writes)
+        last = n + 1 == len(tiles) or (tiles[n + 1].row_lo, tiles[n + 1].rows) != (t.row_lo, t.rows)
+        passes.append(cycle_pass(t, x_nonzero, target, write_back=last))
+        clock.step(passes[-1].cycles)
+    moved.cycles = clock.now - sum((p.cycles for p in passes), np.zeros(batch, np.int64))
+    return layer_cycles(passes, moved, x_nonzero.sum(axis=1).astype(np.int64),
+                        rows=max((t.row_lo + t.rows for t in tiles), default=0) - min((t.row_lo for t in tiles), default=0),
+                        cols=max((t.col_lo + t.cols for t in tiles), default=0) - min((t.col_lo for t in tiles), default=0),
+                        target=target)
 
 
 def queue_occupancy(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target: Target,
@@ -336,13 +417,12 @@ def queue_occupancy(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target:
 
     The first vectors of x_nonzero [B, cols] (as many as keep one pass's [K, n, pes]
     pop times and the [T, pes] timeline near max_elems) run one after another, each through every tile pass in
-    hardware order; a pass starts pipeline_depth cycles after the previous one ends
+    the order given (the program's); a pass starts pipeline_depth cycles after the previous one ends
     (write-back and reloads are left out of this time axis). An item is in a PE's queue
     from its broadcast b_k until that PE pops it, s[p, k].
     """
     x_nonzero = np.atleast_2d(np.asarray(x_nonzero, bool))
     pes = target.pes
-    order = _pass_order(tiles)
     widest = max((int(x_nonzero[:, t.col_lo:t.col_lo + t.cols].sum(axis=1).max(initial=0)) for t in tiles),
                  default=0)
     n = int(min(x_nonzero.shape[0], max(1, max_elems // max(1, widest * pes))))
@@ -353,8 +433,7 @@ def queue_occupancy(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target:
                   + target.pipeline_depth for t in tiles)
     n = max(1, int(np.searchsorted(np.cumsum(longest) * pes, max_elems, side="right")))
     spans, pushes, pops = [], [], []  # per pass: [n] spans, and event times relative to the pass start
-    for i in order:
-        t = tiles[i]
+    for t in tiles:
         _, work, _ = tile_cached(t, "column_tables", _column_tables)
         cols_k, valid, _, _, _ = _broadcast_lists(x_nonzero[:n, t.col_lo:t.col_lo + t.cols])
         span, _, issue, start = _queue_span(work, cols_k, valid, target.queue_depth, trace=True)

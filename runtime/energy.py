@@ -130,11 +130,3 @@ def layer_energy(cycles: LayerCycles, dram_bytes: float | np.ndarray,
     res = {k: np.broadcast_to(np.asarray(v, np.float64) / _PJ_PER_UJ, shape).copy() for k, v in out.items()}
     res["total"] = sum(res[k] for k in MODULES)
     return res
-
-
-def idle_cycle_energy_uj(n_cycles: float | np.ndarray, target: Target) -> dict[str, np.ndarray]:
-    """Clock and leakage of all PEs over n_cycles cycles without events (e.g. a reload), uJ."""
-    pj = access_energies(target)
-    pe_cycles = np.asarray(n_cycles, np.float64) * target.pes
-    return {"clock": pe_cycles * pj["clock_cycle"] / _PJ_PER_UJ,
-            "leakage": pe_cycles * pj["leakage_cycle"] / _PJ_PER_UJ}

@@ -20,10 +20,14 @@ from eiec import isa
 from eiec.segment import LayerSpec, Segment
 from eiec.conv import im2col
 
-from .cycles import cycle_layer, queue_occupancy
-from .energy import MODULES, access_energies, idle_cycle_energy_uj, layer_energy, pe_area_mm2
+from eiec.errors import FormatError
+from eiec.image import SparseImage
+
+from .cycles import LoadCost, PassCycles, Timeline, cycle_pass, layer_cycles, load_ptr_cost, load_spmat_cost, queue_occupancy
+from .energy import MODULES, access_energies, layer_energy, pe_area_mm2
 from .fixedpoint import count_saturated, dequantize, quantize
-from .simulator import error_bound, spmv_fixed, spmv_float, tile_cached
+from .simulator import (accumulate_fixed, accumulate_float, check_widths, error_bound, tile_cached,
+                        write_back_fixed, write_back_float)
 
 
 @dataclass
@@ -95,12 +99,23 @@ class LayerRun:
 
 
 @dataclass
+class TraceRow:
+    """One executed instruction: its start and end cycle for each input of the batch."""
+
+    pc: int
+    op: str  # as `eiec dis` prints it (opcode and operands, no index)
+    start: np.ndarray  # int64 [B]
+    end: np.ndarray  # int64 [B]
+
+
+@dataclass
 class SegmentRun:
     input: np.ndarray  # float32 [B, *in_shape]: what the host handed the segment
     output: np.ndarray  # float32 [B, *out_shape]
     layers: list[LayerRun] = field(default_factory=list)  # with cycles only
     saturation: dict[str, Saturation] = field(default_factory=dict)  # layer name -> what it clipped
     bound_of: Callable[[], np.ndarray | None] = field(default=lambda: None, repr=False)
+    trace: list[TraceRow] | None = None  # with run_segment(trace=True): one row per executed instruction
 
     @functools.cached_property
     def bound(self) -> np.ndarray | None:
@@ -139,8 +154,12 @@ def concat_runs(runs: list[SegmentRun]) -> SegmentRun:
         parts = [r.bound for r in runs]
         return None if any(p is None for p in parts) else np.concatenate(parts)
 
+    trace = None
+    if runs[0].trace is not None:
+        trace = [TraceRow(rows[0].pc, rows[0].op, np.concatenate([r.start for r in rows]),
+                          np.concatenate([r.end for r in rows])) for rows in zip(*(r.trace for r in runs))]
     return SegmentRun(np.concatenate([r.input for r in runs]), np.concatenate([r.output for r in runs]),
-                      layers, saturation, bound)
+                      layers, saturation, bound, trace)
 
 
 def _positions(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
@@ -160,12 +179,72 @@ def _to_output(y: np.ndarray, spec: LayerSpec, batch: int) -> np.ndarray:
     return y.reshape(batch, ho, wo, rows).transpose(0, 3, 1, 2)
 
 
-def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool = True) -> SegmentRun:
-    """Execute the segment's program on a batch `x` (float32 [B, *in_shape]).
+@dataclass
+class _Buffer:
+    """An activation buffer: the segment input (layer -1, [B, *in_shape]) or a layer's
+    output as its write-backs leave it ([B * positions, rows]; `written` marks rows)."""
+
+    layer: int
+    values: np.ndarray
+    bound: Callable[[], np.ndarray | None]
+    written: np.ndarray | None = None
+    _as_input: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def read(self, seg: Segment, batch: int) -> np.ndarray:
+        """The held vector in the layout of the layer that wrote it ([B, *shape])."""
+        if self.layer < 0:
+            return self.values
+        return _to_output(self.values, seg.layers[self.layer], batch)
+
+    def positions(self, seg: Segment, spec: LayerSpec, layer: int, batch: int) -> np.ndarray:
+        """What a RUN of `spec` broadcasts from this buffer: [B * positions, cols] (im2col for
+        a conv: the CCU's address generation). Made once per reading layer."""
+        if layer not in self._as_input:
+            self._as_input[layer] = _positions(self.read(seg, batch), spec)
+        return self._as_input[layer]
+
+
+@dataclass
+class _LayerState:
+    """One layer's running totals over its RUNs and loads, per input of the batch."""
+
+    sat: Saturation
+    passes: list = field(default_factory=list)  # PassCycles per RUN, summed per input
+    tiles: list = field(default_factory=list)  # the tiles its RUNs used, in program order
+    load_cycles: np.ndarray | int = 0  # cycles loads held this layer's RUNs back
+    moved: LoadCost = field(default_factory=lambda: LoadCost(0, 0))
+    x_nonzero: np.ndarray | None = None  # [B * positions, cols] of its input
+
+
+class _Machine:
+    """The accelerator's state while a program runs on a batch: codebook registers, the
+    tiles held in the pointer and sparse-matrix SRAMs, the activation buffers, the open
+    accumulators, and the CCU's clock per input."""
+
+    def __init__(self, seg: Segment, batch: int):
+        self.seg, self.batch = seg, batch
+        self.codebook: int | None = None
+        # (layer, tile) -> image held. A resident segment's tiles all fit the SRAMs: they
+        # were written when the segment was configured, so its loads find them held.
+        everything = {(i, t): img for i, l in enumerate(seg.layers) for t, img in enumerate(l.tiles)}
+        self.ptr: dict[tuple[int, int], tuple[int, int]] = (
+            {k: (img.col_lo, img.col_lo + img.cols) for k, img in everything.items()} if seg.resident else {})
+        self.spmat: dict[tuple[int, int], SparseImage] = dict(everything) if seg.resident else {}
+        self.buffers: dict[int, _Buffer] = {}
+        self.acc: np.ndarray | None = None  # the open accumulation's [B * positions, rows]
+        self.acc_clipped: np.ndarray | None = None
+        self.clock = Timeline(batch)
+
+
+def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool = True,
+                trace: bool = False) -> SegmentRun:
+    """Execute the segment's program on a batch `x` (float32 [B, *in_shape]), instruction by
+    instruction, each input of the batch at once.
 
     mode "fixed" is the bit-exact datapath; "float" uses the float codebook and bias
     on the same tiles (for comparisons). With `cycles`, each layer's cycle and energy
-    report is collected.
+    report is collected; with `trace`, SegmentRun.trace holds one TraceRow per executed
+    instruction (cycles counted from the start of the program, per input).
     """
     t = seg.target
     batch = x.shape[0]
@@ -176,58 +255,146 @@ def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool =
     # error bound state: |x| and the error of the activations held in the PEs
     e_x = np.abs(dequantize(act, first.in_frac) - x) if mode == "fixed" else None
     run = SegmentRun(input=x, output=np.empty(0, np.float32))
-    buffers: dict[int, np.ndarray] = {}
-    bounds: dict[int, Callable[[], np.ndarray | None]] = {}
-    for ins in seg.program:
-        if ins.op == isa.Op.LOAD_ACT:
-            buffers[ins.dst] = act
-            bounds[ins.dst] = lambda: e_x
-        elif ins.op == isa.Op.RUN and ins.flags & isa.Flag.LAST and _last_tile_of_layer(seg, ins):
-            spec = seg.layers[ins.layer]
-            src = buffers[ins.src]
-            sat = Saturation(inputs=clipped_inputs if ins.layer == 0 else 0)
-            out, layer_run, e_out = _run_layer(seg, spec, src, bounds[ins.src], mode, cycles, sat)
-            run.saturation[spec.name] = sat
-            buffers[ins.dst] = out
-            bounds[ins.dst] = e_out
-            if layer_run is not None:
-                run.layers.append(layer_run)
-        elif ins.op == isa.Op.STORE:
-            last = seg.layers[-1]
-            res = buffers[ins.src]
-            run.output = (dequantize(res, last.out_frac) if mode == "fixed" else res).astype(np.float32)
-            run.bound_of = bounds[ins.src]
+    m = _Machine(seg, batch)
+    layers: dict[int, _LayerState] = {}
+    names = [l.name for l in seg.layers]
+    if trace:
+        run.trace = []
+        spelled = [line.split(None, 1)[1].strip() for line in isa.disassemble(seg.program, names).splitlines()]
+    last_loaded = 0  # the layer of the latest load: whom a wait for loads is charged to
+
+    def layer_state(i: int) -> _LayerState:
+        if i not in layers:
+            layers[i] = _LayerState(Saturation(inputs=clipped_inputs if i == 0 else 0))
+        return layers[i]
+
+    for pc, ins in enumerate(seg.program):
+        start = end = None
+        if ins.op in (isa.Op.LOAD_PTR, isa.Op.LOAD_SPMAT, isa.Op.LOAD_CB):
+            last_loaded = ins.layer
+            cost = _load(m, ins)
+            start, end = m.clock.load(ins.op.name, cost.cycles)
+            if cost.bytes:
+                st = layer_state(ins.layer)
+                st.moved = LoadCost(0, st.moved.bytes + cost.bytes, st.moved.line_writes + cost.line_writes,
+                                    st.moved.ptr_writes + cost.ptr_writes)
+        elif ins.op == isa.Op.RUN:
+            st = layer_state(ins.layer)
+            st.load_cycles = st.load_cycles + m.clock.waiting()  # the loads hold the RUN back
+            pass_cycles = _run(m, ins, st, mode, cycles, names)
+            start, end = m.clock.step(pass_cycles.cycles if pass_cycles is not None else 0)
+            if pass_cycles is not None:
+                st.passes.append(pass_cycles)
+        else:
+            waiting = m.clock.waiting()  # loads no RUN used: charged to the layer they loaded
+            if waiting.any():
+                state = layer_state(last_loaded)
+                state.load_cycles = state.load_cycles + waiting
+            start, end = m.clock.step(0)
+            if ins.op == isa.Op.LOAD_ACT:
+                m.buffers[ins.dst] = _Buffer(-1, act, lambda: e_x)
+            elif ins.op == isa.Op.STORE:
+                buf = _read(m, ins.src, pc, ins)
+                res = buf.read(seg, batch)
+                last = seg.layers[buf.layer]
+                run.output = (dequantize(res, last.out_frac) if mode == "fixed" else res).astype(np.float32)
+                run.bound_of = buf.bound
+        if trace:
+            run.trace.append(TraceRow(pc, spelled[pc], start, end))
+
+    for i in sorted(layers):
+        spec, st = seg.layers[i], layers[i]
+        run.saturation[spec.name] = st.sat
+        if cycles and st.passes:
+            run.layers.append(_layer_run(seg, spec, st, batch))
     return run
 
 
-def _last_tile_of_layer(seg: Segment, ins: isa.Instr) -> bool:
-    """A layer runs as a whole at its last tile: the tiles' effects are exactly the layer's."""
-    return ins.tile == len(seg.layers[ins.layer].tiles) - 1
+def _load(m: _Machine, ins: isa.Instr) -> LoadCost:
+    """A load changes what the PEs hold; it costs nothing when that is held already."""
+    key = (ins.layer, ins.tile)
+    if ins.op == isa.Op.LOAD_CB:
+        m.codebook = ins.layer
+        return LoadCost(0, 0)  # ours: 2^bits register writes, hidden behind the layer (docs/simulator.md)
+    if ins.op == isa.Op.LOAD_PTR:
+        if m.ptr.get(key) == (ins.a, ins.b):
+            return LoadCost(0, 0)
+        if not m.seg.resident:
+            m.ptr.clear()  # the SRAM holds one tile: a load replaces it
+        m.ptr[key] = (ins.a, ins.b)
+        return load_ptr_cost(ins.a, ins.b, m.seg.target)
+    tile = m.seg.layers[ins.layer].tiles[ins.tile]
+    if key in m.spmat:
+        return LoadCost(0, 0)
+    if not m.seg.resident:
+        m.spmat.clear()
+    m.spmat[key] = tile
+    return load_spmat_cost(ins.a, tile)
 
 
-def _run_layer(seg: Segment, spec: LayerSpec, act: np.ndarray, e_in: Callable[[], np.ndarray | None],
-               mode: str, want_cycles: bool, sat: Saturation
-               ) -> tuple[np.ndarray, LayerRun | None, Callable[[], np.ndarray | None]]:
-    """Run one layer, adding what it clips to `sat`. e_in gives the input's error bound, and
-    the returned function the output's: both are only evaluated when SegmentRun.bound is read."""
-    t = seg.target
-    batch = act.shape[0]
-    x = _positions(act, spec)
+def _read(m: _Machine, buf: int, pc: int, ins: isa.Instr) -> _Buffer:
+    held = m.buffers.get(buf)
+    if held is None or (held.written is not None and not held.written.all()):
+        raise FormatError(None, f"instruction {pc} ({ins.op.name}): buffer b{buf} is read before it is written")
+    return held
+
+
+def _run(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycles: bool,
+         names: list[str]) -> PassCycles | None:
+    """One RUN: broadcast src's nonzero columns over the held tile into the accumulators;
+    on LAST write the rows back to dst. Returns its cycles (None without the cycle model)."""
+    seg, batch, t = m.seg, m.batch, m.seg.target
+    spec = seg.layers[ins.layer]
+    where = f"RUN {names[ins.layer]} tile {ins.tile}"
+    tile = m.spmat.get((ins.layer, ins.tile))
+    if tile is None or m.ptr.get((ins.layer, ins.tile)) != (ins.c, ins.d) or m.codebook != ins.layer:
+        raise FormatError(None, f"{where}: its tile or codebook is not loaded")
+    src = m.buffers[ins.src] if ins.src in m.buffers else None
+    if src is None or src.layer != ins.layer - 1:
+        raise FormatError(None, f"{where}: buffer b{ins.src} does not hold the layer's input")
+    xs = src.positions(seg, spec, ins.layer, batch)
+    if ins.flags & isa.Flag.FIRST:
+        m.acc = np.zeros((xs.shape[0], ins.b - ins.a), np.int64 if mode == "fixed" else np.float64)
+        m.acc_clipped = np.zeros(m.acc.shape, bool)
     if mode == "fixed":
-        y, stats = spmv_fixed(spec.tiles, spec.codebook_q, x, spec.bias_acc, spec.shift, spec.relu, t)
-        sat.accumulators += stats.saturated_accumulators
-        sat.outputs += stats.saturated_outputs
+        check_widths(t, spec.cols)
+        m.acc, clipped = accumulate_fixed(tile, spec.codebook_q, xs, m.acc, t)
+        m.acc_clipped |= clipped
     else:
-        y = spmv_float(spec.tiles, spec.codebook, x, spec.bias, spec.relu)
-    out = _to_output(y, spec, batch)
-    e_out = functools.cache(lambda: _layer_bound(spec, act, e_in(), batch))
-    layer_run = None
-    if want_cycles:
-        run = cycle_layer(spec.tiles, x != 0, t, resident=seg.resident or spec.kind == "conv")
-        layer_run = _merge_runs(seg, spec, run, batch, sat)
-        first = x[:x.shape[0] // batch] != 0  # keep only the first input's activity pattern
-        layer_run.queue_of = lambda: queue_occupancy(spec.tiles, first, t)
-    return out, layer_run, e_out
+        m.acc = accumulate_float(tile, spec.codebook, xs, m.acc)
+    if ins.flags & isa.Flag.LAST:
+        bias = (spec.bias_acc if mode == "fixed" else spec.bias)[ins.a:ins.b]
+        if not ins.flags & isa.Flag.BIAS:
+            bias = np.zeros_like(bias)
+        relu = bool(ins.flags & isa.Flag.RELU)
+        if mode == "fixed":
+            y, clipped, changed = write_back_fixed(m.acc, bias, spec.shift, relu, t)
+            st.sat.accumulators += int((m.acc_clipped | clipped).sum())
+            st.sat.outputs += changed
+        else:
+            y = write_back_float(m.acc, bias, relu)
+        _write(m, ins, y, src, xs)
+        m.acc = m.acc_clipped = None
+    st.tiles.append(tile)
+    if not want_cycles:
+        return None
+    if st.x_nonzero is None:
+        st.x_nonzero = xs != 0
+    return cycle_pass(tile, st.x_nonzero, t, write_back=bool(ins.flags & isa.Flag.LAST)).per_input(batch)
+
+
+def _write(m: _Machine, ins: isa.Instr, y: np.ndarray, src: _Buffer, xs: np.ndarray) -> None:
+    """Write rows ins.a..ins.b of the layer's output into buffer dst."""
+    seg, batch = m.seg, m.batch
+    spec = seg.layers[ins.layer]
+    dst = m.buffers.get(ins.dst)
+    if dst is None or dst.layer != ins.layer or dst.written is None or dst.written[ins.a:ins.b].any():
+        act_in, e_in = src.read(seg, batch), src.bound
+        bound = functools.cache(lambda: _layer_bound(spec, act_in, e_in(), batch))
+        dst = m.buffers[ins.dst] = _Buffer(ins.layer, np.zeros((xs.shape[0], spec.rows), y.dtype), bound,
+                                           np.zeros(spec.rows, bool))
+    dst.values[:, ins.a:ins.b] = y
+    dst.written[ins.a:ins.b] = True
 
 
 def _layer_bound(spec: LayerSpec, act: np.ndarray, e_in: np.ndarray | None, batch: int) -> np.ndarray | None:
@@ -241,46 +408,30 @@ def _layer_bound(spec: LayerSpec, act: np.ndarray, e_in: np.ndarray | None, batc
     return _to_output(bound, spec, batch)
 
 
-def _merge_runs(seg: Segment, spec: LayerSpec, run, batch: int, sat: Saturation) -> LayerRun:
-    """Sum the cycle model's per-vector results over a conv's output positions, per input.
-
-    A conv layer's positions share one load of its tiles per input: when the segment is
-    not resident, that reload is added once per input, not once per position.
-    """
+def _layer_run(seg: Segment, spec: LayerSpec, st: _LayerState, batch: int) -> LayerRun:
+    """The layer's report from its RUNs (passes summed over a conv's positions) and loads."""
     t = seg.target
-
-    def per_input(a: np.ndarray) -> np.ndarray:
-        return a.reshape(batch, -1, *a.shape[1:]).sum(axis=1)
-
-    energy = {k: per_input(np.asarray(v, float)) for k, v in layer_energy(run, run.reload_bytes, t).items()}
-    cycles = per_input(run.cycles)
-    reload_cycles = per_input(run.reload_cycles)
-    if spec.kind == "conv" and not seg.resident:
-        idle = np.zeros((1, spec.cols), bool)  # no broadcasts: only the reload is counted
-        reload = cycle_layer(spec.tiles, idle, t, resident=False)
-        n_reload = int(reload.reload_cycles[0])
-        cycles = cycles + n_reload
-        reload_cycles = reload_cycles + n_reload
-        extra = idle_cycle_energy_uj(n_reload, t)
-        e = layer_energy(reload, reload.reload_bytes, t)  # the SRAM writes and DRAM reads of the reload
-        for k in ("SpmatRead", "PtrRead", "dram"):
-            extra[k] = extra.get(k, 0.0) + float(e[k][0])
-        for k, v in extra.items():
-            energy[k] = energy[k] + v
-        energy["total"] = sum(energy[k] for k in MODULES)
+    nz = st.x_nonzero
+    loads = dataclasses.replace(st.moved, cycles=st.load_cycles)
+    per_input_nz = nz.reshape(batch, -1).sum(axis=1).astype(np.int64)
+    run = layer_cycles(st.passes, loads, per_input_nz, spec.rows, spec.cols, t)
+    first = nz[:nz.shape[0] // batch]  # keep only the first input's activity pattern
+    tiles = list(st.tiles)
     return LayerRun(
         name=spec.name,
-        cycles=cycles,
-        ideal_cycles=per_input(run.ideal_cycles),
-        busy=per_input(run.busy),
-        nonzero_activations=per_input(run.nonzero_activations),
+        cycles=run.cycles,
+        ideal_cycles=run.ideal_cycles,
+        busy=run.busy,
+        nonzero_activations=run.nonzero_activations,
         entries=spec.entries,  # padding counted once per tile: a full scan of the codes otherwise
         padding_entries=sum(tile_cached(t, "n_padding", lambda tt: tt.n_padding) for t in spec.tiles),
-        entries_processed=per_input(run.entries_processed),
-        energy_uj=energy, saturation=sat,
-        padding_processed=per_input(run.padding_processed),
-        fill_cycles=per_input(run.fill_cycles),
-        reload_cycles=reload_cycles)
+        entries_processed=run.entries_processed,
+        energy_uj=layer_energy(run, run.reload_bytes, t),
+        saturation=st.sat,
+        padding_processed=run.padding_processed,
+        fill_cycles=run.fill_cycles,
+        reload_cycles=run.reload_cycles,
+        queue_of=lambda: queue_occupancy(tiles, first, t))
 
 
 _QUEUE_BINS = 400  # time bins of the report's queue-occupancy trace

@@ -8,14 +8,14 @@ session.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import threading
 import time
-import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,13 +34,27 @@ from .executor import SegmentRun, concat_runs, run_segment, segment_report
 from .ops import custom_op, make_session
 
 COMPILED_FOR = "the shape the model was compiled for"
-_SEGMENTS: dict[str, Segment] = {}  # SHA-256 of a blob -> the parsed segment
-# "chunk": (real rows, rows fed) of the chunk onnxruntime is running (see eiec.ortrun.run_rows)
-# "simulated_s": wall seconds spent in the simulator during the current run
-_STATE: dict[str, Any] = {"mode": "fixed", "cycles": True, "runs": None, "errors": [], "chunk": None,
-                          "simulated_s": 0.0}
-# _STATE belongs to one run at a time: threads of one process (a Dask worker's) take turns
-_ONE_RUN = threading.Lock()
+_SEGMENTS: dict[str, Segment] = {}  # SHA-256 of a blob -> the parsed segment (immutable, shared)
+
+
+@dataclass
+class _Run:
+    """What one `InferenceSession.run` collects while onnxruntime runs the graph."""
+
+    mode: str
+    cycles: bool
+    trace: bool
+    runs: dict[str, list[SegmentRun]] = field(default_factory=dict)
+    errors: list[Exception] = field(default_factory=list)
+    chunk: tuple[int, int] | None = None  # (real rows, rows fed) of the chunk onnxruntime runs (eiec.ortrun.run_rows)
+    simulated_s: float = 0.0  # wall seconds spent in the simulator
+
+
+# session key -> its run in progress. Each InferenceSession tags its EIESegment nodes with
+# its own key (the `session` attribute), so the op finds its session's run whatever
+# thread onnxruntime calls it on, and sessions never see each other's state.
+_RUNS: dict[str, _Run] = {}
+_KEYS = itertools.count()
 
 
 def _segment_of(blob: np.ndarray, digest: str = "") -> Segment:
@@ -63,46 +77,42 @@ def forget_segments() -> None:
     _SEGMENTS.clear()
 
 
-def _segment_shape(x: np.ndarray, blob: np.ndarray, digest: str = "") -> tuple[int, ...]:
+def _segment_shape(x: np.ndarray, blob: np.ndarray, digest: str = "", session: str = "") -> tuple[int, ...]:
     seg = _segment_of(blob, digest)
     return (x.shape[0],) + tuple(seg.layers[-1].out_shape)
 
 
-@custom_op("EIESegment", inputs=[1, 2], outputs=[1], attrs={"digest": PyCustomOpDef.dt_string},
+@custom_op("EIESegment", inputs=[1, 2], outputs=[1],
+           attrs={"digest": PyCustomOpDef.dt_string, "session": PyCustomOpDef.dt_string},
            output_shape=_segment_shape)
-def eie_segment(x: np.ndarray, blob: np.ndarray, digest: str = "") -> np.ndarray:
+def eie_segment(x: np.ndarray, blob: np.ndarray, digest: str = "", session: str = "") -> np.ndarray:
     """ai.onnx.contrib::EIESegment(x, blob): run the segment's program on the simulator.
 
     An exception may not leave a Python op (it would abort onnxruntime): it is kept for
-    `InferenceSession.run` to raise once onnxruntime returns. Rows that only pad a
+    `InferenceSession.run` to raise once onnxruntime returns, and the output is NaN. Rows that only pad a
     fixed-batch chunk are not simulated (their outputs are dropped): the report counts
     the real inputs only."""
-    chunk = _STATE["chunk"]
+    state = _RUNS.get(session)
+    if state is None:
+        raise RuntimeError("EIESegment runs only inside an eiec InferenceSession's run")
+    chunk = state.chunk
     real = chunk[0] if chunk is not None and chunk[0] < chunk[1] == x.shape[0] else x.shape[0]
     start = time.perf_counter()
     try:
         seg = _segment_of(blob, digest)
-        run = run_segment(seg, x[:real], _STATE["mode"], cycles=_STATE["cycles"])
-    except Exception as e:
-        _STATE["errors"].append(e)
-        raise
+        run = run_segment(seg, x[:real], state.mode, cycles=state.cycles, trace=state.trace)
+    except Exception as e:  # noqa: BLE001 - raised by InferenceSession.run
+        state.errors.append(e)
+        try:
+            shape = _segment_shape(x, blob, digest)
+        except Exception:  # noqa: BLE001 - the segment itself is what failed
+            shape = (0,)
+        return np.full(shape, np.nan, np.float32)
     finally:
-        _STATE["simulated_s"] += time.perf_counter() - start
-    if _STATE["runs"] is not None:
-        _STATE["runs"].setdefault(seg.name, []).append(run)
+        state.simulated_s += time.perf_counter() - start
+    state.runs.setdefault(seg.name, []).append(run)
     y = run.output.reshape((real,) + tuple(seg.layers[-1].out_shape))
     return np.concatenate([y, np.repeat(y[-1:], x.shape[0] - real, axis=0)]) if real < x.shape[0] else y
-
-
-@contextlib.contextmanager
-def _collect(mode: str, cycles: bool):
-    runs: dict[str, list[SegmentRun]] = {}
-    saved = dict(_STATE)
-    _STATE.update(mode=mode, cycles=cycles, runs=runs, errors=[], chunk=None, simulated_s=0.0)
-    try:
-        yield runs
-    finally:
-        _STATE.update(saved)
 
 
 class InferenceSession:
@@ -110,15 +120,19 @@ class InferenceSession:
 
     `path` is a .eie file or an ONNX model (e.g. an IR dump, IR3/IR4 included).
     `mode` "fixed" runs segments bit-exact; "float" runs the simulator's float mode.
-    After `run`, `last_runs` holds each segment's `SegmentRun` and `last_report` the
-    cycle/energy report.
+    After `run`, `last_runs` holds each segment's `SegmentRun` (with `trace`, each
+    executed instruction's cycles) and `last_report` the cycle/energy report. Sessions
+    are independent: any number may run at once on different threads.
     """
 
-    def __init__(self, path: str | os.PathLike, mode: str = "fixed", cycles: bool = True):
+    def __init__(self, path: str | os.PathLike, mode: str = "fixed", cycles: bool = True, trace: bool = False):
         path = os.fspath(path)
         self.path = path
         self.mode = mode
         self.cycles = cycles
+        self.trace = trace
+        self._key = f"session{next(_KEYS)}"
+        self._one_run = threading.Lock()  # one run at a time per session: its state is per run
         if path.endswith(".eie"):
             self.compiled = load_eie(path)
             self.model = self.compiled.model
@@ -128,6 +142,11 @@ class InferenceSession:
                 self.model = onnx.load(path)
             except Exception:  # noqa: BLE001 - protobuf raises several types on bad bytes
                 raise FormatError(path, "not an ONNX model") from None
+        for node in self.model.graph.node:  # the op finds this session's run by this key
+            if node.op_type == "EIESegment":
+                kept = [a for a in node.attribute if a.name != "session"]
+                node.ClearField("attribute")
+                node.attribute.extend(kept + [onnx.helper.make_attribute("session", self._key)])
         try:
             self._sess = make_session(self.model)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a graph it refuses
@@ -152,26 +171,29 @@ class InferenceSession:
         except EiecError as e:
             raise type(e)(self.path, e.reason) from None
 
-        def chunk(real: int) -> None:
-            _STATE["chunk"] = (real, size or real)
+        state = _Run(self.mode, self.cycles, self.trace)
 
-        with _ONE_RUN, _collect(self.mode, self.cycles) as runs:
+        def chunk(real: int) -> None:
+            state.chunk = (real, size or real)
+
+        with self._one_run:
+            _RUNS[self._key] = state
             try:
-                with warnings.catch_warnings():  # a failing segment is raised below, not warned about
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    start = time.perf_counter()
-                    out = run_rows(self._sess, output_names, input_feed, before_chunk=chunk, run_options=run_options)
-                    host_s = time.perf_counter() - start - _STATE["simulated_s"]
+                start = time.perf_counter()
+                out = run_rows(self._sess, output_names, input_feed, before_chunk=chunk, run_options=run_options)
+                host_s = time.perf_counter() - start - state.simulated_s
             except Exception:
-                if not _STATE["errors"]:
+                if not state.errors:
                     raise
                 out = None  # the segment's own error says more than what failed downstream
-            if _STATE["errors"]:
-                e = _STATE["errors"][0]
+            finally:
+                del _RUNS[self._key]
+            if state.errors:
+                e = state.errors[0]
                 if isinstance(e, EiecError):
                     raise type(e)(e.path or self.path, e.reason) from None
                 raise FormatError(self.path, f"a segment cannot run on these inputs ({type(e).__name__}: {e})") from None
-        self.last_runs = {name: concat_runs(parts) for name, parts in runs.items()}
+        self.last_runs = {name: concat_runs(parts) for name, parts in state.runs.items()}
         self.last_report = self._report(self.last_runs, input_feed, host_s)
         return out
 
@@ -216,8 +238,9 @@ def load_inputs(path: str, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray
 
 
 def run_file(eie: str, input_path: str, out_path: str | None, report_path: str | None,
-             float_mode: bool = False, client: Any = None) -> dict[str, Any]:
-    """`eiec run`: inputs from .npz, outputs to .npz, report to JSON (each written atomically).
+             float_mode: bool = False, client: Any = None, trace_path: str | None = None) -> dict[str, Any]:
+    """`eiec run`: inputs from .npz, outputs to .npz, report to JSON, the instruction trace
+    to JSON lines (each written atomically).
 
     Every input and output path is checked before the run, so a bad one leaves no file.
     With a Dask `client`, the rows run in blocks on its workers (`_run_block` each): the
@@ -226,20 +249,21 @@ def run_file(eie: str, input_path: str, out_path: str | None, report_path: str |
     """
     from eiec.workers import map_row_blocks
 
-    for out in (out_path, report_path):
+    for out in (out_path, report_path, trace_path):
         if out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise InputError(out, "cannot write here: its folder does not exist")
         if out is not None and os.path.isdir(out):
             raise InputError(out, "is a folder; give a file name for the output")
-    sess = InferenceSession(eie, mode="float" if float_mode else "fixed")
+    sess = InferenceSession(eie, mode="float" if float_mode else "fixed", trace=trace_path is not None)
     feeds, _ = load_inputs(input_path, sess.model)
     names = [o.name for o in sess.get_outputs()]
     if client is None:
         outs = sess.run(names, feeds)
-        report = sess.last_report
+        report, runs = sess.last_report, sess.last_runs
     else:
         unit = fixed_batch(sess._sess, list(feeds)) or 1
-        blocks = map_row_blocks(client, _run_block, feeds, unit, os.path.abspath(eie), sess.mode, names)
+        blocks = map_row_blocks(client, _run_block, feeds, unit, os.path.abspath(eie), sess.mode, names,
+                                sess.trace)
         outs = [np.concatenate([b[0][i] for b in blocks]) for i in range(len(names))]
         runs = {seg: concat_runs([b[1][seg] for b in blocks]) for seg in blocks[0][1]}
         report = sess._report(runs, feeds, sum(b[2] for b in blocks))
@@ -250,15 +274,37 @@ def run_file(eie: str, input_path: str, out_path: str | None, report_path: str |
         write_atomic(out_path, buf.getvalue())
     if report_path is not None:
         write_atomic(report_path, json.dumps(report, indent=2, sort_keys=True).encode())
+    if trace_path is not None:
+        write_atomic(trace_path, trace_lines(runs).encode())
     return report
 
 
-def _run_block(eie: str, mode: str, names: list[str], feeds: dict[str, np.ndarray]):
-    """One row block on a worker: its outputs, each segment's layer runs (without the
-    activations, which stay on the worker) and the host's wall seconds."""
-    sess = InferenceSession(eie, mode=mode)
+def trace_lines(runs: dict[str, SegmentRun]) -> str:
+    """The runs' instruction traces as JSON lines, input by input, segments in the order
+    they ran; each input's cycles count from the start of its run, so a segment's times
+    continue from where the one before ended (its last `end` is the input's total cycles)."""
+    traced = [(name, run.trace) for name, run in runs.items() if run.trace]
+    batch = traced[0][1][0].start.size if traced else 0
+    offset = np.zeros(batch, np.int64)
+    lines = []
+    starts = []
+    for _, rows in traced:
+        starts.append(offset)
+        offset = offset + rows[-1].end
+    for b in range(batch):
+        for (name, rows), start in zip(traced, starts):
+            base = int(start[b])
+            lines += [json.dumps({"sample": b, "segment": name, "pc": r.pc, "op": r.op,
+                                  "start": base + int(r.start[b]), "end": base + int(r.end[b])}) for r in rows]
+    return "".join(line + "\n" for line in lines)
+
+
+def _run_block(eie: str, mode: str, names: list[str], trace: bool, feeds: dict[str, np.ndarray]):
+    """One row block on a worker: its outputs, each segment's layer runs and trace (without
+    the activations, which stay on the worker) and the host's wall seconds."""
+    sess = InferenceSession(eie, mode=mode, trace=trace)
     outs = sess.run(names, feeds)
     rows = next(iter(feeds.values())).shape[0]
     empty = np.zeros((rows, 0), np.float32)
-    runs = {name: SegmentRun(empty, empty, r.layers) for name, r in sess.last_runs.items()}
+    runs = {name: SegmentRun(empty, empty, r.layers, trace=r.trace) for name, r in sess.last_runs.items()}
     return outs, runs, sess.last_report["host"]["wall_ms"] / 1e3

@@ -9,7 +9,6 @@ replayed in hardware order.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -38,23 +37,12 @@ class SimStats:
 
 # ---------------------------------------------------------------- per-tile cache
 
-_TILE_CACHE: dict[int, dict[str, object]] = {}
-
-
 def tile_cached(tile: SparseImage, name: str, build: Callable[[SparseImage], object]) -> object:
-    """build(tile), computed once per tile object (tiles are treated as immutable).
-
-    Keyed by id() and dropped when the tile is garbage collected, so a recycled id
-    never returns a stale entry.
-    """
-    key = id(tile)
-    entry = _TILE_CACHE.get(key)
-    if entry is None:
-        entry = _TILE_CACHE[key] = {}
-        weakref.finalize(tile, _TILE_CACHE.pop, key, None)
-    if name not in entry:
-        entry[name] = build(tile)
-    return entry[name]
+    """build(tile), computed once per tile object (kept on the tile: images are not changed
+    once built)."""
+    if name not in tile.cache:
+        tile.cache[name] = build(tile)
+    return tile.cache[name]
 
 
 def _code_matrix(tile: SparseImage) -> sp.csr_matrix:
@@ -161,8 +149,8 @@ def _sorted_by(pos: np.ndarray, col: np.ndarray, val: np.ndarray, major: np.ndar
 
 
 def _prefix_leaves(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q: np.ndarray,
-                   rows_sel: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """bool [B, len(rows_sel)]: some prefix (ascending column) of the exact sum leaves [lo, hi]."""
+                   rows_sel: np.ndarray, lo: int, hi: int, acc0: np.ndarray) -> np.ndarray:
+    """bool [B, len(rows_sel)]: acc0 plus some prefix (ascending column) of the exact sum leaves [lo, hi]."""
     pos, col, val = _row_entries(tiles, codebook_q, rows_sel)
     pos, col, val = _sorted_by(pos, col, val, major=pos, minor=col)
     batch = x_q.shape[0]
@@ -178,20 +166,20 @@ def _prefix_leaves(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q: np
         incl = np.cumsum(prod, axis=1)
         excl_first = incl[:, seg_first] - prod[:, seg_first]
         prefix = incl - excl_first[:, seg_of]
-        pmax = np.maximum.reduceat(prefix, seg_first, axis=1)
-        pmin = np.minimum.reduceat(prefix, seg_first, axis=1)
+        start = acc0[b0:b0 + chunk, seg_pos]
+        pmax = np.maximum.reduceat(prefix, seg_first, axis=1) + start
+        pmin = np.minimum.reduceat(prefix, seg_first, axis=1) + start
         out[b0:b0 + chunk, seg_pos] = (pmax > hi) | (pmin < lo)
     return out
 
 
 def _replay_saturating(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q: np.ndarray,
-                       rows_sel: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """Accumulate rows_sel exactly as the hardware does: one broadcast at a time, ascending j,
-    saturating after every add. Returns (acc [B, n], clipped-at-least-once [B, n])."""
+                       rows_sel: np.ndarray, lo: int, hi: int, acc0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Accumulate rows_sel onto acc0 [B, n] exactly as the hardware does: one broadcast at a
+    time, ascending j, saturating after every add. Returns (acc [B, n], clipped-at-least-once [B, n])."""
     pos, col, val = _row_entries(tiles, codebook_q, rows_sel)
     pos, col, val = _sorted_by(pos, col, val, major=col, minor=pos)
-    batch = x_q.shape[0]
-    acc = np.zeros((batch, rows_sel.size), np.int64)
+    acc = acc0.astype(np.int64, copy=True)
     clipped = np.zeros_like(acc, dtype=bool)
     bcast_cols, first = np.unique(col, return_index=True)
     last = np.r_[first[1:], col.size]
@@ -207,10 +195,81 @@ def _replay_saturating(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q
 
 # ---------------------------------------------------------------- public API
 
+def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, acc: np.ndarray,
+                     target: Target) -> tuple[np.ndarray, np.ndarray]:
+    """One RUN's arithmetic: add the tile's products to its rows' accumulators, bit-exact.
+
+    x_q: int64 [B, layer cols] act_bits activations; acc: int64 [B, tile.rows], within the
+    acc_bits range (zeros after FIRST). Each PE adds its entries in broadcast order
+    (ascending column), saturating after every add. Returns the new accumulators and
+    which of them clipped during this RUN.
+    """
+    lo, hi = int_range(target.acc_bits)
+    rows_sel = np.arange(tile.row_lo, tile.row_lo + tile.rows)
+    cs = slice(tile.col_lo, tile.col_lo + tile.cols)
+    x_cols = x_q[:, cs].T.copy()
+    abs_cols = x_cols if (x_cols >= 0).all() else np.abs(x_cols)  # ReLU inputs: one product, not two
+    split = _sign_split(tile, codebook_q)
+    live = np.flatnonzero(x_cols.any(axis=1))  # zero activations are never broadcast
+    if live.size < _SELECT_COLUMNS * tile.cols:  # copying the live columns beats reading all
+        split, x_lv, abs_lv = split[:, live], x_cols[live], abs_cols[live]
+    else:
+        x_lv, abs_lv = x_cols, abs_cols
+    signed = split @ x_lv  # [2 * rows, B]: sums of |w| x over w > 0 and w < 0
+    magnitude = signed if abs_cols is x_cols else split @ abs_lv
+    exact = acc + (signed[0::2] - signed[1::2]).T
+    reach = (magnitude[0::2] + magnitude[1::2]).T  # sum_j |w_ij x_j|
+    # Every running sum lies within acc + [sum of negative terms, sum of positive terms] =
+    # [acc + (s - reach) / 2, acc + (s + reach) / 2] with s = exact - acc; a row whose full
+    # sum is outside the range certainly clips; only rows in between need the prefix check.
+    surely = (exact < lo) | (exact > hi)
+    twice = 2 * acc + (exact - acc)
+    maybe = (twice + reach > 2 * hi) | (twice - reach < 2 * lo)
+    suspect = np.flatnonzero(maybe.any(axis=0) & ~surely.any(axis=0))
+    replay = np.flatnonzero(surely.any(axis=0))
+    if suspect.size:
+        leaves = _prefix_leaves([tile], codebook_q, x_q, rows_sel[suspect], lo, hi, acc[:, suspect])
+        replay = np.union1d(replay, suspect[leaves.any(axis=0)])
+    clipped = np.zeros(exact.shape, bool)
+    if replay.size:
+        exact[:, replay], clipped[:, replay] = _replay_saturating([tile], codebook_q, x_q, rows_sel[replay],
+                                                                  lo, hi, acc[:, replay])
+    return exact, clipped
+
+
+def write_back_fixed(acc: np.ndarray, bias_acc: np.ndarray, shift: int, relu: bool,
+                     target: Target) -> tuple[np.ndarray, np.ndarray, int]:
+    """A LAST RUN's write-back: bias add (saturating), round-half-even shift to the output
+    format, clip to act_bits, ReLU. Returns (y_q [B, rows], accumulators the bias add
+    clipped, outputs whose clip changed them)."""
+    lo, hi = int_range(target.acc_bits)
+    pre = acc + np.asarray(bias_acc, np.int64)[None, :]
+    clipped = (pre < lo) | (pre > hi)
+    shifted = round_shift(np.clip(pre, lo, hi), shift)
+    a_lo, a_hi = int_range(target.act_bits)
+    y = np.clip(shifted, a_lo, a_hi)
+    if relu:  # clipping a negative value that ReLU then zeroes changes nothing: not counted
+        y = np.maximum(y, 0)
+        changed = int(np.count_nonzero(shifted > a_hi))
+    else:
+        changed = int(np.count_nonzero(y != shifted))
+    return y, clipped, changed
+
+
+def _row_blocks(tiles: Sequence[SparseImage]) -> list[list[SparseImage]]:
+    """The tiles grouped by row block, blocks and tiles in the order given."""
+    blocks: dict[tuple[int, int], list[SparseImage]] = {}
+    for t in tiles:
+        blocks.setdefault((t.row_lo, t.rows), []).append(t)
+    return list(blocks.values())
+
+
 def spmv_fixed(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q: np.ndarray,
                bias_acc: np.ndarray, shift: int, relu: bool,
                target: Target) -> tuple[np.ndarray, SimStats]:
-    """One sparse layer, bit-exact: y_q [B, rows] in act_bits (frac = in_frac + w_frac - shift).
+    """One sparse layer run alone, bit-exact: y_q [B, rows] in act_bits (frac = in_frac +
+    w_frac - shift). The column tiles of a row block accumulate in the order given (as a
+    program's RUNs would), each by `accumulate_fixed`, then `write_back_fixed`.
 
     codebook_q: int values of the codebook_bits codebook (index 0 = 0); x_q: int64
     [B, cols] act_bits activations; bias_acc: int64 [rows] in accumulator format.
@@ -220,73 +279,56 @@ def spmv_fixed(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q: np.nda
     bias_acc = np.asarray(bias_acc, np.int64)
     batch, cols = x_q.shape
     rows = bias_acc.shape[0]
+    check_widths(target, cols)
     _check_tiles(tiles, rows, cols)
-    # exact sums must fit int64: |w x| < 2**(cb+act-2), at most `cols` terms
+    y = np.zeros((batch, rows), np.int64)
+    stats = SimStats()
+    for block in _row_blocks(tiles):
+        r0, r1 = block[0].row_lo, block[0].row_lo + block[0].rows
+        acc = np.zeros((batch, r1 - r0), np.int64)
+        clipped = np.zeros(acc.shape, bool)
+        for t in block:
+            acc, c = accumulate_fixed(t, codebook_q, x_q, acc, target)
+            clipped |= c
+        y[:, r0:r1], c, changed = write_back_fixed(acc, bias_acc[r0:r1], shift, relu, target)
+        stats.saturated_accumulators += int((clipped | c).sum())
+        stats.saturated_outputs += changed
+    return y, stats
+
+
+def check_widths(target: Target, cols: int) -> None:
+    """The simulator's exact sums must fit int64: |w x| < 2**(cb+act-2), at most `cols` terms."""
     if target.codebook_bits + target.act_bits + math.ceil(math.log2(cols + 1)) > 62:
         raise ValueError("spmv_fixed: exact int64 sums could overflow for these widths")
-    lo, hi = int_range(target.acc_bits)
 
-    exact = np.zeros((batch, rows), np.int64)
-    reach = np.zeros((batch, rows), np.int64)  # sum_j |w_ij x_j|
-    x_t = x_q.T.copy()
-    abs_x_t = x_t if (x_q >= 0).all() else np.abs(x_t)  # ReLU inputs: one product, not two
-    for t in tiles:
-        rs, cs = slice(t.row_lo, t.row_lo + t.rows), slice(t.col_lo, t.col_lo + t.cols)
-        split, x_cols, abs_cols = _sign_split(t, codebook_q), x_t[cs], abs_x_t[cs]
-        live = np.flatnonzero(x_cols.any(axis=1))  # zero activations are never broadcast
-        if live.size < _SELECT_COLUMNS * t.cols:  # copying the live columns beats reading all
-            split, x_cols, abs_cols = split[:, live], x_cols[live], abs_cols[live]
-        signed = split @ x_cols  # [2 * t.rows, B]: sums of |w| x over w > 0 and w < 0
-        magnitude = signed if abs_x_t is x_t else split @ abs_cols
-        exact[:, rs] += (signed[0::2] - signed[1::2]).T
-        reach[:, rs] += (magnitude[0::2] + magnitude[1::2]).T
 
-    acc = exact
-    clipped = np.zeros((batch, rows), bool)
-    # Every prefix lies within [sum of negative terms, sum of positive terms] =
-    # [(exact - reach) / 2, (exact + reach) / 2]; a row whose full sum is outside the range
-    # certainly clips; only the rows in between need the exact prefix check.
-    surely = (exact < lo) | (exact > hi)
-    maybe = (exact + reach > 2 * hi) | (exact - reach < 2 * lo)
-    suspect = np.flatnonzero(maybe.any(axis=0) & ~surely.any(axis=0))
-    replay = np.flatnonzero(surely.any(axis=0))
-    if suspect.size:
-        leaves = _prefix_leaves(tiles, codebook_q, x_q, suspect, lo, hi)
-        replay = np.union1d(replay, suspect[leaves.any(axis=0)])
-    if replay.size:
-        acc[:, replay], clipped[:, replay] = _replay_saturating(tiles, codebook_q, x_q,
-                                                                replay, lo, hi)
+def accumulate_float(tile: SparseImage, codebook: np.ndarray, x: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """accumulate_fixed in float64 (float mode): acc [B, tile.rows] + the tile's W x."""
+    x_t = np.asarray(x[:, tile.col_lo:tile.col_lo + tile.cols], np.float64).T
+    return acc + (_decoded(tile, np.asarray(codebook, np.float64)) @ x_t).T
 
-    pre = acc + bias_acc[None, :]
-    clipped |= (pre < lo) | (pre > hi)
-    pre = np.clip(pre, lo, hi)
-    shifted = round_shift(pre, shift)
-    a_lo, a_hi = int_range(target.act_bits)
-    y = np.clip(shifted, a_lo, a_hi)
-    if relu:  # clipping a negative value that ReLU then zeroes changes nothing: not counted
-        y = np.maximum(y, 0)
-        changed = int(np.count_nonzero(shifted > a_hi))
-    else:
-        changed = int(np.count_nonzero(y != shifted))
-    return y, SimStats(int(clipped.sum()), changed)
+
+def write_back_float(acc: np.ndarray, bias: np.ndarray, relu: bool) -> np.ndarray:
+    y = acc + np.asarray(bias, np.float64)[None, :]
+    return (np.maximum(y, 0.0) if relu else y).astype(np.float32)
 
 
 def spmv_float(tiles: Sequence[SparseImage], codebook: np.ndarray, x: np.ndarray,
                bias: np.ndarray, relu: bool) -> np.ndarray:
     """The same layer in floating point (float64 inside): W x + b (+ ReLU), float32 [B, rows]."""
-    codebook = np.asarray(codebook, np.float64)
     x = np.atleast_2d(np.asarray(x, np.float64))
     bias = np.asarray(bias, np.float64)
     batch, cols = x.shape
     rows = bias.shape[0]
     _check_tiles(tiles, rows, cols)
-    y = np.zeros((batch, rows)) + bias[None, :]
-    x_t = x.T.copy()
-    for t in tiles:
-        y[:, t.row_lo:t.row_lo + t.rows] += (_decoded(t, codebook) @ x_t[t.col_lo:t.col_lo + t.cols]).T
-    if relu:
-        y = np.maximum(y, 0.0)
-    return y.astype(np.float32)
+    y = np.zeros((batch, rows), np.float32)
+    for block in _row_blocks(tiles):
+        r0, r1 = block[0].row_lo, block[0].row_lo + block[0].rows
+        acc = np.zeros((batch, r1 - r0))
+        for t in block:
+            acc = accumulate_float(t, codebook, x, acc)
+        y[:, r0:r1] = write_back_float(acc, bias[r0:r1], relu)
+    return y
 
 
 def error_bound(tiles: Sequence[SparseImage], codebook_float: np.ndarray, codebook_q: np.ndarray,

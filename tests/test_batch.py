@@ -258,3 +258,60 @@ def test_run_lists_host_ops_with_their_macs_and_measured_time_apart_from_the_acc
     r = json.loads(report.read_text())["host"]
     assert r["ops"] == [{"op": "Gemm", "count": 2, "macs_per_input": macs}, {"op": "Softmax", "count": 1}]
     assert r["wall_ms"] > 0 and r["wall_ms_per_input"] == pytest.approx(r["wall_ms"] / 20)
+
+
+def test_two_sessions_in_different_modes_run_at_once_on_two_threads(folder):
+    """Sessions share no run state: a fixed and a float session running concurrently (with
+    a fixed batch of 2, so each run is many onnxruntime calls of the EIESegment op) report
+    what each reports alone."""
+    import threading
+
+    _, eie, data, _ = compiled(folder, "conv", 2, True)
+    feeds = {k: v[:16] for k, v in np.load(data).items()}
+    alone = {}
+    for mode in ("fixed", "float"):
+        sess = InferenceSession(eie, mode=mode)
+        alone[mode] = (sess.run(None, feeds)[0], sess.last_report)
+    sessions = {mode: InferenceSession(eie, mode=mode) for mode in ("fixed", "float")}
+    results, errors = {}, []
+    start = threading.Barrier(2)
+
+    def work(mode: str) -> None:
+        try:
+            start.wait()
+            for _ in range(2):
+                results[mode] = (sessions[mode].run(None, feeds)[0], sessions[mode].last_report)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(mode,)) for mode in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert not np.array_equal(alone["fixed"][0], alone["float"][0])  # the modes differ: a mix-up would show
+    for mode in sessions:
+        y, report = results[mode]
+        np.testing.assert_array_equal(y, alone[mode][0])
+        assert report["total_cycles"] == alone[mode][1]["total_cycles"]
+        assert report["saturated"] == alone[mode][1]["saturated"]
+
+
+def test_run_trace_has_every_instruction_of_every_segment_and_ends_at_the_reported_cycles(folder, tmp_path):
+    _, eie, data, _ = compiled(folder, "conv", "N", True)
+    few = tmp_path / "few.npz"
+    np.savez(few, **{k: v[:3] for k, v in np.load(data).items()})
+    trace, report = tmp_path / "t.jsonl", tmp_path / "r.json"
+    code, _, err = run_cli("run", eie, "--input", few, "--trace", trace, "--report", report, "--quiet")
+    assert code == 0, err
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    programs = {name: len(seg.program) for name, seg in InferenceSession(eie).compiled.segments.items()}
+    assert len(rows) == 3 * sum(programs.values())
+    ends = [max(r["end"] for r in rows if r["sample"] == b) for b in range(3)]
+    assert sum(ends) == json.loads(report.read_text())["total_cycles"]
+    for b in range(3):  # each segment's instructions in order, its times continuing the one before
+        mine = [r for r in rows if r["sample"] == b]
+        assert [(r["segment"], r["pc"]) for r in mine] == [(s, pc) for s, n in programs.items() for pc in range(n)]
+        assert all(a["end"] <= c["start"] or a["segment"] == c["segment"] for a, c in zip(mine, mine[1:]))
+        assert all(r["start"] <= r["end"] for r in mine)

@@ -171,11 +171,12 @@ def reference_pass(counts, cols: list[int], pes: int, depth: int) -> tuple[int, 
 
 
 def reference_cycles(tiles, x_nonzero, target: Target, resident: bool):
-    """reference_pass over a layer's tile passes, plus fill, write-back and reloads."""
+    """reference_pass over a layer's tile passes in the order given (a program's), plus
+    fill, write-back after a row block's last pass and reloads."""
     pes, depth = target.pes, target.queue_depth
     total, stall_total, busy = 0, 0, np.zeros(pes, np.int64)
     lines = 0
-    order = sorted(tiles, key=lambda t: (t.row_lo, t.rows, t.col_lo))
+    order = list(tiles)
     for n, t in enumerate(order):
         counts = t.col_entries()
         cols = [j for j in range(t.cols) if x_nonzero[t.col_lo + j]]

@@ -512,6 +512,8 @@ EIE_CASES = {
     "LOAD_SPMAT line count": (None, _program(_instr(3, a=99999)), "LOAD_SPMAT"),
     "program without END": (None, _program(lambda p: p[:-1]), "END"),
     "program reading an unwritten buffer": (None, _program(_instr(4, src=5)), "b5"),
+    "program without a LOAD_SPMAT": (None, _program(lambda p: p[:3] + p[4:]), "sparse-matrix SRAMs do not hold"),
+    "RUN before its tile's loads": (None, _program(lambda p: p[:2] + [p[4]] + p[2:4] + p[5:]), "do not hold"),
     "col_ptr past the entries": (None, _arrays(L0__T0__col_ptr=_bump((1, 3), 60000)), "column pointers"),
     "col_ptr decreasing": (None, _arrays(L0__T0__col_ptr=_bump((1, -1), 0)), "column pointers"),
     "pe_start inconsistent": (None, _arrays(L0__T0__pe_start=_bump(2, 10 ** 9)), "column pointers"),

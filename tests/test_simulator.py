@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from eiec.errors import FormatError
 from eiec.image import SparseImage
-from eiec.runtime.fixedpoint import (choose_frac, dequantize, int_range, quantize, round_shift,
+from eiec.runtime.fixedpoint import (choose_frac, count_saturated, dequantize, int_range, quantize, round_shift,
                                      saturate)
 from eiec.runtime.simulator import error_bound, spmv_fixed, spmv_float, tile_matrix
 from eiec.target import Target
@@ -50,13 +50,14 @@ def build_image(idx: np.ndarray, pes: int, row_lo: int = 0, col_lo: int = 0,
 
 def tile_layer(idx: np.ndarray, pes: int, row_cuts: list[int], col_cuts: list[int],
                weight_bits: int = 4, rel_bits: int = 4) -> list[SparseImage]:
-    """Cut a layer's index matrix into a grid of tiles (listed in a scrambled order)."""
+    """Cut a layer's index matrix into a grid of tiles, listed in reverse grid order: a
+    program may run a row block's column tiles in any order, and its sums follow it."""
     r_edges = [0, *sorted(set(row_cuts)), idx.shape[0]]
     c_edges = [0, *sorted(set(col_cuts)), idx.shape[1]]
     tiles = [build_image(idx[r0:r1, c0:c1], pes, r0, c0, weight_bits, rel_bits)
              for r0, r1 in zip(r_edges, r_edges[1:]) if r1 > r0
              for c0, c1 in zip(c_edges, c_edges[1:]) if c1 > c0]
-    return tiles[::-1]  # the simulator must order column tiles itself
+    return tiles[::-1]
 
 
 def slow_round_shift(v: int, shift: int) -> int:
@@ -78,7 +79,7 @@ def reference_spmv(tiles, codebook_q, x_q, bias_acc, shift, relu, target):
     for b in range(batch):
         acc = [0] * rows
         clipped = [False] * rows
-        for t in sorted(tiles, key=lambda t: t.col_lo):  # column tiles in ascending col_lo
+        for t in tiles:  # in the order run
             for j in range(t.cols):
                 a = int(x_q[b, t.col_lo + j])
                 if a == 0:
@@ -220,17 +221,17 @@ def test_saturation_mid_sum_depends_on_broadcast_order():
     assert y.tolist() == [[0]] and stats.saturated_accumulators == 0
 
 
-def test_saturation_carries_across_column_tiles_in_col_lo_order():
+def test_saturation_carries_across_column_tiles_in_the_order_they_run():
     target = dataclasses.replace(Target(), pes=1, acc_bits=8, act_bits=8, codebook_bits=8)
     codebook = np.zeros(16, np.int64)
     codebook[1], codebook[2] = 100, -100
-    idx = np.array([[2, 1, 1]], np.uint8)  # -100, then +100 +100 in the second tile
-    tiles = tile_layer(idx, 1, [], [1])
-    y, _ = spmv_fixed(tiles, codebook, np.array([[1, 1, 1]]), np.array([0]), 0, False, target)
-    assert y.tolist() == [[100]]  # -100 -> 0 -> 100: no clip in this order
-    tiles = tile_layer(np.array([[1, 1, 2]], np.uint8), 1, [], [2])
-    y, _ = spmv_fixed(tiles, codebook, np.array([[1, 1, 1]]), np.array([0]), 0, False, target)
-    assert y.tolist() == [[27]]
+    idx = np.array([[2, 1, 1]], np.uint8)  # -100 in the first column tile, +100 +100 in the second
+    low, high = tile_layer(idx, 1, [], [1])[::-1]
+    x = np.array([[1, 1, 1]])
+    y, stats = spmv_fixed([low, high], codebook, x, np.array([0]), 0, False, target)
+    assert y.tolist() == [[100]] and stats.saturated_accumulators == 0  # -100 -> 0 -> 100
+    y, stats = spmv_fixed([high, low], codebook, x, np.array([0]), 0, False, target)
+    assert y.tolist() == [[27]] and stats.saturated_accumulators == 1  # 100 -> 127 (clipped) -> 27
 
 
 def test_write_back_adds_bias_rounds_saturates_and_relus():
@@ -364,6 +365,7 @@ def test_fixed_output_within_error_bound_of_float(seed, relu, bits):
     codebook_q = quantize(codebook, w_frac, target.codebook_bits)
     x_q = quantize(x, in_frac, target.act_bits)
     bias_acc = quantize(bias, in_frac + w_frac, target.acc_bits)
+    assume(count_saturated(bias, in_frac + w_frac, target.acc_bits) == 0)  # the bound's premise, like the sums'
     y_float = x @ codebook[idx].astype(np.float64).T + bias
     if relu:
         y_float = np.maximum(y_float, 0)
