@@ -30,8 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 from eiec.conv import diagonal_blocks, im2col
 from eiec.driver import compile_model
 from eiec.importer import load_model
-from eiec.passes.encode import decode_image
-from eiec.passes.lower import tile_layer
+from eiec.codec import decode_image
+from eiec.tiling import tile_layer
 from eiec.runtime.cycles import cycle_layer
 from eiec.runtime.energy import layer_energy
 from eiec.runtime.session import InferenceSession

@@ -40,7 +40,7 @@ from eiec.ir import OPSET
 from eiec.runtime.cycles import cycle_layer
 from eiec.runtime.energy import MODULES
 from eiec.runtime.executor import run_segment
-from eiec.runtime.fixedpoint import quantize
+from eiec.fixedpoint import quantize
 from eiec.segment import Segment
 
 SEED = 0

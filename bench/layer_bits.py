@@ -32,7 +32,8 @@ import onnx
 
 from eiec.importer import load_model
 from eiec.ir import Layer, find_layers
-from eiec.passes.calibrate import Evaluator, Sequential, load_calibration
+from eiec.inputs import load_calibration
+from eiec.passes.calibrate import Evaluator, Sequential
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BITS = (2, 3, 4, 5, 6, 8)

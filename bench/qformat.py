@@ -48,7 +48,7 @@ from eiec.artifact import load_eie
 from eiec.driver import compile_model
 from eiec.importer import load_model
 from eiec.ir import find_layers
-from eiec.runtime.fixedpoint import choose_frac
+from eiec.fixedpoint import choose_frac
 from eiec.runtime.session import InferenceSession
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

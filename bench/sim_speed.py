@@ -23,7 +23,7 @@ from eie_layers import (LAYER_BY_NAME, RESULTS, SEED, command_line, compile_laye
                         machine_info, ort_session, segment_of, write_json)
 from eiec.runtime.cycles import cycle_layer
 from eiec.runtime.executor import run_segment
-from eiec.runtime.fixedpoint import dequantize, quantize
+from eiec.fixedpoint import dequantize, quantize
 from eiec.runtime.session import InferenceSession
 from eiec.runtime.simulator import error_bound, spmv_fixed
 

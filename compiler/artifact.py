@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from . import isa
 from .container import read_eie, write_eie
 from .errors import FormatError, ModelError, RecipeError
-from .importer import _check_tensors, check_strings
+from .importer import check_tensors, check_strings
 from .ir import copy_model
 from .recipe import target_from_dict
 from .segment import Segment, blob_name
@@ -113,7 +113,7 @@ def load_eie(path: str | os.PathLike) -> CompiledModel:
         raise FormatError(path, f"member {HOST_MEMBER} is not an ONNX model") from None
     try:  # self-contained: external data would make onnxruntime read files beside the user's cwd
         check_strings(model, path, HOST_MEMBER)
-        _check_tensors(model, path, base=None)
+        check_tensors(model, path, base=None)
     except ModelError as e:
         raise FormatError(path, f"member {HOST_MEMBER}: {e.reason}") from None
     segments: dict[str, Segment] = {}

@@ -149,7 +149,7 @@ def compress_model(model_path: str, recipe: Recipe, calibration_path: str | None
                    dump_dir: str | None = None, input_shapes: InputShapes | None = None) -> Compressed:
     """Import, automatic choices, prune and cluster: IR2, for `lower_compressed` on any target
     that agrees with `recipe.target` on COMPRESS_TARGET_KEYS."""
-    from eiec.passes.calibrate import load_calibration, random_inputs
+    from .inputs import load_calibration, random_inputs
 
     input_shapes = dict(input_shapes or {})
     model = load_model(model_path, input_shapes)

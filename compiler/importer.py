@@ -68,7 +68,7 @@ def load_model(path: str | os.PathLike, input_shapes: InputShapes | None = None)
         raise ModelError(path, "not an ONNX model (no graph)")
     check_strings(model, path)
     base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-    _check_tensors(model, path, base)
+    check_tensors(model, path, base)
     return canonicalize(model, path, input_shapes)
 
 
@@ -156,7 +156,7 @@ def _checked(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
         raise ModelError(path, "empty graph: no nodes")
     if len(model.graph.output) == 0:
         raise ModelError(path, "empty graph: no outputs")
-    _check_tensors(model, path, base=None)
+    check_tensors(model, path, base=None)
     _check_finite(model, path)
     if model.functions:
         # model-local functions would hide their ops behind custom domains
@@ -236,7 +236,7 @@ def _typed_entries(dtype: int, count: int) -> int:
     return count
 
 
-def _check_tensors(model: onnx.ModelProto, path: str, base: str | None) -> None:
+def check_tensors(model: onnx.ModelProto, path: str, base: str | None) -> None:
     """Declared sizes agree with the data, nothing is huge; load external data from `base`.
 
     With base=None external data is an error (it should have been loaded already).

@@ -21,7 +21,7 @@ from .errors import FormatError, RecipeError
 from .image import SparseImage
 from .target import Target
 from .tensorfile import pack_arrays, unpack_arrays
-from .passes.encode import decode_image, image_from_streams, image_streams
+from .codec import decode_image, image_from_streams, image_streams
 from .recipe import target_from_dict
 
 MAX_WEIGHT_ELEMENTS = 1 << 31  # the importer's per-tensor limit: no compiled layer is larger

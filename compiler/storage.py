@@ -14,13 +14,15 @@ import math
 
 import numpy as np
 
+from . import huffman
+from .codec import decode_image, storage_matrix, storage_streams
 from .conv import block_diagonal, diagonal_blocks
 from .errors import FormatError, ModelError
-from .passes import huffman
+from .fixedpoint import quantize
 from .image import LINE_BYTES
-from .passes.encode import decode_image, storage_matrix, storage_streams
 from .segment import MAX_FRAC, MAX_WEIGHT_ELEMENTS, LayerSpec, layer_arrays
 from .target import Target
+from .tiling import tile_layer  # the lower pass's own tiling: the images must be its images
 
 STORAGE_FORMS = ("huffman", "fixed")
 STREAMS = ("code", "rel", "col_count")  # a record's Huffman streams, in their order
@@ -65,9 +67,6 @@ def derive_layers(metas: list[dict], data: bytes, target: Target, where: str) ->
     before anything is decoded, so a record cannot make the reader allocate more than its
     own bits and the layer's declared matrix. Raises FormatError(where, ...).
     """
-    from eiec.passes.lower import tile_layer  # the lower pass's own tiling: the images must be its images
-    from eiec.runtime.fixedpoint import quantize
-
     view, at = memoryview(data), 0
     records = []
     for i, m in enumerate(metas):

@@ -302,7 +302,7 @@ def sweep(models: list[str], input_path: str, varies: list[Vary], calibration: s
     """Run the grid on `client` (a distributed.Client) and return its rows in grid order."""
     import onnx
 
-    from eiec.passes.calibrate import load_calibration
+    from .inputs import load_calibration
 
     t0 = time.perf_counter()
     base = read_recipe_document(config) if config is not None else None

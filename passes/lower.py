@@ -26,18 +26,19 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from eiec import isa
+from eiec.codec import decode_image, image_from_streams
 from eiec.conv import block_diagonal
-from eiec.errors import ModelError, RecipeError
+from eiec.errors import RecipeError
+from eiec.fixedpoint import choose_frac, int_range, quantize, round_shift
 from eiec.image import LINE_BYTES, SparseImage
 from eiec.ir import ACTIVATION_PRODUCT, EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
-from eiec.ortrun import run_rows
+from eiec.ortrun import run_rows, session
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
 from eiec.segment import ConvGeometry, LayerSpec, Segment, blob_name
 from eiec.target import Target
-from eiec.runtime.fixedpoint import choose_frac, int_range, quantize, round_shift
+from eiec.tiling import tile_layer
 
-from .encode import decode_image, encode_matrix
 from .recurrent import fc_view, layer_ranges, time_steps, unroll
 
 # A format holds at least this many times the largest calibration value (up to twice that
@@ -263,8 +264,6 @@ def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: d
     model in plain ONNX, without handing VGG-sized weights through a Python op or
     serialising them into the probe model.
     """
-    from eiec.runtime.ops import make_session
-
     decode_nodes = {_decode_node(model, l).name for l in layers.values()}
     kept = [n for n in model.graph.node if n.name not in decode_nodes]
     used = {t for n in kept for t in n.input}
@@ -280,7 +279,7 @@ def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: d
                                     for t in tensors if t not in {o.name for o in model.graph.output}],
         [t for t in model.graph.initializer if t.name in used])
     probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    sess = make_session(probe)
+    sess = session(probe)  # plain ONNX: no eiec op is left in it
     feeds = {i.name: ctx.calibration[i.name] for i in sess.get_inputs() if i.name not in weights}
     return dict(zip(tensors, run_rows(sess, tensors, feeds, weights)))
 
@@ -435,8 +434,6 @@ def _fits_at_once(specs: list[LayerSpec], target: Target) -> bool:
 
 def _indices_of(model: onnx.ModelProto, layer: Layer) -> np.ndarray:
     """The index matrix an IR3 layer's EIEDecode streams encode."""
-    from .encode import image_from_streams
-
     dec = _decode_node(model, layer)
     attrs = {a.name: helper.get_attribute_value(a) for a in dec.attribute}
     rows = layer.shape[0]
@@ -467,55 +464,6 @@ def pe_matrix(layer: Layer, indices: np.ndarray) -> np.ndarray:
     group = int(layer.attr("group", 1)) if layer.kind == "conv" else 1
     matrix = indices.reshape(indices.shape[0], -1)
     return block_diagonal(matrix, group) if group > 1 else matrix
-
-
-def tile_layer(name: str, indices: np.ndarray, target: Target) -> list[SparseImage]:
-    """Split a layer's index matrix into tiles whose images fit one PE's memories.
-
-    Rows are cut into blocks (at most `max_rows_per_pe` rows per PE, halved while one
-    column alone overflows a PE's sparse-matrix SRAM); each block's columns are cut
-    greedily where a PE's entries or the pointer count would overflow. Tile images keep
-    the global row interleave within their block.
-    """
-    if target.max_cols_per_tile < 1 or target.max_entries_per_pe < 1:
-        raise ModelError(None, f"layer {name}: the target's PE memories hold no column "
-                         f"(ptr_sram_bytes={target.ptr_sram_bytes}, spmat_sram_bytes="
-                         f"{target.spmat_sram_bytes}): no tiling fits")
-    rows, cols = indices.shape
-    largest = min(target.max_rows_per_pe, -(-rows // target.pes)) * target.pes
-    tiles = []
-    r0 = 0
-    while r0 < rows:
-        block = largest
-        while True:
-            r1 = min(r0 + block, rows)
-            whole = encode_matrix(indices[r0:r1], target.pes, target.weight_bits,
-                                  target.rel_index_bits, row_lo=r0)
-            work = whole.col_entries()  # [pes, cols]
-            if work.max(initial=0) <= target.max_entries_per_pe:
-                break
-            if block <= target.pes:  # one row per PE: a column holds one entry per PE
-                raise ModelError(None, f"layer {name}: one column needs {int(work.max())} entries "
-                                 f"in a PE that holds {target.max_entries_per_pe}: no tiling fits")
-            block = max(target.pes, block // 2 // target.pes * target.pes)
-        c0 = 0
-        while c0 < cols:
-            c1 = _column_cut(work, c0, target)
-            tiles.append(whole if (c0, c1) == (0, cols) else  # the block fits: no second encode
-                         encode_matrix(indices[r0:r1, c0:c1], target.pes, target.weight_bits,
-                                       target.rel_index_bits, row_lo=r0, col_lo=c0))
-            c0 = c1
-        r0 = r1
-    return tiles
-
-
-def _column_cut(work: np.ndarray, c0: int, target: Target) -> int:
-    """Largest c1 such that columns [c0, c1) fit every PE's spmat SRAM and pointer SRAM."""
-    c_end = min(work.shape[1], c0 + target.max_cols_per_tile)
-    cum = np.cumsum(work[:, c0:c_end], axis=1)  # entries per PE up to each column
-    fits = np.all(cum <= target.max_entries_per_pe, axis=0)
-    n = int(np.argmin(fits)) if not fits.all() else fits.size
-    return c0 + max(n, 1)  # the caller made sure a single column fits
 
 
 def emit_program(seg: Segment, in_len: int) -> list[isa.Instr]:

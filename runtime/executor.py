@@ -25,7 +25,7 @@ from eiec.image import SparseImage
 
 from .cycles import LoadCost, PassCycles, Timeline, cycle_pass, layer_cycles, load_ptr_cost, load_spmat_cost, queue_occupancy
 from .energy import MODULES, access_energies, layer_energy, pe_area_mm2
-from .fixedpoint import count_saturated, dequantize, quantize
+from eiec.fixedpoint import count_saturated, dequantize, quantize
 from .simulator import (accumulate_fixed, accumulate_float, check_widths, error_bound, tile_cached,
                         write_back_fixed, write_back_float)
 

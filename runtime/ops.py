@@ -16,7 +16,7 @@ import onnxruntime
 from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
 from eiec.ortrun import session
-from eiec.passes.encode import decode_image, image_from_streams
+from eiec.codec import decode_image, image_from_streams
 
 # onnxruntime-extensions 0.15 reads int64, float and string attributes only (an INTS attribute
 # declared here fails session creation), so list-valued attributes travel as "a,b,c" strings;

@@ -8,6 +8,7 @@ session.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -25,12 +26,13 @@ from onnxruntime_extensions import PyCustomOpDef
 from eiec.artifact import load_eie
 from eiec.errors import EiecError, FormatError, InputError
 from eiec.fileio import write_atomic
+from eiec.inputs import load_calibration
 from eiec.ir import host_ops
 from eiec.ortrun import check_rows, fixed_batch, run_rows
 from eiec.segment import Segment, blob_name
 from eiec.target import Target
 
-from .executor import SegmentRun, concat_runs, run_segment, segment_report
+from .executor import SegmentRun, TraceRow, concat_runs, run_segment, segment_report
 from .ops import custom_op, make_session
 
 COMPILED_FOR = "the shape the model was compiled for"
@@ -47,7 +49,9 @@ class _Run:
     runs: dict[str, list[SegmentRun]] = field(default_factory=dict)
     errors: list[Exception] = field(default_factory=list)
     chunk: tuple[int, int] | None = None  # (real rows, rows fed) of the chunk onnxruntime runs (eiec.ortrun.run_rows)
+    first_row: int = 0  # the chunk's first row among the run's inputs
     simulated_s: float = 0.0  # wall seconds spent in the simulator
+    calls: list[TraceCall] = field(default_factory=list)  # with trace: every segment call, in order
 
 
 # session key -> its run in progress. Each InferenceSession tags its EIESegment nodes with
@@ -111,6 +115,8 @@ def eie_segment(x: np.ndarray, blob: np.ndarray, digest: str = "", session: str 
     finally:
         state.simulated_s += time.perf_counter() - start
     state.runs.setdefault(seg.name, []).append(run)
+    if state.trace:
+        state.calls.append(TraceCall(seg.name, state.first_row, real == (chunk[0] if chunk else real), run.trace))
     y = run.output.reshape((real,) + tuple(seg.layers[-1].out_shape))
     return np.concatenate([y, np.repeat(y[-1:], x.shape[0] - real, axis=0)]) if real < x.shape[0] else y
 
@@ -120,8 +126,9 @@ class InferenceSession:
 
     `path` is a .eie file or an ONNX model (e.g. an IR dump, IR3/IR4 included).
     `mode` "fixed" runs segments bit-exact; "float" runs the simulator's float mode.
-    After `run`, `last_runs` holds each segment's `SegmentRun` (with `trace`, each
-    executed instruction's cycles) and `last_report` the cycle/energy report. Sessions
+    After `run`, `last_runs` holds each segment's `SegmentRun`, `last_report` the
+    cycle/energy report and, with `trace`, `last_calls` every segment call's executed
+    instructions with their cycles (`trace_lines` writes them). Sessions
     are independent: any number may run at once on different threads.
     """
 
@@ -153,6 +160,7 @@ class InferenceSession:
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise FormatError(path, f"onnxruntime cannot run its graph: {first}") from None
         self.last_runs: dict[str, SegmentRun] = {}
+        self.last_calls: list[TraceCall] = []  # with trace: each segment call's trace, in order
         self.last_report: dict[str, Any] | None = None
 
     def get_inputs(self):
@@ -174,6 +182,8 @@ class InferenceSession:
         state = _Run(self.mode, self.cycles, self.trace)
 
         def chunk(real: int) -> None:
+            if state.chunk is not None:
+                state.first_row += state.chunk[0]
             state.chunk = (real, size or real)
 
         with self._one_run:
@@ -194,6 +204,7 @@ class InferenceSession:
                     raise type(e)(e.path or self.path, e.reason) from None
                 raise FormatError(self.path, f"a segment cannot run on these inputs ({type(e).__name__}: {e})") from None
         self.last_runs = {name: concat_runs(parts) for name, parts in state.runs.items()}
+        self.last_calls = state.calls
         self.last_report = self._report(self.last_runs, input_feed, host_s)
         return out
 
@@ -232,8 +243,6 @@ class InferenceSession:
 def load_inputs(path: str, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Inputs keyed by graph input name (+ optional labels), checked against the shapes the
     compiled `model` was lowered for."""
-    from eiec.passes.calibrate import load_calibration
-
     return load_calibration(path, model, COMPILED_FOR)
 
 
@@ -259,13 +268,15 @@ def run_file(eie: str, input_path: str, out_path: str | None, report_path: str |
     names = [o.name for o in sess.get_outputs()]
     if client is None:
         outs = sess.run(names, feeds)
-        report, runs = sess.last_report, sess.last_runs
+        report, calls = sess.last_report, sess.last_calls
     else:
         unit = fixed_batch(sess._sess, list(feeds)) or 1
         blocks = map_row_blocks(client, _run_block, feeds, unit, os.path.abspath(eie), sess.mode, names,
                                 sess.trace)
         outs = [np.concatenate([b[0][i] for b in blocks]) for i in range(len(names))]
         runs = {seg: concat_runs([b[1][seg] for b in blocks]) for seg in blocks[0][1]}
+        starts = np.cumsum([0] + [len(b[0][0]) for b in blocks])
+        calls = [dataclasses.replace(c, first_row=c.first_row + int(s)) for b, s in zip(blocks, starts) for c in b[3]]
         report = sess._report(runs, feeds, sum(b[2] for b in blocks))
     report = dict(report, mode=sess.mode)
     if out_path is not None:
@@ -275,36 +286,49 @@ def run_file(eie: str, input_path: str, out_path: str | None, report_path: str |
     if report_path is not None:
         write_atomic(report_path, json.dumps(report, indent=2, sort_keys=True).encode())
     if trace_path is not None:
-        write_atomic(trace_path, trace_lines(runs).encode())
+        write_atomic(trace_path, trace_lines(calls, trace_path).encode())
     return report
 
 
-def trace_lines(runs: dict[str, SegmentRun]) -> str:
-    """The runs' instruction traces as JSON lines, input by input, segments in the order
-    they ran; each input's cycles count from the start of its run, so a segment's times
-    continue from where the one before ended (its last `end` is the input's total cycles)."""
-    traced = [(name, run.trace) for name, run in runs.items() if run.trace]
-    batch = traced[0][1][0].start.size if traced else 0
-    offset = np.zeros(batch, np.int64)
+@dataclass
+class TraceCall:
+    """One call of a segment during a run, traced: its rows are inputs first_row, first_row + 1, ..."""
+
+    segment: str
+    first_row: int
+    per_input: bool  # one row per input (false for an N-D layer's rows, e.g. time steps)
+    rows: list[TraceRow]
+
+
+def trace_lines(calls: list[TraceCall], where: str) -> str:
+    """The calls' instruction traces as JSON lines, input by input and each input's calls in
+    the order they ran; an input's cycles count from the start of its run, so a call's
+    times continue from where the one before ended (its last `end` is the input's cycles)."""
+    odd = next((c for c in calls if not c.per_input), None)
+    if odd is not None:
+        raise InputError(where, f"segment {odd.segment} runs on rows that are not inputs (an N-D or "
+                                "sequence layer): --trace covers models whose segments run once per input row")
+    mine: dict[int, list[tuple[TraceCall, int]]] = {}
+    for c in calls:
+        for i in range(c.rows[0].start.size if c.rows else 0):
+            mine.setdefault(c.first_row + i, []).append((c, i))
     lines = []
-    starts = []
-    for _, rows in traced:
-        starts.append(offset)
-        offset = offset + rows[-1].end
-    for b in range(batch):
-        for (name, rows), start in zip(traced, starts):
-            base = int(start[b])
-            lines += [json.dumps({"sample": b, "segment": name, "pc": r.pc, "op": r.op,
-                                  "start": base + int(r.start[b]), "end": base + int(r.end[b])}) for r in rows]
+    for sample in sorted(mine):
+        base = 0
+        for c, i in mine[sample]:
+            lines += [json.dumps({"sample": sample, "segment": c.segment, "pc": r.pc, "op": r.op,
+                                  "start": base + int(r.start[i]), "end": base + int(r.end[i])}) for r in c.rows]
+            base += int(c.rows[-1].end[i])
     return "".join(line + "\n" for line in lines)
 
 
 def _run_block(eie: str, mode: str, names: list[str], trace: bool, feeds: dict[str, np.ndarray]):
-    """One row block on a worker: its outputs, each segment's layer runs and trace (without
-    the activations, which stay on the worker) and the host's wall seconds."""
+    """One row block on a worker: its outputs, each segment's layer runs (without the
+    activations, which stay on the worker), the host's wall seconds and the segment calls'
+    traces."""
     sess = InferenceSession(eie, mode=mode, trace=trace)
     outs = sess.run(names, feeds)
     rows = next(iter(feeds.values())).shape[0]
     empty = np.zeros((rows, 0), np.float32)
-    runs = {name: SegmentRun(empty, empty, r.layers, trace=r.trace) for name, r in sess.last_runs.items()}
-    return outs, runs, sess.last_report["host"]["wall_ms"] / 1e3
+    runs = {name: SegmentRun(empty, empty, r.layers) for name, r in sess.last_runs.items()}
+    return outs, runs, sess.last_report["host"]["wall_ms"] / 1e3, sess.last_calls

@@ -17,8 +17,8 @@ import scipy.sparse as sp
 
 from eiec.errors import FormatError
 from eiec.image import SparseImage
-from eiec.passes.encode import entry_positions
-from eiec.runtime.fixedpoint import int_range, round_shift
+from eiec.codec import entry_positions
+from eiec.fixedpoint import int_range, round_shift
 from eiec.target import Target
 
 # Prefix checks materialise [batch chunk, entries] int64 arrays; keep them ~32 MB.

@@ -23,12 +23,13 @@ import onnx
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
+from eiec.codec import decode_image
 from eiec.conv import diagonal_blocks
 from eiec.errors import FormatError, ModelError
 from eiec.fileio import write_atomic
+from eiec.inputs import random_inputs
 from eiec.ir import OPSET
 from eiec.ortrun import run_rows, session
-from eiec.passes.encode import decode_image
 from eiec.report import saturation_warnings
 from eiec.segment import Segment
 
@@ -193,7 +194,6 @@ def _drop_points(fid: dict[str, Any]) -> float | None:
 def _inputs(compiled: onnx.ModelProto, input_path: str | None, random_n: int | None):
     """Inputs checked against, or drawn for, the shapes the model was compiled for (its host
     graph's inputs): a model with free spatial sizes validates at the size it was lowered for."""
-    from eiec.passes.calibrate import random_inputs
 
     if input_path is not None:
         return load_inputs(input_path, compiled)

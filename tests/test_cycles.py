@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from eiec.passes.encode import encode_matrix
+from eiec.codec import encode_matrix
 from eiec.runtime.cycles import cycle_layer, latency_us, queue_occupancy
 from eiec.runtime.energy import MODULES, access_energies, layer_energy
 from eiec.target import Target

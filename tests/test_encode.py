@@ -18,10 +18,11 @@ from onnx import TensorProto, helper, numpy_helper
 from eiec.errors import ModelError
 from eiec.image import SparseImage
 from eiec.ir import EIE_DOMAIN, find_layers
-from eiec.passes.encode import (Encode, count_padding, decode_image, decode_storage_streams, encode_matrix,
-                                image_from_streams, image_streams, storage_streams)
-from eiec.passes.huffman import HuffmanStream
-from eiec.passes.huffman import decode as huffman_decode
+from eiec.codec import (count_padding, decode_image, decode_storage_streams, encode_matrix, image_from_streams,
+                        image_streams, storage_streams)
+from eiec.huffman import HuffmanStream
+from eiec.huffman import decode as huffman_decode
+from eiec.passes.encode import Encode
 from eiec.passmanager import Context
 from eiec.recipe import Recipe
 from eiec.runtime.ops import make_session

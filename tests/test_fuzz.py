@@ -32,7 +32,7 @@ from eiec.driver import compile_model
 from eiec.errors import EiecError
 from eiec.importer import load_model
 from eiec.isa import INSTR_DTYPE
-from eiec.passes.calibrate import load_calibration
+from eiec.inputs import load_calibration
 from eiec.runtime.validate import validate
 from eiec.tensorfile import check_npz, pack_arrays, unpack_arrays
 

@@ -26,7 +26,7 @@ from eiec import isa
 from eiec.cli import main
 from eiec.container import RESERVED_KEYS, read_eie, write_eie
 from eiec.errors import FormatError
-from eiec.passes import huffman
+from eiec import huffman
 from eiec.recipe import Recipe, load_recipe
 from eiec.tensorfile import pack_arrays, unpack_arrays
 

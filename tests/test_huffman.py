@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eiec.errors import FormatError
-from eiec.passes import huffman
+from eiec import huffman
 
 
 @st.composite

@@ -14,8 +14,8 @@ from eiec.artifact import load_eie
 from eiec.conv import block_diagonal, diagonal_blocks
 from eiec.driver import compile_model
 from eiec.errors import FormatError, ModelError
-from eiec.passes.lower import tile_layer
-from eiec.passes.encode import decode_image
+from eiec.tiling import tile_layer
+from eiec.codec import decode_image
 from eiec.runtime.session import InferenceSession
 from eiec.segment import Segment
 from eiec.target import Target

@@ -11,10 +11,10 @@ import pytest
 from eiec import isa
 from eiec.errors import FormatError
 from eiec.isa import Flag
-from eiec.passes.encode import encode_matrix
+from eiec.codec import encode_matrix
 from eiec.runtime.cycles import load_ptr_cost, load_spmat_cost
 from eiec.runtime.executor import run_segment
-from eiec.runtime.session import trace_lines
+from eiec.runtime.session import TraceCall, trace_lines
 from eiec.segment import LayerSpec, Segment
 from eiec.target import Target
 
@@ -130,7 +130,7 @@ def test_a_program_that_would_run_on_what_it_did_not_load_is_refused(edit, reaso
 def test_trace_counts_every_instruction_and_ends_at_the_reported_cycles():
     x = np.array([[127.0, 2.0, 0.0, 3.0], [0.0, 0.0, 0.0, 1.0]], np.float32)
     run = run_segment(_segment(_program((0, 1)), resident=False), x, trace=True)
-    rows = [json.loads(line) for line in trace_lines({"seg": run}).splitlines()]
+    rows = [json.loads(line) for line in trace_lines([TraceCall("seg", 0, True, run.trace)], "t").splitlines()]
     assert len(rows) == 2 * 10
     for b in range(2):
         mine = [r for r in rows if r["sample"] == b]

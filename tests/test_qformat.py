@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from eiec.artifact import load_eie
 from eiec.passes.lower import accumulator_interval
-from eiec.runtime.fixedpoint import choose_frac, count_saturated
+from eiec.fixedpoint import choose_frac, count_saturated
 from eiec.runtime.session import InferenceSession
 from eiec.segment import ConvGeometry
 

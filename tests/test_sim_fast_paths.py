@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from eiec.passes.encode import encode_matrix
+from eiec.codec import encode_matrix
 from eiec.runtime.cycles import _queue_span
 from eiec.runtime.simulator import spmv_fixed, spmv_float
 from eiec.target import Target

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from eiec.errors import FormatError
 from eiec.image import SparseImage
-from eiec.runtime.fixedpoint import (choose_frac, count_saturated, dequantize, int_range, quantize, round_shift,
+from eiec.fixedpoint import (choose_frac, count_saturated, dequantize, int_range, quantize, round_shift,
                                      saturate)
 from eiec.runtime.simulator import error_bound, spmv_fixed, spmv_float, tile_matrix
 from eiec.target import Target
@@ -194,7 +194,7 @@ def test_tile_matrix_decodes_the_image_including_padding_gaps():
 
 
 def test_slow_builder_agrees_with_the_encoder():
-    from eiec.passes.encode import encode_matrix
+    from eiec.codec import encode_matrix
 
     rng = np.random.default_rng(1)
     idx = random_indices(rng, 53, 11, 0.1)

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from eiec.artifact import load_eie
 from eiec.container import read_eie
 from eiec.driver import compile_model
-from eiec.passes.encode import image_streams
-from eiec.passes.lower import tile_layer
+from eiec.codec import image_streams
+from eiec.tiling import tile_layer
 from eiec.report import file_parts
 from eiec.segment import LayerSpec
 from eiec.storage import derive_layers, huffman_record, layer_indices, pe_memory_bytes

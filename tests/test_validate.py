@@ -20,7 +20,7 @@ import pytest
 
 from eiec.artifact import load_eie
 from eiec.container import read_eie, resign
-from eiec.passes.encode import decode_image
+from eiec.codec import decode_image
 from eiec.runtime.validate import class_axis, codebook_faults, fidelity
 from eiec.tensorfile import pack_arrays, unpack_arrays
 from helpers import MODELS, run_cli, save_inputs
