@@ -31,6 +31,7 @@ from eiec.ir import host_ops
 from eiec.ortrun import check_rows, fixed_batch, run_rows
 from eiec.segment import Segment, blob_name
 from eiec.target import Target
+from eiec.workers import map_row_blocks
 
 from .executor import SegmentRun, TraceRow, concat_runs, run_segment, segment_report
 from .ops import custom_op, make_session
@@ -256,8 +257,6 @@ def run_file(eie: str, input_path: str, out_path: str | None, report_path: str |
     outputs and the report are the ones a run in this process gives (the host's wall time
     is the blocks' sum).
     """
-    from eiec.workers import map_row_blocks
-
     for out in (out_path, report_path, trace_path):
         if out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise InputError(out, "cannot write here: its folder does not exist")

@@ -27,11 +27,13 @@ from eiec.codec import decode_image
 from eiec.conv import diagonal_blocks
 from eiec.errors import FormatError, ModelError
 from eiec.fileio import write_atomic
+from eiec.importer import load_model
 from eiec.inputs import random_inputs
 from eiec.ir import OPSET
-from eiec.ortrun import run_rows, session
+from eiec.ortrun import fixed_batch, run_rows, session
 from eiec.report import saturation_warnings
 from eiec.segment import Segment
+from eiec.workers import map_row_blocks
 
 from .session import InferenceSession, load_inputs
 
@@ -201,8 +203,6 @@ def _inputs(compiled: onnx.ModelProto, input_path: str | None, random_n: int | N
 
 
 def original_session(model_path: str) -> onnxruntime.InferenceSession:
-    from eiec.importer import load_model
-
     load_model(model_path)  # the same checks as compile: clear errors, confined external data
     try:
         return session(model_path)
@@ -216,9 +216,6 @@ def validate(model_path: str, eie_path: str, input_path: str | None = None, rand
 
     With a Dask `client` the rows run in blocks on its workers (`compare_rows` each) and
     the blocks' results are merged: the same dict as in this process."""
-    from eiec.ortrun import fixed_batch
-    from eiec.workers import map_row_blocks
-
     orig = original_session(model_path)  # checks the model first, so errors name it
     sess = InferenceSession(eie_path)
     feeds, labels = _inputs(sess.model, input_path, random_n)
