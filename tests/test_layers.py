@@ -52,6 +52,7 @@ ALLOWED = {"core": {"core"}, "passes": {"core", "passes"}, "runtime": {"core", "
 
 
 def test_every_import_goes_down_the_layers():
+    assert {"eiec.isa", "eiec.passes.lower", "eiec.runtime.executor"} <= set(_modules())  # the tree was found
     wrong = [f"{name} ({_layer(name)}) imports {dep} ({_layer(dep)})"
              for name, path in _modules().items() for dep in sorted(_imports(name, path))
              if _layer(dep) not in ALLOWED[_layer(name)]]
