@@ -259,7 +259,8 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
     auto = [l for l in layers if not wanted[l.name].skip and "auto" in (wanted[l.name].density, wanted[l.name].bits)]
     if not auto:
         return None
-    from eiec.passes.calibrate import Sequential, Steps, auto_recipe, plain_compress, split_calibration
+    from eiec.passes.calibrate import (CONFIDENCE, DEFAULT_DENSITY, Sequential, Steps, auto_recipe, default_recipe,
+                                       plain_compress, split_calibration)
 
     seen: set[str] = set()
     compressed = []  # every layer the passes compress, once per weight (shared weights follow the first)
@@ -272,6 +273,21 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
                       None if wanted[l.name].bits == "auto" else int(wanted[l.name].bits)) for l in compressed}
     steps = {l.name: Steps(wanted[l.name].obs, wanted[l.name].refit, wanted[l.name].bias_correction,
                            wanted[l.name].gptq) for l in compressed}
+    if ctx.calibration_is_random:  # random inputs say nothing about accuracy: nothing to search on
+        chosen = default_recipe(compressed, fixed, ctx.target)
+        notes.append("auto: no calibration data, so nothing measured: per-layer default densities "
+                     f"({', '.join(f'{k} {v:g}' for k, v in DEFAULT_DENSITY.items())}) at "
+                     f"{ctx.target.weight_bits} bits, magnitude pruning and k-means without reconstruction "
+                     "(docs/recipe.md, \"Without calibration data\"); pass --calibration with real inputs to "
+                     "have them chosen and checked against the budget")
+        _set_choices(wanted, auto, chosen, [])
+        for l in auto:  # fitted to random inputs, a reconstruction would undo what the model learned
+            wanted[l.name] = dataclasses.replace(wanted[l.name], obs=False, refit=False, bias_correction=False,
+                                                 gptq=False)
+        ctx.artifacts["layer_recipes"] = wanted
+        ctx.artifacts["auto"] = {"calibration": "random", "data_free": "defaults",
+                                 "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}
+        return dump_recipe(ctx.recipe, wanted)
     compress: Any = plain_compress
     score_inputs, score_labels = ctx.calibration, ctx.labels
     n_rows = next(iter(ctx.calibration.values())).shape[0]
@@ -303,39 +319,62 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
                              report=report)
     except RecipeError as e:
         raise RecipeError(e.path or ctx.recipe.path, e.reason) from None
+    what = "points of top-1 accuracy expected lost" if metric == "accuracy" else "relative output error"
+    score = report["chosen_score"]
+    estimate, bound = score.value(metric)
+    measured = (f"{what} {estimate:.3g} (at most {bound:.3g} with {CONFIDENCE:.0%} confidence) on "
+                f"{report['rows']} held-out calibration rows" if rows["held_out_rows"] else
+                f"{what} {estimate:.3g} (at most {bound:.3g} with {CONFIDENCE:.0%} confidence) on "
+                f"{report['rows']} calibration rows")
+    if report["host"]:
+        notes.append(f"auto: no recipe on the accelerator met the budget {budget:g}; kept on the host (dense): "
+                     f"{', '.join(report['host'])}")
     if "over_budget" in report:
-        over = report["over_budget"]
-        notes.append(f"auto: even the mildest recipe (no pruning beyond the zeros already there, "
-                     f"{ctx.target.weight_bits}-bit codebooks) measured {metric} {over['value']:.4g} on "
-                     f"{over['rows']} calibration rows, over the budget {budget:g}: compiled with it; "
-                     "raise the budget (--max-output-error / --max-accuracy-drop) or give --calibration data")
-    for l in auto:
-        density, bits = chosen[l.name]
-        lr = wanted[l.name]
-        wanted[l.name] = dataclasses.replace(
-            lr, density=density if lr.density == "auto" else lr.density, bits=bits if lr.bits == "auto" else lr.bits)
+        fix = ("raise the budget (--max-output-error / --max-accuracy-drop)" if not ctx.calibration_is_random else
+               "give --calibration data, or raise the budget (--max-output-error / --max-accuracy-drop)")
+        notes.append(f"auto: over budget: even with every automatically chosen layer on the host, the layers the "
+                     f"recipe fixes measure {measured}, over the budget {budget:g}; compiled anyway: {fix}")
+    else:
+        notes.append(f"auto: measured {measured}; budget {budget:g}")
+    _set_choices(wanted, auto, chosen, report["host"])
     ctx.artifacts["layer_recipes"] = wanted
     ctx.artifacts["sensitivity"] = {
         name: {"density": {_key(d): _sig(sc.error) for d, sc in s.density.items()},
                "bits": {_key(b): _sig(sc.error) for b, sc in s.bits.items()},
-               **({"density_accuracy_lost": {_key(d): _sig(sc.accuracy_lost) for d, sc in s.density.items()},
-                   "bits_accuracy_lost": {_key(b): _sig(sc.accuracy_lost) for b, sc in s.bits.items()}}
+               **({"density_accuracy_lost": {_key(d): _sig(sc.drop_estimate) for d, sc in s.density.items()},
+                   "bits_accuracy_lost": {_key(b): _sig(sc.drop_estimate) for b, sc in s.bits.items()}}
                   if ctx.labels is not None else {})}
         for name, s in report["sensitivity"].items()}
     ctx.artifacts["auto"] = {
         "metric": metric, "budget": budget, "calibration": "random" if ctx.calibration_is_random else "file",
-        **rows, "allowed_rows_lost": report["allowed_rows_lost"],
-        "path_length": report["path_length"], "chosen_step": report.get("chosen_step"),
-        "over_budget": "over_budget" in report,
-        "probes": [{"step": i, metric: _sig(v), "error": _sig(e)} for i, v, e in report["probes"]],
+        **rows, "confidence": CONFIDENCE, "estimate": _sig(estimate), "bound": _sig(bound),
+        "over_budget": "over_budget" in report, "host": report["host"],
+        "starts": report["starts"],
+        "probes": [{"family": p["family"], "step": p["step"], "bytes": p["bytes"], metric: _sig(p["estimate"]),
+                    "bound": _sig(p["bound"]), "error": _sig(p["error"]), "fits": p["fits"]} for p in report["probes"]],
+        "chosen_probe": report["chosen"],
         "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}
     return dump_recipe(ctx.recipe, wanted)
+
+
+def _set_choices(wanted: dict[str, LayerRecipe], auto: list, chosen: dict[str, tuple[float, int]],
+                 host: list[str]) -> None:
+    """Write the automatic choices into the layers' recipes: `host` layers skipped, the others'
+    `auto` density / bits replaced by the chosen ones."""
+    for l in auto:
+        lr = wanted[l.name]
+        if l.name in host:
+            wanted[l.name] = dataclasses.replace(lr, skip=True)
+            continue
+        density, bits = chosen[l.name]
+        wanted[l.name] = dataclasses.replace(
+            lr, density=density if lr.density == "auto" else lr.density, bits=bits if lr.bits == "auto" else lr.bits)
 
 
 def _sig(x: float | None) -> float | None:
     """A measured error or accuracy as the manifest keeps it: 4 significant digits (what
     `eiec inspect --sensitivity` shows; the file need not carry 17)."""
-    return None if x is None else float(f"{x:.4g}")
+    return None if x is None or not np.isfinite(x) else float(f"{x:.4g}")
 
 
 def _key(v: float | int) -> str:

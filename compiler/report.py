@@ -136,10 +136,13 @@ def sensitivity_table(m: dict[str, Any]) -> str:
     header = ["layer", "knob", "value", "output error"] + (["accuracy lost"] if labels else [])
     auto = m.get("auto")
     tail = ""
-    if auto:
-        tail = (f"\nauto: budget {auto['budget']:g} ({auto['metric']}, {auto['calibration']} calibration), "
-                f"step {auto['chosen_step']} of {auto['path_length'] - 1} chosen after {len(auto['probes'])} probes")
-    return ("sensitivity (relative output error, and top-1 points lost with labels, with only this layer "
+    if auto and "probes" in auto:
+        chosen = auto["probes"][auto["chosen_probe"]]
+        tail = (f"\nauto: budget {auto['budget']:g} ({auto['metric']}, {auto['calibration']} calibration): "
+                f"probe {auto['chosen_probe']} ({chosen['family']}) of {len(auto['probes'])} chosen, "
+                f"estimate {auto['estimate']:.4g} (bound {auto['bound']:.4g})"
+                + (f", on the host: {', '.join(auto['host'])}" if auto["host"] else ""))
+    return ("sensitivity (relative output error, and with labels top-1 points expected lost, with only this layer "
             "compressed):\n" + _table(header, rows) + tail)
 
 

@@ -291,8 +291,13 @@ class Sequential:
 
     def matches(self, model: onnx.ModelProto, layers: list[Layer], steps: dict[str, Steps],
                 calibration: dict[str, np.ndarray], seed: int) -> bool:
-        """Was this built for these layers (same dense weights), steps, calibration and seed?"""
-        if ([l.name for l in layers] != [l.name for l in self.layers] or steps != self.steps
+        """Was this built for these layers (same dense weights), steps, calibration and seed?
+
+        `layers` may leave out some of the layers it was built for (those `auto` moved to the
+        host): compressing the rest with those left dense is what the search measured."""
+        names = {l.name for l in layers}
+        if ([l.name for l in layers] != [l.name for l in self.layers if l.name in names]
+                or steps != {n: st for n, st in self.steps.items() if n in names}
                 or calibration is not self.calibration or seed != self.seed):
             return False
         return all(np.array_equal(get_initializer(model, n), w) for n, w in self.weights.items())
@@ -402,17 +407,123 @@ class Sequential:
 
 # ---------------------------------------------------------------- measuring a recipe
 
+# The budget is checked against a one-sided upper confidence bound of the held-out estimate:
+# BOOTSTRAP resamples (seeded) of the scored rows, the CONFIDENCE quantile of the estimate.
+CONFIDENCE = 0.9
+BOOTSTRAP = 200
+
+
+def class_scores(outputs: list[np.ndarray]) -> np.ndarray | None:
+    """Per row, the model's class scores (float64 [rows, classes]), or None when no output has them.
+
+    The first float output with more than one value per row; rows of probabilities
+    (non-negative, summing to 1, as a final Softmax gives) become their logs, so a margin
+    is a log-odds ratio whichever way the model ends (a skl2onnx classifier's `label` output
+    comes first and is skipped, its `probabilities` are used).
+    """
+    for y in outputs:
+        y = np.asarray(y)
+        if np.issubdtype(y.dtype, np.floating) and y.ndim >= 2 and y[0].size > 1:
+            f = y.reshape(y.shape[0], -1).astype(np.float64)
+            if f.min(initial=0.0) >= 0 and np.allclose(f.sum(axis=1), 1.0, atol=1e-3):
+                f = np.log(np.maximum(f, 1e-30))
+            return f
+    return None
+
+
+def label_margins(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per row, the label's score minus the best other class's: > 0 exactly when the row is right."""
+    rows = np.arange(scores.shape[0])
+    other = scores.copy()
+    other[rows, labels] = -np.inf
+    return scores[rows, labels] - other.max(axis=1)
+
+
+def expected_drop(margins: np.ndarray, shifts: np.ndarray) -> float:
+    """Accuracy points a compressed model is expected to lose on new rows (net: gains offset losses).
+
+    margins: the original model's label margins on the scored rows; shifts: how much the
+    compressed model moved each of them. A new row's margin is modelled as one of the
+    margins plus one of the shifts, drawn independently: expected accuracy = the fraction
+    of all n^2 (margin, shift) pairs whose sum is > 0. Pairing every row's margin with
+    every row's shift turns n yes/no outcomes into n^2 graded ones: a shift that would flip
+    a row with a thinner margin counts, even when no scored row was that close.
+    """
+    s = np.sort(shifts)
+    right = 1.0 - np.searchsorted(s, -margins, side="right") / s.size
+    return 100.0 * (float(np.mean(margins > 0)) - float(np.mean(right)))
+
+
+def upper_bound(statistic: Callable[[np.ndarray], float], n: int, seed: int = 0) -> float:
+    """The CONFIDENCE quantile of `statistic(rows)` over BOOTSTRAP seeded resamples of n rows."""
+    rng = np.random.default_rng([seed, 0xB007])
+    values = [statistic(rng.integers(0, n, n)) for _ in range(BOOTSTRAP)]
+    return float(np.quantile(values, CONFIDENCE))
+
 
 @dataclass(frozen=True)
 class Score:
-    """A model's outputs against the original on the calibration set."""
+    """A model's outputs against the original's on the scored rows."""
 
-    error: float  # ||y - y_ref|| / ||y_ref|| over all outputs
-    accuracy_drop: float | None = None  # accuracy points (percent) lost, net, with labels
-    # points of the rows the original got right and this model gets wrong: gains on other
-    # rows do not offset them, so this bounds the drop from above (what `auto` budgets)
+    error: float  # ||y - y_ref|| / ||y_ref|| over all float outputs
+    error_bound: float = 0.0  # its upper confidence bound over the rows (`upper_bound`)
+    accuracy_drop: float | None = None  # accuracy points (percent) lost, net, counted on these rows (with labels)
+    # points of the rows the original got right and this model gets wrong (gains do not offset)
     accuracy_lost: float | None = None
     rows_lost: int | None = None  # the same, counted in rows
+    drop_estimate: float | None = None  # `expected_drop`: points expected lost on new rows
+    drop_bound: float | None = None  # its upper confidence bound (what an accuracy budget is checked on)
+
+    def value(self, metric: str) -> tuple[float, float]:
+        """(estimate, upper bound) of the budgeted measure: "accuracy" points or relative output "error"."""
+        return (self.drop_estimate, self.drop_bound) if metric == "accuracy" else (self.error, self.error_bound)
+
+
+def _correct(outputs: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """Per row, is the first output's top-1 right: its argmax, or its value when it is an
+    integer label per row (skl2onnx classifiers put `label` before `probabilities`)."""
+    y = outputs[0]
+    flat = y.reshape(y.shape[0], -1)
+    pred = flat[:, 0] if np.issubdtype(y.dtype, np.integer) and flat.shape[1] == 1 else flat.argmax(axis=1)
+    return pred == labels
+
+
+def _margins(outputs: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """Label margins (`label_margins`); +-1 (right / wrong) when no output has class scores."""
+    scores = class_scores(outputs)
+    if scores is None or scores.shape[1] <= int(labels.max(initial=0)):
+        return np.where(_correct(outputs, labels), 1.0, -1.0)
+    return label_margins(scores, labels)
+
+
+def measure(reference: list[np.ndarray], outputs: list[np.ndarray], labels: np.ndarray | None = None) -> Score:
+    """A compressed model's `outputs` against the original's `reference` on the same rows (with their
+    `labels`, if any): what `auto` budgets and what `eiec validate` prints."""
+    pairs = [(np.asarray(y, np.float64), np.asarray(r, np.float64))
+             for y, r in zip(outputs, reference) if np.issubdtype(r.dtype, np.floating)]
+    n = reference[0].shape[0]
+    num = np.zeros(n) + sum(np.sum(((y - r) ** 2).reshape(n, -1), axis=1) for y, r in pairs)
+    den = np.zeros(n) + sum(np.sum((r**2).reshape(n, -1), axis=1) for _, r in pairs)
+
+    def rel(rows: np.ndarray) -> float:
+        d = den[rows].sum()
+        return float(np.sqrt(num[rows].sum() / d)) if d > 0 else float(np.sqrt(num[rows].sum()))
+
+    error = rel(np.arange(n))
+    error_bound = upper_bound(rel, n) if np.isfinite(error) else np.inf
+    if labels is None:
+        return Score(error, error_bound)
+    ref_correct, correct = _correct(reference, labels), _correct(outputs, labels)
+    drop = 100.0 * (float(np.mean(ref_correct)) - float(np.mean(correct)))
+    lost_rows = int(np.count_nonzero(ref_correct & ~correct))
+    a = _margins(reference, labels)
+    shift = _margins(outputs, labels) - a
+    if not np.all(np.isfinite(shift)):
+        estimate = bound = np.inf
+    else:
+        estimate = expected_drop(a, shift)
+        bound = upper_bound(lambda rows: expected_drop(a[rows], shift[rows]), n)
+    return Score(error, error_bound, drop, 100.0 * lost_rows / n, lost_rows, estimate, bound)
 
 
 class Evaluator:
@@ -441,38 +552,16 @@ class Evaluator:
         self.session = session(m)
         self.output_names = [o.name for o in m.graph.output]
         self.reference = self.run({})
-        self.reference_correct = None if labels is None else self._correct(self.reference)
-        self.reference_accuracy = None if labels is None else 100.0 * float(np.mean(self.reference_correct))
+        self.reference_accuracy = None if labels is None else 100.0 * float(np.mean(_correct(self.reference, labels)))
 
     def run(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
         return run_rows(self.session, self.output_names, self.inputs, overrides)
 
-    def _correct(self, outputs: list[np.ndarray]) -> np.ndarray:
-        """Per row, is the first output's top-1 right: its argmax, or its value when it is an
-        integer label per row (skl2onnx classifiers put `label` before `probabilities`)."""
-        y = outputs[0]
-        flat = y.reshape(y.shape[0], -1)
-        if np.issubdtype(y.dtype, np.integer) and flat.shape[1] == 1:
-            pred = flat[:, 0]
-        else:
-            pred = flat.argmax(axis=1)
-        return pred == self.labels
-
     def score_outputs(self, outputs: list[np.ndarray]) -> Score:
-        pairs = [(np.asarray(y, np.float64), np.asarray(r, np.float64))
-                 for y, r in zip(outputs, self.reference) if np.issubdtype(r.dtype, np.floating)]
-        num = sum(float(np.sum((y - r) ** 2)) for y, r in pairs)
-        den = sum(float(np.sum(r**2)) for _, r in pairs)
-        error = float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
-        if self.labels is None:
-            return Score(error)
-        correct = self._correct(outputs)
-        drop = self.reference_accuracy - 100.0 * float(np.mean(correct))
-        lost_rows = int(np.count_nonzero(self.reference_correct & ~correct))
-        return Score(error, drop, 100.0 * lost_rows / correct.size, lost_rows)
+        return measure(self.reference, outputs, self.labels)
 
     def score(self, choices: dict[str, Choice | tuple[float, int | None]], compress: Compress | Sequential) -> Score:
-        """The model with every layer in `choices` compressed to its (density, bits).
+        """The model with every layer in `choices` compressed to its (density, bits); others dense.
 
         compress: a `Sequential` (layers compressed in order, as the passes do) or a
         per-layer function such as `plain_compress` (each layer on its own).
@@ -521,7 +610,7 @@ def sensitivity(
     calibration set in one onnxruntime session (density 1.0 is free: score 0).
     """
     ev = evaluator or Evaluator(model, layers, inputs, labels)
-    zero = Score(0.0) if labels is None else Score(0.0, 0.0, 0.0, 0)
+    zero = Score(0.0) if labels is None else Score(0.0, 0.0, 0.0, 0.0, 0, 0.0, 0.0)
     result = {}
     for i, layer in enumerate(layers):
         s = LayerSensitivity(layer.name, int(np.prod(layer.shape)))
@@ -534,29 +623,65 @@ def sensitivity(
     return result
 
 
-def stored_bits(weights: int, density: float, bits: int, target: Target = Target()) -> float:
-    """Expected bits a layer stores on EIE: entries * (index + rel_index) + the codebook.
+class StorageModel:
+    """Bytes a layer takes in the .eie's Huffman storage form at a (density, bits), predicted.
 
-    Gaps between kept weights are ~geometric, so a gap needs floor(gap/2^z) padding
-    zeros on average, z = rel_index_bits: entries = nnz / (1 - (1-density)^(2^z)).
+    What the file stores (`eiec.storage.huffman_record`): the code, rel and column-count
+    streams of the layer's index matrix Huffman-coded (`encode.storage_streams`), the
+    float32 codebook and the float32 bias. The index matrix is predicted as Deep Compression
+    makes it (magnitude mask, k-means codes): the compiled layer's mask and codes come from
+    the reconstruction, whose counts are the same and whose statistics are close. Cached.
     """
-    nnz = weights * density
-    q = (1.0 - density) ** (target.max_gap + 1)
-    entries = nnz / (1.0 - q) if q < 1 else nnz
-    return entries * (bits + target.rel_index_bits) + (1 << bits) * target.codebook_bits
+
+    def __init__(self, layers: list[Layer], weights: dict[str, np.ndarray], target: Target = Target()):
+        self.layers = {l.name: l for l in layers}
+        self.weights = weights
+        self.target = target
+        self._cache: dict[tuple[str, float, int], int] = {}
+
+    def __call__(self, name: str, density: float, bits: int) -> int:
+        key = (name, float(density), int(bits))
+        if key not in self._cache:
+            from eiec.passes.cluster import quantize_weights
+            from eiec.passes.encode import storage_streams
+            from eiec.passes.prune import magnitude_mask
+
+            layer = self.layers[name]
+            W = matrix_view(self.weights[layer.weight])
+            if density < 1:
+                W = np.where(magnitude_mask(W, density), W, 0).astype(W.dtype)
+            codebook, indices = quantize_weights(W, bits)
+            streams = storage_streams(indices, self.target.weight_bits, self.target.rel_index_bits)
+            self._cache[key] = sum(s.nbytes for s in streams.values()) + 4 * codebook.size + 4 * W.shape[0]
+        return self._cache[key]
+
+    def total(self, choices: dict[str, Choice]) -> int:
+        return sum(self(n, d, b) for n, (d, b) in choices.items())
+
+
+def _interpolated(scan: dict[float, Score], density: float) -> float:
+    """A layer's scanned pruning error at any density: linear in log(density) between scan points."""
+    ds = sorted(scan)
+    return float(np.interp(np.log(density), np.log(ds), [scan[d].error for d in ds]))
+
+
+def _predicted(s: LayerSensitivity, c: Choice) -> float:
+    """A layer's predicted error at (density, bits): its pruning-only plus its clustering-only error."""
+    d, b = c
+    return _interpolated(s.density, d) + (s.bits[b].error if b in s.bits else 0.0)
 
 
 def recipe_path(
     sens: dict[str, LayerSensitivity],
-    target: Target = Target(),
+    size: Callable[[str, float, int], float],
     fixed: dict[str, tuple[float | None, int | None]] | None = None,
 ) -> list[dict[str, Choice]]:
-    """Recipes from mildest to most compressed, one layer step at a time.
+    """Recipes from mildest to most compressed, one layer step at a time (the sensitivity allocation).
 
-    A layer's predicted error at (d, b) is its pruning-only plus its clustering-only
-    error; each layer walks its own Pareto front (lower stored bits, higher error) and
-    each step takes the layer with the most bits saved per unit of predicted error.
-    `fixed` pins a layer's density and/or bits (None = free).
+    A layer's predicted error at (d, b) is `_predicted`; each layer walks its own Pareto
+    front (fewer stored bytes, `size(name, d, b)`, higher predicted error) from its
+    lowest-error setting, and each step takes the layer with the most bytes saved per unit
+    of predicted error. `fixed` pins a layer's density and/or bits (None = free).
     """
     fixed = fixed or {}
     fronts: dict[str, list[tuple[float, float, Choice]]] = {}
@@ -564,14 +689,10 @@ def recipe_path(
         fd, fb = fixed.get(name, (None, None))
         ds = [fd] if fd is not None else sorted(s.density)
         bs = [fb] if fb is not None else sorted(s.bits)
-        cands = []
-        for d in ds:
-            for b in bs:
-                err = (s.density[d].error if d in s.density else 0.0) + (s.bits[b].error if b in s.bits else 0.0)
-                cands.append((err, stored_bits(s.weights, d, b, target), (d, b)))
-        cands.sort(key=lambda c: (c[0], c[1]))
+        cands = sorted(((_predicted(s, (d, b)), size(name, d, b), (d, b)) for d in ds for b in bs),
+                       key=lambda c: (c[0], c[1]))
         front = []
-        for c in cands:  # keep only settings that store fewer bits than every safer one
+        for c in cands:  # keep only settings that store fewer bytes than every safer one
             if not front or c[1] < front[-1][1]:
                 front.append(c)
         fronts[name] = front
@@ -592,24 +713,63 @@ def recipe_path(
         path.append({**path[-1], best: fronts[best][pos[best]][2]})
 
 
-def choose_recipe(
-    sens: dict[str, LayerSensitivity],
-    budget: float,
-    target: Target = Target(),
-    fixed: dict[str, tuple[float | None, int | None]] | None = None,
-) -> dict[str, Choice]:
-    """Predicted only (no run): the most compressed recipe whose summed layer errors fit `budget`."""
-    best = None
-    for choice in recipe_path(sens, target, fixed):
-        pred = sum(_predicted(sens[n], c) for n, c in choice.items())
-        if best is None or pred <= budget:
-            best = choice
-    return best or {}
+# Deep Compression's published per-layer densities (Han et al., ICLR 2016, Tables 2-4; pruned and
+# retrained), keyed by the models' layer weight shapes in graph order: a starting point of the
+# search wherever a model's layers have exactly these shapes.
+DEEP_COMPRESSION = {
+    "LeNet-300-100": ([(300, 784), (100, 300), (10, 100)], [0.08, 0.09, 0.26]),
+    "LeNet-5": ([(20, 1, 5, 5), (50, 20, 5, 5), (500, 800), (10, 500)], [0.66, 0.12, 0.08, 0.19]),
+    "AlexNet": ([(96, 3, 11, 11), (256, 48, 5, 5), (384, 256, 3, 3), (384, 192, 3, 3), (256, 192, 3, 3),
+                 (4096, 9216), (4096, 4096), (1000, 4096)], [0.84, 0.38, 0.35, 0.37, 0.37, 0.09, 0.09, 0.25]),
+}
+# Per-layer default densities in Deep Compression's spirit (its FC layers are 3-10x sparser than
+# its convs, the last layer denser than the FCs before it), much milder since nothing is retrained
+# or reconstructed: the recipe `eiec` compiles when it has no data at all (plain magnitude pruning
+# and k-means: 0 and 0.33 test points lost on LeNet-300-100 and LeNet-5, bench/compression.py), and,
+# scaled down, one of the search's starts.
+DEFAULT_DENSITY = {"first conv": 1.0, "conv": 0.7, "fc": 0.3, "last": 0.9}
+# How the scaled starts (deep compression, defaults) scale their densities, mildest first.
+SCALES = (2.0, 1.5, 1.25, 1.0, 0.85, 0.7, 0.55, 0.45, 0.35, 0.25)
+# Probes (whole-model runs) the search may make after the sensitivity scan.
+MAX_PROBES = 24
+# A refinement step lowers one layer's density by this factor (or its bits by one).
+DENSITY_STEP = 0.8
+MIN_DENSITY = 0.01
+MIN_SAVING = 0.01
 
 
-def _predicted(s: LayerSensitivity, c: Choice) -> float:
-    d, b = c
-    return (s.density[d].error if d in s.density else 0.0) + (s.bits[b].error if b in s.bits else 0.0)
+def layer_role(layers: list[Layer], i: int) -> str:
+    """`DEFAULT_DENSITY`'s key for layers[i]: the last layer, the first conv, else conv or fc."""
+    if i == len(layers) - 1:
+        return "last"
+    if layers[i].kind == "conv" and all(l.kind != "conv" for l in layers[:i]):
+        return "first conv"
+    return layers[i].kind
+
+
+def published_densities(layers: list[Layer]) -> tuple[str, list[float]] | None:
+    """(model name, densities) from DEEP_COMPRESSION when the layers' shapes match one of them."""
+    shapes = [tuple(l.shape) for l in layers]
+    for name, (want, densities) in DEEP_COMPRESSION.items():
+        if shapes == [tuple(s) for s in want]:
+            return name, densities
+    return None
+
+
+def default_densities(layers: list[Layer]) -> list[float]:
+    return [DEFAULT_DENSITY[layer_role(layers, i)] for i in range(len(layers))]
+
+
+def default_recipe(layers: list[Layer], fixed: dict[str, tuple[float | None, int | None]] | None = None,
+                   target: Target = Target()) -> dict[str, Choice]:
+    """The recipe without calibration data: `DEFAULT_DENSITY` per layer role at target.weight_bits
+    bits, except where `fixed` pins a layer's density or bits."""
+    fixed = fixed or {}
+    out = {}
+    for layer, d in zip(layers, default_densities(layers)):
+        fd, fb = fixed.get(layer.name, (None, None))
+        out[layer.name] = (d if fd is None else fd, target.weight_bits if fb is None else fb)
+    return out
 
 
 def auto_recipe(
@@ -626,68 +786,173 @@ def auto_recipe(
     compress: Compress | Sequential = plain_compress,
     progress: Progress = lambda msg: None,
     report: dict | None = None,
+    max_probes: int = MAX_PROBES,
 ) -> dict[str, Choice]:
     """Per-layer (density, bits) for `layers`, verified on the rows `inputs` to fit `budget`.
 
     inputs / labels are the rows every candidate is scored on. With a `Sequential`, pass
     rows it was NOT built on (`split_calibration`'s held-out part): a recipe scored on
     the rows it was reconstructed on looks better than it is.
-    metric: "accuracy" (budget in accuracy points, counted in rows: a recipe fits when at
-    most floor(budget * n / 100) of the n scored rows that the original gets right go
-    wrong (`Score.rows_lost`; rows that go right do not offset them); needs labels) or
-    "error" (relative output error); default accuracy when labels are given. Steps: the
-    sensitivity scan, `recipe_path`, then a binary search along the path where every
-    probe compresses all layers with `compress` and runs the model; the result is
-    the most compressed probe that measured within budget. Pass the `Sequential` the
-    passes use (or `plain_compress` when they reconstruct nothing), so the guarantee
-    holds for the compiled model. When even the mildest recipe exceeds the budget it is
-    returned, and `report["over_budget"]` holds what it measured.
-    `report`, when given, receives "sensitivity" (the scan), "metric", "budget",
-    "rows" (scored), "allowed_rows_lost" (accuracy metric), "path_length", "probes"
-    (step, value, error) and "chosen_step".
-    Cost: the scan plus ~log2(len(path)) + 1 forward passes.
+    metric: "accuracy" (budget in accuracy points: `Score.drop_bound`, the upper confidence
+    bound of the points expected lost on new rows; needs labels) or "error" (relative
+    output error: `Score.error_bound`); default accuracy when labels are given.
+    Steps: the sensitivity scan; then starting points, each a family of recipes from mild
+    to compressed searched (binary) for its most compressed member that fits: the
+    sensitivity allocation (`recipe_path`), uniform densities, Deep Compression's published
+    densities when the layer shapes match (`published_densities`) and `DEFAULT_DENSITY`
+    scaled (`SCALES`); then greedy refinement from the smallest fitting recipe, one layer
+    one step more compressed at a time (bits - 1, or density x DENSITY_STEP), kept when it
+    fits. Every probe compresses all layers with `compress` and runs the model, at most
+    `max_probes` of them; the result is the fitting probe with the fewest stored bytes
+    (`StorageModel`), so it is never worse than the best starting point.
+    When no recipe fits, not even the mildest (no pruning, `weight_bits`-bit codebooks),
+    layers whose density and bits are both free are left out (on the host, dense),
+    the most sensitive first, until it fits: they are missing from the result and listed
+    in `report["host"]`. When even that does not fit, `report["over_budget"]` holds what
+    the last probe measured.
+    `report`, when given, receives "sensitivity" (the scan), "metric", "budget", "rows"
+    (scored), "probes" (dicts: family, step, bytes, estimate, bound, error, fits), "starts"
+    (family -> its best fitting bytes), "chosen" (the probe index), "chosen_score", "host".
+    Cost: the scan plus at most max_probes forward passes.
     """
     metric = metric or ("accuracy" if labels is not None else "error")
     if metric not in ("accuracy", "error"):
         raise ValueError(f"metric must be 'accuracy' or 'error', got {metric!r}")
     if metric == "accuracy" and labels is None:
         raise RecipeError(None, "an accuracy budget needs labels in the calibration data")
+    fixed = fixed or {}
     bits = sorted({b for b in bits if b <= target.weight_bits} | {target.weight_bits})
     ev = Evaluator(model, layers, inputs, labels)
     sens = sensitivity(model, layers, inputs, labels, densities, bits, compress, progress, ev)
-    path = recipe_path(sens, target, fixed)
-    probes: list[tuple[int, float, float]] = []  # (step, value, relative output error)
+    size = StorageModel(layers, ev.weights, target)
+    names = [l.name for l in layers]
+    pin = {n: fixed.get(n, (None, None)) for n in names}
     rows = next(iter(inputs.values())).shape[0]
-    # the budget in whole rows (the epsilon: 0.5 points of 200 rows is 1 row, not 0.9999)
-    allowed = int(np.floor(budget * rows / 100.0 + 1e-9)) if metric == "accuracy" else None
+    probes: list[dict] = []
+    measured: dict[tuple, int] = {}  # recipe -> its probe's index
     if report is not None:
-        report.update(sensitivity=sens, metric=metric, budget=budget, rows=rows, allowed_rows_lost=allowed,
-                      path_length=len(path), probes=probes)
+        report.update(sensitivity=sens, metric=metric, budget=budget, rows=rows, probes=probes, host=[])
 
-    def fits(i: int) -> bool:
-        s = ev.score(path[i], compress)
-        value = s.accuracy_lost if metric == "accuracy" else s.error
-        probes.append((i, value, s.error))
-        progress(f"auto: step {i}/{len(path) - 1} {metric} {value:.4f} (budget {budget:g})")
-        return s.rows_lost <= allowed if metric == "accuracy" else value <= budget
+    def recipe(ds: list[float], bs: list[int]) -> dict[str, Choice]:
+        """Free densities / bits set, pinned ones kept; densities rounded (recipes and cache keys stay short)."""
+        return {n: (pin[n][0] if pin[n][0] is not None else round(min(1.0, max(MIN_DENSITY, d)), 4),
+                    pin[n][1] if pin[n][1] is not None else int(b)) for n, d, b in zip(names, ds, bs)}
 
-    def done(i: int) -> dict[str, Choice]:
-        if report is not None:
-            report["chosen_step"] = i
-        return path[i]
+    def fits(choice: dict[str, Choice], family: str, step: int, force: bool = False) -> bool | None:
+        """Probe a recipe (None when the probe budget is spent, unless `force`): is its bound within budget?"""
+        key = tuple(sorted(choice.items()))
+        if key in measured:
+            return probes[measured[key]]["fits"]
+        if len(probes) >= max_probes and not force:
+            return None
+        s = ev.score(choice, compress)
+        estimate, bound = s.value(metric)
+        ok = bool(np.isfinite(bound) and bound <= budget)
+        measured[key] = len(probes)
+        probes.append({"family": family, "step": step, "bytes": size.total(choice), "estimate": estimate,
+                       "bound": bound, "error": s.error, "fits": ok, "choice": choice, "score": s})
+        progress(f"auto: {family} {step}: {size.total(choice):,} bytes, {metric} {estimate:.4g} "
+                 f"(bound {bound:.4g}, budget {budget:g}): {'fits' if ok else 'over'}")
+        return ok
 
-    lo, hi = 0, len(path) - 1
-    if not fits(lo):  # nothing fits: the mildest recipe, and the caller says so
-        if report is not None:
-            report["over_budget"] = {"value": probes[-1][1], "rows": rows}
-        return done(lo)
-    if fits(hi):
-        return done(hi)
-    hi -= 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return done(lo)
+    def best() -> dict | None:
+        ok = [p for p in probes if p["fits"] and len(p["choice"]) == len(names)]
+        return min(ok, key=lambda p: (p["bytes"], probes.index(p))) if ok else None
+
+    def search(family: str, path: list[dict[str, Choice]]) -> None:
+        """The most compressed member of `path` (mild -> compressed) that fits, by binary search;
+        only members smaller than the best found so far are worth a probe."""
+        b = best()
+        todo = [i for i, c in enumerate(path) if b is None or size.total(c) < b["bytes"]]
+        if not todo:
+            return
+        lo, hi = todo[0], todo[-1]
+        if not fits(path[lo], family, lo):
+            return
+        if fits(path[hi], family, hi):
+            return
+        hi -= 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            ok = fits(path[mid], family, mid)
+            if ok is None:
+                return
+            if ok:
+                lo = mid
+            else:
+                hi = mid - 1
+
+    top = target.weight_bits
+    mildest = recipe([1.0] * len(names), [top] * len(names))
+    families = {"sensitivity": recipe_path(sens, size, fixed),
+                "uniform": [recipe([d] * len(names), [top] * len(names)) for d in sorted(set(densities), reverse=True)]}
+    published = published_densities(layers)
+    if published is not None:
+        families[f"deep compression ({published[0]})"] = [
+            recipe([s * d for d in published[1]], [top] * len(names)) for s in SCALES]
+    families["defaults"] = [recipe([s * d for d in default_densities(layers)], [top] * len(names)) for s in SCALES]
+    starts = {}
+    fits(mildest, "mildest", 0, force=True)
+    for family, path in families.items():
+        search(family, path)
+        ok = [p["bytes"] for p in probes if p["family"] == family and p["fits"]]
+        starts[family] = min(ok) if ok else None
+
+    chosen = best()
+    if chosen is not None:  # refine: one layer one step more compressed, while it fits
+        blocked: set[tuple[str, str]] = set()
+        while True:
+            current = chosen["choice"]
+            moves = []
+            total = chosen["bytes"]
+            for n in names:
+                d, b = current[n]
+                if pin[n][1] is None and (n, "bits") not in blocked:
+                    lower = [x for x in bits if x < b]
+                    if lower:
+                        moves.append((n, "bits", (d, lower[-1])))
+                if pin[n][0] is None and (n, "density") not in blocked and d > MIN_DENSITY:
+                    moves.append((n, "density", (round(max(MIN_DENSITY, d * DENSITY_STEP), 4), b)))
+            # a move worth a probe saves at least MIN_SAVING of the recipe's bytes
+            moves = [m for m in moves if size(m[0], *current[m[0]]) - size(m[0], *m[2]) >= MIN_SAVING * total]
+            if not moves:
+                break
+
+            def rate(move):  # bytes saved per unit of predicted error added
+                n, _, c = move
+                saved = size(n, *current[n]) - size(n, *c)
+                return -saved / max(_predicted(sens[n], c) - _predicted(sens[n], current[n]), 1e-12)
+
+            n, kind, c = min(moves, key=rate)
+            ok = fits({**current, n: c}, "refine", len(probes))
+            if ok is None:
+                break
+            if ok:
+                chosen = best()
+            else:
+                blocked.add((n, kind))
+    if report is not None:
+        report["starts"] = starts
+    if chosen is not None:
+        return _done(report, probes, chosen, [])
+
+    # nothing fits on the accelerator: the most sensitive free layers go to the host
+    movable = [n for n in names if pin[n] == (None, None)]
+    order = sorted(movable, key=lambda n: (-sens[n].bits[top].value(metric)[0] if metric == "accuracy" else 0.0,
+                                           -sens[n].bits[top].error, names.index(n)))
+    choice, host = dict(mildest), []
+    for n in order:
+        del choice[n]
+        host.append(n)
+        if fits(choice, "host", len(host), force=True):
+            break
+    last = probes[measured[tuple(sorted(choice.items()))]]
+    if report is not None and not last["fits"]:
+        report["over_budget"] = {"estimate": last["estimate"], "bound": last["bound"], "rows": rows}
+    return _done(report, probes, last, host)
+
+
+def _done(report: dict | None, probes: list[dict], chosen: dict, host: list[str]) -> dict[str, Choice]:
+    if report is not None:
+        report.update(chosen=probes.index(chosen), chosen_score=chosen["score"], host=host)
+    return dict(chosen["choice"])

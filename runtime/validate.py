@@ -193,6 +193,18 @@ def _drop_points(fid: dict[str, Any]) -> float | None:
     return None
 
 
+def _auto_measure(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None) -> dict[str, Any]:
+    """The measure `auto` budgets (`calibrate.measure`) on these rows: with labels the points of top-1
+    accuracy expected lost on new rows, else the relative output error; each with its upper
+    confidence bound, so a user can check the compile's promise on their own test data."""
+    from eiec.passes.calibrate import CONFIDENCE, measure
+
+    s = measure(ref, out, labels if labels is not None and len(labels) == ref[0].shape[0] else None)
+    metric = "accuracy" if s.drop_estimate is not None else "error"
+    estimate, bound = s.value(metric)
+    return {"metric": metric, "estimate": estimate, "bound": bound, "confidence": CONFIDENCE}
+
+
 def _inputs(compiled: onnx.ModelProto, input_path: str | None, random_n: int | None):
     """Inputs checked against, or drawn for, the shapes the model was compiled for (its host
     graph's inputs): a model with free spatial sizes validates at the size it was lowered for."""
@@ -235,6 +247,7 @@ def validate(model_path: str, eie_path: str, input_path: str | None = None, rand
         "fidelity": fidelity(ref, out, names, labels),
     }
     result["accuracy_drop_points"] = _drop_points(result["fidelity"])
+    result["auto_measure"] = _auto_measure(ref, out, labels)
     if bisect_dir is not None:
         result["bisect"] = bisect(bisect_dir, feeds, ref, names, labels)
     return result
@@ -316,6 +329,10 @@ def validate_cli(model_path: str, eie_path: str, input_path: str | None, random_
     lines.append(f"   => {'EXACT within the fixed-point bound' if ex['ok'] else 'OUTSIDE the fixed-point bound'}")
     lines.append("2) compiled model vs the original model (onnxruntime):")
     lines.append("   " + _summary_line(res["fidelity"]))
+    am = res["auto_measure"]
+    what = "points of top-1 accuracy expected lost" if am["metric"] == "accuracy" else "relative output error"
+    lines.append(f"   auto's measure: {what} {am['estimate']:.3g} (at most {am['bound']:.3g} with "
+                 f"{am['confidence']:.0%} confidence)")
     drop = res["accuracy_drop_points"]
     over_budget = max_drop is not None and drop is not None and drop > max_drop
     if max_drop is not None:
