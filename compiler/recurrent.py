@@ -38,10 +38,20 @@ def roles(op: str, hidden: int) -> list[tuple[str, int, int]]:
     return [("R", 0, GATES[op] * hidden)]
 
 
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    """An attribute of a NodeProto, strings decoded."""
+    for a in node.attribute:
+        if a.name == name:
+            v = onnx.helper.get_attribute_value(a)
+            if isinstance(v, list):
+                return [x.decode() if isinstance(x, bytes) else x for x in v]
+            return v.decode() if isinstance(v, bytes) else v
+    return default
+
+
 def directions(node: onnx.NodeProto) -> list[str]:
     """The directions a recurrent node runs, in the order of its weights' first axis."""
-    d = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "direction"), b"forward")
-    d = d.decode() if isinstance(d, bytes) else d
+    d = node_attr(node, "direction", "forward")
     return ["forward", "reverse"] if d == "bidirectional" else [d]
 
 

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from eiec.errors import ModelError
 from eiec.ir import EIE_DOMAIN, Layer, remove_initializer
-from eiec.recurrent import GATES, directions, roles
+from eiec.recurrent import GATES, directions, node_attr as attr, roles
 from eiec.segment import Segment, blob_name
 
 # ONNX's defaults for each recurrent op's activations (f, g, h), per direction
@@ -29,18 +29,6 @@ DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "
 ACTIVATION_PARAMS = {"Affine": (1.0, 0.0), "LeakyRelu": (0.01, None), "ThresholdedRelu": (1.0, None),
                      "ScaledTanh": (1.0, 1.0), "HardSigmoid": (0.2, 0.5), "Elu": (1.0, None)}
 PLAIN_ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "Softsign", "Softplus")
-
-
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            v = helper.get_attribute_value(a)
-            if isinstance(v, bytes):
-                return v.decode()
-            if isinstance(v, list):
-                return [x.decode() if isinstance(x, bytes) else x for x in v]
-            return v
-    return default
 
 
 def activations(node: onnx.NodeProto) -> list[list[tuple[str, float | None, float | None]]]:
