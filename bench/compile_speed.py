@@ -25,11 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 import tempfile
 
 from eiec.artifact import save_eie
+from eiec.driver import default_passes
 from eiec.ir import OPSET
-from eiec.passes.cluster import Cluster
-from eiec.passes.encode import Encode
-from eiec.passes.lower import Lower
-from eiec.passes.prune import Prune
 from eiec.passmanager import Context
 from eiec.recipe import parse_recipe
 
@@ -69,7 +66,7 @@ def vgg_fc_model(seed: int = SEED) -> onnx.ModelProto:
 
 
 def stages(out_dir: str) -> list[Stage]:
-    """The compile stages in order: the four passes, then writing the .eie."""
+    """The compile stages in order: the compiler's passes, then writing the .eie."""
     def run_pass(p):
         return lambda model, ctx: p.run(model, ctx).model
 
@@ -77,8 +74,7 @@ def stages(out_dir: str) -> list[Stage]:
         save_eie(os.path.join(out_dir, "vgg_fc.eie"), model, ctx.artifacts["segments"], {"bench": True})
         return model
 
-    return [("prune", run_pass(Prune())), ("cluster", run_pass(Cluster())),
-            ("encode", run_pass(Encode())), ("lower", run_pass(Lower())), ("write .eie", emit)]
+    return [(p.name, run_pass(p)) for p in default_passes()] + [("write .eie", emit)]
 
 
 def calibration(seed: int = SEED, rows: int = 4) -> dict[str, np.ndarray]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .image import LINE_BYTES
+
 
 # Technology nodes: (switched capacitance relative to 45 nm, nominal supply in volts).
 # Ours, first order and rough (docs/simulator.md "Technology nodes"): capacitance scales
@@ -78,7 +80,7 @@ class Target:
 
     @property
     def entries_per_line(self) -> int:
-        return 64 // self.entry_bits
+        return LINE_BYTES * 8 // self.entry_bits
 
     @property
     def max_gap(self) -> int:

@@ -327,14 +327,6 @@ def _gptq_masked(W: np.ndarray, H: np.ndarray, c: np.ndarray, damp: float, chunk
     return idx.reshape(W.shape)
 
 
-def prune_matrix(W: np.ndarray, density: float, H: np.ndarray | None = None) -> np.ndarray:
-    """W pruned to `density`: `obs_prune` with the input Hessian H, magnitude pruning without."""
-    if H is not None:
-        return obs_prune(W, H, density)
-    W = np.asarray(W)
-    return np.where(magnitude_mask(W, density), W, 0).astype(W.dtype, copy=False)
-
-
 def layer_error(W_ref: np.ndarray, W_new: np.ndarray, H: np.ndarray,
                 mean_x: np.ndarray | None = None, delta_b: np.ndarray | None = None) -> float:
     """Relative output MSE on calibration data: tr(E H E^T) / tr(W_ref H W_ref^T), E = W_ref - W_new.
