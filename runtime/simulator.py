@@ -219,6 +219,9 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     magnitude = signed if abs_cols is x_cols else split @ abs_lv
     exact = acc + (signed[0::2] - signed[1::2]).T
     reach = (magnitude[0::2] + magnitude[1::2]).T  # sum_j |w_ij x_j|
+    clipped = np.zeros(exact.shape, bool)
+    if not exact.size or int(np.abs(acc).max()) + int(reach.max()) <= hi:  # lo = -hi - 1
+        return exact, clipped  # the common case: no running sum can leave the range
     # Every running sum lies within acc + [sum of negative terms, sum of positive terms] =
     # [acc + (s - reach) / 2, acc + (s + reach) / 2] with s = exact - acc; a row whose full
     # sum is outside the range certainly clips; only rows in between need the prefix check.
@@ -230,7 +233,6 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     if suspect.size:
         leaves = _prefix_leaves([tile], codebook_q, x_q, rows_sel[suspect], lo, hi, acc[:, suspect])
         replay = np.union1d(replay, suspect[leaves.any(axis=0)])
-    clipped = np.zeros(exact.shape, bool)
     if replay.size:
         exact[:, replay], clipped[:, replay] = _replay_saturating([tile], codebook_q, x_q, rows_sel[replay],
                                                                   lo, hi, acc[:, replay])

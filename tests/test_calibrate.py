@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from eiec.errors import InputError, ModelError
 from eiec.conv import im2col
+from eiec.inputs import load_calibration, random_inputs
 from eiec.ir import OPSET, find_layers, matrix_view
 from eiec.passes.calibrate import (
     CONFIDENCE,
@@ -26,9 +27,7 @@ from eiec.passes.calibrate import (
     default_recipe,
     expected_drop,
     label_margins,
-    load_calibration,
     plain_compress,
-    random_inputs,
     recipe_path,
     split_calibration,
     upper_bound,
