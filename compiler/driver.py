@@ -21,6 +21,7 @@ from .fileio import write_atomic
 from .importer import InputShapes, load_model
 from .ortrun import graph_inputs
 from .ir import ACTIVATION_PRODUCT, find_layers
+from .measure import CONFIDENCE
 from .passmanager import Context, PassManager, PassRecord, dump_stats_json
 from .report import format_dims
 from .recipe import LayerRecipe, Recipe, dump_recipe, load_recipe
@@ -259,7 +260,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
     auto = [l for l in layers if not wanted[l.name].skip and "auto" in (wanted[l.name].density, wanted[l.name].bits)]
     if not auto:
         return None
-    from eiec.passes.calibrate import (CONFIDENCE, DEFAULT_DENSITY, Sequential, Steps, auto_recipe, default_recipe,
+    from eiec.passes.calibrate import (DEFAULT_DENSITY, Sequential, Steps, auto_recipe, default_recipe,
                                        plain_compress, split_calibration)
 
     seen: set[str] = set()

@@ -30,6 +30,7 @@ from eiec.fileio import write_atomic
 from eiec.importer import load_model
 from eiec.inputs import random_inputs
 from eiec.ir import OPSET
+from eiec.measure import CONFIDENCE, measure
 from eiec.ortrun import fixed_batch, run_rows, session
 from eiec.report import saturation_warnings
 from eiec.segment import Segment
@@ -194,11 +195,9 @@ def _drop_points(fid: dict[str, Any]) -> float | None:
 
 
 def _auto_measure(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None) -> dict[str, Any]:
-    """The measure `auto` budgets (`calibrate.measure`) on these rows: with labels the points of top-1
+    """The measure `auto` budgets (`eiec.measure.measure`) on these rows: with labels the points of top-1
     accuracy expected lost on new rows, else the relative output error; each with its upper
     confidence bound, so a user can check the compile's promise on their own test data."""
-    from eiec.passes.calibrate import CONFIDENCE, measure
-
     s = measure(ref, out, labels if labels is not None and len(labels) == ref[0].shape[0] else None)
     metric = "accuracy" if s.drop_estimate is not None else "error"
     estimate, bound = s.value(metric)

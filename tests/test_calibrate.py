@@ -14,23 +14,18 @@ from eiec.errors import InputError, ModelError
 from eiec.conv import im2col
 from eiec.inputs import load_calibration, random_inputs
 from eiec.ir import OPSET, find_layers, matrix_view
+from eiec.measure import CONFIDENCE, Score, class_scores, expected_drop, label_margins, upper_bound
 from eiec.passes.calibrate import (
-    CONFIDENCE,
     DEFAULT_DENSITY,
     LayerSensitivity,
     Sequential,
-    Score,
     StorageModel,
     auto_recipe,
     capture_layer_inputs,
-    class_scores,
     default_recipe,
-    expected_drop,
-    label_margins,
     plain_compress,
     recipe_path,
     split_calibration,
-    upper_bound,
 )
 from eiec.target import Target
 
