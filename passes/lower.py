@@ -87,8 +87,9 @@ class Lower:
             _replace_chain(model, chain, seg)
             segments.append(seg)
         for node_name in dict.fromkeys(l.node.name for l in recurrent):  # each recurrent node, unrolled
-            node_layers = [l for l in recurrent if l.node.name == node_name]
-            segs = lower_recurrent(model, node_layers, values, indices, tiles, ctx, overrides, len(segments), rules)
+            node_layers = [l for l in find_layers(model) if l.kind == "recurrent" and l.node.name == node_name]
+            segs = lower_recurrent(model, node_layers, set(layers), values, indices, tiles, ctx, overrides,
+                                   len(segments), rules)
             segments += segs
         ctx.artifacts["segments"] = segments
         stats = {
@@ -103,28 +104,34 @@ class Lower:
         return PassResult(model, stats)
 
 
-def lower_recurrent(model: onnx.ModelProto, layers: list[Layer], values: dict[str, np.ndarray],
+def lower_recurrent(model: onnx.ModelProto, layers: list[Layer], encoded: set[str], values: dict[str, np.ndarray],
                     indices: dict[str, np.ndarray], tiles: dict[str, list[SparseImage]], ctx: Context,
                     overrides: dict[str, dict[str, int]], first: int, rules: dict) -> list[Segment]:
-    """A recurrent node's layers as one-layer segments, and the node unrolled around them
-    (`eiec.passes.recurrent`)."""
+    """A recurrent node's `encoded` layers as one-layer segments, and the node unrolled around
+    them (`eiec.passes.recurrent`); a layer the recipe skips stays a dense host product."""
     node = next(n for n in model.graph.node if n.name == layers[0].node.name)
     weights = {}
     for l in layers:
-        codebook = get_initializer(model, _decode_node(model, l).input[3]).astype(np.float32)
-        weights[l.name] = codebook[indices[l.name]].reshape(l.shape)
+        if l.name in encoded:
+            codebook = get_initializer(model, _decode_node(model, l).input[3]).astype(np.float32)
+            weights[l.name] = codebook[indices[l.name]].reshape(l.shape)
     biases = {l.name: get_initializer(model, l.bias).astype(np.float32) for l in layers}
     rows = layer_ranges(node, layers, values, weights, biases)
+    parts: list[Segment | Layer] = []
     segs = []
-    for i, l in enumerate(layers):
+    for l in layers:
+        if l.name not in encoded:
+            parts.append(l)
+            continue
         view = fc_view(l)
         values[view.node.input[0]], values[view.node.output[0]] = rows[l.name]
-        ctx.progress(f"lower segment {first + i} ({l.name}, every time step)")
-        seg, rules[f"segment{first + i}"] = build_segment(f"segment{first + i}", Chain([ChainLink(view, None, None)]),
-                                                          model, values, indices, tiles, ctx.target, overrides,
-                                                          ctx.recipe.path)
+        name = f"segment{first + len(segs)}"
+        ctx.progress(f"lower {name} ({l.name}, every time step)")
+        seg, rules[name] = build_segment(name, Chain([ChainLink(view, None, None)]), model, values, indices, tiles,
+                                         ctx.target, overrides, ctx.recipe.path)
         segs.append(seg)
-    unroll(model, node, segs, time_steps(model, node))
+        parts.append(seg)
+    unroll(model, node, parts, time_steps(model, node))
     return segs
 
 

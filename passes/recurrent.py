@@ -55,8 +55,8 @@ def activations(node: onnx.NodeProto) -> list[list[tuple[str, float | None, floa
 
 def layer_ranges(node: onnx.NodeProto, layers: list[Layer], values: dict[str, np.ndarray],
                  weights: dict[str, np.ndarray], biases: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per recurrent layer, calibration rows of its input and output: every hidden state the
-    node produced in that direction, and the layer (`weights`, `biases`: IR3's) on them.
+    """Per recurrent layer in `weights`, calibration rows of its input and output: every hidden
+    state the node produced in that direction, and the layer (`weights`, `biases`: IR3's) on them.
 
     They set the segment's formats (their largest magnitudes); a GRU's hidden-gate layer
     reads r * h, no larger than h for the sigmoid reset gate, so h's rows stand in for it.
@@ -66,6 +66,8 @@ def layer_ranges(node: onnx.NodeProto, layers: list[Layer], values: dict[str, np
     per = len(roles(node.op_type, hidden))
     out = {}
     for i, layer in enumerate(layers):
+        if layer.name not in weights:
+            continue
         d = i // per
         h = y[:, d].reshape(-1, hidden).astype(np.float32)
         out[layer.name] = (h, h @ weights[layer.name].T + biases[layer.name])
@@ -114,27 +116,36 @@ class _Emitter:
         return self.op(op, [x], **kw)
 
 
-def unroll(model: onnx.ModelProto, node: onnx.NodeProto, segments: list[Segment], steps: int) -> None:
-    """Replace `node` (IR3) by its unrolled recurrence over `steps` time steps, calling
-    `segments` (one per recurrent layer, in `find_layers` order) at every step."""
+def unroll(model: onnx.ModelProto, node: onnx.NodeProto, parts: list[Segment | Layer], steps: int) -> None:
+    """Replace `node` (IR3) by its unrolled recurrence over `steps` time steps, running each
+    recurrent layer (in `find_layers` order) at every step: its segment, or for a layer the
+    recipe skips, a dense host Gemm."""
     e = _Emitter(node.name, {n.name for n in model.graph.node} | {t for n in model.graph.node for t in
                                                                    (*n.input, *n.output)}
                  | {t.name for t in model.graph.initializer})
     op = node.op_type
     ins = list(node.input) + [""] * (8 - len(node.input))
     dirs = directions(node)
-    hidden = int(attr(node, "hidden_size", 0)) or int(np.prod(segments[0].layers[0].in_shape))
+    hidden = int(attr(node, "hidden_size", 0)) or next(
+        p.shape[1] if isinstance(p, Layer) else p.layers[0].in_shape[0] for p in parts)
     gh = GATES[op] * hidden
     clip = attr(node, "clip")
     acts = activations(node)
-    blobs = []
-    for s in segments:
-        blob = s.to_blob()
-        blobs.append((blob_name(s.name), hashlib.sha256(blob).hexdigest(), s.name))
-        model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(blob, np.uint8), blob_name(s.name)))
+    digests = {}
+    for p in parts:
+        if isinstance(p, Segment):
+            blob = p.to_blob()
+            digests[p.name] = hashlib.sha256(blob).hexdigest()
+            model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(blob, np.uint8), blob_name(p.name)))
 
     def segment(i: int, x: str, k: int) -> str:
-        blob, digest, name = blobs[i]
+        part = parts[i]
+        if isinstance(part, Layer):
+            out = e.name(f"{part.name}.t{k}")
+            e.nodes.append(helper.make_node("Gemm", [x, part.weight, part.bias], [out],
+                                            name=e.name(f"{part.name}.t{k}_node"), transB=1))
+            return out
+        name, blob, digest = part.name, blob_name(part.name), digests[part.name]
         out = e.name(f"{name}.t{k}")
         e.nodes.append(helper.make_node("EIESegment", [x, blob], [out], name=e.name(f"{name}.t{k}_node"),
                                         domain=EIE_DOMAIN, digest=digest))

@@ -159,3 +159,13 @@ def test_torch_exported_sequence_models_run_their_weights_on_the_accelerator(tmp
     host = {h["op"] for h in c.manifest["host_ops"]}
     assert host == ({"MatMul"} if "coder" in name else set())  # QK^T and PV
     assert all("multiplies two activations" in h["why"] for h in c.manifest["host_ops"])
+
+
+def test_a_skipped_gate_matrix_runs_dense_on_the_host_and_the_rest_on_the_accelerator(tmp_path):
+    onnx.save(recurrent(op="GRU", direction="bidirectional"), tmp_path / "gru.onnx")
+    recipe = LOSSLESS + "layers:\n  gru.R_h_reverse: {skip: true}\n"
+    c = compile_and_validate(tmp_path / "gru.onnx", tmp_path, recipe, random_n=3)
+    _check_exact(c)
+    assert _accelerated(c) == [["gru.W"], ["head"], ["gru.R_zr"], ["gru.R_h"], ["gru.R_zr_reverse"]]
+    host = c.manifest["host_ops"]
+    assert len(host) == 4 and all(h["op"] == "Gemm" and ".R_h_reverse.t" in h["name"] for h in host)  # one per step
