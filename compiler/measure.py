@@ -102,9 +102,10 @@ def _margins(outputs: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
 def measure(reference: list[np.ndarray], outputs: list[np.ndarray], labels: np.ndarray | None = None) -> Score:
     """A compressed model's `outputs` against the original's `reference` on the same rows (with their
     `labels`, if any): what `auto` budgets and what `eiec validate` prints."""
-    pairs = [(np.asarray(y, np.float64), np.asarray(r, np.float64))
-             for y, r in zip(outputs, reference) if np.issubdtype(r.dtype, np.floating)]
     n = reference[0].shape[0]
+    # per-row outputs only: a recurrent node's final state Y_h [directions, batch, hidden] has no row axis
+    pairs = [(np.asarray(y, np.float64), np.asarray(r, np.float64)) for y, r in zip(outputs, reference)
+             if np.issubdtype(r.dtype, np.floating) and r.shape[:1] == (n,)]
     num = np.zeros(n) + sum(np.sum(((y - r) ** 2).reshape(n, -1), axis=1) for y, r in pairs)
     den = np.zeros(n) + sum(np.sum((r**2).reshape(n, -1), axis=1) for _, r in pairs)
 
