@@ -79,8 +79,8 @@ LSTM_RECIPES: dict[str, dict | None] = {
 # models without published Deep Compression figures: name -> (spec, recipes)
 OTHER_MODELS = {"mobilenet_digits": (MOBILE, MOBILE_RECIPES), "lstm_digits": (LSTM, LSTM_RECIPES)}
 TARGETS = {"lenet_300_100": 49.0, "lenet5": 39.0}  # total compression, with drop <= 0.5 points (issue 18)
-# the calibration-size curve: `auto` with the first N rows of the digits rows the test set never
-# holds (models/digits.py: the 300 calibration rows, then the training rows)
+# the calibration-size curve: `auto` with N digits rows the test set never holds (models/digits.py
+# `calibration_rows`: the 300 never-trained-on rows; past 300, training rows added, held out never)
 CURVE = (100, 300, 1000)
 AUTO = "auto (budget 0.5 points on held-out calib), all"  # 300 rows: models/digits_calib.npz
 DATA_FREE = "auto, no calibration data (per-layer defaults)"
@@ -127,20 +127,20 @@ def curve_tag(rows: int) -> str:
 
 
 def calibration_file(rows: int, work: str) -> str:
-    """An .npz of `rows` digits rows disjoint from the test set: models/digits_calib.npz for 300,
-    else the first `rows` of its 300 rows followed by the training rows."""
-    if rows == 300:
-        return CALIB
+    """A calibration file of `rows` digits rows, disjoint from the test set (models/digits.py
+    `calibration_rows`): the shipped models/digits_calib.npz (300 never-trained-on rows) and
+    models/digits_calib1000.npz (those plus 700 training rows, the 300 marked `held_out`), else
+    one written to `work` (100: the first 100 of digits_calib.npz)."""
+    shipped = {300: "digits_calib.npz", 1000: "digits_calib1000.npz"}
+    if rows in shipped:
+        return os.path.join(ROOT, "models", shipped[rows])
     import sys
 
     sys.path.insert(0, os.path.join(ROOT, "models"))
-    from digits import load_splits
+    from digits import calibration_rows
 
-    splits = load_splits()
-    x = np.concatenate([splits["calib"][0], splits["train"][0]])[:rows]
-    y = np.concatenate([splits["calib"][1], splits["train"][1]])[:rows]
-    path = os.path.join(work, f"digits_calib_{rows}.npz")
-    np.savez(path, input=x, labels=y)
+    path = os.path.join(work, f"digits_calib{rows}.npz")
+    np.savez(path, **calibration_rows(rows))
     return path
 
 
@@ -249,6 +249,8 @@ def curve_table(results: dict[str, Any]) -> str:
             if run is None:
                 continue
             a = run["calibration_auto"]
+            if "estimate" not in a:  # a record from before the estimate existed
+                continue
             rows.append([model, str(n), f"{a['held_out_rows']}", f"{run['ratio_huffman']:.1f}x",
                          f"{run['ratio_file']:.1f}x", f"{run['drop_eie']:+.2f}",
                          f"{a['estimate']:+.2f} ({a['bound']:.2f})", f"{run['compile_seconds']:.0f}"])
@@ -266,6 +268,7 @@ def main() -> None:
     ap.add_argument("--runs", help="comma-separated ablation names (none, +obs, ..., all), auto (300 calibration "
                                    "rows), curve (100 and 1000 rows), data-free, or mobilenet_digits: only those "
                                    "runs, merged into --out")
+    ap.add_argument("--models", help="comma-separated: only these of lenet_300_100, lenet5 (default both)")
     args = ap.parse_args()
     wanted = args.runs.split(",") if args.runs else None
     test = dict(np.load(TEST, allow_pickle=False))
@@ -277,6 +280,8 @@ def main() -> None:
     chosen = lambda t: wanted is None or t in wanted  # noqa: E731
     with tempfile.TemporaryDirectory() as work:
         for model, spec in MODELS.items():
+            if args.models and model not in args.models.split(","):
+                continue
             path = os.path.join(ROOT, "models", spec["file"])
             dense = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             base = accuracy(dense.run([spec["output"]], {"input": test["input"]})[0], test["labels"])
@@ -286,7 +291,7 @@ def main() -> None:
                 if chosen(tag):
                     runs[f"deep-compression densities, {tag}"] = run_config(
                         model, spec, dc_recipe(names, spec["densities"], steps), work, tag.strip("+"), test, base)
-            for rows in CURVE:
+            for rows in sorted(CURVE, reverse=True):
                 if chosen("auto" if rows == 300 else "curve"):
                     runs[curve_tag(rows)] = run_config(model, spec, None, work, f"auto{rows}", test, base,
                                                        calibration_file(rows, work))
@@ -315,6 +320,11 @@ def main() -> None:
                 print(f"\n{tag} (target {run['target']['weight_bits']}+{run['target']['rel_index_bits']}-bit entries), "
                       f"test accuracy {run['test_accuracy_eie']:.2f} %, top-1 agreement {run['test_agreement_eie']:.2f} %:\n"
                       + layer_table(run))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {args.out}")
     print("\n## Summary (test accuracy drop in points on models/digits_test.npz; positive = worse)\n")
     print(summary_table(results))
     print("\n## auto: calibration rows -> Huffman ratio, .eie file ratio, test drop (.eie on the simulator), "
@@ -324,11 +334,6 @@ def main() -> None:
         verdict = ", ".join(r["target_reached_by"]) or "not reached"
         goal = f"target >= {r['target_ratio']:g}x with" if "target_ratio" in r else "recipes with a"
         print(f"{model}: {goal} drop <= {MAX_DROP} points: {verdict}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write("\n")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="recipe: target hardware and per-layer density/bits (docs/recipe.md); "
                         "default: 64 PEs and automatic per-layer choices")
     p.add_argument("--calibration", metavar="DATA.npz",
-                   help="calibration inputs keyed by graph input name (optional 'labels'); "
+                   help="calibration inputs keyed by graph input name (optional 'labels', and 'held_out': "
+                        "per-row booleans marking the rows auto scores on); "
                         "without it eiec uses random inputs and says so")
     p.add_argument("--input-shape", metavar="NAME:DIMS", action="append", default=[],
                    help="fix an input's shape, e.g. x:1,3,48,192 (repeatable; '?' keeps a dim free, "

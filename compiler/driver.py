@@ -150,7 +150,7 @@ def compress_model(model_path: str, recipe: Recipe, calibration_path: str | None
                    dump_dir: str | None = None, input_shapes: InputShapes | None = None) -> Compressed:
     """Import, automatic choices, prune and cluster: IR2, for `lower_compressed` on any target
     that agrees with `recipe.target` on COMPRESS_TARGET_KEYS."""
-    from .inputs import load_calibration, random_inputs
+    from .inputs import load_calibration, load_held_out, random_inputs
 
     input_shapes = dict(input_shapes or {})
     model = load_model(model_path, input_shapes)
@@ -169,6 +169,8 @@ def compress_model(model_path: str, recipe: Recipe, calibration_path: str | None
     check_recipe_layers(recipe, model)
     ctx = Context(recipe=recipe, seed=seed, calibration=inputs, labels=labels,
                   calibration_is_random=is_random, progress=progress)
+    if calibration_path is not None and (marked := load_held_out(calibration_path)) is not None:
+        ctx.artifacts["held_out_marks"] = marked  # the rows auto scores on (docs/recipe.md)
     original_bytes = _param_bytes(model)  # before the passes rewrite the weights
     layers_ir0 = find_layers(model)
     chosen_recipe = _resolve_auto(model, ctx, progress, notes)
@@ -179,7 +181,7 @@ def compress_model(model_path: str, recipe: Recipe, calibration_path: str | None
     manager = PassManager(compress_passes(), dump_dir, on_pass=_pass_line(progress), save_model=_save_onnx)
     ir2 = manager.run(model, ctx, start_index=1)
     # consumed by prune and cluster; dropped so the object stays small (a sweep ships it to workers)
-    for key in ("sequential", "clustering", "reconstruction_calibration"):
+    for key in ("sequential", "clustering", "reconstruction_calibration", "held_out_marks"):
         ctx.artifacts.pop(key, None)
     return Compressed(ir2, model_path, model_file_bytes(model_path), ctx, layers_ir0, original_bytes,
                       manager.records, notes, chosen_recipe)
@@ -295,7 +297,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
     rows = {"reconstruction_rows": 0, "held_out_rows": 0, "scored_rows": n_rows}
     if any(st.any for st in steps.values()):
         recon = ctx.calibration
-        split = split_calibration(ctx.calibration, ctx.labels, ctx.seed)
+        split = split_calibration(ctx.calibration, ctx.labels, ctx.seed, marked=ctx.artifacts.get("held_out_marks"))
         if split is None:
             notes.append("auto: too few calibration rows to hold any out; the budget is scored on "
                          "the rows the layers are reconstructed on")

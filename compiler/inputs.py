@@ -16,6 +16,9 @@ from .report import format_dims
 from .tensorfile import check_npz
 
 LABELS_KEY = "labels"
+# optional per-row marks: the rows `auto` scores on (True), never reconstructs on; say, the rows
+# the model never trained on, when the rest of the file is training data
+HELD_OUT_KEY = "held_out"
 
 
 def random_inputs(model: onnx.ModelProto, n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -63,8 +66,9 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto,
     arrays: dict[str, np.ndarray] = {}
     with npz:
         for key in npz.files:
-            if key not in wanted and key != LABELS_KEY:
-                raise InputError(path, f"{key}: not an input of the model (inputs: {', '.join(wanted)}; or '{LABELS_KEY}')")
+            if key not in wanted and key not in (LABELS_KEY, HELD_OUT_KEY):
+                raise InputError(path, f"{key}: not an input of the model (inputs: {', '.join(wanted)}; "
+                                       f"or '{LABELS_KEY}', '{HELD_OUT_KEY}')")
             try:
                 arrays[key] = npz[key]
             except ValueError as e:  # object arrays need pickle, which we never allow
@@ -103,4 +107,15 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto,
         if labels.shape[0] != n:
             raise InputError(path, f"{LABELS_KEY}: {labels.shape[0]} labels for {n} rows")
         labels = labels.astype(np.int64)
+    held = arrays.get(HELD_OUT_KEY)
+    if held is not None and (held.ndim != 1 or held.shape[0] != n or held.dtype != bool
+                             or held.all() or not held.any()):
+        raise InputError(path, f"{HELD_OUT_KEY}: must be 1-D booleans, one per row ({n}), some true and some "
+                               f"false; got {held.dtype} shape {held.shape}")
     return inputs, labels
+
+
+def load_held_out(path: str | os.PathLike) -> np.ndarray | None:
+    """The calibration file's `held_out` marks (checked by `load_calibration`), if it has them."""
+    with np.load(os.fspath(path), allow_pickle=False) as npz:
+        return npz[HELD_OUT_KEY] if HELD_OUT_KEY in npz.files else None

@@ -44,12 +44,30 @@ def load_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return splits
 
 
+def calibration_rows(n: int, splits: dict | None = None) -> dict[str, np.ndarray]:
+    """n calibration rows, never test rows: the first n calibration rows; past 300, all of them
+    then training rows, with `held_out` marking the 300 the models never trained on (eiec's
+    `auto` scores on those and reconstructs on the training rows: scored on training rows, whose
+    margins training widened, its estimate would promise too much)."""
+    splits = splits or load_splits()
+    (xc, yc), (xt, yt) = splits["calib"], splits["train"]
+    if n <= len(xc):
+        return {"input": xc[:n], "labels": yc[:n]}
+    if n > len(xc) + len(xt):
+        raise ValueError(f"the digits set has {len(xc) + len(xt)} rows outside the test split, not {n}")
+    extra = n - len(xc)
+    return {"input": np.concatenate([xc, xt[:extra]]), "labels": np.concatenate([yc, yt[:extra]]),
+            "held_out": np.arange(n) < len(xc)}
+
+
 def save_npz(out_dir: Path = HERE) -> None:
-    """Write digits_calib.npz and digits_test.npz ("input" float32 [N, 784], "labels" int64)."""
+    """Write digits_calib.npz, digits_calib1000.npz and digits_test.npz ("input" float32 [N, 784],
+    "labels" int64; digits_calib1000.npz also "held_out", see `calibration_rows`)."""
     splits = load_splits()
     for name in ("calib", "test"):
         x, y = splits[name]
         np.savez(out_dir / f"digits_{name}.npz", input=x, labels=y)
+    np.savez_compressed(out_dir / "digits_calib1000.npz", **calibration_rows(1000, splits))
 
 
 if __name__ == "__main__":

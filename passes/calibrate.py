@@ -1,9 +1,10 @@
-"""Calibration data: load or make it, capture layer inputs, compress layers in sequence, choose density/bits.
+"""Calibration rows: split them, capture layer inputs, compress layers in sequence, choose density/bits.
 
 `Sequential` is the reconstruction the passes apply (each layer on its compressed predecessors'
-outputs). The `auto` recipe: a one-layer-at-a-time sensitivity scan, a greedy path of recipes
-from mildest to most compressed, and a binary search along it with real onnxruntime
-runs on held-out rows, so the recipe returned is one that was measured within budget.
+outputs). The `auto` recipe: a one-layer-at-a-time sensitivity scan, then a search from
+known-good starting points with real onnxruntime runs on held-out rows, each scored by an
+estimate of the loss on new rows and its upper confidence bound (`measure`), so the recipe
+returned is one whose bound was measured within budget.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class CalibrationSplit:
 
 
 def split_calibration(inputs: dict[str, np.ndarray], labels: np.ndarray | None = None,
-                      seed: int = 0, hold_out: float = HOLD_OUT) -> CalibrationSplit | None:
-    """A seeded split of the calibration rows: round(hold_out * n) rows held out, the rest reconstruct.
+                      seed: int = 0, hold_out: float = HOLD_OUT,
+                      marked: np.ndarray | None = None) -> CalibrationSplit | None:
+    """A seeded split of the calibration rows: round(hold_out * n) rows held out, the rest reconstruct;
+    or, given `marked` (the file's `held_out` booleans), exactly the marked rows held out.
 
     Any rows run on any model (`eiec.ortrun` pads a fixed batch), so the split is the same
     whatever batch the model declares. Deterministic in (number of rows, seed); each part
@@ -60,9 +63,12 @@ def split_calibration(inputs: dict[str, np.ndarray], labels: np.ndarray | None =
     n = next(iter(inputs.values())).shape[0]
     if n < 2:
         return None
-    held = min(n - 1, max(1, int(round(hold_out * n))))
-    perm = np.random.default_rng([seed, 0x5E1D]).permutation(n)
-    rec, out = np.sort(perm[held:]), np.sort(perm[:held])
+    if marked is not None:
+        rec, out = np.flatnonzero(~marked), np.flatnonzero(marked)
+    else:
+        held = min(n - 1, max(1, int(round(hold_out * n))))
+        perm = np.random.default_rng([seed, 0x5E1D]).permutation(n)
+        rec, out = np.sort(perm[held:]), np.sort(perm[:held])
     pick = lambda rows: {k: v[rows] for k, v in inputs.items()}
     return CalibrationSplit(pick(rec), pick(out), None if labels is None else labels[rec],
                             None if labels is None else labels[out], rec, out)

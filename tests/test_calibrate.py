@@ -253,6 +253,9 @@ BAD_CALIBRATION = {
     "float labels": ({"x": np.zeros((3, 12), np.float32), "labels": np.zeros(3)}, "labels"),
     "short labels": ({"x": np.zeros((3, 12), np.float32), "labels": np.zeros(2, np.int64)}, "labels"),
     "2-D labels": ({"x": np.zeros((3, 12), np.float32), "labels": np.zeros((3, 1), np.int64)}, "labels"),
+    "int held_out": ({"x": np.zeros((3, 12), np.float32), "held_out": np.array([0, 1, 0])}, "held_out"),
+    "short held_out": ({"x": np.zeros((3, 12), np.float32), "held_out": np.array([True, False])}, "held_out"),
+    "all held_out": ({"x": np.zeros((3, 12), np.float32), "held_out": np.ones(3, bool)}, "held_out"),
 }
 
 
@@ -264,6 +267,19 @@ def test_load_calibration_rejects_bad_data_naming_file_and_key(tmp_path, case):
     with pytest.raises(InputError) as e:
         load_calibration(path, mlp(np.random.default_rng(6)))
     assert str(path) in str(e.value) and key in e.value.reason
+
+
+def test_split_calibration_holds_out_exactly_the_marked_rows(tmp_path):
+    from eiec.inputs import load_held_out
+
+    x = np.arange(36, dtype=np.float32).reshape(3, 12)
+    marked = np.array([True, False, True])
+    path = tmp_path / "cal.npz"
+    np.savez(path, x=x, held_out=marked)
+    inputs, _ = load_calibration(path, mlp(np.random.default_rng(6)))
+    split = split_calibration(inputs, marked=load_held_out(path))
+    assert split.held_out_rows.tolist() == [0, 2] and split.reconstruction_rows.tolist() == [1]
+    np.testing.assert_array_equal(split.held_out["x"], x[[0, 2]])
 
 
 def test_load_calibration_rejects_a_file_that_is_not_an_npz(tmp_path):

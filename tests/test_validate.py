@@ -75,6 +75,8 @@ def test_honest_compile_validates_with_exit_0(mlp_eie, digits60):
     code, out, _ = run_cli("validate", MODELS / "lenet_300_100.onnx", mlp_eie, "--input", digits60)
     assert code == 0, out
     assert "within bound: yes" in out and "NO" not in out and "off their format" not in out
+    # the measure `auto` budgets, on the user's own rows (labels in the file: points expected lost)
+    assert "auto's measure: points of top-1 accuracy expected lost" in out and "with 90% confidence" in out
 
 
 @pytest.mark.parametrize("delta", [1, -1])
