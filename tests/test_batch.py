@@ -20,7 +20,7 @@ from eiec.errors import InputError
 from eiec.ortrun import fixed_batch, run_rows, session
 from eiec.runtime import InferenceSession
 
-from helpers import ZOO, canonical_convnet, lossless_weights, make_model, run_cli, tensor, write_recipe
+from helpers import MODELS as SHIPPED, ZOO, canonical_convnet, lossless_weights, make_model, run_cli, tensor, write_recipe
 
 ROWS = 300
 # the torch MLP as exported, and a small conv net (conv 3->4, Flatten, two Gemm) made by hand
@@ -119,6 +119,27 @@ def test_fixed_batch_without_reconstruction_lowers_the_same_segments(folder, kin
     assert s.last_report["batch"] == 7
     assert s.last_report["total_cycles"] == s_sym.last_report["total_cycles"]
     assert {n: r.input.shape[0] for n, r in s.last_runs.items()} == {n: 7 for n in s_sym.last_runs}
+
+
+@pytest.mark.parametrize("name, batch", [("lenet_300_100", 1), ("lenet_300_100", 2), ("lenet5", 1),
+                                         ("lenet5", 2), ("mobilenet_digits", 1), ("mobilenet_digits", 2)])
+def test_shipped_model_with_a_fixed_batch_compiles_with_no_recipe_runs_and_validates(name, batch, tmp_path):
+    """The shipped models as torch.onnx.export's defaults write them (mobilenet_digits is
+    shipped that way): no recipe, no calibration file, 5 test digits (not a multiple of 2)."""
+    model = with_batch(onnx.load(SHIPPED / f"{name}.onnx"), tmp_path / "m.onnx", batch)
+    with np.load(SHIPPED / "digits_test.npz") as f:
+        data = tmp_path / "test.npz"
+        np.savez(data, **{k: v[:5] for k, v in f.items()})
+    eie = tmp_path / "m.eie"
+    code, _, err = run_cli(model, "-o", eie, "--quiet")
+    assert code == 0, err
+    code, _, err = run_cli("run", eie, "--input", data, "-o", tmp_path / "out.npz", "--quiet")
+    assert code == 0, err
+    with np.load(tmp_path / "out.npz") as f:
+        assert f.files and all(f[k].shape[0] == 5 for k in f.files)
+    code, out, err = run_cli("validate", model, eie, "--input", data)
+    assert code == 0, out + err
+    assert "EXACT within the fixed-point bound" in out
 
 
 def tiny(batch: int | str) -> onnx.ModelProto:
