@@ -5,11 +5,9 @@ are width-reduced torchvision architectures exported by torch.onnx.export with i
 a fixed batch of 1, exporter-chosen names, TorchScript and dynamo exporters, opsets 20 and 11.
 onnxruntime on the original file is the judge. No torch.
 
-The whole chain (compile, `eiec run`, `eiec validate`) runs on every model in the fast suite
-with a recipe that switches the calibration-driven reconstruction off (what the corpus
-tests is import, lowering and fixed batch sizes, not the search); with no recipe at all
-(the automatic search, 10-60 s of CPU per model) on SqueezeNet in the fast suite and on
-every model in the slow one.
+The whole chain (compile with no recipe and no calibration file, `eiec run`, `eiec
+validate`) runs on every model in the fast suite: what a user who brings one of these
+models types first.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import pytest
 from onnx import numpy_helper
 
 from eiec.container import read_eie
-from helpers import ZOO, run_cli, save_inputs, write_recipe
+from helpers import ZOO, run_cli, save_inputs
 
 CORPUS = {  # file stem -> opset the exporter wrote
     "tv_mobilenet_v3_small": 20,
@@ -34,9 +32,6 @@ CORPUS = {  # file stem -> opset the exporter wrote
     "tv_mobilenet_v3_small_opset11": 11,
 }
 SHAPE = [1, 3, 64, 64]
-# 4-bit codebooks, nothing pruned, no reconstruction: the chain without the search's cost
-PLAIN = "defaults: {density: keep, bits: 4, obs: false, gptq: false, refit: false, bias_correction: false}\n"
-FAST_AUTO = ["tv_squeezenet1_1"]
 
 
 def _path(stem: str) -> Path:
@@ -87,12 +82,11 @@ def test_corpus_exporter_patterns_are_the_documented_ones():
     assert any(a.name == "group" and a.i > 1 for c in convs for a in c.attribute)  # depthwise
 
 
-def _compile_run_validate(stem: str, folder: Path, recipe: str | None) -> dict:
-    """`eiec MODEL -o OUT.eie [--config]` (a file smaller than the model), `eiec run` on 2 rows,
+def _compile_run_validate(stem: str, folder: Path) -> dict:
+    """`eiec MODEL -o OUT.eie` (a file smaller than the model), `eiec run` on 2 rows,
     `eiec validate`; the manifest."""
     model, eie = _path(stem), folder / f"{stem}.eie"
-    config = [] if recipe is None else ["--config", write_recipe(folder, recipe)]
-    code, _, err = run_cli(model, "-o", eie, *config)
+    code, _, err = run_cli(model, "-o", eie)
     assert code == 0, err
     assert eie.stat().st_size < model.stat().st_size  # the compiled file never outgrows the model
     name = onnx.load(model).graph.input[0].name
@@ -119,13 +113,7 @@ def _every_layer_on_the_accelerator(stem: str, manifest: dict) -> None:
 
 
 @pytest.mark.parametrize("stem", CORPUS)
-def test_corpus_model_compiles_runs_and_validates(stem, tmp_path):
-    manifest = _compile_run_validate(stem, tmp_path, PLAIN)
-    _every_layer_on_the_accelerator(stem, manifest)
-
-
-@pytest.mark.parametrize("stem", [pytest.param(s, marks=[] if s in FAST_AUTO else pytest.mark.slow) for s in CORPUS])
 def test_corpus_model_compiles_with_no_recipe_runs_and_validates(stem, tmp_path):
-    manifest = _compile_run_validate(stem, tmp_path, None)
+    manifest = _compile_run_validate(stem, tmp_path)
     _every_layer_on_the_accelerator(stem, manifest)
     assert manifest["auto"]["calibration"] == "random"
