@@ -194,10 +194,13 @@ def _drop_points(fid: dict[str, Any]) -> float | None:
     return None
 
 
-def _auto_measure(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None) -> dict[str, Any]:
+def _auto_measure(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None) -> dict[str, Any] | None:
     """The measure `auto` budgets (`eiec.measure.measure`) on these rows: with labels the points of top-1
     accuracy expected lost on new rows, else the relative output error; each with its upper
-    confidence bound, so a user can check the compile's promise on their own test data."""
+    confidence bound, so a user can check the compile's promise on their own test data.
+    None when the first output has no rows to measure over (a 0-d output)."""
+    if np.ndim(ref[0]) == 0:
+        return None
     s = measure(ref, out, labels if labels is not None and len(labels) == ref[0].shape[0] else None)
     metric = "accuracy" if s.drop_estimate is not None else "error"
     estimate, bound = s.value(metric)
@@ -329,9 +332,10 @@ def validate_cli(model_path: str, eie_path: str, input_path: str | None, random_
     lines.append("2) compiled model vs the original model (onnxruntime):")
     lines.append("   " + _summary_line(res["fidelity"]))
     am = res["auto_measure"]
-    what = "points of top-1 accuracy expected lost" if am["metric"] == "accuracy" else "relative output error"
-    lines.append(f"   auto's measure: {what} {am['estimate']:.3g} (at most {am['bound']:.3g} with "
-                 f"{am['confidence']:.0%} confidence)")
+    if am is not None:
+        what = "points of top-1 accuracy expected lost" if am["metric"] == "accuracy" else "relative output error"
+        lines.append(f"   auto's measure: {what} {am['estimate']:.3g} (at most {am['bound']:.3g} with "
+                     f"{am['confidence']:.0%} confidence)")
     drop = res["accuracy_drop_points"]
     over_budget = max_drop is not None and drop is not None and drop > max_drop
     if max_drop is not None:
