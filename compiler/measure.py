@@ -102,7 +102,7 @@ def _margins(outputs: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
 def measure(reference: list[np.ndarray], outputs: list[np.ndarray], labels: np.ndarray | None = None) -> Score:
     """A compressed model's `outputs` against the original's `reference` on the same rows (with their
     `labels`, if any): what `auto` budgets and what `eiec validate` prints."""
-    n = next((np.shape(r)[0] for r in reference if np.ndim(r) > 0), 1)  # rows; a 0-d output has none
+    n = reference[0].shape[0]
     # per-row outputs only: a recurrent node's final state Y_h [directions, batch, hidden] has no row axis
     pairs = [(np.asarray(y, np.float64), np.asarray(r, np.float64)) for y, r in zip(outputs, reference)
              if np.issubdtype(r.dtype, np.floating) and r.shape[:1] == (n,)]
