@@ -4,8 +4,11 @@ Compiles each model with a recipe in the spirit of Deep Compression's (their per
 densities, 4-bit codebooks) under each reconstruction ablation (none / +OBS / +GPTQ / +refit /
 +bias correction / all but GPTQ / all; sequential: each layer reconstructed on its compressed
 predecessors' outputs against the dense layer's outputs) and with the automatic recipe
-(`density: auto`, `bits: auto`, budget 0.5 accuracy points on the held-out half of the
-calibration set, the layers reconstructed on the other half). Per run: compression ratio of the
+(`density: auto`, `bits: auto`, budget: a 90 % upper bound of 0.5 points expected lost on the
+held-out calibration rows, the layers reconstructed on the others) on 100, 300 and 1000
+calibration rows (CURVE: `auto` for 300, `curve` for the others; models/digits.py
+`calibration_rows`, 1000 = the 300 unseen rows held out plus 700 training rows) and without
+calibration data (`data-free`: per-layer default densities). Per run: compression ratio of the
 hardware form (fixed 4-bit entries + per-PE pointers) and of the storage form (one
 Huffman-coded CSC stream), the size of the .eie file itself (the Huffman storage form plus
 host graph, programs and manifest) against the .onnx file, and test accuracy measured by
@@ -15,8 +18,9 @@ LSTM reading each digit row by row; fixed batch 1) have no published Deep Compre
 they are compiled with the recipes in MOBILE_RECIPES (each names the hardware target it needs;
 bench/layer_bits.py says why those) and LSTM_RECIPES, all reconstruction steps on.
 Usage: python bench/compression.py [--out bench/results/compression.json] [--runs auto,all]
-(--runs: only these runs — ablation names such as "all", "auto", or "mobilenet_digits" /
-"lstm_digits" for all of that model's recipes — merged into the existing --out)
+[--models lenet5] (--runs: only these runs — ablation names such as "all", "auto", "curve",
+"data-free", or "mobilenet_digits" / "lstm_digits" for all of that model's recipes — merged into
+the existing --out; --models: only these of the two LeNets)
 """
 
 from __future__ import annotations
