@@ -19,7 +19,8 @@ they are compiled with the recipes in MOBILE_RECIPES (each names the hardware ta
 bench/layer_bits.py says why those) and LSTM_RECIPES, all reconstruction steps on.
 Usage: python bench/compression.py [--out bench/results/compression.json] [--runs auto,all]
 [--models lenet5] (--runs: only these runs — ablation names such as "all", "auto", "curve",
-"data-free", or "mobilenet_digits" / "lstm_digits" for all of that model's recipes — merged into
+"data-free", or "mobilenet_digits" / "lstm_digits" for all of that model's recipes, with
+":hand" appended for its hand-written recipes only — merged into
 the existing --out; --models: only these of the two LeNets)
 """
 
@@ -270,7 +271,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "compression.json"))
     ap.add_argument("--runs", help="comma-separated ablation names (none, +obs, ..., all), auto (300 calibration "
-                                   "rows), curve (100 and 1000 rows), data-free, or mobilenet_digits: only those "
+                                   "rows), curve (100 and 1000 rows), data-free, mobilenet_digits or lstm_digits (NAME:hand: its "
+                                   "hand-written recipes only): only those "
                                    "runs, merged into --out")
     ap.add_argument("--models", help="comma-separated: only these of lenet_300_100, lenet5 (default both)")
     args = ap.parse_args()
@@ -310,8 +312,10 @@ def main() -> None:
                 if tag in runs:
                     print(f"\n{tag}:\n" + layer_table(runs[tag]))
         for name, (spec, recipes) in OTHER_MODELS.items():
-            if not chosen(name):
+            if not chosen(name) and not chosen(f"{name}:hand"):
                 continue
+            if not chosen(name):  # "NAME:hand": the model's hand-written recipes, not its automatic one
+                recipes = {tag: r for tag, r in recipes.items() if r is not None}
             dense = ort.InferenceSession(os.path.join(ROOT, "models", spec["file"]), providers=["CPUExecutionProvider"])
             base = accuracy(predict(dense, test["input"], spec["output"]), test["labels"])
             runs = {tag: run_config(name, spec, recipe, work, f"recipe{i}", test, base)
