@@ -350,7 +350,7 @@ def print_power(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     print(f"{'clock':<14}  {100 * shares['clock']:5.1f}%  {'-':>21}  {100 * kinds['clock network']:9.1f}% (by type)")
     print(f"{'leakage':<14}  {100 * shares['leakage']:5.1f}%  {'-':>21}  {'not given':>16}")
     print(f"{'dram':<14}  {100 * shares['dram']:5.1f}%  {'-':>21}  {'not in the PE':>16}")
-    print(f"paper by type: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in kinds.items()))
+    print("paper by type: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in kinds.items()))
 
 
 def main() -> None:
