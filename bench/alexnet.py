@@ -11,7 +11,6 @@ Usage: python bench/alexnet.py [--out bench/results/alexnet.json] [--no-reconstr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -23,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from eie_layers import write_json  # bench/ is on sys.path: the script's own folder
 from eiec.driver import compile_model
 from eiec.ir import OPSET
 from eiec.runtime import InferenceSession
@@ -130,10 +130,7 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
                     "platform": platform.platform()},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import platform
 import pstats
@@ -27,6 +26,7 @@ import onnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from alexnet import SEED, alexnet, recipe_text  # noqa: E402
+from eie_layers import write_json  # noqa: E402
 
 from eiec.artifact import load_eie  # noqa: E402
 from eiec.driver import compile_model  # noqa: E402
@@ -116,10 +116,7 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
                     "platform": platform.platform(), "load_average": os.getloadavg()},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
