@@ -14,6 +14,7 @@ $(BIN)/python:
 SOURCES := $(shell find compiler passes runtime -name '*.py') pyproject.toml
 
 $(VENV)/.installed: $(BIN)/python $(SOURCES)
+	rm -rf build/lib build/bdist.* eiec.egg-info  # setuptools would reinstall removed modules from its stale copies
 	$(BIN)/pip install --quiet --force-reinstall --no-deps .
 	$(BIN)/pip install --quiet ".[test]"
 	touch $@

@@ -38,7 +38,7 @@ from eiec.container import read_eie
 from eiec.driver import compile_model
 from eiec.importer import load_model
 from eiec.ir import find_layers
-from eiec.passes.cluster import quantize_weights
+from eiec.passes.compress import quantize_weights
 from eiec.runtime.session import InferenceSession
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

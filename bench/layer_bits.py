@@ -1,7 +1,7 @@
 """Where a CNN's accuracy goes under weight sharing: each layer alone, each role, each codebook size.
 
 For a model, its calibration set and a disjoint labelled test set, compresses with the
-same per-layer reconstruction the passes apply (eiec.passes.calibrate.Sequential, built on
+same per-layer reconstruction the passes apply (eiec.passes.sequential.Sequential, built on
 the calibration rows: GPTQ assignment, codebook refit, bias correction; no pruning,
 density 1) and measures on the test set, in onnxruntime, top-1 agreement with the dense
 model and accuracy:
@@ -33,7 +33,8 @@ import onnx
 from eiec.importer import load_model
 from eiec.ir import Layer, find_layers
 from eiec.inputs import load_calibration
-from eiec.passes.calibrate import Evaluator, Sequential
+from eiec.passes.evaluate import Evaluator
+from eiec.passes.sequential import Sequential
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BITS = (2, 3, 4, 5, 6, 8)

@@ -245,7 +245,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
     """Pick density/bits for layers left on `auto`; returns the chosen recipe as YAML (or None).
 
     The search measures every candidate with the reconstruction the prune and cluster
-    passes will apply (the same `calibrate.Sequential`, left in ctx.artifacts for the
+    passes will apply (the same `sequential.Sequential`, left in ctx.artifacts for the
     prune pass: each layer's obs / gptq / refit / bias_correction on its compressed
     predecessors' outputs), and compresses every layer the passes compress (fixed ones
     pinned). With reconstruction, the calibration rows are split (`split_calibration`):
@@ -262,8 +262,10 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context,
     auto = [l for l in layers if not wanted[l.name].skip and "auto" in (wanted[l.name].density, wanted[l.name].bits)]
     if not auto:
         return None
-    from eiec.passes.calibrate import (DEFAULT_DENSITY, Sequential, Steps, auto_recipe, default_recipe,
-                                       plain_compress, split_calibration)
+    from eiec.passes.auto import DEFAULT_DENSITY, auto_recipe, default_recipe
+    from eiec.passes.compress import plain_compress
+    from eiec.passes.holdout import split_calibration
+    from eiec.passes.sequential import Sequential, Steps
 
     seen: set[str] = set()
     compressed = []  # every layer the passes compress, once per weight (shared weights follow the first)

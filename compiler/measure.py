@@ -1,6 +1,6 @@
 """Measuring a compressed model against the original on the same rows: relative output
 error, accuracy lost, and the expected accuracy drop on new rows with its upper confidence
-bound. What `auto` budgets (eiec.passes.calibrate) and what `eiec validate` prints.
+bound. What `auto` budgets (eiec.passes.auto) and what `eiec validate` prints.
 """
 
 from __future__ import annotations

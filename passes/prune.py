@@ -1,7 +1,7 @@
 """Deep Compression step 1: pruning (IR0 -> IR1), by magnitude or, with calibration data, sequentially.
 
 Per layer, keep the `density` fraction of W's elements and set the rest to exact zeros:
-by |w|, or with reconstruction on calibration data (`calibrate.Sequential`). Biases stay dense.
+by |w|, or with reconstruction on calibration data (`sequential.Sequential`). Biases stay dense.
 """
 
 from __future__ import annotations
@@ -15,32 +15,9 @@ from eiec.errors import ModelError, RecipeError
 from eiec.ir import Layer, get_initializer, set_initializer
 from eiec.passmanager import Context, PassResult
 
+from .compress import magnitude_mask
 from .select import layers_to_rewrite
-
-
-def magnitude_mask(w: np.ndarray, density: float) -> np.ndarray:
-    """Boolean mask (shape of `w`) of the k = max(1, round(density * w.size)) largest |w|.
-
-    Ties at the threshold magnitude are broken by flat index (lower index kept first),
-    so the mask is deterministic and holds exactly k True entries. `w` must be finite.
-    """
-    if not (0 < density <= 1):
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
-    mag = np.abs(np.asarray(w)).ravel()
-    n = mag.size
-    if n == 0:
-        return np.zeros(np.shape(w), dtype=bool)
-    if not np.isfinite(mag).all():
-        raise ValueError("magnitude_mask needs finite weights")
-    k = min(n, max(1, round(density * n)))
-    if k == n:
-        return np.ones(np.shape(w), dtype=bool)
-    threshold = np.partition(mag, n - k)[n - k]  # the k-th largest magnitude
-    mask = mag > threshold
-    # fill up to k with the weights equal to the threshold, in flat-index order
-    need = k - int(np.count_nonzero(mask))
-    mask[np.flatnonzero(mag == threshold)[:need]] = True
-    return mask.reshape(np.shape(w))
+from .sequential import Sequential, Steps
 
 
 def _density(w: np.ndarray) -> float:
@@ -52,7 +29,7 @@ class Prune:
 
     Without calibration inputs, or when no layer asks for obs / refit / bias_correction:
     magnitude pruning per layer. Otherwise the whole per-layer pipeline runs here, in
-    graph order (`calibrate.Sequential`): capture the layer's inputs from the model with
+    graph order (`sequential.Sequential`): capture the layer's inputs from the model with
     the earlier layers already pruned, clustered and corrected, then prune (magnitude or
     OBS), k-means, refit and bias-correct against the dense layer's outputs. Pruning
     layer L+1 must see layer L's final output, so the clustering is decided here too;
@@ -99,8 +76,6 @@ class Prune:
     @staticmethod
     def _plan(model: onnx.ModelProto, todo: list, ctx: Context) -> dict:
         """Run (or reuse) the sequential compression of every layer; leave it for the cluster pass."""
-        from eiec.passes.calibrate import Sequential, Steps
-
         layers = [layer for _, layer, _ in todo]
         steps = {layer.name: Steps(lr.obs, lr.refit, lr.bias_correction, lr.gptq) for _, layer, lr in todo}
         choices = {}

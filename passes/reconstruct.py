@@ -7,7 +7,7 @@ the compressed model, dense outputs).
 
 Shapes. W is the layer's matrix view [out, in] (`eiec.ir.matrix_view`). For a conv
 with group g > 1 the Hessian is per group: pass H as [g, in_g, in_g] (from X
-[g, n, in_g], see `eiec.passes.calibrate.capture_layer_inputs`); the rows of W
+[g, n, in_g], see `eiec.passes.capture.capture_layer_inputs`); the rows of W
 are then split into g equal consecutive slices, slice i using H[i]. A 2-D H is the
 g = 1 case. Every function here takes either form, so callers never split layers.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-from eiec.passes.prune import magnitude_mask
+from .compress import magnitude_mask
 
 
 # Widest layer input (per group) that gets a Hessian: H and the ~5 work copies OBS makes

@@ -21,9 +21,12 @@ from onnx import TensorProto, helper, numpy_helper
 from eiec.container import read_eie
 from eiec.driver import compile_model
 from eiec.ir import OPSET, find_layers, get_initializer, matrix_view, set_initializer
-from eiec.passes.calibrate import Sequential, Steps, split_calibration
-from eiec.passes.cluster import Cluster, quantize_weights
-from eiec.passes.prune import Prune, magnitude_mask
+from eiec.passes.auto import DEFAULT_DENSITY
+from eiec.passes.cluster import Cluster
+from eiec.passes.compress import magnitude_mask, quantize_weights
+from eiec.passes.holdout import split_calibration
+from eiec.passes.prune import Prune
+from eiec.passes.sequential import Sequential, Steps
 from eiec.passmanager import Context
 from eiec.recipe import parse_recipe
 from eiec.report import sensitivity_table
@@ -316,8 +319,6 @@ def test_auto_compile_respects_the_output_error_budget_and_replays_to_the_same_r
 
 
 def test_compile_without_calibration_data_uses_the_per_layer_defaults_and_says_so(tmp_path):
-    from eiec.passes.calibrate import DEFAULT_DENSITY
-
     model = mlp(5)
     path = str(tmp_path / "mlp.onnx")
     onnx.save(model, path)

@@ -15,18 +15,12 @@ from eiec.conv import im2col
 from eiec.inputs import load_calibration, random_inputs
 from eiec.ir import OPSET, find_layers, matrix_view
 from eiec.measure import CONFIDENCE, Score, class_scores, expected_drop, label_margins, upper_bound
-from eiec.passes.calibrate import (
-    DEFAULT_DENSITY,
-    LayerSensitivity,
-    Sequential,
-    StorageModel,
-    auto_recipe,
-    capture_layer_inputs,
-    default_recipe,
-    plain_compress,
-    recipe_path,
-    split_calibration,
-)
+from eiec.passes.auto import DEFAULT_DENSITY, StorageModel, auto_recipe, default_recipe, recipe_path
+from eiec.passes.capture import capture_layer_inputs
+from eiec.passes.compress import plain_compress
+from eiec.passes.evaluate import LayerSensitivity
+from eiec.passes.holdout import split_calibration
+from eiec.passes.sequential import Sequential
 from eiec.target import Target
 
 

@@ -13,7 +13,8 @@ from hypothesis.extra.numpy import arrays
 
 from eiec.errors import RecipeError
 from eiec.ir import copy_model, find_layers, get_initializer, set_initializer
-from eiec.passes.cluster import Cluster, _cluster_starts, kmeans_1d, quantize_weights
+from eiec.passes.cluster import Cluster
+from eiec.passes.compress import _cluster_starts, kmeans_1d, quantize_weights
 from eiec.passes.prune import Prune
 from helpers import canonical_convnet, run_ort
 from eiec.passmanager import Context

@@ -11,7 +11,8 @@ from hypothesis.extra.numpy import arrays
 
 from eiec.errors import RecipeError
 from eiec.ir import copy_model, find_layers, get_initializer, set_initializer
-from eiec.passes.prune import Prune, magnitude_mask
+from eiec.passes.compress import magnitude_mask
+from eiec.passes.prune import Prune
 from helpers import canonical_convnet, run_ort
 from eiec.passmanager import Context
 from eiec.recipe import parse_recipe

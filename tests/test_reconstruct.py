@@ -8,7 +8,7 @@ import scipy.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eiec.passes.cluster import quantize_weights
+from eiec.passes.compress import quantize_weights
 from eiec.passes.reconstruct import (
     _gptq_masked,
     _gptq_shared,
