@@ -125,7 +125,8 @@ DEEP_COMPRESSION = {
 # or reconstructed: the recipe `eiec` compiles when it has no data at all (plain magnitude pruning
 # and k-means: 0 and 0.33 test points lost on LeNet-300-100 and LeNet-5, bench/compression.py), and,
 # scaled down, one of the search's starts.
-DEFAULT_DENSITY = {"first conv": 1.0, "conv": 0.7, "fc": 0.3, "last": 0.9}
+# A recurrent matrix is applied once per time step, so its error compounds: milder than an FC.
+DEFAULT_DENSITY = {"first conv": 1.0, "conv": 0.7, "fc": 0.3, "recurrent": 0.5, "last": 0.9}
 # How the scaled starts (deep compression, defaults) scale their densities, mildest first.
 SCALES = (2.0, 1.5, 1.25, 1.0, 0.85, 0.7, 0.55, 0.45, 0.35, 0.25)
 # Probes (whole-model runs) the search may make after the sensitivity scan.
@@ -137,7 +138,7 @@ MIN_SAVING = 0.01
 
 
 def layer_role(layers: list[Layer], i: int) -> str:
-    """`DEFAULT_DENSITY`'s key for layers[i]: the last layer, the first conv, else conv or fc."""
+    """`DEFAULT_DENSITY`'s key for layers[i]: the last layer, the first conv, else its kind."""
     if i == len(layers) - 1:
         return "last"
     if layers[i].kind == "conv" and all(l.kind != "conv" for l in layers[:i]):
