@@ -169,3 +169,14 @@ def test_a_skipped_gate_matrix_runs_dense_on_the_host_and_the_rest_on_the_accele
     assert _accelerated(c) == [["gru.W"], ["head"], ["gru.R_zr"], ["gru.R_h"], ["gru.R_zr_reverse"]]
     host = c.manifest["host_ops"]
     assert len(host) == 4 and all(h["op"] == "Gemm" and ".R_h_reverse.t" in h["name"] for h in host)  # one per step
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_a_recurrent_model_compiles_without_calibration_or_recipe(tmp_path, op):
+    """The data-free defaults have a density for the hidden-state matrices too."""
+    onnx.save(recurrent(op=op, direction="bidirectional"), tmp_path / "m.onnx")
+    code, out, err = run_cli(tmp_path / "m.onnx", "-o", tmp_path / "m.eie")
+    assert code == 0, out + err
+    assert "recurrent 0.5" in err
+    code, out, err = run_cli("validate", tmp_path / "m.onnx", tmp_path / "m.eie", "--random", "3")
+    assert code == 0, out + err
