@@ -30,6 +30,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from .errors import ModelError
 from .fileio import input_file_size
 from .ir import OPSET, copy_model, find_layers, get_initializer
+from .ortrun import record_row_axes, row_axes
 from .recurrent import GATES, canonicalize_recurrent
 from .report import format_dims
 
@@ -94,6 +95,7 @@ def canonicalize(model: onnx.ModelProto, path: str, input_shapes: InputShapes | 
     must already be loaded (`load_model` does that after checking every location).
     """
     model = _checked(fix_input_shapes(copy_model(model), input_shapes or {}, path), path)
+    axes = row_axes(model)  # before the rewrites below, which may hide them from inference
     # graphsurgeon warns on stdout about things handled below (non-tensor types, no colours)
     with gs.logger.G_LOGGER.suppress(gs.logger.G_LOGGER.ERROR):
         graph = _import_graph(model)
@@ -107,6 +109,7 @@ def canonicalize(model: onnx.ModelProto, path: str, input_shapes: InputShapes | 
     for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(out, field, getattr(model, field))
     out.metadata_props.extend(model.metadata_props)
+    record_row_axes(out, {name: axis for name, axis in axes.items() if axis})  # those not leading
     # graphsurgeon only knows tensor types: put back the declared ones (maps, sequences, docs)
     declared = {v.name: v for v in (*model.graph.input, *model.graph.output)}
     for v in (*out.graph.input, *out.graph.output):

@@ -6,13 +6,21 @@ default (x[1, 784]). `run_rows` feeds a fixed-batch model chunks of exactly that
 pads the last chunk by repeating its last row and drops the padded rows' outputs, so
 every caller (calibration, auto, Q-format ranges, validate, `eiec run`) gets one output
 row per input row whatever the declared batch; a symbolic batch runs in one go.
+
+An output need not carry its rows on its leading axis: ONNX's LSTM writes Y as
+[seq, directions, batch, hidden] and Y_h as [directions, batch, hidden]. `row_axes`
+finds each output's row axis by shape inference; import records them in the model's
+metadata (`ROW_AXES_KEY`), which every IR and a .eie's host graph keep, since a
+rewritten graph (or one with eiec's custom ops) may no longer let inference follow
+them. `session` keeps them with the session for `run_rows` to join the chunks on.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import onnx
@@ -42,17 +50,112 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
     return out
 
 
+ROWS = "eiec_rows"  # the symbolic dim `row_axes` gives the fed inputs' leading axis
+# Initializers up to this many elements stay in the shape skeleton (shape operands a
+# Reshape or Expand needs); larger ones become inputs of the same shape.
+_SHAPE_OPERAND_ELEMS = 64
+ROW_AXES_KEY = "eiec.row_axes"  # metadata_props key: JSON {output: row axis}, when any is not 0
+
+
+def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` without its weights, for shape inference: large initializers become inputs
+    of their shape, graph outputs lose their declared shapes (a fixed batch there would
+    contradict a symbolic one). Copies no weights."""
+    g = model.graph
+    light = onnx.GraphProto(name=g.name, node=g.node, input=g.input)
+    declared = {vi.name for vi in g.input}
+    for t in g.initializer:
+        if np.prod(t.dims, dtype=np.int64) <= _SHAPE_OPERAND_ELEMS:
+            light.initializer.append(t)
+        elif t.name not in declared:
+            light.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for vi in g.output:
+        light.output.append(onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, None))
+    out = onnx.helper.make_model(light, opset_imports=model.opset_import, ir_version=model.ir_version)
+    out.functions.extend(model.functions)
+    out.metadata_props.extend(p for p in model.metadata_props if p.key == ROW_AXES_KEY)
+    return out
+
+
+def row_axes(model: onnx.ModelProto, fed: Collection[str] | None = None) -> dict[str, int | None]:
+    """Per graph output computed from the rows, the axis they are on (None: not known).
+
+    The rows are the leading axis of the inputs `fed` (default: every real input). Shape
+    inference runs on the skeleton with those dims symbolic (ROWS); an output's axis is
+    the one that is ROWS, None when inference loses it (a Reshape to a constant shape,
+    an op without shape inference). Outputs that do not depend on `fed` are left out."""
+    fed = {gi.name for gi in graph_inputs(model)} if fed is None else set(fed)
+    skeleton = shape_skeleton(model)
+    for vi in skeleton.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in fed and len(dims):
+            dims[0].Clear()
+            dims[0].dim_param = ROWS
+    reached = set(fed)
+    for node in skeleton.graph.node:  # import and every pass keep the graph topologically sorted
+        if reached.intersection(node.input):
+            reached.update(node.output)
+    try:
+        outputs = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True).graph.output
+    except Exception:  # noqa: BLE001 - inference refusing the graph leaves every axis unknown
+        outputs = skeleton.graph.output
+    axes: dict[str, int | None] = {}
+    for vi in outputs:
+        if vi.name in reached:
+            found = [i for i, d in enumerate(vi.type.tensor_type.shape.dim) if d.dim_param == ROWS]
+            axes[vi.name] = found[0] if len(found) == 1 else None
+    return axes
+
+
+def record_row_axes(model: onnx.ModelProto, axes: dict[str, int]) -> None:
+    """Store `axes` in `model`'s metadata (nothing when empty: every output's rows lead)."""
+    kept = [p for p in model.metadata_props if p.key != ROW_AXES_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if axes:
+        model.metadata_props.add(key=ROW_AXES_KEY, value=json.dumps(axes, sort_keys=True))
+
+
+class RowSession(ort.InferenceSession):
+    """An onnxruntime session that knows its outputs' row axes (`row_axes`) for `run_rows`.
+
+    `skeleton` is the model's `shape_skeleton`, kept when an input has a fixed leading
+    dim (only then are rows chunked and joined)."""
+
+    def __init__(self, model: bytes | str, options: ort.SessionOptions, skeleton: onnx.ModelProto | None):
+        super().__init__(model, options, providers=["CPUExecutionProvider"])
+        self.skeleton = skeleton
+        self._axes: dict[frozenset[str], dict[str, int | None]] = {}
+
+    def row_axes(self, fed: Collection[str]) -> dict[str, int | None]:
+        """`row_axes` of the model when `fed` are the inputs fed per row, with the axes
+        import recorded in the model (ROW_AXES_KEY) for the outputs it names."""
+        key = frozenset(fed)
+        if key not in self._axes:
+            if self.skeleton is None:  # never chunked: every output is taken as it is
+                return {o.name: 0 for o in self.get_outputs()}
+            stored = next((p.value for p in self.skeleton.metadata_props if p.key == ROW_AXES_KEY), "{}")
+            self._axes[key] = {**row_axes(self.skeleton, key), **json.loads(stored)}
+        return self._axes[key]
+
+
 def session(model: onnx.ModelProto | bytes | str | os.PathLike,
-            options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+            options: ort.SessionOptions | None = None) -> RowSession:
     """A CPU onnxruntime session (quiet: overridable initializers make ORT warn once per weight)."""
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
+    proto = model if isinstance(model, onnx.ModelProto) else None
+    if proto is not None:
+        model = proto.SerializeToString()
     elif isinstance(model, os.PathLike):
         model = os.fspath(model)
     if options is None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    sess = RowSession(model, options, None)
+    if any(d and d[0] is not None for d in _declared(sess).values()):
+        if proto is None:
+            proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+        sess.skeleton = shape_skeleton(proto)
+    return sess
 
 
 def _declared(sess: ort.InferenceSession) -> dict[str, tuple[int | None, ...] | None]:
@@ -94,9 +197,8 @@ def run_rows(sess: ort.InferenceSession, names: Sequence[str] | None, rows: dict
 
     `whole` are fed unchanged to every chunk (e.g. weights overriding initializers).
     `before_chunk(real_rows)` is called before each run with how many rows of the chunk
-    are real (the rest pad a fixed batch). An output whose leading dim is the chunk size
-    is per row (concatenated, padding dropped); any other output is taken from the first
-    chunk.
+    are real (the rest pad a fixed batch). How the chunks' outputs join (`_join`) follows
+    the outputs' row axes (`RowSession.row_axes`; for another session, the leading axis).
     """
     names = list(names) if names is not None else [o.name for o in sess.get_outputs()]
     whole = {**(whole or {}), **{k: v for k, v in rows.items() if np.ndim(v) == 0}}  # scalars have no rows
@@ -114,7 +216,9 @@ def run_rows(sess: ort.InferenceSession, names: Sequence[str] | None, rows: dict
         if before_chunk is not None:
             before_chunk(real)
         chunks.append((real, sess.run(names, {**piece, **whole}, run_options)))
-    return [_join([(real, outs[i]) for real, outs in chunks], size) for i in range(len(names))]
+    axes = sess.row_axes(list(rows)) if isinstance(sess, RowSession) else dict.fromkeys(names, 0)
+    return [_join([(real, outs[i]) for real, outs in chunks], size, axes.get(name, _CONSTANT))
+            for i, name in enumerate(names)]
 
 
 def _padded(a: np.ndarray, size: int) -> np.ndarray:
@@ -124,10 +228,25 @@ def _padded(a: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[-1:], size - a.shape[0], axis=0)])
 
 
-def _join(parts: list[tuple[int, Any]], size: int) -> Any:
+_CONSTANT = -1  # the row axis of an output that does not depend on the rows
+
+
+def _join(parts: list[tuple[int, Any]], size: int, axis: int | None) -> Any:
+    """One output of all chunks (`parts`: each chunk's real rows and output).
+
+    On a known row axis of the chunk size: the real rows, concatenated. With the axis
+    unknown (None): on the leading axis, the real rows when it is the chunk size, else
+    the chunks whole when it is a multiple of it (e.g. [tokens x rows, features] from a
+    Reshape; a padded chunk's copies of its last row stay in). An output that does not
+    depend on the rows (or fits none of these) is the first chunk's."""
     first = parts[0][1]
-    if isinstance(first, np.ndarray) and first.ndim >= 1 and first.shape[0] == size:
-        return np.concatenate([p[:real] for real, p in parts])
     if isinstance(first, list) and len(first) == size:  # a sequence output (e.g. ZipMap), one item per row
         return [item for real, p in parts for item in p[:real]]
+    if not isinstance(first, np.ndarray) or axis == _CONSTANT:
+        return first
+    if axis is None and first.ndim and first.shape[0] != size and first.shape[0] % size == 0:
+        return np.concatenate([p for _, p in parts])
+    axis = axis or 0
+    if first.ndim > axis and first.shape[axis] == size:
+        return np.concatenate([p.take(np.arange(real), axis=axis) for real, p in parts], axis=axis)
     return first

@@ -336,3 +336,48 @@ def test_run_trace_has_every_instruction_of_every_segment_and_ends_at_the_report
         assert [(r["segment"], r["pc"]) for r in mine] == [(s, pc) for s, n in programs.items() for pc in range(n)]
         assert all(a["end"] <= c["start"] or a["segment"] == c["segment"] for a, c in zip(mine, mine[1:]))
         assert all(r["start"] <= r["end"] for r in mine)
+
+
+def bidirectional_gru(batch: int | str) -> onnx.ModelProto:
+    """x [batch, 4 steps, 3] -> Transpose -> bidirectional GRU: Y [4, 2, batch, 5], Y_h [2, batch, 5].
+
+    Neither output carries its rows on the leading axis (the ONNX recurrent ops' layout)."""
+    rng = np.random.default_rng(5)
+    # on a grid of 8 values: 4-bit codebooks hold the weights exactly
+    weights = {"W": (rng.integers(-4, 4, (2, 15, 3)) / 4).astype(np.float32),
+               "R": (rng.integers(-4, 4, (2, 15, 5)) / 4).astype(np.float32)}
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+             helper.make_node("GRU", ["xt", "W", "R"], ["Y", "Y_h"], hidden_size=5, direction="bidirectional",
+                              name="gru")]
+    return make_model(nodes, [tensor("x", [batch, 4, 3])],
+                      [tensor("Y", [4, 2, batch, 5]), tensor("Y_h", [2, batch, 5])], weights)
+
+
+def test_run_rows_joins_outputs_on_their_row_axis():
+    x = np.random.default_rng(6).standard_normal((3, 4, 3)).astype(np.float32)
+    sess = session(bidirectional_gru(2))
+    assert sess.row_axes(["x"]) == {"Y": 2, "Y_h": 1}
+    y, y_h = run_rows(sess, None, {"x": x})
+    y_ref, y_h_ref = session(bidirectional_gru("N")).run(None, {"x": x})
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y_h, y_h_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_recurrent_model_keeps_its_outputs_row_axes(tmp_path):
+    """Lowering rewrites the graph (and its custom ops stop shape inference): import
+    records the row axes in the model, and the .eie's host graph keeps them."""
+    model = tmp_path / "gru.onnx"
+    onnx.save(bidirectional_gru(2), model)
+    eie = tmp_path / "gru.eie"
+    code, out, err = run_cli(model, "-o", eie, "--config", write_recipe(tmp_path, LOSSLESS))
+    assert code == 0, out + err
+    x = np.random.default_rng(7).standard_normal((3, 4, 3)).astype(np.float32)
+    sess = InferenceSession(str(eie), mode="float")
+    y, y_h = sess.run(None, {"x": x})
+    first, first_h = sess.run(None, {"x": x[:2]})  # one whole chunk: nothing to join
+    last, last_h = sess.run(None, {"x": x[2:]})  # one real row in a padded chunk
+    np.testing.assert_array_equal(y, np.concatenate([first, last], axis=2))
+    np.testing.assert_array_equal(y_h, np.concatenate([first_h, last_h], axis=1))
+    y_ref, y_h_ref = session(bidirectional_gru("N")).run(None, {"x": x})
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)  # lossless weights, float mode
+    np.testing.assert_allclose(y_h, y_h_ref, atol=1e-5)
