@@ -7,6 +7,8 @@ density (nonnegative, as after ReLU), from a fixed seed. eiec compiles it with
 on this machine: onnxruntime's dense fp32 Gemm and scipy.sparse CSR on the same
 matrix-vector product. Then the energy model's average power and module shares beside
 the paper's (docs/simulator.md "Energy: the model against the paper").
+NT-LSTM also runs as what it is, ONNX's LSTM op (its W and R on the accelerator at every
+time step, the gates on the host), beside the plain 1201 x 2400 matrix.
 Usage: python bench/eie_layers.py [--layers Alex-6 ...] [--pes 64] [--node-nm 45]
        [--out bench/results/eie_layers.json]
 """
@@ -353,6 +355,90 @@ def print_power(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     print("paper by type: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in kinds.items()))
 
 
+# ---------------------------------------------------------------- NT-LSTM as an LSTM op
+
+LSTM_INPUTS, LSTM_HIDDEN, LSTM_STEPS = 600, 600, 8  # NT-LSTM: 1201 = 600 + 600 + 1 (bias), 2400 = 4 x 600
+
+
+def lstm_model(seed: int = SEED) -> onnx.ModelProto:
+    """NT-LSTM as ONNX's LSTM op: x [1, steps, 600] (batch first, as torch exports it) transposed
+    to the op's time-major layout, W and R [1, 2400, 600]
+    each at NT-LSTM's 10% density (the 1201 x 2400 matrix's two halves), bias [1, 4800]."""
+    layer = LAYER_BY_NAME["NT-LSTM"]
+    rng = layer_rng(layer, 3, seed)
+    gates = 4 * LSTM_HIDDEN
+    weights = {}
+    for name, cols in (("W", LSTM_INPUTS), ("R", LSTM_HIDDEN)):
+        w = np.zeros(gates * cols, np.float32)
+        k = round(layer.weight_density * w.size)
+        w[random_positions(rng, w.size, k)] = rng.standard_normal(k, dtype=np.float32) / np.float32(
+            np.sqrt(layer.weight_density * cols))
+        weights[name] = w.reshape(1, gates, cols)
+    weights["B"] = (0.01 * rng.standard_normal((1, 2 * gates))).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["x"], ["x_steps"], perm=[1, 0, 2]),
+             helper.make_node("LSTM", ["x_steps", "W", "R", "B"], ["Y"], name="nt_lstm", hidden_size=LSTM_HIDDEN)]
+    graph = helper.make_graph(
+        nodes, "nt_lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, LSTM_STEPS, LSTM_INPUTS])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [LSTM_STEPS, 1, 1, LSTM_HIDDEN])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def run_lstm_op(workdir: str, repeats: int, pes: int = PES, node_nm: int = 45, seed: int = SEED) -> dict[str, Any]:
+    """Compile and simulate NT-LSTM as an LSTM op: its W and R run on the accelerator at
+    every step (two 2400 x 600 matrices), the gates on the host. Cycles per time step."""
+    from eiec.runtime import InferenceSession  # the whole model: host gates between the segments
+
+    model = lstm_model(seed)
+    stem = os.path.join(workdir, "NT-LSTM-op")
+    onnx.save(model, stem + ".onnx")
+    rng = np.random.default_rng(seed)
+    np.savez(stem + ".calib.npz", x=rng.standard_normal((CALIBRATION_ROWS, LSTM_STEPS, LSTM_INPUTS), np.float32))
+    with open(stem + ".recipe.yaml", "w") as f:
+        yaml.safe_dump(recipe_dict(pes, node_nm), f)
+    t0 = time.perf_counter()
+    res = compile_model(stem + ".onnx", stem + ".eie", stem + ".recipe.yaml", stem + ".calib.npz", seed=seed)
+    compile_s = time.perf_counter() - t0
+    x = rng.standard_normal((1, LSTM_STEPS, LSTM_INPUTS), np.float32)
+    sess = InferenceSession(stem + ".eie")
+    (y,) = sess.run(None, {"x": x})
+    report = sess.last_report
+    layers = {l["name"]: l for l in report["layers"]}
+    ort = ort_session(model)
+    y_ort = ort.run(None, {"x": x})[0]
+    ort_s, _ = seconds(lambda: ort.run(None, {"x": x}), repeats)
+    per_step = {name: l["cycles"] for name, l in layers.items()}  # one row per time step
+    cycles = sum(per_step.values())
+    return {
+        "model": "NT-LSTM as an ONNX LSTM op", "steps": LSTM_STEPS, "inputs": LSTM_INPUTS, "hidden": LSTM_HIDDEN,
+        "weight_density": LAYER_BY_NAME["NT-LSTM"].weight_density, "compile_s": compile_s,
+        "compression_ratio": res.manifest["compression_ratio"],
+        "compression_ratio_huffman": res.manifest.get("compression_ratio_huffman"),
+        "layers": [{"name": name, "cycles_per_step": c, "load_balance": layers[name]["load_balance"],
+                    "entries": layers[name]["entries"]} for name, c in per_step.items()],
+        "cycles_per_step": cycles, "latency_us_per_step": cycles / 800,
+        "host_ops": [h["name"] for h in res.manifest["host_ops"]],
+        "rel_l2_error_vs_float": float(np.linalg.norm(y - y_ort) / max(np.linalg.norm(y_ort), 1e-30)),
+        "ort_dense_us_per_step": ort_s * 1e6 / LSTM_STEPS,
+    }
+
+
+def print_lstm_op(lstm: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    plain = next((r for r in rows if r["name"] == "NT-LSTM"), None)
+    print(f"\n{lstm['model']} ({lstm['inputs']} inputs, {lstm['hidden']} hidden, {lstm['steps']} steps, "
+          f"{lstm['weight_density']:.0%} weights; compression {lstm['compression_ratio']:.1f}x fixed, "
+          f"{lstm['compression_ratio_huffman']:.1f}x Huffman):")
+    for l in lstm["layers"]:
+        print(f"    {l['name']:14} {l['cycles_per_step']:>7.0f} cycles per time step, load balance {l['load_balance']:.1%}")
+    line = (f"    {'together':14} {lstm['cycles_per_step']:>7.0f} cycles per time step "
+            f"({lstm['latency_us_per_step']:.2f} us at 800 MHz)")
+    if plain is not None:
+        line += f"; the plain 1201 x 2400 matrix above: {plain['cycles']:.0f} cycles ({plain['latency_us']:.2f} us)"
+    print(line)
+    print(f"    simulator vs onnxruntime float: relative L2 error {lstm['rel_l2_error_vs_float']:.3g}; "
+          f"onnxruntime dense LSTM: {lstm['ort_dense_us_per_step']:.0f} us per step")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", nargs="+", choices=list(LAYER_BY_NAME), default=[l.name for l in LAYERS])
@@ -376,8 +462,14 @@ def main() -> None:
             rows.append({**asdict(layer), "shape": f"{layer.inputs} x {layer.outputs}",
                          "compile_s": comp["seconds"], "compile": comp, **measured})
             del model, w
+        lstm = None
+        if "NT-LSTM" in args.layers:
+            print("NT-LSTM as an LSTM op: compiling and running ...", file=sys.stderr, flush=True)
+            lstm = run_lstm_op(workdir, args.repeats, pes=args.pes, node_nm=args.node_nm)
 
     print_table(rows)
+    if lstm is not None:
+        print_lstm_op(lstm, rows)
     worst = max(r["rel_l2_error_vs_float"] for r in rows)
     print(f"simulator output vs onnxruntime float (4-bit weight sharing included): "
           f"relative L2 error <= {worst:.3g}")
@@ -396,6 +488,7 @@ def main() -> None:
         "power": power, "paper": {**PAPER, "module_shares": paper_shares("module_mw"),
                                    "type_shares": paper_shares("type_mw")},
         "markdown": markdown_table(rows),
+        "nt_lstm_op": lstm,
     }
     write_json(args.out, result)
     print(f"wrote {args.out}")
