@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
 from eiec.errors import FormatError
 from eiec.image import LINE_BYTES, SparseImage
-from eiec.runtime.simulator import tile_cached
+from eiec.runtime.simulator import blas_product, tile_cached
 from eiec.target import Target
 
 # Ours: the pointer-read stage handles one column per cycle and overlaps the previous
@@ -88,12 +87,32 @@ def _line_table(tile: SparseImage, per_line: int) -> np.ndarray:
 
 
 def _event_table(tile: SparseImage, per_line: int) -> np.ndarray:
-    """int64 [cols, pes + 2]: per column, each PE's entries, then the padding entries and
-    the SRAM lines over all PEs: what one broadcast of the column costs in events."""
-    entries, _, padding = tile_cached(tile, "column_tables", _column_tables)
+    """[cols, 2 * pes + 2]: per column, each PE's entries, then the padding entries and the
+    SRAM lines over all PEs (what one broadcast of the column costs in events), then each
+    PE's work beyond one cycle (`work - 1`, the queue model's excess). float32 when every
+    sum over a set of columns stays below 2**24, else float64: BLAS products are exact."""
+    entries, work, padding = tile_cached(tile, "column_tables", _column_tables)
     lines = _line_table(tile, per_line)
-    table = np.column_stack([entries.T, padding.sum(axis=0), lines.sum(axis=0)])
-    return np.ascontiguousarray(table, np.int64)  # scipy would copy a non-C-order operand per call
+    table = np.column_stack([entries.T, padding.sum(axis=0), lines.sum(axis=0), work.astype(np.int64) - 1])
+    dtype = np.float32 if table.sum(axis=0).max(initial=0) < 1 << 24 else np.float64
+    return np.ascontiguousarray(table, dtype)
+
+
+def _queue_pes(tile: SparseImage) -> np.ndarray:
+    """The PEs the queue model needs: one of each set with equal work columns, and none
+    whose work is at most another's in every column (its pops and finishes are then never
+    later than that PE's, so it never sets a broadcast's issue time or the span)."""
+    _, work, _ = tile_cached(tile, "column_tables", _column_tables)
+    _, first = np.unique(work.T, axis=0, return_index=True)
+    first = np.sort(first)
+    w = work[:, first]
+    keep = np.ones(first.size, bool)
+    for i in range(first.size):  # per PE of the tile, once per tile: a loop over pes, not data
+        others = keep.copy()
+        others[i] = False
+        if others.any() and (w[:, [i]] <= w[:, others]).all(axis=0).any():
+            keep[i] = False
+    return first[keep]
 
 
 def _scan(op: np.ufunc, a: np.ndarray) -> np.ndarray:
@@ -246,6 +265,8 @@ class PassCycles:
 
     def per_input(self, batch: int) -> PassCycles:
         """Summed over the vectors of each input (a conv's output positions)."""
+        if self.cycles.size == batch:
+            return self
         return PassCycles(*(a.reshape(batch, -1, *a.shape[1:]).sum(axis=1)
                             for a in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
@@ -258,22 +279,64 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
         raise FormatError(None, f"tile built for {tile.pes} PEs, target has {target.pes}")
     if tile.col_lo + tile.cols > x_nonzero.shape[1]:
         raise ValueError(f"tile columns end at {tile.col_lo + tile.cols}, input has {x_nonzero.shape[1]}")
-    n = x_nonzero.shape[0]
-    _, work, _ = tile_cached(tile, "column_tables", _column_tables)
-    events = tile_cached(tile, f"events{target.entries_per_line}",
-                         lambda tt: _event_table(tt, target.entries_per_line))
+    n, pes = x_nonzero.shape[0], target.pes
+    table = tile_cached(tile, f"events{target.entries_per_line}", lambda tt: _event_table(tt, target.entries_per_line))
     nz = x_nonzero[:, tile.col_lo:tile.col_lo + tile.cols]
-    cols_k, valid, count, _, j_idx = _broadcast_lists(nz)
-    span, stall = _queue_span(work, cols_k, valid, target.queue_depth)
-    # sum of the event rows of each vector's broadcast columns, as a sparse product
-    # (touches only the broadcasts; a dense [N, cols] product would touch every column)
-    picked = sp.csr_matrix((np.ones(j_idx.size, np.int64), j_idx, np.r_[0, np.cumsum(count)]), shape=nz.shape)
-    per_vector = np.asarray(picked @ events).reshape(n, target.pes + 2)
-    write = -(-tile.rows // target.pes) if write_back else 0
+    count = np.count_nonzero(nz, axis=1).astype(np.int64)
+    # each vector's events: the sum of its broadcast columns' rows (exact in the table's dtype)
+    per_vector = blas_product(nz.astype(table.dtype), table).astype(np.int64)
+    excess = per_vector[:, pes + 2:]
+    span, stall = _spans(tile, nz, count, excess, target.queue_depth)
+    write = -(-tile.rows // pes) if write_back else 0
     fill = np.full(n, target.pipeline_depth + write, np.int64)
-    return PassCycles(cycles=span + fill, busy=per_vector[:, :target.pes], padding=per_vector[:, target.pes],
-                      lines=per_vector[:, target.pes + 1], broadcasts=count.astype(np.int64), stall=stall,
+    return PassCycles(cycles=span + fill, busy=per_vector[:, :pes], padding=per_vector[:, pes],
+                      lines=per_vector[:, pes + 1], broadcasts=count, stall=stall,
                       fill=fill, writeback_rows=np.full(n, tile.rows if write_back else 0, np.int64))
+
+
+def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndarray,
+           depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The queue span and stall cycles of each vector of nz [N, tile cols], given its
+    broadcast count and each PE's summed excess work (work - 1 over its broadcasts).
+
+    Every work is at least one cycle and broadcasts come at most one a cycle, so until the
+    first stall each PE pops item k at k + (its excess over items 0..k-1), and item k
+    waits for a slot only when some PE's excess over items 0..k-1-depth exceeds depth
+    (docs/simulator.md). A vector none of whose PEs exceeds depth over all but its last
+    depth + 1 broadcasts never stalls: span = K + max_p excess_p. Only the other vectors
+    run the queue recurrence, each distinct broadcast pattern once, on the PEs that can
+    set its times (_queue_pes)."""
+    span = count + excess.max(axis=1, initial=0)
+    stall = np.zeros(count.size, np.int64)
+    maybe = np.flatnonzero(excess.max(axis=1, initial=0) > depth)
+    if maybe.size:
+        table = tile_cached(tile, "excess", lambda t: np.ascontiguousarray(
+            tile_cached(t, "column_tables", _column_tables)[1], np.int64) - 1)
+        sub = nz[maybe]
+        b_idx, j_idx = np.nonzero(sub)
+        k_idx = np.arange(b_idx.size) - np.repeat(np.cumsum(count[maybe]) - count[maybe], count[maybe])
+        tail = k_idx >= (count[maybe] - depth - 1)[b_idx]  # the last depth + 1 broadcasts
+        head = excess[maybe].copy()
+        np.subtract.at(head, b_idx[tail], table[j_idx[tail]])
+        maybe = maybe[head.max(axis=1, initial=0) > depth]
+    if maybe.size:
+        pes = tile_cached(tile, "queue_pes", _queue_pes)
+        _, work, _ = tile_cached(tile, "column_tables", _column_tables)
+        rows, inverse = _unique_rows(nz[maybe])
+        cols_k, valid, _, _, _ = _broadcast_lists(rows)
+        s, st = _queue_span(np.ascontiguousarray(work[:, pes]), cols_k, valid, depth)
+        span[maybe], stall[maybe] = s[inverse], st[inverse]
+    return span, stall
+
+
+def _unique_rows(nz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct rows of bool nz [N, cols], for each row of nz its index among them)."""
+    if nz.shape[0] < 2:
+        return nz, np.zeros(nz.shape[0], np.int64)
+    packed = np.ascontiguousarray(np.packbits(nz, axis=1))
+    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return nz[first], inverse.ravel()
 
 
 @dataclass

@@ -12,6 +12,8 @@ event counts, not a power model of a layout.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from eiec.runtime.cycles import POINTER_BANKS, LayerCycles
@@ -65,6 +67,11 @@ def pe_area_mm2(target: Target) -> float:
 
 def access_energies(target: Target) -> dict[str, float]:
     """Picojoules per event at target.node_nm (per PE where the event is per PE)."""
+    return dict(_access_energies(target))
+
+
+@functools.lru_cache(maxsize=64)  # a pure function of the (frozen) target, used on every layer run
+def _access_energies(target: Target) -> dict[str, float]:
     e = target.energy
     cap, volts = NODES[target.node_nm]
     scale = cap * (volts / NODES[45][1]) ** 2  # dynamic energy ~ C V^2
@@ -107,7 +114,7 @@ def layer_energy(cycles: LayerCycles, dram_bytes: float | np.ndarray,
     reload_bytes of a non-resident layer plus any activations spilled to the host.
     Clock and leakage are paid by every PE for every cycle of the layer, idle or not.
     """
-    pj = access_energies(target)
+    pj = _access_energies(target)  # read only: no copy
     pes = target.pes
     src_spill = _spilled(-(-cycles.cols // pes), target.act_regs)
     acc_spill = _spilled(-(-cycles.rows // pes), target.act_regs)

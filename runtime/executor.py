@@ -164,11 +164,29 @@ def concat_runs(runs: list[SegmentRun]) -> SegmentRun:
 
 def _positions(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
     """The [B * positions, cols] input vectors the layer's matrix multiplies (a grouped conv's
-    matrix is block-diagonal over all in-channels, so its patches are group=1 patches)."""
+    matrix is block-diagonal over all in-channels, so its patches are group=1 patches):
+    eiec.conv.im2col's patches, gathered through an index made once per geometry."""
     if spec.kind == "fc":
         return x.reshape(x.shape[0], -1)
     c = spec.conv
-    return im2col(x, c.kernel, c.pads, c.strides, c.dilations)[0]
+    index = _patch_index(x.shape[1:], c.kernel, c.pads, c.strides, c.dilations)
+    flat = np.zeros((x.shape[0], x[0].size + 1), x.dtype)  # the last element: a zero for the padding
+    flat[:, :-1] = x.reshape(x.shape[0], -1)
+    return flat[:, index].reshape(-1, index.shape[1])
+
+
+@functools.lru_cache(maxsize=256)
+def _patch_index(shape: tuple[int, ...], kernel, pads, strides, dilations) -> np.ndarray:
+    """int [positions, cols]: where im2col's patch element of one input [C, H, W] comes from
+    in the input flattened with a zero appended (its index = the padding)."""
+    size = int(np.prod(shape))
+    where = np.arange(size, dtype=np.float64).reshape(1, *shape)
+    marked = np.pad(where + 1, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))  # 0: padding
+    index = im2col(marked, kernel, (0, 0, 0, 0), strides, dilations)[0].astype(np.int64) - 1
+    index[index < 0] = size
+    index = index.astype(np.int32 if size < 1 << 31 else np.int64)
+    index.setflags(write=False)  # shared by every call with this geometry
+    return index
 
 
 def _to_output(y: np.ndarray, spec: LayerSpec, batch: int) -> np.ndarray:
