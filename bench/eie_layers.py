@@ -5,8 +5,9 @@ weights at exactly the table's weight density and one input at exactly its activ
 density (nonnegative, as after ReLU), from a fixed seed. eiec compiles it with
 `density: keep` and a 4-bit codebook for 64 PEs; the simulator runs it. In the same run,
 on this machine: onnxruntime's dense fp32 Gemm and scipy.sparse CSR on the same
-matrix-vector product. Then the energy model's average power and module shares beside
-the paper's (docs/simulator.md "Energy: the model against the paper").
+matrix-vector product, and the simulator's own wall time (`run_segment`: functional and
+cycle model, median of a tenth of the repeats, at least 3). Then the energy model's
+average power and module shares beside the paper's (docs/simulator.md "Energy: the model against the paper").
 NT-LSTM also runs as what it is, ONNX's LSTM op (its W and R on the accelerator at every
 time step, the gates on the host), beside the plain 1201 x 2400 matrix.
 Usage: python bench/eie_layers.py [--layers Alex-6 ...] [--pes 64] [--node-nm 45]
@@ -259,7 +260,8 @@ COLUMNS = [  # (header, format, key)
     ("act dens", "{:.1%}", "act_density"), ("EIE sim us", "{:.2f}", "latency_us"),
     ("ideal us", "{:.2f}", "ideal_latency_us"), ("load bal", "{:.1%}", "load_balance"),
     ("padding", "{:.1%}", "padding_overhead"), ("ORT dense us", "{:.0f}", "ort_dense_us"),
-    ("scipy CSR us", "{:.0f}", "scipy_csr_us"), ("compile s", "{:.1f}", "compile_s"),
+    ("scipy CSR us", "{:.0f}", "scipy_csr_us"), ("sim wall ms", "{:.2f}", "sim_median_ms"),
+    ("compile s", "{:.1f}", "compile_s"),
 ]
 
 

@@ -286,7 +286,7 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
     # each vector's events: the sum of its broadcast columns' rows (exact in the table's dtype)
     per_vector = blas_product(nz.astype(table.dtype), table).astype(np.int64)
     excess = per_vector[:, pes + 2:]
-    span, stall = _spans(tile, nz, count, excess, target.queue_depth)
+    span, stall = _spans(tile, nz, count, excess, table, target.queue_depth)
     write = -(-tile.rows // pes) if write_back else 0
     fill = np.full(n, target.pipeline_depth + write, np.int64)
     return PassCycles(cycles=span + fill, busy=per_vector[:, :pes], padding=per_vector[:, pes],
@@ -294,10 +294,11 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
                       fill=fill, writeback_rows=np.full(n, tile.rows if write_back else 0, np.int64))
 
 
-def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndarray,
+def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndarray, table: np.ndarray,
            depth: int) -> tuple[np.ndarray, np.ndarray]:
     """The queue span and stall cycles of each vector of nz [N, tile cols], given its
-    broadcast count and each PE's summed excess work (work - 1 over its broadcasts).
+    broadcast count and each PE's summed excess work (work - 1 over its broadcasts; the
+    last columns of the tile's event table).
 
     Every work is at least one cycle and broadcasts come at most one a cycle, so until the
     first stall each PE pops item k at k + (its excess over items 0..k-1), and item k
@@ -310,14 +311,12 @@ def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndar
     stall = np.zeros(count.size, np.int64)
     maybe = np.flatnonzero(excess.max(axis=1, initial=0) > depth)
     if maybe.size:
-        table = tile_cached(tile, "excess", lambda t: np.ascontiguousarray(
-            tile_cached(t, "column_tables", _column_tables)[1], np.int64) - 1)
-        sub = nz[maybe]
-        b_idx, j_idx = np.nonzero(sub)
+        b_idx, j_idx = np.nonzero(nz[maybe])  # row-major: each vector's broadcasts in order
         k_idx = np.arange(b_idx.size) - np.repeat(np.cumsum(count[maybe]) - count[maybe], count[maybe])
         tail = k_idx >= (count[maybe] - depth - 1)[b_idx]  # the last depth + 1 broadcasts
-        head = excess[maybe].copy()
-        np.subtract.at(head, b_idx[tail], table[j_idx[tail]])
+        last = np.zeros((maybe.size, nz.shape[1]), table.dtype)
+        last[b_idx[tail], j_idx[tail]] = 1
+        head = excess[maybe] - blas_product(last, table[:, -excess.shape[1]:]).astype(np.int64)
         maybe = maybe[head.max(axis=1, initial=0) > depth]
     if maybe.size:
         pes = tile_cached(tile, "queue_pes", _queue_pes)

@@ -128,7 +128,8 @@ class InferenceSession:
     `path` is a .eie file or an ONNX model (e.g. an IR dump, IR3/IR4 included).
     `mode` "fixed" runs segments bit-exact; "float" runs the simulator's float mode.
     After `run`, `last_runs` holds each segment's `SegmentRun`, `last_report` the
-    cycle/energy report and, with `trace`, `last_calls` every segment call's executed
+    cycle/energy report (made when first read: it costs about as much as the run of a
+    small batch, and a caller that wants only outputs never reads it) and, with `trace`, `last_calls` every segment call's executed
     instructions with their cycles (`trace_lines` writes them). Sessions
     are independent: any number may run at once on different threads.
     """
@@ -162,7 +163,15 @@ class InferenceSession:
             raise FormatError(path, f"onnxruntime cannot run its graph: {first}") from None
         self.last_runs: dict[str, SegmentRun] = {}
         self.last_calls: list[TraceCall] = []  # with trace: each segment call's trace, in order
-        self.last_report: dict[str, Any] | None = None
+        self._report_args: tuple | None = None  # the last run's, until its report is made
+        self._last_report: dict[str, Any] | None = None
+
+    @property
+    def last_report(self) -> dict[str, Any] | None:
+        """The last run's cycle/energy report (None before a run, or without cycles)."""
+        if self._report_args is not None:
+            self._last_report, self._report_args = self._report(*self._report_args), None
+        return self._last_report
 
     def get_inputs(self):
         return self._sess.get_inputs()
@@ -206,7 +215,7 @@ class InferenceSession:
                 raise FormatError(self.path, f"a segment cannot run on these inputs ({type(e).__name__}: {e})") from None
         self.last_runs = {name: concat_runs(parts) for name, parts in state.runs.items()}
         self.last_calls = state.calls
-        self.last_report = self._report(self.last_runs, input_feed, host_s)
+        self._report_args = (self.last_runs, next(iter(input_feed.values())).shape[0] if input_feed else 1, host_s)
         return out
 
     def segment(self, name: str) -> Segment:
@@ -226,13 +235,12 @@ class InferenceSession:
         names = [n.name for n in self.model.graph.node if n.op_type == "EIESegment"]
         return self.segment(names[0]).target if names else Target()
 
-    def _report(self, runs: dict[str, SegmentRun], feeds, host_s: float) -> dict[str, Any] | None:
+    def _report(self, runs: dict[str, SegmentRun], batch: int, host_s: float) -> dict[str, Any] | None:
         """The segments' cycle/energy report, plus what ran on the host: its ops and the
         measured onnxruntime wall time of everything but the simulator (not in the
         accelerator's latency or energy)."""
         if not self.cycles:
             return None
-        batch = next(iter(feeds.values())).shape[0] if feeds else 1
         report = segment_report([lr for r in runs.values() for lr in r.layers], self.target, batch)
         report["segments"] = list(runs)
         report["host"] = {"ops": host_ops(self.model), "wall_ms": 1e3 * host_s,
@@ -276,7 +284,7 @@ def run_file(eie: str, input_path: str, out_path: str | None, report_path: str |
         runs = {seg: concat_runs([b[1][seg] for b in blocks]) for seg in blocks[0][1]}
         starts = np.cumsum([0] + [len(b[0][0]) for b in blocks])
         calls = [dataclasses.replace(c, first_row=c.first_row + int(s)) for b, s in zip(blocks, starts) for c in b[3]]
-        report = sess._report(runs, feeds, sum(b[2] for b in blocks))
+        report = sess._report(runs, next(iter(feeds.values())).shape[0] if feeds else 1, sum(b[2] for b in blocks))
     report = dict(report, mode=sess.mode)
     if out_path is not None:
         buf = io.BytesIO()

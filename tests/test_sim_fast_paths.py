@@ -1,5 +1,7 @@
 """The simulator's fast paths against obvious reimplementations: the blocked queue
-recurrence of the cycle model, and the per-codebook caches of the functional model."""
+recurrence of the cycle model, the closed form for vectors that cannot stall (with the
+recurrence run once per distinct pattern on the PEs that matter), the im2col gather, and
+the per-codebook caches of the functional model."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from eiec.codec import encode_matrix
-from eiec.runtime.cycles import _queue_span
+from eiec.conv import im2col
+from eiec.runtime.cycles import _queue_span, cycle_pass
+from eiec.runtime.executor import _patch_index
 from eiec.runtime.simulator import spmv_fixed, spmv_float
 from eiec.target import Target
 
@@ -100,3 +104,41 @@ def test_sparse_and_dense_inputs_give_the_dense_product(seed, density, signed, b
     target = dataclasses.replace(Target(), pes=8)
     y, _ = spmv_fixed(tiles, codebook, x, np.zeros(50, np.int64), 0, False, target)
     assert np.array_equal(y, x @ codebook[idx].T)
+
+
+@given(seed=st.integers(0, 2 ** 32 - 1), pes=st.sampled_from([1, 2, 4, 16]), depth=st.sampled_from([1, 2, 4, 8]),
+       rows_per_pe=st.sampled_from([1, 2, 6]), patterns=st.integers(1, 6), write_back=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_pass_cycles_of_many_vectors_match_the_scalar_recurrence(seed, pes, depth, rows_per_pe, patterns,
+                                                                 write_back):
+    # conv-like: many vectors drawn from a few patterns (some repeated, some all-zero), rows
+    # over some PEs only (others empty: dominated), one PE's rows denser (it stalls the rest)
+    rng = np.random.default_rng(seed)
+    rows, cols = max(1, pes * rows_per_pe - int(rng.integers(0, pes))), int(rng.integers(1, 40))
+    idx = (rng.integers(1, 16, (rows, cols)) * (rng.random((rows, cols)) < rng.choice([0.1, 0.4, 0.9])))
+    idx[::pes] = np.where(rng.random(idx[::pes].shape) < 0.9, rng.integers(1, 16, idx[::pes].shape), 0)
+    tile = encode_matrix(idx.astype(np.uint8), pes)
+    target = dataclasses.replace(Target(), pes=pes, queue_depth=depth)
+    pool = rng.random((patterns, cols)) < rng.random((patterns, 1))
+    x_nonzero = pool[rng.integers(0, patterns, int(rng.integers(1, 50)))]
+    got = cycle_pass(tile, x_nonzero, target, write_back)
+    work = np.maximum(tile.col_entries(), 1).T
+    fill = target.pipeline_depth + (-(-rows // pes) if write_back else 0)
+    for v, row in enumerate(x_nonzero):
+        span, stall = scalar_queue_span(work, list(np.flatnonzero(row)), depth)
+        assert (got.cycles[v], got.stall[v]) == (span + fill, stall)
+        assert got.busy[v].tolist() == tile.col_entries()[:, row].sum(axis=1).tolist()
+        assert got.broadcasts[v] == row.sum()
+
+
+@given(seed=st.integers(0, 2 ** 32 - 1), k=st.sampled_from([1, 2, 3]), pad=st.integers(0, 2),
+       stride=st.integers(1, 2), dilation=st.integers(1, 2))
+@settings(max_examples=30, deadline=None)
+def test_patch_gather_is_im2col(seed, k, pad, stride, dilation):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    pads, strides, dilations = (pad, pad + 1, pad, 0), (stride, 1), (dilation, 1)
+    index = _patch_index(x.shape[1:], (k, k), pads, strides, dilations)
+    flat = np.concatenate([x.reshape(2, -1), np.zeros((2, 1), np.float32)], axis=1)
+    expect = im2col(x, (k, k), pads, strides, dilations)[0]
+    assert np.array_equal(flat[:, index].reshape(-1, index.shape[1]), expect)
