@@ -27,6 +27,12 @@ _PREFIX_CHUNK_ELEMS = 1 << 22
 # spmv_fixed multiplies only the broadcast columns when fewer than this fraction are.
 _SELECT_COLUMNS = 0.5
 _SELECT_MIN_WORK = 1 << 16  # ... and the product has at least this many entries x vectors
+# accumulate_fixed multiplies a dense float64 copy of the tile (BLAS) for at least this many
+# vectors (a conv's positions) when at least this share of it is nonzero (BLAS does ~10 dense
+# multiply-adds in the time scipy does one sparse one) and the copy stays within 64 MB
+_DENSE_MIN_VECTORS = 64
+_DENSE_MIN_DENSITY = 0.1
+_DENSE_MAX_ELEMS = 1 << 23
 
 
 @dataclass
@@ -229,16 +235,25 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     rows_sel = np.arange(tile.row_lo, tile.row_lo + tile.rows)
     cs = slice(tile.col_lo, tile.col_lo + tile.cols)
     x_cols = x_q[:, cs].T.copy()
-    abs_cols = x_cols if (x_cols >= 0).all() else np.abs(x_cols)  # ReLU inputs: one product, not two
+    nonneg = bool((x_cols >= 0).all())  # ReLU inputs: one product gives both sums, not two
     split = _sign_split(tile, codebook_q)
-    live = np.flatnonzero(x_cols.any(axis=1))  # zero activations are never broadcast
-    if live.size < _SELECT_COLUMNS * tile.cols and split.nnz * x_cols.shape[1] >= _SELECT_MIN_WORK:
-        # copying the live columns beats reading all (scipy's column slice has a fixed cost)
-        split, x_lv, abs_lv = split[:, live], x_cols[live], abs_cols[live]
+    if _dense_pays(split, x_cols.shape[1], target):
+        # float64 sums of integers below 2**53 are exact whatever BLAS's order
+        dense = tile_cached(tile, _codebook_key("sign_split_dense", codebook_q),
+                            lambda t: split.toarray().astype(np.float64))
+
+        def product(v: np.ndarray) -> np.ndarray:
+            return blas_product(dense, v.astype(np.float64)).astype(np.int64)
     else:
-        x_lv, abs_lv = x_cols, abs_cols
-    signed = split @ x_lv  # [2 * rows, B]: sums of |w| x over w > 0 and w < 0
-    magnitude = signed if abs_cols is x_cols else split @ abs_lv
+        live = np.flatnonzero(x_cols.any(axis=1))  # zero activations are never broadcast
+        if live.size < _SELECT_COLUMNS * tile.cols and split.nnz * x_cols.shape[1] >= _SELECT_MIN_WORK:
+            # copying the live columns beats reading all (scipy's column slice has a fixed cost)
+            split, x_cols = split[:, live], x_cols[live]
+
+        def product(v: np.ndarray) -> np.ndarray:
+            return split @ v
+    signed = product(x_cols)  # [2 * rows, B]: sums of |w| x over w > 0 and w < 0
+    magnitude = signed if nonneg else product(np.abs(x_cols))
     exact = acc + (signed[0::2] - signed[1::2]).T
     reach = (magnitude[0::2] + magnitude[1::2]).T  # sum_j |w_ij x_j|
     clipped = np.zeros(exact.shape, bool)
@@ -259,6 +274,15 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
         exact[:, replay], clipped[:, replay] = _replay_saturating([tile], codebook_q, x_q, rows_sel[replay],
                                                                   lo, hi, acc[:, replay])
     return exact, clipped
+
+
+def _dense_pays(split: sp.csc_matrix, vectors: int, target: Target) -> bool:
+    """Whether a dense float64 BLAS product beats the sparse integer one: enough vectors to
+    pay for the dense copy, dense enough, small enough to cache, and exact in float64."""
+    rows, cols = split.shape
+    return (vectors >= _DENSE_MIN_VECTORS and split.nnz >= _DENSE_MIN_DENSITY * rows * cols
+            and rows * cols <= _DENSE_MAX_ELEMS
+            and target.codebook_bits + target.act_bits - 2 + math.ceil(math.log2(cols + 1)) <= 53)
 
 
 def write_back_fixed(acc: np.ndarray, bias_acc: np.ndarray, shift: int, relu: bool,

@@ -14,7 +14,7 @@ from eiec.errors import FormatError
 from eiec.image import SparseImage
 from eiec.fixedpoint import (choose_frac, count_saturated, dequantize, int_range, quantize, round_shift,
                                      saturate)
-from eiec.runtime.simulator import error_bound, spmv_fixed, spmv_float, tile_matrix
+from eiec.runtime.simulator import _dense_pays, _sign_split, error_bound, spmv_fixed, spmv_float, tile_matrix
 from eiec.target import Target
 
 # ---------------------------------------------------------------- slow helpers
@@ -396,3 +396,23 @@ def test_tiles_must_cover_the_layer():
     tiles = tile_layer(idx, 2, [2], [])[:1]
     with pytest.raises(FormatError):
         spmv_float(tiles, np.ones(16), np.ones((1, 4)), np.zeros(4), False)
+
+
+@given(st.integers(0, 2 ** 32 - 1), st.sampled_from([(14, 8, 8), (32, 16, 16)]), st.booleans(), st.booleans())
+@settings(max_examples=15, deadline=None)
+def test_many_vectors_take_the_dense_product_and_stay_bit_exact(seed, widths, signed, relu):
+    # a conv's output positions: enough vectors, and a tile dense enough, for the float64
+    # BLAS product; narrow widths clip mid-sum, signed inputs need the |x| product too
+    rng = np.random.default_rng(seed)
+    target = dataclasses.replace(Target(), pes=3, acc_bits=widths[0], act_bits=widths[1], codebook_bits=widths[2])
+    idx = random_indices(rng, 24, 20, 0.5)
+    tiles = tile_layer(idx, 3, [12], [8])
+    codebook = random_codebook(rng, target.codebook_bits)
+    x = random_acts(rng, 70, 20, target.act_bits, 0.3)
+    x = x if signed else np.abs(x)
+    assert all(_dense_pays(_sign_split(t, codebook), x.shape[0], target) for t in tiles)
+    bias = rng.integers(*int_range(target.acc_bits), 24, endpoint=True) >> 4
+    y, stats = spmv_fixed(tiles, codebook, x, bias, 3, relu, target)
+    y_ref, sat_acc, sat_out = reference_spmv(tiles, codebook, x, bias, 3, relu, target)
+    assert np.array_equal(y, y_ref)
+    assert (stats.saturated_accumulators, stats.saturated_outputs) == (sat_acc, sat_out)
