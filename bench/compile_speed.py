@@ -71,7 +71,7 @@ def stages(out_dir: str) -> list[Stage]:
         return lambda model, ctx: p.run(model, ctx).model
 
     def emit(model, ctx):
-        save_eie(os.path.join(out_dir, "vgg_fc.eie"), model, ctx.artifacts["segments"], {"bench": True})
+        save_eie(os.path.join(out_dir, "vgg_fc.eie"), model, ctx.state.segments, {"bench": True})
         return model
 
     return [(p.name, run_pass(p)) for p in default_passes()] + [("write .eie", emit)]

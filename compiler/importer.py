@@ -53,6 +53,12 @@ _SUBBYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2
 
 def load_model(path: str | os.PathLike, input_shapes: InputShapes | None = None) -> onnx.ModelProto:
     """Read, check and canonicalise the ONNX model at `path` (see `canonicalize`)."""
+    return canonicalize(read_model(path), os.fspath(path), input_shapes)
+
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """The ONNX model at `path` as written, its external data loaded; every string and
+    tensor checked (ModelError naming the file), nothing rewritten."""
     path = os.fspath(path)
     size = input_file_size(path, ModelError, "an ONNX model")
     if size > MAX_FILE_BYTES:
@@ -70,7 +76,7 @@ def load_model(path: str | os.PathLike, input_shapes: InputShapes | None = None)
     check_strings(model, path)
     base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     check_tensors(model, path, base)
-    return canonicalize(model, path, input_shapes)
+    return model
 
 
 def check_strings(msg, path: str, where: str = "model") -> None:

@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .recurrent import GATES, assembled_from, directions, layer_name, roles
+
 EIE_DOMAIN = "ai.onnx.contrib"
 OPSET = 17  # the canonical IR uses max(model opset, 17): older models are converted up to 17
 
@@ -72,8 +74,6 @@ def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
     """The compressible layers of a canonical model, in graph order (a recurrent node's
     layers in the order of its R input, `eiec.recurrent`)."""
-    from .recurrent import GATES, assembled_from, directions, layer_name, roles
-
     inits = initializer_map(model)
     prod = producers(model)
 

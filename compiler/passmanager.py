@@ -1,10 +1,15 @@
-"""The pass contract and the manager that runs, times, reports and dumps passes.
+"""The pass contract and the manager that runs, copies, checks, times, reports and dumps passes.
 
-Contract (every pass): ``run(model, ctx) -> PassResult``. A pass takes an ONNX
-model and the shared `Context`, returns the new model and a JSON-able dict of
-stats. It does no file I/O and prints nothing; the manager copies nothing, times
-the pass, collects its stats, checks the result and, with a dump folder, writes
-``<n>_<pass>.onnx`` and ``<n>_<pass>.json`` after it.
+Contract (every pass): ``run(model, ctx) -> PassResult``. A pass takes an ONNX model
+and the shared `Context`, returns the new model and a JSON-able dict of stats, and
+leaves what later passes need in the typed `CompileState` (``ctx.state``). It does no
+file I/O and prints nothing. The manager owns the rest: it hands each pass a copy of
+the model (a pass may rewrite what it is given; the caller's model is never changed),
+times it, checks the model it returns (`check_ir`), collects its stats and, with a dump
+folder, writes ``<n>_<stage>.onnx`` and ``<n>_<stage>.json`` after each IR stage. A
+pass whose ``extends_stage`` is true (the auto recipe, the reconstruction: they decide,
+the model is unchanged) belongs to the stage before it (also one run by another manager,
+`opened`): one dump for both, their stats merged.
 """
 
 from __future__ import annotations
@@ -18,14 +23,46 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import onnx
 
-from .ir import Layer
+from .ir import Layer, copy_model
 from .recipe import LayerRecipe, Recipe
+from .segment import Segment
 from .target import Target
 
 
 @dataclass
+class CompileState:
+    """What passes hand on to later passes, each field written by one pass."""
+
+    # the auto pass: every layer's choices with `auto` resolved (all layers, by name)
+    layer_recipes: dict[str, LayerRecipe] = field(default_factory=dict)
+    # the sensitivity scan and the search's report, as the manifest carries them (auto pass)
+    sensitivity: dict[str, Any] | None = None
+    auto: dict[str, Any] | None = None
+    # the driver: the calibration file's `held_out` row marks (docs/recipe.md), for the auto pass
+    held_out_marks: np.ndarray | None = None
+    # the auto pass: the rows the layers are reconstructed on when it held some out to score on
+    reconstruction_calibration: dict[str, np.ndarray] | None = None
+    # the auto pass: the `passes.sequential.Sequential` its probes measured, for the
+    # reconstruct pass to reuse (the core does not import passes: typed Any)
+    sequential: Any = None
+    # the reconstruct pass: the compression plan, `passes.sequential.LayerResult` per layer
+    # name; the prune pass writes its pruned weights, the cluster pass its codebooks and biases
+    plan: dict[str, Any] = field(default_factory=dict)
+    # the lower pass: the accelerator segments, in graph order
+    segments: list[Segment] = field(default_factory=list)
+    # the auto pass: its choices as recipe YAML (written beside the .eie), and notes for the user
+    chosen_recipe: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def drop_reconstruction(self) -> None:
+        """Forget what only the compression passes use (keeps a `Compressed` small to ship)."""
+        self.held_out_marks = self.reconstruction_calibration = self.sequential = None
+        self.plan = {}
+
+
+@dataclass
 class Context:
-    """What every pass may read: the recipe, the target and the calibration data."""
+    """What every pass may read: the recipe, the target and the calibration data; and the state."""
 
     recipe: Recipe
     seed: int = 0
@@ -33,8 +70,7 @@ class Context:
     labels: np.ndarray | None = None
     calibration_is_random: bool = True
     progress: Callable[[str], None] = lambda msg: None  # per-layer progress lines
-    # passes may leave results for later passes here (e.g. the reconstruction plan, segments)
-    artifacts: dict[str, Any] = field(default_factory=dict)
+    state: CompileState = field(default_factory=CompileState)
 
     @property
     def target(self) -> Target:
@@ -42,7 +78,7 @@ class Context:
 
     def layer_recipe(self, layer: Layer) -> LayerRecipe:
         """The layer's resolved choices: those picked by the auto pass, else the recipe's."""
-        resolved = self.artifacts.get("layer_recipes", {})
+        resolved = self.state.layer_recipes
         if layer.name in resolved:
             return resolved[layer.name]
         return self.recipe.for_layer(layer.name, layer.weight)
@@ -63,10 +99,11 @@ class Pass(Protocol):
 
 @dataclass
 class PassRecord:
-    index: int
+    index: int  # the IR stage it belongs to (its dump's <n>)
     name: str
     seconds: float
     stats: dict[str, Any]
+    changed: bool = True
 
 
 def _to_json(obj: Any) -> Any:
@@ -85,8 +122,25 @@ def dump_stats_json(stats: dict[str, Any]) -> str:
     return json.dumps(_to_json(stats), indent=2, sort_keys=True)
 
 
+def check_ir(before: onnx.ModelProto, after: onnx.ModelProto, name: str) -> None:
+    """What every pass must leave true: a valid ONNX model (`onnx.checker`; eiec's custom
+    ops are outside its registry and pass unchecked) whose graph inputs and outputs are
+    the ones it was given. A violation is a bug in the pass (RuntimeError, exit 3)."""
+    interface = lambda m: ([i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}],
+                           [o.name for o in m.graph.output])
+    if interface(before) != interface(after):
+        raise RuntimeError(f"pass {name} changed the model's inputs or outputs: {interface(before)} -> "
+                           f"{interface(after)}")
+    if after.ByteSize() < (1 << 31) - (1 << 20):  # the checker takes the serialized proto: under 2 GB
+        try:
+            onnx.checker.check_model(after)
+        except onnx.checker.ValidationError as e:
+            raise RuntimeError(f"pass {name} left an invalid model: {str(e).splitlines()[0]}") from None
+
+
 class PassManager:
-    """Runs passes in order; optionally dumps the IR after each one."""
+    """Runs passes in order, each on a copy, checking what each returns; optionally dumps
+    each IR stage."""
 
     def __init__(self, passes: list[Pass], dump_dir: str | None = None,
                  on_pass: Callable[[PassRecord], None] | None = None,
@@ -97,21 +151,45 @@ class PassManager:
         self.save_model = save_model or (lambda m, p: onnx.save(m, p))
         self.records: list[PassRecord] = []
 
-    def run(self, model: onnx.ModelProto, ctx: Context, start_index: int = 0) -> onnx.ModelProto:
-        if self.dump_dir is not None:
-            os.makedirs(self.dump_dir, exist_ok=True)
-        for i, p in enumerate(self.passes, start=start_index):
+    def run(self, model: onnx.ModelProto, ctx: Context, start_index: int = 0,
+            opened: list[PassRecord] | None = None) -> onnx.ModelProto:
+        """The model after every pass; `start_index` numbers the first stage's dump. `opened`:
+        the records of passes run before (by another manager, not dumped) that made `model`
+        and whose stage the first passes here extend."""
+        stage: list[PassRecord] = list(opened or [])  # the passes of the stage not yet dumped
+        index = start_index if stage else start_index - 1
+        for p in self.passes:
+            extends = getattr(p, "extends_stage", False)
+            if not (extends and stage):
+                if stage:
+                    self._dump(stage, model)
+                index, stage = index + 1, []
             t0 = time.perf_counter()
-            result = p.run(model, ctx)
+            result = p.run(copy_model(model), ctx)
             seconds = time.perf_counter() - t0
+            check_ir(model, result.model, p.name)
+            if extends and result.changed:
+                raise RuntimeError(f"pass {p.name} extends a stage but changed the model")  # a bug in the pass
             model = result.model
-            rec = PassRecord(i, p.name, seconds, result.stats)
+            rec = PassRecord(index, p.name, seconds, result.stats, result.changed)
+            stage.append(rec)
             self.records.append(rec)
-            if self.dump_dir is not None:
-                stem = os.path.join(self.dump_dir, f"{i}_{p.name}")
-                self.save_model(model, stem + ".onnx")
-                with open(stem + ".json", "w") as f:
-                    f.write(dump_stats_json({"pass": p.name, "index": i, "seconds": seconds,
-                                             "changed": result.changed, "stats": result.stats}))
             self.on_pass(rec)
+        if stage:
+            self._dump(stage, model)
         return model
+
+    def _dump(self, stage: list[PassRecord], model: onnx.ModelProto) -> None:
+        if self.dump_dir is None:
+            return
+        os.makedirs(self.dump_dir, exist_ok=True)  # only once there is something to dump
+        stats: dict[str, Any] = {}
+        for rec in stage:
+            stats.update(rec.stats)
+        first = stage[0]
+        stem = os.path.join(self.dump_dir, f"{first.index}_{first.name}")
+        self.save_model(model, stem + ".onnx")
+        with open(stem + ".json", "w") as f:
+            f.write(dump_stats_json({"pass": first.name, "index": first.index,
+                                     "seconds": sum(r.seconds for r in stage),
+                                     "changed": any(r.changed for r in stage), "stats": stats}))

@@ -24,7 +24,9 @@ The lower pass (`eiec.passes.recurrent`) unrolls the recurrence over the time st
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 # the ops the assembly of R and B goes through: find_layers walks them back to the layers
@@ -71,9 +73,6 @@ def assembled_from(producers: dict[str, onnx.NodeProto], tensor: str) -> list[st
 def canonicalize_recurrent(rw, node) -> None:
     """Rewrite an LSTM/GRU/RNN graphsurgeon node with constant W, R (and B) into the form
     above (`rw`: the importer's rewriter, for fresh names, nodes and the N-D linear layer)."""
-    import numpy as np
-    import onnx_graphsurgeon as gs
-
     ins = list(node.inputs) + [None] * (8 - len(node.inputs))
     x, w, r, b = ins[:4]
     consts = [t for t in (w, r, b) if t is not None and t.name]

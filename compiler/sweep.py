@@ -25,10 +25,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 import yaml
 
+from eiec.runtime.session import InferenceSession, forget_segments
+from eiec.runtime.validate import fidelity, original_session
+
+from .driver import COMPRESS_TARGET_KEYS, compress_model, lower_compressed
 from .errors import EiecError
 from .fileio import write_atomic
+from .inputs import load_calibration
+from .ortrun import run_rows
 from .recipe import LAYER_KEYS, Recipe, parse_recipe, read_recipe_document
 from .target import ENERGY_KEYS, TARGET_KEYS, Target
 
@@ -145,8 +152,6 @@ def point_recipe(base: Any, varies: list[Vary], point: Point, config: str | None
 
 def compress_key(model: str, recipe: Recipe, seed: int) -> str:
     """What the compression half reads: points with equal keys share one IR2."""
-    from .driver import COMPRESS_TARGET_KEYS
-
     return json.dumps({"model": model, "seed": seed, "defaults": dataclasses.asdict(recipe.defaults),
                        "layers": recipe.layers, "budget": [recipe.max_accuracy_drop, recipe.max_output_error],
                        "target": {k: getattr(recipe.target, k) for k in COMPRESS_TARGET_KEYS}},
@@ -167,8 +172,6 @@ def _failure(e: BaseException) -> Failure:
 
 def compress_task(model: str, recipe: Recipe, calibration: str | None, seed: int) -> tuple[Any, float]:
     """IR2 for one compression setting (or its Failure), and the seconds it took."""
-    from .driver import compress_model
-
     t0 = time.perf_counter()
     try:
         return compress_model(model, recipe, calibration, seed), time.perf_counter() - t0
@@ -178,9 +181,6 @@ def compress_task(model: str, recipe: Recipe, calibration: str | None, seed: int
 
 def reference_task(model: str, test: TestSet) -> Any:
     """The original model's outputs on the test set (onnxruntime), once per model."""
-    from eiec.ortrun import run_rows
-    from eiec.runtime.validate import original_session
-
     try:
         sess = original_session(model)
         names = [o.name for o in sess.get_outputs()]
@@ -214,11 +214,6 @@ def _announce(index: int) -> None:
 
 
 def _measure(c: Any, target: Target, test: TestSet, reference: Any) -> dict[str, Any]:
-    from eiec.runtime.session import InferenceSession, forget_segments
-    from eiec.runtime.validate import fidelity
-
-    from .driver import lower_compressed
-
     names, ref = reference
     with tempfile.TemporaryDirectory(prefix="eiec-sweep-") as tmp:
         res = lower_compressed(c, os.path.join(tmp, "point.eie"), target)
@@ -300,10 +295,6 @@ def _clock(seconds: float) -> str:
 def sweep(models: list[str], input_path: str, varies: list[Vary], calibration: str | None = None,
           config: str | None = None, seed: int = 0, client: Any = None, quiet: bool = True) -> SweepResult:
     """Run the grid on `client` (a distributed.Client) and return its rows in grid order."""
-    import onnx
-
-    from .inputs import load_calibration
-
     t0 = time.perf_counter()
     base = read_recipe_document(config) if config is not None else None
     parse_recipe(copy.deepcopy(base), config)  # a bad base recipe stops the sweep: every point would fail

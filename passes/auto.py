@@ -4,25 +4,31 @@ A one-layer-at-a-time sensitivity scan (`evaluate.sensitivity`), then a search f
 known-good starting points with real onnxruntime runs on held-out rows, each scored by an
 estimate of the loss on new rows and its upper confidence bound (`measure`), so the recipe
 returned is one whose bound was measured within budget. Without calibration data,
-`default_recipe`.
+`default_recipe`. The auto pass (`Auto`) resolves a compile's recipe with them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import dataclasses
+import fnmatch
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
 
 from eiec.codec import storage_streams
-from eiec.errors import RecipeError
-from eiec.ir import Layer, matrix_view
-from eiec.measure import Score
+from eiec.errors import ModelError, RecipeError
+from eiec.ir import ACTIVATION_PRODUCT, Layer, find_layers, matrix_view
+from eiec.measure import CONFIDENCE, Score
+from eiec.passmanager import Context, PassResult
+from eiec.recipe import LayerRecipe, Recipe, dump_recipe
+from eiec.report import format_dims
 from eiec.target import Target
 
 from .compress import Choice, Compress, magnitude_mask, plain_compress, quantize_weights
 from .evaluate import BITS, DENSITIES, Evaluator, LayerSensitivity, sensitivity
-from .sequential import Progress, Sequential
+from .holdout import split_calibration
+from .sequential import Progress, Sequential, Steps
 
 
 class StorageModel:
@@ -355,3 +361,201 @@ def _done(report: dict | None, probes: list[dict], chosen: dict, host: list[str]
     if report is not None:
         report.update(chosen=probes.index(chosen), chosen_score=chosen["score"], host=host)
     return dict(chosen["choice"])
+
+
+class Auto:
+    """The recipe resolved against IR0: its layer patterns checked (`check_recipe_layers`),
+    every layer's choices in ctx.state.layer_recipes with `auto` density / bits chosen
+    (`auto_recipe` on calibration data within the budget, `default_recipe` without).
+    Leaves the search's report in ctx.state.sensitivity / .auto, the chosen recipe YAML in
+    .chosen_recipe, notes for the user in .notes, and, with reconstruction, the
+    `Sequential` it measured with and the rows it reconstructed on for the reconstruct
+    pass. Part of the import stage in dumps (the model is unchanged)."""
+
+    name = "auto"
+    extends_stage = True
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        check_recipe_layers(ctx.recipe, model)
+        _resolve_auto(model, ctx)
+        stats = {k: v for k, v in (("sensitivity", ctx.state.sensitivity), ("auto", ctx.state.auto)) if v is not None}
+        return PassResult(model, stats, False)
+
+
+def check_recipe_layers(recipe: Recipe, model: onnx.ModelProto) -> None:
+    """Every layer pattern must name a compressible layer; naming another op is an error."""
+    layers = find_layers(model)
+    names = [(l.name, l.weight) for l in layers]
+    for pattern in recipe.layers:
+        if any(fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(w, pattern) for n, w in names):
+            continue
+        other = next((n for n in model.graph.node if fnmatch.fnmatchcase(n.name, pattern)), None)
+        if other is not None:
+            raise ModelError(recipe.path, f"layers.{pattern}: node {other.name!r} is a {other.op_type}, "
+                             f"which eiec cannot compress: {_not_a_layer(model, other)}")
+    recipe.check_patterns(names)
+
+
+def _not_a_layer(model: onnx.ModelProto, node: onnx.NodeProto) -> str:
+    """Why import left `node` out of the compressible layers (see eiec.ir)."""
+    consts = {t.name: t for t in model.graph.initializer}
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in (*model.graph.value_info, *model.graph.input) if v.type.tensor_type.HasField("shape")}
+    if node.op_type not in ("Gemm", "MatMul", "Conv"):
+        return "it is not an FC (Gemm/MatMul) or 1-D/2-D Conv layer"
+    w = consts.get(node.input[1]) if len(node.input) > 1 else None
+    if w is None:
+        return ACTIVATION_PRODUCT if node.op_type != "Conv" else "its weight is computed at run time, not a constant"
+    if node.op_type == "Conv":
+        return f"it is a {len(w.dims) - 2}-D conv; the accelerator runs 1-D and 2-D convs only"
+    x = dims.get(node.input[0])
+    if node.op_type == "MatMul" and (x is None or len(x) < 2 or sum(d is None for d in x[:-1]) > 1):
+        return ("the rank of its activation is unknown" if x is None else
+                f"its activation has rank {len(x)}" if len(x) < 2 else
+                f"its activation's leading dims {format_dims(x[:-1])} have more than one free size "
+                "(fix them with --input-shape or calibration data)") + \
+            "; the accelerator runs linear layers on [..., features] activations with a known token layout"
+    return f"its weight is not a float32 matrix ({len(w.dims)}-D, {onnx.helper.tensor_dtype_to_np_dtype(w.data_type)})"
+
+
+def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
+    """Pick density/bits for layers left on `auto` (ctx.state.layer_recipes; the chosen
+    recipe as YAML in ctx.state.chosen_recipe, user notes in ctx.state.notes).
+
+    The search measures every candidate with the reconstruction the prune and cluster
+    passes will apply (the same `sequential.Sequential`, left in ctx.state.sequential for the
+    prune pass: each layer's obs / gptq / refit / bias_correction on its compressed
+    predecessors' outputs), and compresses every layer the passes compress (fixed ones
+    pinned). With reconstruction, the calibration rows are split (`split_calibration`):
+    the layers are reconstructed on one part, in the search and in the compile
+    (ctx.state.reconstruction_calibration), and every candidate is scored on the
+    held-out part, so the budget it verified on those rows holds for the compiled model.
+    Without reconstruction nothing is fitted to the rows and all of them score.
+    The sensitivity scan and the search's probes go to ctx.state.sensitivity
+    and .auto (the manifest and the 0_import.json dump carry them).
+    """
+    layers = find_layers(model)
+    wanted = {l.name: ctx.recipe.for_layer(l.name, l.weight) for l in layers}
+    ctx.state.layer_recipes = wanted
+    auto = [l for l in layers if not wanted[l.name].skip and "auto" in (wanted[l.name].density, wanted[l.name].bits)]
+    if not auto:
+        return
+    seen: set[str] = set()
+    compressed = []  # every layer the passes compress, once per weight (shared weights follow the first)
+    for l in layers:
+        if not wanted[l.name].skip and l.weight not in seen:
+            seen.add(l.weight)
+            compressed.append(l)
+    fixed = {l.name: (None if wanted[l.name].density == "auto" else
+                      1.0 if wanted[l.name].density == "keep" else float(wanted[l.name].density),
+                      None if wanted[l.name].bits == "auto" else int(wanted[l.name].bits)) for l in compressed}
+    steps = {l.name: Steps(wanted[l.name].obs, wanted[l.name].refit, wanted[l.name].bias_correction,
+                           wanted[l.name].gptq) for l in compressed}
+    if ctx.calibration_is_random:  # random inputs say nothing about accuracy: nothing to search on
+        chosen = default_recipe(compressed, fixed, ctx.target)
+        ctx.state.notes.append("auto: no calibration data, so nothing measured: per-layer default densities "
+                     f"({', '.join(f'{k} {v:g}' for k, v in DEFAULT_DENSITY.items())}) at "
+                     f"{ctx.target.weight_bits} bits, magnitude pruning and k-means without reconstruction "
+                     "(docs/recipe.md, \"Without calibration data\"); pass --calibration with real inputs to "
+                     "have them chosen and checked against the budget")
+        _set_choices(wanted, auto, chosen, [])
+        for l in auto:  # fitted to random inputs, a reconstruction would undo what the model learned
+            wanted[l.name] = dataclasses.replace(wanted[l.name], obs=False, refit=False, bias_correction=False,
+                                                 gptq=False)
+        ctx.state.layer_recipes = wanted
+        ctx.state.auto = {"calibration": "random", "data_free": "defaults",
+                                 "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}
+        ctx.state.chosen_recipe = dump_recipe(ctx.recipe, wanted)
+        return
+    compress: Any = plain_compress
+    score_inputs, score_labels = ctx.calibration, ctx.labels
+    n_rows = next(iter(ctx.calibration.values())).shape[0]
+    rows = {"reconstruction_rows": 0, "held_out_rows": 0, "scored_rows": n_rows}
+    if any(st.any for st in steps.values()):
+        recon = ctx.calibration
+        split = split_calibration(ctx.calibration, ctx.labels, ctx.seed, marked=ctx.state.held_out_marks)
+        if split is None:
+            ctx.state.notes.append("auto: too few calibration rows to hold any out; the budget is scored on "
+                         "the rows the layers are reconstructed on")
+            rows.update(reconstruction_rows=n_rows)
+        else:
+            recon = ctx.state.reconstruction_calibration = split.reconstruction
+            score_inputs, score_labels = split.held_out, split.held_out_labels
+            rows.update(reconstruction_rows=len(split.reconstruction_rows), held_out_rows=len(split.held_out_rows),
+                        scored_rows=len(split.held_out_rows))
+        ctx.progress("auto: capturing layer inputs on the calibration data")
+        # the prune pass reuses it (same model, steps and rows), so it compiles what was measured
+        compress = ctx.state.sequential = Sequential(model, compressed, recon, steps, seed=ctx.seed,
+                                                     progress=ctx.progress)
+    if ctx.labels is not None:
+        metric, budget = "accuracy", ctx.recipe.max_accuracy_drop
+    else:
+        metric, budget = "error", ctx.recipe.max_output_error
+    report: dict[str, Any] = {}
+    try:
+        chosen = auto_recipe(model, compressed, score_inputs, score_labels, budget, metric=metric,
+                             target=ctx.target, fixed=fixed, compress=compress, progress=ctx.progress,
+                             report=report)
+    except RecipeError as e:
+        raise RecipeError(e.path or ctx.recipe.path, e.reason) from None
+    what = "points of top-1 accuracy expected lost" if metric == "accuracy" else "relative output error"
+    score = report["chosen_score"]
+    estimate, bound = score.value(metric)
+    measured = (f"{what} {estimate:.3g} (at most {bound:.3g} with {CONFIDENCE:.0%} confidence) on "
+                f"{report['rows']} held-out calibration rows" if rows["held_out_rows"] else
+                f"{what} {estimate:.3g} (at most {bound:.3g} with {CONFIDENCE:.0%} confidence) on "
+                f"{report['rows']} calibration rows")
+    if report["host"]:
+        ctx.state.notes.append(f"auto: no recipe on the accelerator met the budget {budget:g}; kept on the host (dense): "
+                     f"{', '.join(report['host'])}")
+    if "over_budget" in report:
+        fix = ("raise the budget (--max-output-error / --max-accuracy-drop)" if not ctx.calibration_is_random else
+               "give --calibration data, or raise the budget (--max-output-error / --max-accuracy-drop)")
+        ctx.state.notes.append(f"auto: over budget: even with every automatically chosen layer on the host, the layers the "
+                     f"recipe fixes measure {measured}, over the budget {budget:g}; compiled anyway: {fix}")
+    else:
+        ctx.state.notes.append(f"auto: measured {measured}; budget {budget:g}")
+    _set_choices(wanted, auto, chosen, report["host"])
+    ctx.state.layer_recipes = wanted
+    ctx.state.sensitivity = {
+        name: {"density": {_key(d): _sig(sc.error) for d, sc in s.density.items()},
+               "bits": {_key(b): _sig(sc.error) for b, sc in s.bits.items()},
+               **({"density_accuracy_lost": {_key(d): _sig(sc.drop_estimate) for d, sc in s.density.items()},
+                   "bits_accuracy_lost": {_key(b): _sig(sc.drop_estimate) for b, sc in s.bits.items()}}
+                  if ctx.labels is not None else {})}
+        for name, s in report["sensitivity"].items()}
+    ctx.state.auto = {
+        "metric": metric, "budget": budget, "calibration": "random" if ctx.calibration_is_random else "file",
+        **rows, "confidence": CONFIDENCE, "estimate": _sig(estimate), "bound": _sig(bound),
+        "over_budget": "over_budget" in report, "host": report["host"],
+        "starts": report["starts"],
+        "probes": [{"family": p["family"], "step": p["step"], "bytes": p["bytes"], metric: _sig(p["estimate"]),
+                    "bound": _sig(p["bound"]), "error": _sig(p["error"]), "fits": p["fits"]} for p in report["probes"]],
+        "chosen_probe": report["chosen"],
+        "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}
+    ctx.state.chosen_recipe = dump_recipe(ctx.recipe, wanted)
+
+
+def _set_choices(wanted: dict[str, LayerRecipe], auto: list, chosen: dict[str, tuple[float, int]],
+                 host: list[str]) -> None:
+    """Write the automatic choices into the layers' recipes: `host` layers skipped, the others'
+    `auto` density / bits replaced by the chosen ones."""
+    for l in auto:
+        lr = wanted[l.name]
+        if l.name in host:
+            wanted[l.name] = dataclasses.replace(lr, skip=True)
+            continue
+        density, bits = chosen[l.name]
+        wanted[l.name] = dataclasses.replace(
+            lr, density=density if lr.density == "auto" else lr.density, bits=bits if lr.bits == "auto" else lr.bits)
+
+
+def _sig(x: float | None) -> float | None:
+    """A measured error or accuracy as the manifest keeps it: 4 significant digits (what
+    `eiec inspect --sensitivity` shows; the file need not carry 17)."""
+    return None if x is None or not np.isfinite(x) else float(f"{x:.4g}")
+
+
+def _key(v: float | int) -> str:
+    """A scan setting as a JSON object key: 0.05 -> "0.05", 4 -> "4"."""
+    return f"{v:g}"

@@ -2,14 +2,13 @@
 
 Per layer, the nonzero weights are clustered into 2^bits - 1 shared values; codebook
 entry 0 is 0.0 and holds every pruned weight. W becomes Gather(codebook, Cast(indices)).
-With sequential reconstruction the prune pass chose the codebook (refit) and bias already.
+With sequential reconstruction the reconstruct pass planned the codebook (refit) and bias.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import onnx
 from onnx import helper
 
@@ -18,19 +17,19 @@ from eiec.ir import Layer, find_layers, get_initializer, remove_initializer, set
 from eiec.passmanager import Context, PassResult
 
 from .compress import MAX_ITER, cluster_weights
-from .select import layers_to_rewrite
+from .select import check_weight, layers_to_rewrite
 
 
 class Cluster:
     """k-means weight sharing per layer, rewriting W as Gather(codebook, Cast(indices)).
 
-    When the prune pass reconstructed sequentially, it already chose each layer's
-    codebook, indices and corrected bias (ctx.artifacts["clustering"], a
-    `sequential.LayerResult` per layer, k-means on exactly the IR1 weight found here):
-    this pass writes them, and its stats carry that reconstruction's layer errors
-    (layer_error_kmeans, layer_error_refit, layer_error_bias_correction, bias_shift_rms;
-    `reconstruct.LayerTarget.error`). Otherwise it runs k-means on the IR1 weight itself
-    (plain Deep Compression: no refit, biases unchanged).
+    Where the reconstruct pass planned a layer (ctx.state.plan, a `sequential.LayerResult`:
+    k-means on exactly the IR1 weight the prune pass wrote from the same plan, then GPTQ,
+    refit and bias correction), this pass writes that codebook, indices and bias, and its
+    stats carry the plan's layer errors (layer_error_kmeans, layer_error_refit,
+    layer_error_bias_correction, bias_shift_rms; `reconstruct.LayerTarget.error`).
+    Otherwise it runs k-means on the IR1 weight itself (plain Deep Compression: no refit,
+    biases unchanged).
     """
 
     name = "cluster"
@@ -40,7 +39,7 @@ class Cluster:
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         layer_stats: list[dict[str, Any]] = []
-        planned = ctx.artifacts.get("clustering", {})
+        planned = ctx.state.plan
         changed = False
         for layer, lr in layers_to_rewrite(model, ctx, "bits", "cluster", layer_stats):
             ctx.progress(f"cluster {layer.name}")
@@ -53,22 +52,16 @@ class Cluster:
         return PassResult(model, {"layers": layer_stats}, changed)
 
     def _cluster_layer(self, model: onnx.ModelProto, layer: Layer, bits: int, plan: Any = None) -> dict[str, Any]:
-        """plan: the prune pass's `sequential.LayerResult` for this layer, if it made one."""
+        """plan: the reconstruct pass's `sequential.LayerResult` for this layer, if it made one."""
         w_name = layer.weight
         w = get_initializer(model, w_name)
-        if w.dtype != np.float32:
-            raise ModelError(None, f"layer {layer.name}: weight {w_name} is {w.dtype}, "
-                             "the canonical IR needs float32")
-        if not np.isfinite(w).all():
-            raise ModelError(None, f"layer {layer.name}: weight {w_name} has NaN or inf values")
+        check_weight(layer, w)
         taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
         for suffix in (".codebook", ".indices", ".indices_int64"):
             if w_name + suffix in taken:
                 raise ModelError(None, f"layer {layer.name}: name {w_name + suffix} already used")
         recon: dict[str, Any] = {"reconstruction": "none"}
-        # the plan holds only if it was made for this IR1 weight and bit width
-        if (plan is not None and plan.codebook is not None and plan.codebook.size == 1 << bits
-                and np.array_equal(plan.pruned, w)):
+        if plan is not None:
             codebook, indices, result = plan.codebook, plan.indices, plan.clustering
             set_initializer(model, layer.bias, plan.bias)
             recon = {"reconstruction": "sequential", **plan.cluster_stats}

@@ -91,7 +91,7 @@ class Lower:
             segs = lower_recurrent(model, node_layers, set(layers), values, indices, tiles, ctx, overrides,
                                    len(segments), rules)
             segments += segs
-        ctx.artifacts["segments"] = segments
+        ctx.state.segments = segments
         stats = {
             "segments": [{"name": s.name, "layers": [l.name for l in s.layers], "resident": s.resident,
                           "instructions": len(s.program),

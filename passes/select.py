@@ -1,9 +1,11 @@
-"""Which layers a weight-rewriting pass (prune, cluster) rewrites, each weight once."""
+"""Which layers a weight-rewriting pass (reconstruct, prune, cluster) rewrites, each weight once,
+and the check every such weight passes."""
 
 from __future__ import annotations
 
 from typing import Any, Iterator
 
+import numpy as np
 import onnx
 
 from eiec.errors import ModelError, RecipeError
@@ -38,3 +40,12 @@ def layers_to_rewrite(model: onnx.ModelProto, ctx: Context, knob: str, stage: st
                              f"initializer (the {stage} pass runs once, on the IR before it)")
         done[layer.weight] = layer.name
         yield layer, lr
+
+
+def check_weight(layer: Layer, w: np.ndarray) -> None:
+    """A layer weight a pass compresses is float32 and finite (ModelError otherwise)."""
+    if w.dtype != np.float32:
+        raise ModelError(None, f"layer {layer.name}: weight {layer.weight} is {w.dtype}, "
+                         "the canonical IR needs float32")
+    if not np.isfinite(w).all():
+        raise ModelError(None, f"layer {layer.name}: weight {layer.weight} has NaN or inf values")

@@ -27,7 +27,8 @@ from eiec.passes.compress import magnitude_mask, quantize_weights
 from eiec.passes.holdout import split_calibration
 from eiec.passes.prune import Prune
 from eiec.passes.sequential import Sequential, Steps
-from eiec.passmanager import Context
+from eiec.passes.plan import Reconstruct
+from eiec.passmanager import Context, PassManager
 from eiec.recipe import parse_recipe
 from eiec.report import sensitivity_table
 
@@ -87,17 +88,15 @@ def layer_inputs(model: onnx.ModelProto, feeds) -> dict[str, np.ndarray]:
 
 def compress_passes(model: onnx.ModelProto, feeds, density: float, bits: int,
                     **steps) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
-    """(IR1, IR2, stats) from the prune and cluster passes with calibration inputs `feeds`."""
+    """(IR1, IR2, stats) from the reconstruct, prune and cluster passes with calibration inputs `feeds`."""
     ctx = Context(recipe=parse_recipe({"defaults": {"density": density, "bits": bits, **steps}}),
                   calibration=feeds, calibration_is_random=False)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    p = Prune().run(m, ctx)
-    ir1 = onnx.ModelProto()
-    ir1.CopyFrom(p.model)
-    c = Cluster().run(p.model, ctx)
-    return ir1, c.model, {"prune": {l["name"]: l for l in p.stats["layers"]},
-                          "cluster": {l["name"]: l for l in c.stats["layers"]}}
+    first, second = PassManager([Reconstruct(), Prune()]), PassManager([Cluster()])
+    ir1 = first.run(model, ctx)
+    ir2 = second.run(ir1, ctx)
+    stats = {r.name: r.stats for r in first.records + second.records}
+    return ir1, ir2, {"prune": {l["name"]: l for l in stats["prune"]["layers"]},
+                      "cluster": {l["name"]: l for l in stats["cluster"]["layers"]}}
 
 
 @settings(max_examples=8, deadline=None)
@@ -228,9 +227,7 @@ def test_passes_compile_exactly_what_the_sequential_compressor_measures():
     recipe = {"defaults": {"density": 0.25, "bits": 3},
               "layers": {"fc1": {"obs": False}, "fc2": {"refit": False, "gptq": False}}}
     ctx = Context(recipe=parse_recipe(recipe), calibration=feeds, calibration_is_random=False)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    out = Cluster().run(Prune().run(m, ctx).model, ctx).model
+    out = PassManager([Reconstruct(), Prune(), Cluster()]).run(model, ctx)
     steps = {"fc0": Steps(), "fc1": Steps(obs=False), "fc2": Steps(refit=False, gptq=False)}
     planned = Sequential(model, layers, feeds, steps).compress({l.name: (0.25, 3) for l in layers})
     for layer in layers:

@@ -12,6 +12,7 @@ from hypothesis.extra.numpy import arrays
 from eiec.errors import RecipeError
 from eiec.ir import copy_model, find_layers, get_initializer, set_initializer
 from eiec.passes.compress import magnitude_mask
+from eiec.passes.plan import Reconstruct
 from eiec.passes.prune import Prune
 from helpers import canonical_convnet, run_ort
 from eiec.passmanager import Context
@@ -106,8 +107,10 @@ def test_sequential_reconstruction_needs_resolved_bits_but_magnitude_pruning_doe
     feeds = {"x": np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)}
     recipe = parse_recipe({"defaults": {"density": 0.3, "bits": "auto"}})
     with pytest.raises(RecipeError, match="bits 'auto'"):
-        Prune().run(canonical_model(), Context(recipe=recipe, calibration=feeds))
+        Reconstruct().run(canonical_model(), Context(recipe=recipe, calibration=feeds))
     plain = parse_recipe({"defaults": {"density": 0.3, "bits": "auto", "obs": False, "refit": False,
                                        "bias_correction": False, "gptq": False}})
-    result = Prune().run(canonical_model(), Context(recipe=plain, calibration=feeds))
+    ctx = Context(recipe=plain, calibration=feeds)
+    assert Reconstruct().run(canonical_model(), ctx).stats["reconstruction"] == "none"
+    result = Prune().run(canonical_model(), ctx)
     assert result.stats["reconstruction"] == "none"
