@@ -27,20 +27,34 @@ def magnitude_mask(w: np.ndarray, density: float) -> np.ndarray:
     if not (0 < density <= 1):
         raise ValueError(f"density must be in (0, 1], got {density!r}")
     mag = np.abs(np.asarray(w)).ravel()
-    n = mag.size
-    if n == 0:
+    if mag.size == 0:
         return np.zeros(np.shape(w), dtype=bool)
     if not np.isfinite(mag).all():
         raise ValueError("magnitude_mask needs finite weights")
-    k = min(n, max(1, round(density * n)))
-    if k == n:
-        return np.ones(np.shape(w), dtype=bool)
-    threshold = np.partition(mag, n - k)[n - k]  # the k-th largest magnitude
-    mask = mag > threshold
-    # fill up to k with the weights equal to the threshold, in flat-index order
+    return top_k_mask(mag, kept_count(mag.size, density)).reshape(np.shape(w))
+
+
+def kept_count(size: int, density: float) -> int:
+    """Weights a layer of `size` keeps at `density` (the k of `magnitude_mask`)."""
+    return max(1, int(round(density * size)))
+
+
+def top_k_mask(key: np.ndarray, k: int) -> np.ndarray:
+    """Flat boolean mask of the k largest entries of 1-D `key`, ties broken by index (lower first).
+
+    What a stable descending sort's first k would pick, in O(n) (a partition, not a sort).
+    """
+    n = key.size
+    if k >= n:
+        return np.ones(n, dtype=bool)
+    if k <= 0:
+        return np.zeros(n, dtype=bool)
+    threshold = np.partition(key, n - k)[n - k]  # the k-th largest
+    mask = key > threshold
+    # fill up to k with the entries equal to the threshold, in index order
     need = k - int(np.count_nonzero(mask))
-    mask[np.flatnonzero(mag == threshold)[:need]] = True
-    return mask.reshape(np.shape(w))
+    mask[np.flatnonzero(key == threshold)[:need]] = True
+    return mask
 
 
 MAX_ITER = 300

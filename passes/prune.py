@@ -15,7 +15,7 @@ import onnx
 from eiec.ir import Layer, get_initializer, set_initializer
 from eiec.passmanager import Context, PassResult
 
-from .compress import magnitude_mask
+from .compress import kept_count, magnitude_mask
 from .select import check_weight, layers_to_rewrite
 
 
@@ -72,7 +72,7 @@ class Prune:
             stats.update(action="keep", density_after=before, kept=nonzero, nonzero=nonzero, threshold=None)
         else:
             set_initializer(model, layer.weight, res.pruned)
-            kept = int(np.count_nonzero(magnitude_mask(w, float(density))))
+            kept = kept_count(w.size, float(density))
             stats.update(action="prune", density_after=nonzero / w.size, kept=kept, nonzero=nonzero,
                          threshold=float(np.abs(res.pruned[res.pruned != 0]).min()) if nonzero else None)
         stats.update(res.prune_stats)

@@ -14,11 +14,13 @@ g = 1 case. Every function here takes either form, so callers never split layers
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-from .compress import magnitude_mask
+from .compress import kept_count, magnitude_mask, top_k_mask
 
 
 # Widest layer input (per group) that gets a Hessian: H and the ~5 work copies OBS makes
@@ -27,12 +29,20 @@ MAX_HESSIAN_INPUTS = 4096
 
 
 def layer_hessian(X: np.ndarray) -> np.ndarray:
-    """H = X^T X / n of the layer inputs X [n, in] (or per group: [g, n, in_g] -> [g, in_g, in_g])."""
-    X = np.asarray(X, dtype=np.float64)
+    """H = X^T X / n of the layer inputs X [n, in] (or per group: [g, n, in_g] -> [g, in_g, in_g]), float64.
+
+    float32 rows (as captured) are multiplied in float32 (twice BLAS's float64 speed; H's
+    entries keep ~6 digits, far finer than the 1 % damping every use adds); others in float64.
+    """
+    X = np.asarray(X)
+    if X.dtype != np.float32:
+        X = X.astype(np.float64)
     n = X.shape[-2]
     if n == 0:
         raise ValueError("layer_hessian needs at least one calibration row")
-    return np.swapaxes(X, -1, -2) @ X / n
+    if X.ndim == 2:  # X.T @ X of one buffer: numpy's syrk, half the multiply-adds
+        return (X.T @ X).astype(np.float64) / n
+    return (np.swapaxes(X, -1, -2) @ X).astype(np.float64) / n
 
 
 def input_mean(X: np.ndarray) -> np.ndarray:
@@ -40,14 +50,9 @@ def input_mean(X: np.ndarray) -> np.ndarray:
     return np.asarray(X, dtype=np.float64).mean(axis=-2)
 
 
-def kept_count(size: int, density: float) -> int:
-    """Weights a layer keeps at `density`: the k of `eiec.passes.prune.magnitude_mask`."""
-    return max(1, int(round(density * size)))
-
-
-def _grouped(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """W [out, in] and H [in,in] | [g,in,in] as float64 [g, out/g, in] and [g, in, in]."""
-    W = np.asarray(W, dtype=np.float64)
+def _grouped(W: np.ndarray, H: np.ndarray, dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """W [out, in] and H [in,in] | [g,in,in] as `dtype` [g, out/g, in] and float64 [g, in, in]."""
+    W = np.asarray(W, dtype=dtype)
     H = np.asarray(H, dtype=np.float64)
     if H.ndim == 2:
         H = H[None]
@@ -57,27 +62,35 @@ def _grouped(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return W.reshape(g, W.shape[0] // g, n_in), H
 
 
-def _keep_priority(score: np.ndarray, w: np.ndarray, live: np.ndarray) -> np.ndarray:
-    """Rank of every entry along the last axis, 0 = most worth keeping.
+def _priority_key(score: np.ndarray, w: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """One float per entry, larger = more worth keeping: nonzero weights first, then weights
+    on live inputs (H_jj > 0), then by saliency `score` (>= 0); so a dead input's weight is
+    kept only when nothing else is left to keep, and a zero never before a nonzero."""
+    return np.where(w != 0, np.where(live, score, -1.0), np.where(live, -2.0, -3.0))
 
-    Nonzero weights first, then weights on live inputs (H_jj > 0), then by saliency;
-    so a dead input's weight is kept only when nothing else is left to keep.
-    """
-    order = np.lexsort((-score, ~live, w == 0), axis=-1)
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[-1]), order.shape), axis=-1)
-    return rank
+
+def _keep_top(score: np.ndarray, w: np.ndarray, live: np.ndarray, quota: np.ndarray) -> np.ndarray:
+    """Per row of the [g, n] arrays, the quota[g] entries with the largest `_priority_key` (ties:
+    lower index), as a boolean [g, n] mask; a selection per group, not a sort."""
+    key = _priority_key(score, w, live)
+    return np.stack([top_k_mask(key[i], int(quota[i])) for i in range(key.shape[0])])
 
 
 def _upper_inverse_factor(H: np.ndarray) -> np.ndarray:
     """Upper triangular U, positive diagonal, with H^-1 = U^T U for a batch H [b, n, n].
 
     With J the reversal, J H J = L L^T gives H = R R^T, R = J L J upper, so U = R^-1 =
-    J L^-1 J: one Cholesky and one triangular inverse instead of inverting H and
-    factoring H^-1 again.
+    J L^-1 J: one Cholesky and one triangular inverse (LAPACK trtri, n^3/3 multiply-adds)
+    instead of inverting H and factoring H^-1 again.
     """
     L = np.linalg.cholesky(H[:, ::-1, ::-1])
-    return np.linalg.inv(L)[:, ::-1, ::-1]
+    U = np.empty_like(L)
+    for i in range(L.shape[0]):  # per group; L[i].T is L^T in Fortran order: no copy for LAPACK
+        inv, info = scipy.linalg.lapack.dtrtri(L[i].T, lower=0)
+        if info != 0:
+            raise np.linalg.LinAlgError("singular Cholesky factor")
+        U[i] = inv.T  # (L^T)^-1 = (L^-1)^T
+    return np.ascontiguousarray(U[:, ::-1, ::-1])  # positive strides: BLAS takes its slices as they are
 
 
 def _inverse_cholesky(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +118,8 @@ def _inverse_cholesky(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarra
 
 
 def obs_prune(W: np.ndarray, H: np.ndarray, density: float, block: int = 16, damp: float = 0.01,
-              factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+              factor: tuple[np.ndarray, np.ndarray] | None = None,
+              error: Callable[[np.ndarray], float] | None = None) -> np.ndarray:
     """Prune W [out, in] to k = max(1, round(density*W.size)) weights, compensating the rest (SparseGPT).
 
     Columns (inputs) are processed left to right in blocks of `block` (16: on
@@ -118,9 +132,11 @@ def obs_prune(W: np.ndarray, H: np.ndarray, density: float, block: int = 16, dam
     U_jj^2 is the OBS [H^-1]_jj once the earlier columns are fixed. Each pruned weight's error is pushed onto the
     not-yet-processed weights of its row through U (the OBS update).
     Never worse on the calibration data than magnitude pruning to the same k, which it
-    falls back to. Returns W's dtype with exactly k nonzeros (fewer only if W had fewer).
-    Cost: a Cholesky and inverse of H (none when `factor`, `_inverse_cholesky(H, damp)`
-    of the grouped H, is passed in), plus ~out*in^2/2 multiply-adds.
+    falls back to, by `error` (W_new -> float; default `layer_error` against W with H).
+    Returns W's dtype with exactly k nonzeros (fewer only if W had fewer); the sweep runs in
+    float32 for float32 W (`_sweep_dtype`).
+    Cost: a Cholesky and triangular inverse of H (none when `factor`, `_inverse_cholesky(H, damp)`
+    of the grouped H, is passed in), plus ~out*in^2/2 multiply-adds, in GEMMs (`_column_blocks`).
     """
     W = np.asarray(W)
     if not 0 < density <= 1:
@@ -128,53 +144,93 @@ def obs_prune(W: np.ndarray, H: np.ndarray, density: float, block: int = 16, dam
     k = kept_count(W.size, density)
     if k >= W.size:
         return W.copy()
-    Wg, Hg = _grouped(W, H)
+    Wg, Hg = _grouped(W, H, _sweep_dtype(W))
     g, rows, n_in = Wg.shape
     U, live = factor if factor is not None else _inverse_cholesky(Hg, damp)
+    U = U.astype(Wg.dtype, copy=False)
     live_e = np.broadcast_to(live[:, None, :], Wg.shape)
 
     # Per (group, block) quota from a global ranking of the dense layer by the same
     # saliency the blocks use (measured: better than w^2/[H^-1]_jj or w^2*H_jj).
     d_all = np.diagonal(U, axis1=1, axis2=2)
     score0 = np.where(live_e, Wg**2 / d_all[:, None, :] ** 2, 0.0)
-    rank0 = _keep_priority(score0.reshape(-1), Wg.reshape(-1), live_e.reshape(-1))
-    top = (rank0 < k).reshape(Wg.shape)
+    top = top_k_mask(_priority_key(score0, Wg, live_e).reshape(-1), k).reshape(Wg.shape)
+    del score0
     n_blocks = -(-n_in // block)
     block_of_col = np.arange(n_in) // block
     quota = np.zeros((g, n_blocks), dtype=np.int64)
     np.add.at(quota, (slice(None), block_of_col), top.sum(axis=1))
+    del top
 
-    W1all = Wg.copy()
-    for b in range(n_blocks):
-        c0, c1 = b * block, min((b + 1) * block, n_in)
-        W1 = W1all[:, :, c0:c1]
+    Wt = np.swapaxes(Wg, 1, 2).copy()  # [g, in, rows]: the sweep reads and writes whole columns
+
+    def prune_block(c0: int, c1: int) -> np.ndarray:
+        W1 = Wt[:, c0:c1]  # [g, bs, rows]
         U1 = U[:, c0:c1, c0:c1]
         d = np.diagonal(U1, axis1=1, axis2=2)  # [g, bs]
-        live1 = np.broadcast_to(live[:, None, c0:c1], W1.shape)
-        score = np.where(live1, W1**2 / d[:, None, :] ** 2, 0.0)
-        flat = W1.shape[0], -1
-        rank = _keep_priority(score.reshape(flat), W1.reshape(flat), live1.reshape(flat))
-        keep = (rank < quota[:, b, None]).reshape(W1.shape)
+        live1 = np.broadcast_to(live[:, c0:c1, None], W1.shape)
+        score = np.where(live1, W1**2 / d[:, :, None] ** 2, 0.0)
+        # ranked in W's own (row, column) order, so ties go to the lower row, then column
+        rc = lambda a: np.swapaxes(a, 1, 2).reshape(g, -1)
+        keep = np.swapaxes(_keep_top(rc(score), rc(W1), rc(live1), quota[:, c0 // block]).reshape(g, rows, c1 - c0), 1, 2)
         err = np.zeros_like(W1)
         # Sequential inside the block (each column sees the previous columns' updates);
         # each step is a whole-column, all-rows, all-groups array operation.
         for j in range(c1 - c0):
-            w = W1[:, :, j]
-            q = np.where(keep[:, :, j], w, 0.0)
-            e = (w - q) / d[:, None, j]
-            W1[:, :, j:] -= e[:, :, None] * U1[:, None, j, j:]
-            W1[:, :, j] = q
-            err[:, :, j] = e
-        W1all[:, :, c0:c1] = W1
-        if c1 < n_in:  # lazy batch update of the later columns (one GEMM per block)
-            W1all[:, :, c1:] -= err @ U[:, c0:c1, c1:]
-    W_obs = W1all.reshape(W.shape)
+            w = W1[:, j]
+            q = np.where(keep[:, j], w, 0.0)
+            e = (w - q) / d[:, j, None]
+            W1[:, j:] -= U1[:, j, j:, None] * e[:, None, :]
+            W1[:, j] = q
+            err[:, j] = e
+        return err
+
+    _column_blocks(Wt, U, block, prune_block)
+    W_obs = np.swapaxes(Wt, 1, 2).reshape(W.shape)
+    del Wt
     # The sequential mask choice is a heuristic: on rare layers plain magnitude pruning
     # (same k) does better on the calibration data, and then it is the answer.
     W_mag = np.where(magnitude_mask(W, density), W, 0).astype(np.float64)
-    if layer_error(W, W_mag, H) < layer_error(W, W_obs, H):
+    err = error or (lambda W_new: layer_error(W, W_new, H))
+    if err(W_mag) < err(W_obs):
         W_obs = W_mag
     return W_obs.astype(W.dtype, copy=False)
+
+
+def _sweep_dtype(W: np.ndarray) -> type:
+    """The OBS / GPTQ column sweeps run in float32 for float32 weights (half the time of float64
+    GEMMs; the factor U itself is computed in float64), else in float64."""
+    return np.float32 if np.asarray(W).dtype == np.float32 else np.float64
+
+
+# Columns whose OBS/GPTQ errors are pushed onto all later columns at once (one GEMM of this
+# depth); inside such a stretch, each `block` updates the rest of the stretch. Same arithmetic as
+# updating after every block, in large GEMMs instead of memory-bound thin ones.
+LAZY_COLUMNS = 256
+
+
+def _column_blocks(Wt: np.ndarray, U: np.ndarray, block: int,
+                   step: Callable[[int, int], np.ndarray]) -> None:
+    """Sweep the weights, column-major Wt [g, in, rows], left to right in column blocks of `block`
+    with GPTQ's lazy updates.
+
+    step(c0, c1) settles columns c0..c1-1 (in place, Wt already holding every earlier
+    column's update) and returns their scaled errors e [g, c1-c0, rows]; the later
+    columns then get -U[c0:c1, later]^T e, U the upper factor of H^-1: at once for the
+    rest of the block's stretch of LAZY_COLUMNS, and per stretch for the columns past it.
+    """
+    g, n_in, rows = Wt.shape
+    stretch = block * max(1, LAZY_COLUMNS // block)
+    for o0 in range(0, n_in, stretch):
+        o1 = min(o0 + stretch, n_in)
+        err_o = np.empty((g, o1 - o0, rows), Wt.dtype)
+        for c0 in range(o0, o1, block):
+            c1 = min(c0 + block, o1)
+            err = err_o[:, c0 - o0:c1 - o0] = step(c0, c1)
+            if c1 < o1:
+                Wt[:, c1:o1] -= np.swapaxes(U[:, c0:c1, c1:o1], 1, 2) @ err
+        if o1 < n_in:
+            Wt[:, o1:] -= np.swapaxes(U[:, o0:o1, o1:], 1, 2) @ err_o
 
 
 def _nearest_code(values: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -194,43 +250,47 @@ def nearest_assign(W: np.ndarray, codebook: np.ndarray) -> np.ndarray:
 
 
 # Per-row GPTQ solves one kept-weights-only problem per output row, ~sum over rows of
-# m_r^3 multiply-adds (m_r = the row's kept weights); above this, only the shared-H pass runs.
+# m_r^3 / 3 multiply-adds (m_r = the row's kept weights: its Cholesky); above this, only the
+# shared-H pass runs.
 MAX_MASKED_GPTQ_FLOPS = 2e9
 
 
 def gptq_assign(W: np.ndarray, H: np.ndarray, codebook: np.ndarray, block: int = 16, damp: float = 0.01,
-                factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                factor: tuple[np.ndarray, np.ndarray] | None = None,
+                error: Callable[[np.ndarray], float] | None = None) -> np.ndarray:
     """Codebook indices for W [out, in] by GPTQ / OBQ: nearest entry input by input, error compensated.
 
     The sparsity mask is W's: a zero of W gets index 0 (entry 0, the pruned weight) and
-    every nonzero gets one of 1..K-1. Two candidates, the better one (by `layer_error`
-    against W, never worse than `nearest_assign`, which is the third) is returned:
-    `_gptq_shared`, the GPTQ pass over the whole rows with one H, whose compensation
-    also lands on pruned entries (they are set back to zero when their column comes), and
-    `_gptq_masked`, the same per row on the Hessian of that row's kept inputs only, so all
-    the compensation goes to weights that stay (skipped when the sum over rows of the
-    cube of their kept weights exceeds MAX_MASKED_GPTQ_FLOPS).
-    `factor`: `_inverse_cholesky(H, damp)` of the grouped H, if already computed.
-    Returns uint8 indices shaped like W.
+    every nonzero gets one of 1..K-1. Two candidates, the better one (by `error`, W_new ->
+    float, default `layer_error` against W; never worse than `nearest_assign`, which is the
+    third) is returned: `_gptq_shared`, the GPTQ pass over the whole rows with one H, whose
+    compensation also lands on pruned entries (they are set back to zero when their column
+    comes), and `_gptq_masked`, the same per row on the Hessian of that row's kept inputs
+    only, so all the compensation goes to weights that stay (skipped when the sum over rows
+    of the cube of their kept weights exceeds MAX_MASKED_GPTQ_FLOPS).
+    `factor`: `_inverse_cholesky(H, damp)` of the grouped H, if already computed. The shared
+    pass runs in float32 for float32 W (`_sweep_dtype`). Returns uint8 indices shaped like W.
     """
-    W = np.asarray(W, np.float64)
+    W = np.asarray(W)
+    W = W if W.dtype == np.float32 else W.astype(np.float64)
     c = np.asarray(codebook, np.float64)
     best = nearest_assign(W, c)
     if c.size < 2 or not np.any(W):
         return best
-    best_err = layer_error(W, c[best], H)
+    err = error or (lambda W_new: layer_error(W, W_new, H))
+    best_err = err(c[best])
     cands = [lambda: _gptq_shared(W, H, c, block, damp, factor)]
     kept = np.count_nonzero(W, axis=1).astype(np.float64)
-    if float(np.sum(kept**3)) <= MAX_MASKED_GPTQ_FLOPS:
+    if float(np.sum(kept**3)) / 3 <= MAX_MASKED_GPTQ_FLOPS:
         cands.append(lambda: _gptq_masked(W, H, c, damp))
     for make in cands:
         try:
             idx = make()
         except np.linalg.LinAlgError:
             continue
-        err = layer_error(W, c[idx], H)
-        if err < best_err:
-            best, best_err = idx, err
+        e = err(c[idx])
+        if e < best_err:
+            best, best_err = idx, e
     return best
 
 
@@ -243,33 +303,37 @@ def _sorted_codes(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _gptq_shared(W: np.ndarray, H: np.ndarray, c: np.ndarray, block: int, damp: float,
                  factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """GPTQ over whole rows with the layer's H: columns left to right in blocks of `block`, lazy
-    updates between blocks; each column's error (rounding, or a pruned entry's drift set
-    back to zero) is pushed onto the later columns through U (upper Cholesky of damped H^-1)."""
+    updates between blocks (`_column_blocks`); each column's error (rounding, or a pruned entry's
+    drift set back to zero) is pushed onto the later columns through U (upper Cholesky of damped H^-1)."""
     order, values = _sorted_codes(c)
-    Wg, Hg = _grouped(W, H)
+    Wg, Hg = _grouped(W, H, _sweep_dtype(W))
+    values = values.astype(Wg.dtype)  # the float32 codebook's values exactly, when W is float32
     g, rows, n_in = Wg.shape
     keep = Wg != 0
     U, _ = factor if factor is not None else _inverse_cholesky(Hg, damp)
-    idx = np.zeros(Wg.shape, np.uint8)
-    Wall = Wg.copy()
-    for c0 in range(0, n_in, block):
-        c1 = min(c0 + block, n_in)
-        W1 = Wall[:, :, c0:c1]
+    U = U.astype(Wg.dtype, copy=False)
+    idx = np.zeros((g, n_in, rows), np.uint8)
+    Wt = np.swapaxes(Wg, 1, 2).copy()  # [g, in, rows]: the sweep reads and writes whole columns
+    keep = np.swapaxes(keep, 1, 2)
+
+    def assign_block(c0: int, c1: int) -> np.ndarray:
+        W1 = Wt[:, c0:c1]
         U1 = U[:, c0:c1, c0:c1]
         d = np.diagonal(U1, axis1=1, axis2=2)
         err = np.zeros_like(W1)
         for j in range(c1 - c0):  # whole-column steps over all rows and groups
-            w = W1[:, :, j]
+            w = W1[:, j]
             pos = _nearest_code(values, w)
-            kept = keep[:, :, c0 + j]
+            kept = keep[:, c0 + j]
             q = np.where(kept, values[pos], 0.0)
-            idx[:, :, c0 + j] = np.where(kept, order[pos], 0)
-            e = (w - q) / d[:, None, j]
-            W1[:, :, j:] -= e[:, :, None] * U1[:, None, j, j:]
-            err[:, :, j] = e
-        if c1 < n_in:
-            Wall[:, :, c1:] -= err @ U[:, c0:c1, c1:]
-    return idx.reshape(W.shape)
+            idx[:, c0 + j] = np.where(kept, order[pos], 0)
+            e = (w - q) / d[:, j, None]
+            W1[:, j:] -= U1[:, j, j:, None] * e[:, None, :]
+            err[:, j] = e
+        return err
+
+    _column_blocks(Wt, U, block, assign_block)
+    return np.swapaxes(idx, 1, 2).reshape(W.shape)
 
 
 def _gptq_masked(W: np.ndarray, H: np.ndarray, c: np.ndarray, damp: float, chunk_bytes: int = 64 << 20) -> np.ndarray:
@@ -277,8 +341,11 @@ def _gptq_masked(W: np.ndarray, H: np.ndarray, c: np.ndarray, damp: float, chunk
 
     Rows are taken in order of their kept count, in chunks padded to the chunk's largest
     count m (padding: identity Hessian, zero weight), each chunk one batch: a batched
-    Cholesky of each row's damped H_SS^-1, then m whole-chunk steps over the kept
-    positions in input order.
+    Cholesky of each row's damped H_SS, then m whole-chunk steps over the kept positions
+    in input order. No inverse: with H_SS = V V^T (V upper, the reversed Cholesky factor),
+    the weight GPTQ rounds at step j is w_j + sum_{i<j} (w_i - q_i) V_ij / V_jj, w the
+    row's original weights and q the values already chosen (the same numbers the OBS
+    updates through U = V^-1 produce, since (w - q) = e U gives e = (w - q) V).
     """
     order, values = _sorted_codes(c)
     Wg, Hg = _grouped(W, H)
@@ -295,31 +362,33 @@ def _gptq_masked(W: np.ndarray, H: np.ndarray, c: np.ndarray, damp: float, chunk
     keep = Wf != 0
     count = keep.sum(axis=1)
     by_count = np.argsort(count, kind="stable")
+    sorted_count = count[by_count]
     # per row, its kept columns first (in input order), then the others
     cols_all = np.argsort(~keep, axis=1, kind="stable")
     idx = np.zeros(Wf.shape, np.uint8)
-    r0 = int(np.searchsorted(count[by_count], 1))  # rows with nothing kept stay all 0
+    r0 = int(np.searchsorted(sorted_count, 1))  # rows with nothing kept stay all 0
     while r0 < len(by_count):
-        m = int(count[by_count[min(len(by_count) - 1, r0)]])
-        # grow the chunk while it fits the memory cap at its largest row's count
-        r1 = r0 + 1
-        while r1 < len(by_count) and (r1 - r0 + 1) * 32 * int(count[by_count[r1]]) ** 2 <= chunk_bytes:
-            r1 += 1
+        # the longest chunk that fits the memory cap at its largest (last) row's count
+        n = np.arange(2, len(by_count) - r0 + 1)
+        fits = n * 32 * sorted_count[r0 + 1:].astype(np.int64) ** 2 <= chunk_bytes
+        r1 = r0 + 1 + (int(np.argmin(fits)) if not fits.all() else fits.size)
         rows_c = by_count[r0:r1]
         m = int(count[rows_c[-1]])
         cl = cols_all[rows_c, :m]
         vl = np.take_along_axis(keep[rows_c], cl, axis=1)
         Hs = Hd[grp[rows_c, None, None], cl[:, :, None], cl[:, None, :]]
         Hs = np.where(vl[:, :, None] & vl[:, None, :], Hs, np.eye(m))  # padding: decoupled unit inputs
-        U = _upper_inverse_factor(Hs)
+        V = np.linalg.cholesky(Hs[:, ::-1, ::-1])[:, ::-1, ::-1]  # upper, Hs = V V^T
+        del Hs
+        vd = np.diagonal(V, axis1=1, axis2=2).copy()
         w = np.where(vl, np.take_along_axis(Wf[rows_c], cl, axis=1), 0.0)
+        acc = np.zeros_like(w)  # acc[:, j] = sum_{i<j} (w_i - q_i) V_ij
         code = np.zeros(w.shape, np.uint8)
         for j in range(m):  # whole-chunk steps: the j-th kept weight of every row
-            pos = _nearest_code(values, w[:, j])
+            pos = _nearest_code(values, w[:, j] + acc[:, j] / vd[:, j])
             q = np.where(vl[:, j], values[pos], 0.0)
             code[:, j] = np.where(vl[:, j], order[pos], 0)
-            e = (w[:, j] - q) / U[:, j, j]
-            w[:, j:] -= e[:, None] * U[:, j, j:]
+            acc[:, j + 1:] += (w[:, j] - q)[:, None] * V[:, j, j + 1:]
         sub = np.zeros((len(rows_c), n_in), np.uint8)
         np.put_along_axis(sub, cl, np.where(vl, code, 0), axis=1)
         idx[rows_c] = sub
@@ -352,56 +421,67 @@ def layer_error(W_ref: np.ndarray, W_new: np.ndarray, H: np.ndarray,
 
 def _codebook_normal_equations(
     W_ref: np.ndarray, indices: np.ndarray, K: int, H: np.ndarray | None, X: np.ndarray | None,
-    R: np.ndarray | None = None,
+    R: np.ndarray | None = None, D: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A [K,K], r [K] with ||X (W_ref - C[idx])^T||^2 / n = c^T A c - 2 r^T c + const.
 
-    With R (`LayerTarget.R`), the objective is the sequential one, ||X C[idx]^T - T||^2 / n
-    with X^T T / n = H W_ref^T - R: r drops the sum of R over each class's entries.
+    With R or D (`LayerTarget.R`, `LayerTarget.D`), the objective is the sequential one,
+    ||X C[idx]^T - T||^2 / n with T = X W_ref^T - D, X^T T / n = H W_ref^T - R: r drops the
+    sum of R over each class's entries (through H), or uses T for X W_ref^T (through X).
 
     A[k,l] = sum_o M_k[o] H M_l[o]^T, r[k] = sum_o M_k[o] H W_ref[o]^T, M_k the one-hot
     mask of index k. Q = M H is a sparse (kept entries only) times dense product, so
     the cost is nnz * in multiply-adds; with X [n, in], n < in, H = F^T F, F = X/sqrt(n)
-    and the cost drops to nnz * n.
+    and the cost drops to nnz * n. W_ref is read in row chunks (any float dtype, never
+    copied whole).
     """
     Xg = None
     if X is not None:
-        Xg = np.asarray(X, dtype=np.float64)
+        Xg = np.asarray(X)
         Xg = Xg[None] if Xg.ndim == 2 else Xg
         if H is not None and Xg.shape[-2] >= Xg.shape[-1]:
             Xg = None
+    W_ref = np.asarray(W_ref)
     if H is None:  # too wide for a Hessian: X alone (any number of rows)
         if Xg is None:
             raise ValueError("refit_codebook needs H or X")
-        Wg = np.asarray(W_ref, np.float64).reshape(Xg.shape[0], -1, Xg.shape[-1])
+        Wg = W_ref.reshape(Xg.shape[0], -1, Xg.shape[-1])
         Hg = None
     else:
-        Wg, Hg = _grouped(W_ref, H)
+        Hg = np.asarray(H, np.float64)
+        Hg = Hg[None] if Hg.ndim == 2 else Hg
+        Wg = W_ref.reshape(Hg.shape[0], -1, Hg.shape[-1])
     g, rows, n_in = Wg.shape
     idx = np.asarray(indices).reshape(Wg.shape)
     Rg = None if R is None else np.asarray(R, np.float64).reshape(g, n_in, rows)
     A = np.zeros((K, K))
     r = np.zeros(K)
-    chunk = max(1, int(2**25 // max(1, K * (n_in if Xg is None else Xg.shape[-2]))))  # ~256 MB of Q
+    depth = n_in if Xg is None else Xg.shape[-2]
+    # ~256 MB of Q, ~32 MB of W_ref rows in float64
+    chunk = max(1, min(int(2**25 // max(1, K * depth)), int(2**22 // max(1, n_in))))
     for gi in range(g):
-        F = None if Xg is None else Xg[gi].T / np.sqrt(Xg.shape[-2])  # [in, n]
-        WF = None if F is None else Wg[gi] @ F
+        F = None if Xg is None else Xg[gi].astype(np.float64).T / np.sqrt(Xg.shape[-2])  # [in, n]
+        Dg = None if D is None or F is None else np.asarray(D, np.float64).reshape(g, -1, rows)[gi]  # [n, out_g]
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
             o, i = np.nonzero(idx[gi, r0:r1])
             cls = idx[gi, r0:r1][o, i].astype(np.int64)
             M = sp.csr_matrix((np.ones(len(o)), (cls * (r1 - r0) + o, i)), shape=(K * (r1 - r0), n_in))
+            W_c = Wg[gi, r0:r1].astype(np.float64)
             if F is None:
                 Q = np.asarray(M @ Hg[gi]).reshape(K, r1 - r0, n_in)  # Q[k, o] = M_k[o] H
                 # A[:, l] sums Q[:, o, i] over the entries (o, i) of class l.
                 A += sp.csr_matrix((np.ones(len(o)), (np.arange(len(o)), cls)), shape=(len(o), K)).T.dot(
                     Q[:, o, i].T
                 ).T
-                r += Q.reshape(K, -1) @ Wg[gi, r0:r1].reshape(-1)
+                r += Q.reshape(K, -1) @ W_c.reshape(-1)
             else:
                 Q = np.asarray(M @ F).reshape(K, -1)  # Q[k, o] = M_k[o] F
                 A += Q @ Q.T
-                r += Q @ WF[r0:r1].reshape(-1)
+                TF = W_c @ F  # the outputs X W_ref^T of these rows, transposed, / sqrt(n)
+                if Dg is not None:
+                    TF -= Dg[:, r0:r1].T / np.sqrt(F.shape[1])
+                r += Q @ TF.reshape(-1)
             if R is not None:  # R[g, i, o] summed over the entries (o, i) of each class
                 r -= np.bincount(cls, weights=Rg[gi][i, o + r0], minlength=K)
     return (A + A.T) / 2, r
@@ -409,7 +489,7 @@ def _codebook_normal_equations(
 
 def refit_codebook(
     W_ref: np.ndarray, indices: np.ndarray, codebook: np.ndarray, H: np.ndarray | None, X: np.ndarray | None = None,
-    R: np.ndarray | None = None,
+    R: np.ndarray | None = None, D: np.ndarray | None = None,
 ) -> np.ndarray:
     """Least-squares codebook values: minimise the layer's output error on calibration data.
 
@@ -419,12 +499,12 @@ def refit_codebook(
     accepted only if the cast values lower the error by more than rounding noise;
     otherwise the original codebook comes back, so the refit never increases
     `layer_error`. X (optional, the rows H came from) speeds up wide FC layers; with
-    H None (a layer too wide for its Hessian) X alone defines the error. R (optional,
-    `LayerTarget.R`) makes the objective the sequential target's (`LayerTarget.error`).
+    H None (a layer too wide for its Hessian) X alone defines the error. R or D (optional,
+    `LayerTarget.R` / `.D`) make the objective the sequential target's (`LayerTarget.error`).
     """
     codebook = np.asarray(codebook)
     K = codebook.shape[0]
-    A, r = _codebook_normal_equations(W_ref, indices, K, H, X, R)
+    A, r = _codebook_normal_equations(W_ref, indices, K, H, X, R, D)
     free = np.diagonal(A) > 0
     free[0] = False
     c_old = codebook.astype(np.float64)
@@ -464,56 +544,93 @@ def bias_correction(W_ref: np.ndarray, W_new: np.ndarray, mean_x: np.ndarray) ->
     return np.einsum("goi,gi->go", E.reshape(g, -1, m.shape[1]), m).reshape(-1)
 
 
+# Output rows of a layer handled at once where a whole-layer float64 temporary would be big.
+ROW_BLOCK_BYTES = 32 << 20
+
+
+def _row_blocks(rows: int, cols: int) -> list[slice]:
+    """Consecutive row slices of at most ROW_BLOCK_BYTES of float64 [rows, cols]."""
+    step = max(1, ROW_BLOCK_BYTES // (8 * max(1, cols)))
+    return [slice(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
 class LayerTarget:
     """One layer's sequential reconstruction problem on the calibration rows.
 
     minimise mean ||X W_new^T + b_new - Y_ref||^2 over the rows, where X are the inputs
     the layer sees once the earlier layers are compressed and Y_ref = X_ref W^T + b is
     the dense layer's output on its dense inputs X_ref (same rows). With E = W_new - W,
-    D = X W^T - X_ref W^T (the input mismatch), R = X^T D / n and f0 = |D|^2 / n, the
-    bias-free part is tr(E H E^T) + 2 tr(E R) + f0: quadratic in W_new with the layer's
-    Hessian H, so OBS, the codebook refit and bias correction all apply. X_ref None (or
-    X itself) is the non-sequential problem: R = 0, f0 = 0. Shapes: W [out, in]; X,
-    X_ref [n, in] or per group [g, n, in_g]. H is None above MAX_HESSIAN_INPUTS (per group):
-    then no OBS and no error stats, and the refit goes through X.
+    D = X W^T - X_ref W^T = (X - X_ref) W^T (the input mismatch), R = X^T D / n and
+    f0 = |D|^2 / n, the bias-free part is |X E^T + D|^2 / n = tr(E H E^T) + 2 tr(E R) + f0:
+    quadratic in W_new with the layer's Hessian H, so OBS, the codebook refit and bias
+    correction all apply. X_ref None (or X itself) is the non-sequential problem: D = 0.
+    Shapes: W [out, in]; X, X_ref [n, in] or per group [g, n, in_g]. H is None above
+    MAX_HESSIAN_INPUTS (per group): then no OBS and no error stats, and the refit goes
+    through X.
+    Arithmetic: through X when there are fewer rows than inputs (n < in: errors cost
+    n*in*out, the least-squares optimum n^2*in), else through H (in^2*out), in row blocks
+    of W; W and X are kept in the dtype given (float32 as captured), never copied whole
+    to float64 (E = W_new - W is formed in float64, so nearly equal weights lose nothing).
     """
 
     def __init__(self, W: np.ndarray, X: np.ndarray, X_ref: np.ndarray | None = None):
-        self.W = np.asarray(W, np.float64)
-        X = np.asarray(X, np.float64)
-        self.X = X[None] if X.ndim == 2 else X  # [g, n, in_g]
-        g, n, n_in = self.X.shape
+        self.W = np.asarray(W)
+        X = np.asarray(X)
+        X = X[None] if X.ndim == 2 else X  # [g, n, in_g]
+        g, n, n_in = X.shape
         if n == 0:
             raise ValueError("LayerTarget needs at least one calibration row")
         if self.W.ndim != 2 or self.W.shape[1] != n_in or self.W.shape[0] % g:
             raise ValueError(f"W {self.W.shape} does not fit X {X.shape}")
         self.groups = g
-        Wg = self.W.reshape(g, -1, n_in)
-        self.H = layer_hessian(self.X) if n_in <= MAX_HESSIAN_INPUTS else None
-        self.mean_x = self.X.mean(axis=1)  # [g, in_g]
+        self.H = layer_hessian(X) if n_in <= MAX_HESSIAN_INPUTS else None
+        self.via_x = self.H is None or n < n_in
+        self.X = X
+        self.mean_x = X.mean(axis=1, dtype=np.float64)  # [g, in_g]
         sequential = X_ref is not None and X_ref is not X
-        Xr = self.X if not sequential else np.asarray(X_ref, np.float64).reshape(self.X.shape)
-        T = Xr @ np.swapaxes(Wg, 1, 2)  # [g, n, out_g]: the dense outputs, bias-free
-        self.energy = float(np.sum(T * T)) / n  # the denominator of every relative error
+        # float32 rows and weights (as captured and stored) are multiplied in float32, others in float64
+        ft = np.float32 if X.dtype == np.float32 and self.W.dtype == np.float32 else np.float64
+        Wt = np.swapaxes(self._grouped(self.W), 1, 2).astype(ft, copy=False)  # [g, in_g, out_g]
+        Xf = X.astype(ft, copy=False)
+        D = None
         if sequential:
-            D = self.X @ np.swapaxes(Wg, 1, 2) - T
-            self.R = np.swapaxes(self.X, 1, 2) @ D / n  # [g, in_g, out_g]
-            self.f0 = float(np.sum(D * D)) / n
-            self.mean_d = D.mean(axis=1).reshape(-1)  # [out]
+            Xr = np.asarray(X_ref).reshape(X.shape).astype(ft, copy=False)
+            # (X - X_ref) W^T, not X W^T - X_ref W^T: the difference of two close outputs loses digits
+            D = (Xf - Xr) @ Wt  # [g, n, out_g]
         else:
-            self.R, self.f0, self.mean_d = None, 0.0, np.zeros(self.W.shape[0])
+            Xr = Xf
+        T = Xr @ Wt  # the dense outputs, bias-free
+        self.energy = float(np.sum(np.square(T, dtype=np.float64))) / n  # the denominator of every relative error
+        del T, Wt
+        self.R = self.D = None
+        self.f0, self.mean_d = 0.0, np.zeros(self.W.shape[0])
+        if D is not None:
+            self.f0 = float(np.sum(np.square(D, dtype=np.float64))) / n
+            self.mean_d = D.mean(axis=1, dtype=np.float64).reshape(-1)  # [out]
+            if self.via_x:
+                self.D = D.astype(np.float64)
+            else:
+                self.R = (np.swapaxes(Xf, 1, 2) @ D).astype(np.float64) / n  # [g, in_g, out_g]
 
     @property
     def sequential(self) -> bool:
-        return self.R is not None
+        return self.R is not None or self.D is not None
 
-    def _E(self, W_new: np.ndarray) -> np.ndarray:
-        return np.asarray(W_new, np.float64).reshape(self.groups, -1, self.X.shape[-1]) - self.W.reshape(
-            self.groups, -1, self.X.shape[-1])
+    def _grouped(self, W: np.ndarray) -> np.ndarray:
+        return np.asarray(W).reshape(self.groups, -1, self.X.shape[-1])
+
+    def _blocks(self) -> list[slice]:
+        """Row blocks of the per-group output rows."""
+        return _row_blocks(self.W.shape[0] // self.groups, self.X.shape[-1])
 
     def mean_residual(self, W_new: np.ndarray) -> np.ndarray:
         """mean over the rows of X W_new^T - Y_ref + b, per output [out]."""
-        return np.einsum("goi,gi->go", self._E(W_new), self.mean_x).reshape(-1) + self.mean_d
+        Wg, Ng = self._grouped(self.W), self._grouped(W_new)
+        out = np.empty(Wg.shape[:2])
+        for b in self._blocks():
+            E = Ng[:, b].astype(np.float64) - Wg[:, b]
+            out[:, b] = np.einsum("goi,gi->go", E, self.mean_x)
+        return out.reshape(-1) + self.mean_d
 
     def error(self, W_new: np.ndarray, delta_b: np.ndarray | None = None) -> float | None:
         """Relative output MSE against Y_ref, bias change delta_b [out] included: |y_new - Y_ref|^2 / |X_ref W^T|^2.
@@ -523,10 +640,22 @@ class LayerTarget:
         """
         if self.H is None:
             return None
-        E = self._E(W_new)
-        num = float(np.sum((E @ self.H) * E)) + self.f0
-        if self.R is not None:
-            num += 2 * float(np.sum(E * np.swapaxes(self.R, 1, 2)))
+        Wg, Ng = self._grouped(self.W), self._grouped(W_new)
+        n = self.X.shape[1]
+        num = 0.0
+        for b in self._blocks():
+            E = Ng[:, b].astype(np.float64) - Wg[:, b]  # [g, rows, in]
+            if self.via_x:  # |X E^T + D|^2 / n, the outputs themselves, in X's precision
+                Y = (self.X @ np.swapaxes(E, 1, 2).astype(self.X.dtype)).astype(np.float64)  # [g, n, rows]
+                if self.D is not None:
+                    Y += self.D[:, :, b]
+                num += float(np.sum(Y * Y)) / n
+            else:
+                num += float(np.sum((E @ self.H) * E))
+                if self.R is not None:
+                    num += 2 * float(np.sum(E * np.swapaxes(self.R[:, :, b], 1, 2)))
+        if not self.via_x:
+            num += self.f0
         if delta_b is not None:
             db = np.asarray(delta_b, np.float64).reshape(-1)
             num += 2 * float(db @ self.mean_residual(W_new)) + float(db @ db)
@@ -536,19 +665,27 @@ class LayerTarget:
         return num / self.energy
 
     def optimum(self, damp: float = 0.01) -> np.ndarray:
-        """The unpruned least-squares weights W* = W - R^T (H + lambda I)^-1 [out, in], the matrix OBS prunes.
+        """The unpruned least-squares weights W* = W - R^T (H + lambda I)^-1 [out, in] (float64), the matrix OBS prunes.
 
         The damping (lambda = damp * mean diag H, as in `obs_prune`) shrinks the correction
         toward the dense W, never W itself toward zero. W itself when not sequential.
+        Through X (n < in): (H + lambda I)^-1 X^T = X^T (X X^T / n + lambda I)^-1, an n x n solve.
         """
-        if self.R is None or self.H is None:
-            return self.W.copy()
+        W = self.W.astype(np.float64)
+        if not self.sequential or self.H is None:
+            return W
         g, n_in = self.groups, self.X.shape[-1]
         diag = np.diagonal(self.H, axis1=1, axis2=2)
         lam = damp * np.maximum(diag.mean(axis=1), 1e-12)
-        Hd = self.H + lam[:, None, None] * np.eye(n_in)
-        corr = np.stack([scipy.linalg.solve(Hd[i], self.R[i], assume_a="pos") for i in range(g)])  # [g, in, out_g]
-        return (self.W.reshape(g, -1, n_in) - np.swapaxes(corr, 1, 2)).reshape(self.W.shape)
+        corr = np.empty((g, W.shape[0] // g, n_in))  # [g, out_g, in]
+        for i in range(g):
+            if self.via_x:
+                Xi, n = self.X[i].astype(np.float64), self.X.shape[1]
+                S = scipy.linalg.solve(Xi @ Xi.T / n + lam[i] * np.eye(n), self.D[i], assume_a="pos")  # [n, out_g]
+                corr[i] = S.T @ Xi / n
+            else:
+                corr[i] = scipy.linalg.solve(self.H[i] + lam[i] * np.eye(n_in), self.R[i], assume_a="pos").T
+        return (W.reshape(corr.shape) - corr).reshape(W.shape)
 
     def factor(self, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
         """`_inverse_cholesky` of H (computed once per damping): shared by OBS and GPTQ."""
@@ -559,8 +696,8 @@ class LayerTarget:
 
     def refit(self, indices: np.ndarray, codebook: np.ndarray) -> np.ndarray:
         """`refit_codebook` against this target: never increases `error` (bias change aside)."""
-        return refit_codebook(self.W, indices, codebook, None if self.H is None else self.H,
-                              X=self.X if self.groups > 1 else self.X[0], R=self.R)
+        return refit_codebook(self.W, indices, codebook, self.H, X=self.X if self.groups > 1 else self.X[0],
+                              R=self.R, D=self.D)
 
     def bias_correction(self, W_new: np.ndarray) -> np.ndarray:
         """delta_b [out] to ADD to the bias: mean(Y_ref - X W_new^T - b), the mean output restored."""

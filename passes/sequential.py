@@ -179,7 +179,7 @@ class Sequential:
 
     def target(self, layer: Layer, X: np.ndarray | None) -> reconstruct.LayerTarget:
         """The layer's reconstruction target for inputs X (None: the dense inputs, non-sequential)."""
-        W = matrix_view(self.weights[layer.weight]).astype(np.float64)
+        W = matrix_view(self.weights[layer.weight])
         if X is not None:
             return reconstruct.LayerTarget(W, X, self.X_ref[layer.name])
         if layer.name not in self._targets:
@@ -189,7 +189,7 @@ class Sequential:
     def _compress_layer(self, layer: Layer, X: np.ndarray | None, density: float, bits: int | None) -> LayerResult:
         st = self.steps[layer.name]
         w, b = self.weights[layer.weight], self.weights[layer.bias]
-        W = matrix_view(w).astype(np.float64)
+        W = matrix_view(w)
         t = self.target(layer, X) if st.any else None
         ps: dict = {"reference": "none" if t is None else ("sequential" if t.sequential else "dense")}
         if t is not None:
@@ -197,39 +197,41 @@ class Sequential:
         if density >= 1:  # nothing to prune: W as it is (its own zeros stay zeros)
             P, method = W, "none"
         else:
-            P, method = np.where(magnitude_mask(W, density), W, 0.0), "magnitude"
+            P, method = np.where(magnitude_mask(W, density), W, np.float32(0)), "magnitude"
             if t is not None:
                 ps["layer_error_magnitude"] = e_mag = t.error(P)
                 if st.obs and t.H is not None:
-                    W_obs = reconstruct.obs_prune(t.optimum(), t.H, density, factor=t.factor())
+                    W_obs = reconstruct.obs_prune(t.optimum().astype(np.float32), t.H, density, factor=t.factor(),
+                                                  error=t.error)
                     ps["layer_error_obs"] = e_obs = t.error(W_obs)
                     if e_obs < e_mag:  # OBS is a heuristic for the mask: never keep it when it loses
                         P, method = W_obs, "obs"
-        pruned = P.astype(w.dtype).reshape(w.shape)
+        pruned = P.astype(w.dtype).reshape(w.shape)  # P is float32 already: the measured weights
         ps["method"] = method
         if t is not None:
-            ps["layer_error"] = t.error(pruned.reshape(W.shape))
+            ps["layer_error"] = ps[{"none": "layer_error_dense", "magnitude": "layer_error_magnitude",
+                                    "obs": "layer_error_obs"}[method]]
         cs: dict = {"reference": ps["reference"]}
         codebook = indices = clustering = None
-        W_new = pruned.reshape(W.shape).astype(np.float64)
+        W_new = pruned.reshape(W.shape)
         if bits is not None:
             codebook, indices, clustering = cluster_weights(pruned, bits)
             idx = matrix_view(indices)
             if t is not None:
-                cs["layer_error_kmeans"] = e_near = t.error(np.asarray(codebook, np.float64)[idx])
+                cs["layer_error_kmeans"] = e_near = t.error(np.asarray(codebook)[idx])
                 cs["assignment"] = "nearest"
                 if st.gptq and t.H is not None:
                     # the mask is the IR1 weight's (float32 zeros), as k-means saw it
-                    idx_g = reconstruct.gptq_assign(matrix_view(pruned).astype(np.float64), t.H, codebook,
-                                                    factor=t.factor())
-                    cs["layer_error_gptq"] = e_g = t.error(np.asarray(codebook, np.float64)[idx_g])
+                    idx_g = reconstruct.gptq_assign(matrix_view(pruned), t.H, codebook, factor=t.factor(),
+                                                    error=t.error)
+                    cs["layer_error_gptq"] = e_g = t.error(np.asarray(codebook)[idx_g])
                     if e_g < e_near:  # measured against the sequential target: keep it only when it wins
                         idx, cs["assignment"] = idx_g, "gptq"
                         indices = idx_g.reshape(indices.shape)
                 if st.refit:
                     codebook = t.refit(idx, codebook)
-                    cs["layer_error_refit"] = t.error(np.asarray(codebook, np.float64)[idx])
-            W_new = np.asarray(codebook, np.float64)[idx]
+                    cs["layer_error_refit"] = t.error(np.asarray(codebook)[idx])
+            W_new = np.asarray(codebook)[idx]
         b_new = b
         if t is not None and st.bias_correction:
             b_new = (b + t.bias_correction(W_new)).astype(b.dtype)

@@ -8,8 +8,11 @@ import scipy.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eiec.passes import reconstruct
 from eiec.passes.compress import quantize_weights
+from eiec.passes.compress import top_k_mask
 from eiec.passes.reconstruct import (
+    LayerTarget,
     _gptq_masked,
     _gptq_shared,
     bias_correction,
@@ -317,3 +320,85 @@ def test_gptq_assign_keeps_the_mask_and_never_loses_to_nearest(out, n_in, groups
     assert idx.max() < 1 << bits
     e_near = layer_error(W, codebook[indices].astype(np.float64), H)
     assert layer_error(W, codebook[idx].astype(np.float64), H) <= e_near * (1 + 1e-12) + 1e-300
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60), k=st.integers(-1, 65), levels=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_top_k_mask_picks_what_a_stable_descending_sort_picks(n, k, levels, seed):
+    key = np.random.default_rng(seed).integers(0, levels, n).astype(np.float64)  # many ties
+    want = np.zeros(n, bool)
+    want[np.argsort(-key, kind="stable")[: max(k, 0)]] = True
+    np.testing.assert_array_equal(top_k_mask(key, k), want)
+
+
+def test_sweeps_across_lazy_stretches_equal_the_textbook_loop(monkeypatch):
+    # stretches of 14 columns with blocks of 7: updates cross stretch boundaries by the outer GEMM
+    monkeypatch.setattr(reconstruct, "LAZY_COLUMNS", 14)
+    rng = np.random.default_rng(11)
+    X = correlated_inputs(rng, 300, 40)
+    H = layer_hessian(X)
+    W = pruned_layer(rng, 9, 40, 0.4)
+    codebook, _ = quantize_weights(W.astype(np.float32), 3)
+    np.testing.assert_array_equal(_gptq_shared(W, H, codebook.astype(np.float64), 7, 0.01), obq_oracle(W, H, codebook))
+    W_dense = rng.standard_normal((9, 40))
+    monkeypatch.setattr(reconstruct, "LAZY_COLUMNS", 1 << 20)  # one stretch: the update after every block
+    one = obs_prune(W_dense, H, 0.3, block=7)
+    monkeypatch.setattr(reconstruct, "LAZY_COLUMNS", 14)
+    np.testing.assert_allclose(obs_prune(W_dense, H, 0.3, block=7), one, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_sweeps_agree_with_float64_up_to_rounding():
+    rng = np.random.default_rng(12)
+    X = correlated_inputs(rng, 400, 96)
+    H = layer_hessian(X)
+    W = rng.standard_normal((48, 96))
+    W32 = W.astype(np.float32)
+    P64, P32 = obs_prune(W32.astype(np.float64), H, 0.3), obs_prune(W32, H, 0.3)
+    assert P32.dtype == np.float32
+    assert np.mean((P64 != 0) == (P32 != 0)) > 0.99  # the same mask but for near-ties
+    e64, e32 = layer_error(W, P64, H), layer_error(W, P32.astype(np.float64), H)
+    assert e32 == pytest.approx(e64, rel=0.02)
+    P = pruned_layer(rng, 48, 96, 0.3)
+    codebook, _ = quantize_weights(P.astype(np.float32), 4)
+    c = codebook.astype(np.float64)
+    i64, i32 = _gptq_shared(P, H, c, 16, 0.01), _gptq_shared(P.astype(np.float32), H, c, 16, 0.01)
+    assert np.mean(i64 == i32) > 0.99
+    assert layer_error(P, c[i32], H) == pytest.approx(layer_error(P, c[i64], H), rel=0.02)
+
+
+@pytest.mark.parametrize("n", [30, 200])  # fewer rows than inputs (through X) and more (through H)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_layer_target_errors_optimum_and_refit_match_the_outputs(n, groups):
+    rng = np.random.default_rng(13)
+    n_in, out_g = 64, 5
+    X_ref = rng.standard_normal((groups, n, n_in))
+    X = X_ref + 0.1 * rng.standard_normal(X_ref.shape)
+    W = rng.standard_normal((groups * out_g, n_in))
+    sq = (lambda a: a[0]) if groups == 1 else (lambda a: a)
+    t = LayerTarget(W, sq(X), sq(X_ref))
+    assert t.via_x == (n < n_in)
+    Wg = W.reshape(groups, out_g, n_in)
+    y_ref = X_ref @ np.swapaxes(Wg, 1, 2)
+
+    def oracle(W_new, db=np.zeros(groups * out_g)):  # through the outputs themselves
+        y = X @ np.swapaxes(W_new.reshape(Wg.shape), 1, 2) + np.reshape(db, (groups, 1, out_g))
+        return float(np.sum((y - y_ref) ** 2) / np.sum(y_ref**2))
+
+    W_new = magnitude_prune(W, 0.4)
+    db = rng.standard_normal(groups * out_g)
+    assert t.error(W_new) == pytest.approx(oracle(W_new), rel=1e-9)
+    assert t.error(W_new, db) == pytest.approx(oracle(W_new, db), rel=1e-9)
+    # the optimum: the least squares weights with the damping OBS uses, from the normal equations
+    H = layer_hessian(X)  # [groups, in, in]
+    lam = 0.01 * np.diagonal(H, axis1=1, axis2=2).mean(axis=1)
+    rhs = np.swapaxes(X, 1, 2) @ y_ref / n + lam[:, None, None] * np.swapaxes(Wg, 1, 2)
+    want = np.stack([np.linalg.solve(H[i] + lam[i] * np.eye(n_in), rhs[i]).T for i in range(groups)])
+    np.testing.assert_allclose(t.optimum(), want.reshape(W.shape), rtol=1e-7, atol=1e-9)
+    # the refit lowers the error as measured through the outputs
+    idx = np.where(W_new != 0, 1 + (W_new > 0), 0).astype(np.uint8)
+    codebook = np.array([0.0, -1.0, 1.0], np.float32)
+    new = t.refit(idx, codebook)
+    assert oracle(new[idx].astype(np.float64)) <= oracle(codebook[idx].astype(np.float64))
+    np.testing.assert_allclose(t.bias_correction(new[idx]),
+                               -(X @ np.swapaxes(new[idx].reshape(Wg.shape), 1, 2) - y_ref).mean(axis=1).reshape(-1),
+                               rtol=1e-9, atol=1e-12)
