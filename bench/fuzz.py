@@ -1,8 +1,9 @@
 """The long fuzz run: tests/test_fuzz.py's properties with many more examples, counted.
 
-Runs each hypothesis property at EIEC_FUZZ_SCALE times its test-suite size, records the
-cases tried, how each reader answered (accepted, or refused with which reason) and any
-failure, and writes bench/results/fuzz.json.
+Runs tests/test_fuzz.py through pytest (its fixtures and imports as in the suite) with each
+hypothesis property at EIEC_FUZZ_SCALE times its test-suite size, records the cases tried,
+how each reader answered (accepted, or refused with which reason) and any failure, and
+writes bench/results/fuzz.json.
 Usage: python bench/fuzz.py [--scale 20] [--out bench/results/fuzz.json]
 """
 
@@ -13,13 +14,37 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class Recorder:
+    """A pytest plugin: per property, the cases it tried (test_fuzz.CASES), its seconds and
+    its failure; the outcome counts (test_fuzz.OUTCOMES) at the end."""
+
+    def __init__(self):
+        self.results: dict[str, dict] = {}
+        self.outcomes: dict = {}
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item):
+        cases = item.module.CASES
+        before, t0 = sum(cases.values()), time.perf_counter()
+        yield
+        self.results[item.name] = {"cases": sum(cases.values()) - before,
+                                    "seconds": round(time.perf_counter() - t0, 1), "failure": None}
+        self.outcomes = item.module.OUTCOMES
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" and report.failed:
+            name = report.nodeid.rsplit("::", 1)[-1]
+            self.results.setdefault(name, {"cases": 0, "seconds": 0.0})["failure"] = \
+                str(report.longreprtext).strip()[-4000:]
 
 
 def main() -> int:
@@ -28,39 +53,18 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="property names (test function names) to run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fuzz.json"))
     args = ap.parse_args()
-    os.environ["EIEC_FUZZ_SCALE"] = str(args.scale)  # read when the test module is imported
-    sys.path.insert(0, str(ROOT / "tests"))
-    import test_fuzz as tf
-
+    os.environ["EIEC_FUZZ_SCALE"] = str(args.scale)  # read when pytest imports the test module
     warnings.simplefilter("ignore", UserWarning)  # onnxruntime-extensions' registration notes
-    good = tf.make_good(Path(tempfile.mkdtemp(prefix="eiec-fuzz-")))
-    props = {
-        "test_random_chains_compile_run_and_validate_exactly": lambda f: f(),
-        "test_user_shaped_models_compile_run_and_validate_exactly": lambda f: f(),
-        "test_eie_reader_survives_raw_byte_damage": lambda f: f(good),
-        "test_eie_loader_refuses_signed_damage_cleanly": lambda f: f(good),
-        "test_model_loader_survives_byte_damage": lambda f: f(good),
-        "test_model_loader_refuses_structural_damage_cleanly": lambda f: f(good),
-        "test_npz_reading_survives_byte_damage": lambda f: f(good),
-    }
-    results = {}
-    for name, call in props.items():
-        if args.only and name not in args.only:
-            continue
-        before = sum(tf.CASES.values())
-        t0 = time.perf_counter()
-        failure = None
-        try:
-            call(getattr(tf, name))
-        except Exception as e:  # noqa: BLE001 - a falsified property: record it and go on
-            failure = "".join(traceback.format_exception_only(type(e), e)).strip()[-4000:]
-        seconds = time.perf_counter() - t0
-        results[name] = {"cases": sum(tf.CASES.values()) - before, "seconds": round(seconds, 1),
-                         "failure": failure}
-        print(f"{name}: {results[name]['cases']} cases in {seconds:.0f} s"
-              f"{'  FAILED: ' + failure.splitlines()[-1] if failure else ''}", flush=True)
+    target = str(ROOT / "tests" / "test_fuzz.py")
+    ids = [f"{target}::{name}" for name in args.only] if args.only else [target]
+    rec = Recorder()
+    pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT), *ids], plugins=[rec])
+    results = rec.results
+    for name, r in results.items():
+        print(f"{name}: {r['cases']} cases in {r['seconds']:.0f} s"
+              f"{'  FAILED: ' + r['failure'].splitlines()[-1] if r['failure'] else ''}", flush=True)
     outcomes: dict[str, dict[str, int]] = {}
-    for (prop, reason), n in sorted(tf.OUTCOMES.items()):
+    for (prop, reason), n in sorted(rec.outcomes.items()):
         outcomes.setdefault(prop, {})[reason] = n
     report = {
         "scale": args.scale,

@@ -1,6 +1,6 @@
 """Shared plumbing for the end-to-end tests: build small ONNX models, compile, validate.
 
-Plain functions only; each test file keeps its own fixtures. Models are built with
+Plain functions only (shared fixtures are in conftest.py). Models are built with
 onnx.helper, and the CLI is called in-process through `eiec.cli.main`.
 """
 

@@ -23,7 +23,6 @@ from helpers import compile_and_validate, lossless_weights, make_model, tensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")
-RECIPE = "defaults: {density: 0.3, bits: 4}\n"
 
 
 def _digits(n: int = 64) -> dict[str, np.ndarray]:
@@ -32,13 +31,8 @@ def _digits(n: int = 64) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module", params=["lenet_300_100", "lenet5"])
-def compiled(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    recipe = out / "recipe.yaml"
-    recipe.write_text(RECIPE)
-    compile_model(os.path.join(MODELS, f"{request.param}.onnx"), str(out / "m.eie"), str(recipe),
-                  os.path.join(MODELS, "digits_calib.npz"), str(out / "ir"))
-    return out
+def compiled(request, digits_compiled):
+    return digits_compiled(request.param)
 
 
 def _run(path, feeds, mode="fixed"):

@@ -115,11 +115,10 @@ def test_installed_eiec_command_exits_1_on_the_corrupted_file(mlp_eie, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def lenet5_bisect(tmp_path_factory, digits60):
-    folder = tmp_path_factory.mktemp("lenet5")
-    eie = _compile("lenet5", folder, "defaults: {density: 0.3, bits: 4}\n", dump=True)
-    report = folder / "v.json"
-    code, out, _ = run_cli("validate", MODELS / "lenet5.onnx", eie, "--input", digits60, "--bisect",
+def lenet5_bisect(tmp_path_factory, digits60, digits_compiled):
+    folder = digits_compiled("lenet5")
+    report = tmp_path_factory.mktemp("lenet5") / "v.json"
+    code, out, _ = run_cli("validate", MODELS / "lenet5.onnx", folder / "m.eie", "--input", digits60, "--bisect",
                            folder / "ir", "--json", report)
     return code, out, json.loads(report.read_text())
 
