@@ -27,7 +27,7 @@ from eiec.target import Target
 
 from .compress import Choice, Compress, magnitude_mask, plain_compress, quantize_weights
 from .evaluate import BITS, DENSITIES, Evaluator, LayerSensitivity, sensitivity
-from .holdout import split_calibration
+from .holdout import confirmation_split, split_calibration
 from .sequential import Progress, Sequential, Steps
 
 
@@ -430,7 +430,9 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
     the layers are reconstructed on one part, in the search and in the compile
     (ctx.state.reconstruction_calibration), and every candidate is scored on the
     held-out part, so the budget it verified on those rows holds for the compiled model.
-    Without reconstruction nothing is fitted to the rows and all of them score.
+    Without reconstruction nothing is fitted to the rows and all of them score. Of the
+    scored rows, a third (`confirmation_split`) is kept from the search: the figure
+    printed and recorded is the chosen recipe measured on those, rows the choice never saw.
     The sensitivity scan and the search's probes go to ctx.state.sensitivity
     and .auto (the manifest and the 0_import.json dump carry them).
     """
@@ -487,6 +489,9 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
         # the prune pass reuses it (same model, steps and rows), so it compiles what was measured
         compress = ctx.state.sequential = Sequential(model, compressed, recon, steps, seed=ctx.seed,
                                                      progress=ctx.progress)
+    confirm = confirmation_split(score_inputs, score_labels, ctx.seed)
+    if confirm is not None:
+        score_inputs, score_labels = confirm.selection, confirm.selection_labels
     if ctx.labels is not None:
         metric, budget = "accuracy", ctx.recipe.max_accuracy_drop
     else:
@@ -499,12 +504,20 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
     except RecipeError as e:
         raise RecipeError(e.path or ctx.recipe.path, e.reason) from None
     what = "points of top-1 accuracy expected lost" if metric == "accuracy" else "relative output error"
-    score = report["chosen_score"]
-    estimate, bound = score.value(metric)
-    measured = (f"{what} {estimate:.3g} (at most {bound:.3g} with {CONFIDENCE:.0%} confidence) on "
-                f"{report['rows']} held-out calibration rows" if rows["held_out_rows"] else
-                f"{what} {estimate:.3g} (at most {bound:.3g} with {CONFIDENCE:.0%} confidence) on "
-                f"{report['rows']} calibration rows")
+    which = "held-out calibration rows" if rows["held_out_rows"] else "calibration rows"
+    searched = report["chosen_score"].value(metric)
+    if confirm is None:  # too few rows to keep any from the search
+        (estimate, bound), confirmed = searched, None
+        where = f"{report['rows']} {which}, the rows the recipe was chosen on"
+    else:
+        ctx.progress("auto: measuring the chosen recipe on the rows kept from the search")
+        kept = Evaluator(model, compressed, confirm.confirmation, confirm.confirmation_labels)
+        estimate, bound = kept.score(chosen, compress).value(metric)
+        confirmed = bool(np.isfinite(bound) and bound <= budget)
+        n_kept = next(iter(confirm.confirmation.values())).shape[0]
+        where = f"{n_kept} {which} the choice never saw (it was chosen on {report['rows']} others)"
+        rows.update(scored_rows=report["rows"], confirmation_rows=n_kept)
+    measured = f"{what} {estimate:.3g} (at most {bound:.3g} with {CONFIDENCE:.0%} confidence) on {where}"
     if report["host"]:
         ctx.state.notes.append(f"auto: no recipe on the accelerator met the budget {budget:g}; kept on the host (dense): "
                      f"{', '.join(report['host'])}")
@@ -513,6 +526,10 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
                "give --calibration data, or raise the budget (--max-output-error / --max-accuracy-drop)")
         ctx.state.notes.append(f"auto: over budget: even with every automatically chosen layer on the host, the layers the "
                      f"recipe fixes measure {measured}, over the budget {budget:g}; compiled anyway: {fix}")
+    elif confirmed is False:
+        ctx.state.notes.append(f"auto: over budget on new rows: measured {measured}, over the budget {budget:g} "
+                               f"(on the rows it was chosen on: {searched[0]:.3g}, at most {searched[1]:.3g}); "
+                               "more calibration rows make the choice surer, a lower budget more cautious")
     else:
         ctx.state.notes.append(f"auto: measured {measured}; budget {budget:g}")
     _set_choices(wanted, auto, chosen, report["host"])
@@ -527,6 +544,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
     ctx.state.auto = {
         "metric": metric, "budget": budget, "calibration": "random" if ctx.calibration_is_random else "file",
         **rows, "confidence": CONFIDENCE, "estimate": _sig(estimate), "bound": _sig(bound),
+        "searched": {"estimate": _sig(searched[0]), "bound": _sig(searched[1])}, "confirmed": confirmed,
         "over_budget": "over_budget" in report, "host": report["host"],
         "starts": report["starts"],
         "probes": [{"family": p["family"], "step": p["step"], "bytes": p["bytes"], metric: _sig(p["estimate"]),

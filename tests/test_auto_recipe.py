@@ -24,7 +24,7 @@ from eiec.ir import OPSET, find_layers, get_initializer, matrix_view, set_initia
 from eiec.passes.auto import DEFAULT_DENSITY
 from eiec.passes.cluster import Cluster
 from eiec.passes.compress import magnitude_mask, quantize_weights
-from eiec.passes.holdout import split_calibration
+from eiec.passes.holdout import confirmation_split, split_calibration
 from eiec.passes.prune import Prune
 from eiec.passes.sequential import Sequential, Steps
 from eiec.passes.plan import Reconstruct
@@ -269,14 +269,17 @@ def test_auto_compile_respects_the_accuracy_budget_on_the_held_out_calibration_r
     res = compile_model(path, out, calibration_path=calib, dump_dir=dump, budget={"max_accuracy_drop": 25.0})
     split = split_calibration({"x": data["x"]}, data["labels"], seed=0)
     auto = res.manifest["auto"]
-    assert (auto["reconstruction_rows"], auto["held_out_rows"], auto["scored_rows"]) == (200, 200, 200)
-    assert auto["estimate"] <= auto["bound"] <= 25.0
+    assert (auto["reconstruction_rows"], auto["held_out_rows"]) == (200, 200)
+    assert (auto["scored_rows"], auto["confirmation_rows"]) == (133, 67)  # a third kept from the search
+    assert auto["searched"]["estimate"] <= auto["searched"]["bound"] <= 25.0  # what the search chose on
+    assert auto["estimate"] <= auto["bound"] and auto["confirmed"] == (auto["bound"] <= 25.0)
     ir2 = onnx.load(os.path.join(dump, "2_cluster.onnx"))
     # measured independently: the IR2 dump (what the later passes only re-encode) in onnxruntime,
-    # its expected drop over every (margin, shift) pair of the held-out rows
-    x_out, y_out = data["x"][split.held_out_rows], data["labels"][split.held_out_rows]
+    # its expected drop over every (margin, shift) pair of the held-out rows kept from the search
+    kept = confirmation_split(split.held_out, split.held_out_labels, seed=0)
+    x_out, y_out = kept.confirmation["x"], kept.confirmation_labels
     assert held_out_expected_drop(ir2, model, x_out, y_out) == pytest.approx(auto["estimate"], rel=1e-3, abs=1e-3)
-    assert any("points of top-1 accuracy expected lost" in n and "held-out" in n for n in res.notes)
+    assert any("points of top-1 accuracy expected lost" in n and "the choice never saw" in n for n in res.notes)
     chosen = {l["name"]: l for l in res.manifest["layers"]}
     assert any(l["density"] < 1 or l["bits"] < 4 for l in chosen.values())  # it did compress
     assert auto["metric"] == "accuracy"
@@ -298,11 +301,13 @@ def test_auto_compile_respects_the_output_error_budget_and_replays_to_the_same_r
     path, calib, model, data = _write_model_and_data(tmp_path, 4, 200, labels=False)
     out, dump = str(tmp_path / "m.eie"), str(tmp_path / "ir")
     res = compile_model(path, out, calibration_path=calib, dump_dir=dump, budget={"max_output_error": 0.35})
-    x_out = data["x"][split_calibration({"x": data["x"]}).held_out_rows]
+    x_out = confirmation_split(split_calibration({"x": data["x"]}).held_out).confirmation["x"]
     (y_ref,) = run(model, {"x": x_out})
     (y,) = run(onnx.load(os.path.join(dump, "2_cluster.onnx")), {"x": x_out})
     error = np.linalg.norm(y.astype(np.float64) - y_ref) / np.linalg.norm(y_ref.astype(np.float64))
-    assert error <= 0.35
+    auto = res.manifest["auto"]
+    assert error == pytest.approx(auto["estimate"], rel=1e-3)  # measured on the rows the search never saw
+    assert auto["searched"]["bound"] <= 0.35
     assert res.recipe_path is not None and res.manifest["auto"]["metric"] == "error"
     # replaying the written recipe compiles the same choices; it reconstructs on all calibration
     # rows (nothing is scored, so nothing is held out), so the weights may differ

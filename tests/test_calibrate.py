@@ -19,7 +19,7 @@ from eiec.passes.auto import DEFAULT_DENSITY, StorageModel, auto_recipe, default
 from eiec.passes.capture import capture_layer_inputs
 from eiec.passes.compress import plain_compress
 from eiec.passes.evaluate import LayerSensitivity
-from eiec.passes.holdout import split_calibration
+from eiec.passes.holdout import confirmation_split, split_calibration
 from eiec.passes.sequential import Sequential
 from eiec.target import Target
 
@@ -472,6 +472,24 @@ def test_split_calibration_partitions_the_rows(n, seed):
     np.testing.assert_array_equal(split.held_out_labels, labels[out])
     again = split_calibration(feeds, labels, seed)
     np.testing.assert_array_equal(again.held_out_rows, out)  # deterministic
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 3))
+def test_confirmation_split_partitions_the_scored_rows(n, seed):
+    feeds = {"x": np.arange(2 * n, dtype=np.float32).reshape(n, 2)}
+    labels = np.arange(n) * 7
+    split = confirmation_split(feeds, labels, seed)
+    if n < 3:
+        assert split is None
+        return
+    sel, conf = split.selection["x"][:, 0] / 2, split.confirmation["x"][:, 0] / 2  # the row numbers
+    assert np.array_equal(np.sort(np.concatenate([sel, conf])), np.arange(n))  # a partition
+    assert np.all(np.diff(sel) > 0) and np.all(np.diff(conf) > 0)  # each part keeps the order
+    assert len(conf) == min(n - 2, max(1, round(n / 3)))
+    np.testing.assert_array_equal(split.confirmation_labels, labels[conf.astype(int)])
+    np.testing.assert_array_equal(split.selection_labels, labels[sel.astype(int)])
+    assert np.array_equal(confirmation_split(feeds, labels, seed).confirmation["x"], split.confirmation["x"])
 
 
 def test_auto_recipe_keeps_the_most_sensitive_layers_on_the_host_when_nothing_fits():
