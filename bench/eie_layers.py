@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import sys
@@ -36,7 +37,6 @@ import scipy.sparse as sp
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from compile_speed import _peak_bytes, _reset_peak
 from eiec.artifact import load_eie
 from eiec.driver import compile_model
 from eiec.ir import OPSET
@@ -165,6 +165,25 @@ def machine_info() -> dict[str, Any]:
 
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable)] + sys.argv)
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so each stage gets its own peak (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes(per_stage: bool) -> int:
+    if per_stage:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def write_json(path: str, result: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from typing import Callable
 
 from . import __version__
 from .errors import EiecError
+from .progress import PROFILE, Progress
 
 COMMANDS = ("run", "validate", "inspect", "dis", "report", "sweep")
 
@@ -67,6 +68,7 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="budget for automatic choices without labels: relative L2 output error "
                         "(overrides budget.max_output_error, default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed for random calibration inputs (default 0)")
+    _profile(p, "pass and per reconstructed layer")
     p.add_argument("--storage", choices=("huffman", "fixed"), default="huffman",
                    help="how the .eie stores the weights: huffman (default; Deep Compression's storage form, "
                         "the PE images are derived on load) or fixed (the per-PE images themselves, docs/format.md)")
@@ -95,8 +97,15 @@ def _run_parser() -> argparse.ArgumentParser:
                    "start and end cycle (counted from the start of that input's run; docs/simulator.md)")
     _workers(p, "IN.npz's rows are split across the workers; the outputs and the report are those of a run "
                 "in one process")
+    _profile(p, "simulated segment (and the whole onnxruntime run around them)")
     _common(p)
     return p
+
+
+def _profile(p: argparse.ArgumentParser, per: str) -> None:
+    p.add_argument("--profile", action="store_true",
+                   help=f"print wall seconds and peak memory per {per} to stderr at the end "
+                        "(also EIEC_PROFILE=1)")
 
 
 def _validate_parser() -> argparse.ArgumentParser:
@@ -178,9 +187,11 @@ def _dis_parser() -> argparse.ArgumentParser:
 
 
 def _progress(args) -> Callable[[str], None]:
-    if args.quiet or not sys.stderr.isatty():
+    """Progress lines (and a bar with counts and an ETA on a terminal; timestamped lines
+    otherwise, once the compile has run a second: eiec.progress), unless --quiet."""
+    if args.quiet:
         return lambda msg: None
-    return lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)
+    return Progress()
 
 
 def _cmd_compile(args) -> int:
@@ -369,8 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser, handler, rest = _compile_parser(), _cmd_compile, argv
     args = parser.parse_args(rest)
+    if getattr(args, "profile", False):
+        PROFILE.enabled = True
     try:
-        return handler(args)
+        code = handler(args)
+        if PROFILE.enabled and PROFILE.steps:
+            print(PROFILE.table(), file=sys.stderr)
+        return code
     except EiecError as e:
         if args.debug:
             traceback.print_exc()

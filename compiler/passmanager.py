@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from .ir import Layer, copy_model
+from .progress import section
 from .recipe import LayerRecipe, Recipe
 from .segment import Segment
 from .target import Target
@@ -164,10 +165,12 @@ class PassManager:
                 if stage:
                     self._dump(stage, model)
                 index, stage = index + 1, []
-            t0 = time.perf_counter()
-            result = p.run(copy_model(model), ctx)
-            seconds = time.perf_counter() - t0
-            check_ir(model, result.model, p.name)
+            with section(f"pass {p.name} (copy, run, check)"):
+                work = copy_model(model)
+                t0 = time.perf_counter()
+                result = p.run(work, ctx)
+                seconds = time.perf_counter() - t0
+                check_ir(model, result.model, p.name)
             if extends and result.changed:
                 raise RuntimeError(f"pass {p.name} extends a stage but changed the model")  # a bug in the pass
             model = result.model

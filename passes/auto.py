@@ -21,6 +21,7 @@ from eiec.errors import ModelError, RecipeError
 from eiec.ir import ACTIVATION_PRODUCT, Layer, find_layers, matrix_view
 from eiec.measure import CONFIDENCE, Score
 from eiec.passmanager import Context, PassResult
+from eiec.progress import counted
 from eiec.recipe import LayerRecipe, Recipe, dump_recipe
 from eiec.report import format_dims
 from eiec.target import Target
@@ -256,6 +257,7 @@ def auto_recipe(
         measured[key] = len(probes)
         probes.append({"family": family, "step": step, "bytes": size.total(choice), "estimate": estimate,
                        "bound": bound, "error": s.error, "fits": ok, "choice": choice, "score": s})
+        counted(progress, "auto probes (at most)", len(probes), max(max_probes, len(probes)))
         progress(f"auto: {family} {step}: {size.total(choice):,} bytes, {metric} {estimate:.4g} "
                  f"(bound {bound:.4g}, budget {budget:g}): {'fits' if ok else 'over'}")
         return ok

@@ -13,6 +13,7 @@ from eiec.errors import ModelError
 from eiec.ir import Layer, copy_model, get_initializer
 from eiec.measure import Score, measure, top1_correct
 from eiec.ortrun import run_rows, session
+from eiec.progress import counted
 
 from .compress import Choice, Compress, plain_compress
 from .sequential import Progress, Sequential
@@ -105,6 +106,7 @@ def sensitivity(
     zero = Score(0.0) if labels is None else Score(0.0, 0.0, 0.0, 0.0, 0, 0.0, 0.0)
     result = {}
     for i, layer in enumerate(layers):
+        counted(progress, "sensitivity scan", i, len(layers))
         s = LayerSensitivity(layer.name, int(np.prod(layer.shape)))
         for d in densities:
             s.density[float(d)] = zero if d >= 1 else ev.score({layer.name: (float(d), None)}, compress)
@@ -112,4 +114,5 @@ def sensitivity(
             s.bits[int(b)] = ev.score({layer.name: (1.0, int(b))}, compress)
         result[layer.name] = s
         progress(f"sensitivity {i + 1}/{len(layers)} {layer.name}: " + ", ".join(f"d={d:g} {v.error:.4f}" for d, v in s.density.items()))
+    counted(progress, "sensitivity scan", len(layers), len(layers))
     return result

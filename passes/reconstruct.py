@@ -14,11 +14,14 @@ g = 1 case. Every function here takes either form, so callers never split layers
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
+
+from eiec.parallel import one_blas_thread
 
 from .compress import kept_count, magnitude_mask, top_k_mask
 
@@ -83,13 +86,15 @@ def _upper_inverse_factor(H: np.ndarray) -> np.ndarray:
     J L^-1 J: one Cholesky and one triangular inverse (LAPACK trtri, n^3/3 multiply-adds)
     instead of inverting H and factoring H^-1 again.
     """
-    L = np.linalg.cholesky(H[:, ::-1, ::-1])
-    U = np.empty_like(L)
-    for i in range(L.shape[0]):  # per group; L[i].T is L^T in Fortran order: no copy for LAPACK
-        inv, info = scipy.linalg.lapack.dtrtri(L[i].T, lower=0)
-        if info != 0:
-            raise np.linalg.LinAlgError("singular Cholesky factor")
-        U[i] = inv.T  # (L^T)^-1 = (L^-1)^T
+    big = H.shape[-1] >= 2048  # LAPACK's threads pay off only on large factors (1600: 1.3 s threaded, loaded)
+    with contextlib.nullcontext() if big else one_blas_thread():
+        L = np.linalg.cholesky(H[:, ::-1, ::-1])
+        U = np.empty_like(L)
+        for i in range(L.shape[0]):  # per group; L[i].T is L^T in Fortran order: no copy for LAPACK
+            inv, info = scipy.linalg.lapack.dtrtri(L[i].T, lower=0)
+            if info != 0:
+                raise np.linalg.LinAlgError("singular Cholesky factor")
+            U[i] = inv.T  # (L^T)^-1 = (L^-1)^T
     return np.ascontiguousarray(U[:, ::-1, ::-1])  # positive strides: BLAS takes its slices as they are
 
 
@@ -224,11 +229,12 @@ def _column_blocks(Wt: np.ndarray, U: np.ndarray, block: int,
     for o0 in range(0, n_in, stretch):
         o1 = min(o0 + stretch, n_in)
         err_o = np.empty((g, o1 - o0, rows), Wt.dtype)
-        for c0 in range(o0, o1, block):
-            c1 = min(c0 + block, o1)
-            err = err_o[:, c0 - o0:c1 - o0] = step(c0, c1)
-            if c1 < o1:
-                Wt[:, c1:o1] -= np.swapaxes(U[:, c0:c1, c1:o1], 1, 2) @ err
+        with one_blas_thread():  # many small products: BLAS threads would only wait on each other
+            for c0 in range(o0, o1, block):
+                c1 = min(c0 + block, o1)
+                err = err_o[:, c0 - o0:c1 - o0] = step(c0, c1)
+                if c1 < o1:
+                    Wt[:, c1:o1] -= np.swapaxes(U[:, c0:c1, c1:o1], 1, 2) @ err
         if o1 < n_in:
             Wt[:, o1:] -= np.swapaxes(U[:, o0:o1, o1:], 1, 2) @ err_o
 
@@ -347,6 +353,11 @@ def _gptq_masked(W: np.ndarray, H: np.ndarray, c: np.ndarray, damp: float, chunk
     row's original weights and q the values already chosen (the same numbers the OBS
     updates through U = V^-1 produce, since (w - q) = e U gives e = (w - q) V).
     """
+    with one_blas_thread():  # a batch of small factorizations and whole-chunk steps
+        return _gptq_masked_rows(W, H, c, damp, chunk_bytes)
+
+
+def _gptq_masked_rows(W: np.ndarray, H: np.ndarray, c: np.ndarray, damp: float, chunk_bytes: int) -> np.ndarray:
     order, values = _sorted_codes(c)
     Wg, Hg = _grouped(W, H)
     g, rows, n_in = Wg.shape

@@ -13,6 +13,7 @@ import onnx
 from eiec.errors import ModelError
 from eiec.ir import Layer, get_initializer, matrix_view
 from eiec.ortrun import run_rows, session
+from eiec.progress import counted, section
 
 from . import reconstruct
 from .capture import CAPTURE_BYTES, CAPTURE_ROWS, layer_matrix, layer_rows, pick_rows, row_cap, with_outputs
@@ -145,21 +146,23 @@ class Sequential:
         results: dict[str, LayerResult] = {}
         overrides: dict[str, np.ndarray] = {}
         prefix: tuple = ()
-        for layer in self.layers:
-            if layer.name not in choices:
-                continue
+        todo = [layer for layer in self.layers if layer.name in choices]
+        for i, layer in enumerate(todo):
             density, bits = choices[layer.name]
             prefix += ((layer.name, float(density), None if bits is None else int(bits)),)
             res = self._cache.get(prefix)
             if res is None:
+                counted(self.progress, "reconstruct", i, len(todo))
                 self.progress(f"reconstruct {layer.name}: density {density:g}, bits {bits}")
-                X = self.layer_inputs(layer, overrides) if overrides else None
-                res = self._compress_layer(layer, X, float(density), bits)
+                with section(f"reconstruct {layer.name}"):
+                    X = self.layer_inputs(layer, overrides) if overrides else None
+                    res = self._compress_layer(layer, X, float(density), bits)
                 self._remember(prefix, res)
             else:
                 self._cache.move_to_end(prefix)
             results[layer.name] = res
             overrides[layer.weight], overrides[layer.bias] = res.weight, res.bias
+        counted(self.progress, "reconstruct", len(todo), len(todo))
         return results
 
     def overrides(self, choices: dict[str, tuple[float, int | None]]) -> dict[str, np.ndarray]:

@@ -29,6 +29,7 @@ from eiec.fileio import write_atomic
 from eiec.inputs import load_calibration
 from eiec.ir import host_ops
 from eiec.ortrun import check_rows, fixed_batch, run_rows
+from eiec.progress import section
 from eiec.segment import Segment, blob_name
 from eiec.target import Target
 from eiec.workers import map_row_blocks
@@ -105,7 +106,8 @@ def eie_segment(x: np.ndarray, blob: np.ndarray, digest: str = "", session: str 
     start = time.perf_counter()
     try:
         seg = _segment_of(blob, digest)
-        run = run_segment(seg, x[:real], state.mode, cycles=state.cycles, trace=state.trace)
+        with section(f"simulate {seg.name}"):
+            run = run_segment(seg, x[:real], state.mode, cycles=state.cycles, trace=state.trace)
     except Exception as e:  # noqa: BLE001 - raised by InferenceSession.run
         state.errors.append(e)
         try:
@@ -200,7 +202,8 @@ class InferenceSession:
             _RUNS[self._key] = state
             try:
                 start = time.perf_counter()
-                out = run_rows(self._sess, output_names, input_feed, before_chunk=chunk, run_options=run_options)
+                with section("run (onnxruntime, segments inside)"):
+                    out = run_rows(self._sess, output_names, input_feed, before_chunk=chunk, run_options=run_options)
                 host_s = time.perf_counter() - start - state.simulated_s
             except Exception:
                 if not state.errors:

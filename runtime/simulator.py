@@ -14,10 +14,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
-from threadpoolctl import ThreadpoolController
 
 from eiec.errors import FormatError
 from eiec.image import SparseImage
+from eiec.parallel import BLAS_THREADS_MIN_MACS, one_blas_thread
 from eiec.codec import entry_positions
 from eiec.fixedpoint import int_range, round_shift
 from eiec.target import Target
@@ -45,20 +45,11 @@ class SimStats:
 
 # ---------------------------------------------------------------- BLAS products
 
-# OpenBLAS threads a product of more than ~2**18 multiply-adds; below about this size its
-# threads cost more than they give, and on a loaded machine they wait for a core (a
-# 16 x 3000 x 130 product measured 0.3 ms on one thread, 76 ms on two, machine loaded).
-_BLAS_THREADS_MIN_MACS = 1 << 26
-_controller: list[ThreadpoolController] = []  # made on first use, once numpy and scipy are loaded
-
-
 def blas_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b (float), on one BLAS thread unless it is large."""
-    if a.shape[0] * a.shape[1] * b.shape[-1] >= _BLAS_THREADS_MIN_MACS:
+    """a @ b (float), on one BLAS thread unless it is large (`eiec.parallel.one_blas_thread`)."""
+    if a.shape[0] * a.shape[1] * b.shape[-1] >= BLAS_THREADS_MIN_MACS:
         return a @ b
-    if not _controller:
-        _controller.append(ThreadpoolController())
-    with _controller[0].limit(limits=1, user_api="blas"):
+    with one_blas_thread():
         return a @ b
 
 
