@@ -106,26 +106,6 @@ def decode_image(img: SparseImage) -> np.ndarray:
     return out
 
 
-def count_padding(indices: np.ndarray, pes: int, rel_bits: int) -> int:
-    """Padding entries an image of `indices` needs, from the gaps alone (dense scan by column blocks)."""
-    indices = np.asarray(indices)
-    rows, cols = indices.shape
-    local_rows = -(-rows // pes)
-    period = 1 << rel_bits
-    total = 0
-    block = max(1, (1 << 22) // max(1, local_rows * pes))
-    for c0 in range(0, cols, block):  # bounds memory on 25088 x 4096 layers
-        chunk = np.zeros((local_rows * pes, min(block, cols - c0)), bool)
-        chunk[:rows] = indices[:, c0:c0 + block] != 0
-        nz = chunk.reshape(local_rows, pes, chunk.shape[1])
-        # last nonzero local row strictly above each position (-1 if none) in the same PE/column
-        r = np.arange(local_rows).reshape(-1, 1, 1)
-        last = np.maximum.accumulate(np.where(nz, r, -1), axis=0)
-        above = np.concatenate([np.full((1,) + nz.shape[1:], -1), last[:-1]], axis=0)
-        total += int((((r - above - 1) // period) * nz).sum())
-    return total
-
-
 def image_streams(img: SparseImage) -> dict[str, np.ndarray]:
     """The arrays IR3 stores for an image. ``entries``: the memory words ``(rel << weight_bits) |
     code`` as bytes, 1 per entry, or 2 (little-endian) when the widths sum to more than 8."""
@@ -179,13 +159,6 @@ def storage_streams(indices: np.ndarray, weight_bits: int = 4, rel_bits: int = 4
     img = encode_matrix(matrix_view(np.asarray(indices)), 1, weight_bits, min(rel_bits, STORAGE_MAX_REL_BITS))
     return {"code": huffman.encode(img.code), "rel": huffman.encode(img.rel),
             "col_count": huffman.encode(_count_symbols(img.col_entries()[0]))}
-
-
-def decode_storage_streams(streams: dict[str, huffman.HuffmanStream], rows: int, weight_bits: int = 4,
-                           rel_bits: int = 4) -> np.ndarray:
-    """The uint8 [rows, cols] index matrix `storage_streams` stored."""
-    code, rel, counts = huffman.decode_many([streams["code"], streams["rel"], streams["col_count"]])
-    return storage_matrix(code, rel, counts, rows, weight_bits, rel_bits)
 
 
 def storage_matrix(code: np.ndarray, rel: np.ndarray, count_symbols: np.ndarray, rows: int,

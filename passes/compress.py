@@ -159,20 +159,6 @@ def _lloyd_sorted(v: np.ndarray, k: int, max_iter: int) -> Clustering:
     return Clustering(c, starts, iterations, converged, sse_init, _sse(sum_x, sum_x2, starts, c))
 
 
-def kmeans_1d(values: np.ndarray, k: int, max_iter: int = MAX_ITER) -> tuple[np.ndarray, int]:
-    """1-D k-means: k centroids linearly initialised over [min, max], then Lloyd iterations
-    until assignments stop changing (or max_iter). Returns (float64 centroids, iterations).
-    A value equidistant from two centroids goes to the lower one; empty clusters keep theirs.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    values = np.asarray(values).ravel()
-    if not np.issubdtype(values.dtype, np.floating):
-        values = values.astype(np.float64)
-    result = _lloyd_sorted(np.sort(values), k, max_iter)
-    return result.centroids, result.iterations
-
-
 def cluster_weights(w: np.ndarray, bits: int, max_iter: int = MAX_ITER) -> tuple[np.ndarray, np.ndarray, Clustering]:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8 (uint8 indices), got {bits}")

@@ -1,4 +1,4 @@
-"""k-means weight sharing: kmeans_1d against a slow Lloyd loop, IR2 against onnxruntime."""
+"""k-means weight sharing: the k-means core (`compress._lloyd_sorted`) against a slow Lloyd loop, IR2 against onnxruntime."""
 
 from __future__ import annotations
 
@@ -14,13 +14,27 @@ from hypothesis.extra.numpy import arrays
 from eiec.errors import RecipeError
 from eiec.ir import copy_model, find_layers, get_initializer, set_initializer
 from eiec.passes.cluster import Cluster
-from eiec.passes.compress import _cluster_starts, kmeans_1d, quantize_weights
+from eiec.passes.compress import MAX_ITER, _cluster_starts, _lloyd_sorted, quantize_weights
 from eiec.passes.prune import Prune
 from helpers import canonical_convnet, run_ort
 from eiec.passmanager import Context
 from eiec.recipe import parse_recipe
 
 MODELS = os.path.join(os.path.dirname(__file__), "models")
+
+
+def kmeans_1d(values: np.ndarray, k: int, max_iter: int = MAX_ITER) -> tuple[np.ndarray, int]:
+    """1-D k-means: k centroids linearly initialised over [min, max], then Lloyd iterations
+    until assignments stop changing (or max_iter). Returns (float64 centroids, iterations).
+    A value equidistant from two centroids goes to the lower one; empty clusters keep theirs.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    values = np.asarray(values).ravel()
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float64)
+    result = _lloyd_sorted(np.sort(values), k, max_iter)
+    return result.centroids, result.iterations
 
 
 def slow_nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:

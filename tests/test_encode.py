@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from eiec.errors import ModelError
 from eiec.image import SparseImage
 from eiec.ir import EIE_DOMAIN, copy_model, find_layers
-from eiec.codec import (count_padding, decode_image, decode_storage_streams, encode_matrix, image_from_streams,
-                        image_streams, storage_streams)
+from eiec import huffman
+from eiec.codec import decode_image, encode_matrix, image_from_streams, image_streams, storage_matrix, storage_streams
 from eiec.huffman import HuffmanStream
 from eiec.huffman import decode as huffman_decode
 from eiec.passes.encode import Encode
@@ -30,6 +30,34 @@ from eiec.target import Target
 
 
 # ---- oracles: slow and obvious, independent of passes/encode.py ----
+
+def count_padding(indices: np.ndarray, pes: int, rel_bits: int) -> int:
+    """Padding entries an image of `indices` needs, from the gaps alone (dense scan by column blocks):
+    a second count, vectorised, beside `slow_padding`."""
+    indices = np.asarray(indices)
+    rows, cols = indices.shape
+    local_rows = -(-rows // pes)
+    period = 1 << rel_bits
+    total = 0
+    block = max(1, (1 << 22) // max(1, local_rows * pes))
+    for c0 in range(0, cols, block):  # bounds memory on 25088 x 4096 layers
+        chunk = np.zeros((local_rows * pes, min(block, cols - c0)), bool)
+        chunk[:rows] = indices[:, c0:c0 + block] != 0
+        nz = chunk.reshape(local_rows, pes, chunk.shape[1])
+        # last nonzero local row strictly above each position (-1 if none) in the same PE/column
+        r = np.arange(local_rows).reshape(-1, 1, 1)
+        last = np.maximum.accumulate(np.where(nz, r, -1), axis=0)
+        above = np.concatenate([np.full((1,) + nz.shape[1:], -1), last[:-1]], axis=0)
+        total += int((((r - above - 1) // period) * nz).sum())
+    return total
+
+
+def decode_storage_streams(streams: dict[str, HuffmanStream], rows: int, weight_bits: int = 4,
+                           rel_bits: int = 4) -> np.ndarray:
+    """The uint8 [rows, cols] index matrix `storage_streams` stored."""
+    code, rel, counts = huffman.decode_many([streams["code"], streams["rel"], streams["col_count"]])
+    return storage_matrix(code, rel, counts, rows, weight_bits, rel_bits)
+
 
 def slow_entries(img: SparseImage) -> list[tuple[int, int, int, int, bool]]:
     """(row, col, code, rel, is_last_of_column) for every entry, walking PE by PE, column by column."""
