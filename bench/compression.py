@@ -36,11 +36,11 @@ import time
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import yaml
 
 from eiec.driver import compile_model
 from eiec.runtime.session import InferenceSession
+from eiec.ortrun import session as ort_session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALIB = os.path.join(ROOT, "models", "digits_calib.npz")
@@ -165,10 +165,10 @@ def run_config(model: str, spec: dict, recipe: dict | None, work: str, tag: str,
     seconds = time.perf_counter() - t0
     m = res.manifest
     file_bytes, onnx_bytes = os.path.getsize(out), os.path.getsize(path)
-    ir2 = ort.InferenceSession(os.path.join(dump, "2_cluster.onnx"), providers=["CPUExecutionProvider"])
+    ir2 = ort_session(os.path.join(dump, "2_cluster.onnx"))
     acc_ir2 = accuracy(predict(ir2, test["input"], spec["output"]), test["labels"])
     y_eie = predict(InferenceSession(out, cycles=False), test["input"], spec["output"])
-    dense = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    dense = ort_session(path)
     dense_pred = predict(dense, test["input"], spec["output"]).argmax(axis=1)
     acc_eie = accuracy(y_eie, test["labels"])
     cluster = {l["name"]: l for l in json.load(open(os.path.join(dump, "2_cluster.json")))["stats"]["layers"]}
@@ -291,7 +291,7 @@ def main() -> None:
             if args.models and model not in args.models.split(","):
                 continue
             path = os.path.join(ROOT, "models", spec["file"])
-            dense = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            dense = ort_session(path)
             base = accuracy(dense.run([spec["output"]], {"input": test["input"]})[0], test["labels"])
             names = layer_names(path)
             runs = results["models"][model]["runs"] if wanted else {}
@@ -318,7 +318,7 @@ def main() -> None:
                 continue
             if not chosen(name):  # "NAME:hand": the model's hand-written recipes, not its automatic one
                 recipes = {tag: r for tag, r in recipes.items() if r is not None}
-            dense = ort.InferenceSession(os.path.join(ROOT, "models", spec["file"]), providers=["CPUExecutionProvider"])
+            dense = ort_session(os.path.join(ROOT, "models", spec["file"]))
             base = accuracy(predict(dense, test["input"], spec["output"]), test["labels"])
             runs = {tag: run_config(name, spec, recipe, work, f"recipe{i}", test, base)
                     for i, (tag, recipe) in enumerate(recipes.items())}

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
@@ -36,6 +35,7 @@ from eiec.runtime.cycles import cycle_layer
 from eiec.runtime.energy import layer_energy
 from eiec.runtime.session import InferenceSession
 from eiec.segment import LayerSpec, Segment
+from eiec.ortrun import session as ort_session
 
 SEED = 0
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +63,7 @@ def layer_inputs(model_path: str, x: np.ndarray) -> dict[str, np.ndarray]:
     convs = {n.name: n.input[0] for n in canon.graph.node if n.op_type == "Conv"}
     for t in set(convs.values()):
         canon.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    sess = onnxruntime.InferenceSession(canon.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort_session(canon)
     names = [o.name for o in sess.get_outputs()]
     values = dict(zip(names, sess.run(None, {canon.graph.input[0].name: x})))
     return {layer: values[t] for layer, t in convs.items()}

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import yaml
 from onnx import numpy_helper
 
@@ -40,6 +39,7 @@ from eiec.importer import load_model
 from eiec.ir import find_layers
 from eiec.passes.compress import quantize_weights
 from eiec.runtime.session import InferenceSession
+from eiec.ortrun import session as ort_session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_CALIB = os.path.join(ROOT, "models", "digits_calib.npz")
@@ -190,7 +190,7 @@ def main() -> None:
             calib, feeds, labels = data_for(model, kind)
             dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
             batch = dims[0].dim_value or None
-            orig = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            orig = ort_session(path)
             ref = run_rows(lambda f: orig.run(None, f)[0], feeds, batch)
             runs: dict[str, Any] = {}
             results["models"][name] = {"file": rel_path, "data": kind, "depthwise_layers": dw, "runs": runs,
@@ -201,7 +201,7 @@ def main() -> None:
                 floats["float, only dw 8-bit"] = what_if(model, dw, 8, False)
                 floats["float, only dw 4-bit per-channel"] = what_if(model, dw, 4, True)
             for tag, fm in floats.items():
-                s = ort.InferenceSession(fm.SerializeToString(), providers=["CPUExecutionProvider"])
+                s = ort_session(fm)
                 runs[tag] = fidelity(ref, run_rows(lambda f: s.run(None, f)[0], feeds, batch), labels)
                 print(f"{name:>24} {tag:<18} top1 {runs[tag]['top1_agreement']:6.2f} %  "
                       f"relL2 {runs[tag]['rel_l2_error']:.4f}")

@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
@@ -50,6 +49,7 @@ from eiec.importer import load_model
 from eiec.ir import find_layers
 from eiec.fixedpoint import choose_frac
 from eiec.runtime.session import InferenceSession
+from eiec.ortrun import session as ort_session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")
@@ -95,7 +95,7 @@ def _activations(path: str, tensors: list[str], feeds: dict[str, np.ndarray]) ->
     outs = {o.name for o in model.graph.output}
     model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
                               for t in tensors if t not in outs)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort_session(model)
     return dict(zip(tensors, sess.run(tensors, feeds)))
 
 
