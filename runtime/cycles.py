@@ -164,6 +164,9 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     small = n_bcast * (int(work.max(initial=0)) + 1) < _INT32_TIMES
     dtype = np.int32 if small else np.int64
     never = -2 * _INT32_TIMES if small else _NEVER  # below any b - c: never wins a max
+    if all_valid < n_bcast:  # invalid items read an all-zero work row (index cols): they add no work
+        work = np.vstack([work, np.zeros((1, pes), work.dtype)])
+        cols_k = np.where(valid, cols_k, work.shape[0] - 1)
     work = work.astype(dtype, copy=False)
     finish = np.zeros((batch, pes), dtype)  # f of the previous block's last broadcast
     issue = np.full(batch, -1, dtype)  # b of the previous block's last broadcast
@@ -176,10 +179,10 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
         ks = np.arange(k0, k1, dtype=dtype)[:, None]
         w = work[cols_k[k0:k1]]  # [L, B, pes]
         masked = k1 > all_valid
-        if masked:
-            w *= valid[k0:k1, :, None]
-        c = _scan(np.add, w.copy())
-        c_before = c - w
+        c_before = np.empty_like(w)  # the block's work before each item (an exclusive running sum)
+        c_before[0] = 0
+        c_before[1:] = w[:-1]
+        _scan(np.add, c_before[1:])
         b = None
         while True:
             g = smax[k0:k1] - ks
@@ -194,7 +197,7 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
                 t[~valid[k0:k1]] = never  # an invalid item issues nothing
             np.maximum(t[0], finish, out=t[0])
             _scan(np.maximum, t)  # now f - c
-            f_last = t[-1] + c[-1]
+            f_last = t[-1] + c_before[-1] + w[-1]
             t += c_before  # s = f - w
             smax[k0 + depth:k1 + depth] = t.max(axis=2)
             if k1 - k0 <= depth:
@@ -307,35 +310,38 @@ def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndar
     depth + 1 broadcasts never stalls: span = K + max_p excess_p. Only the other vectors
     run the queue recurrence, each distinct broadcast pattern once, on the PEs that can
     set its times (_queue_pes)."""
-    span = count + excess.max(axis=1, initial=0)
-    stall = np.zeros(count.size, np.int64)
-    maybe = np.flatnonzero(excess.max(axis=1, initial=0) > depth)
-    if maybe.size:
-        b_idx, j_idx = np.nonzero(nz[maybe])  # row-major: each vector's broadcasts in order
-        k_idx = np.arange(b_idx.size) - np.repeat(np.cumsum(count[maybe]) - count[maybe], count[maybe])
-        tail = k_idx >= (count[maybe] - depth - 1)[b_idx]  # the last depth + 1 broadcasts
-        last = np.zeros((maybe.size, nz.shape[1]), table.dtype)
-        last[b_idx[tail], j_idx[tail]] = 1
-        head = excess[maybe] - blas_product(last, table[:, -excess.shape[1]:]).astype(np.int64)
-        maybe = maybe[head.max(axis=1, initial=0) > depth]
-    if maybe.size:
-        pes = tile_cached(tile, "queue_pes", _queue_pes)
-        _, work, _ = tile_cached(tile, "column_tables", _column_tables)
-        rows, inverse = _unique_rows(nz[maybe])
-        cols_k, valid, _, _, _ = _broadcast_lists(rows)
-        s, st = _queue_span(np.ascontiguousarray(work[:, pes]), cols_k, valid, depth)
-        span[maybe], stall[maybe] = s[inverse], st[inverse]
+    most = excess.max(axis=1, initial=0)
+    span, stall = count + most, np.zeros(count.size, np.int64)
+    maybe = np.flatnonzero(most > depth)
+    if not maybe.size:
+        return span, stall
+    first, inverse = _unique_rows(nz[maybe])  # each distinct pattern once
+    cols_k, valid, n_u, b_idx, j_idx = _broadcast_lists(nz[maybe[first]])
+    k_idx = np.arange(b_idx.size) - np.repeat(np.cumsum(n_u) - n_u, n_u)
+    tail = k_idx >= (n_u - depth - 1)[b_idx]  # the last depth + 1 broadcasts
+    last = np.zeros((first.size, nz.shape[1]), table.dtype)
+    last[b_idx[tail], j_idx[tail]] = 1
+    head = excess[maybe[first]] - blas_product(last, table[:, -excess.shape[1]:]).astype(np.int64)
+    stalls = np.flatnonzero(head.max(axis=1, initial=0) > depth)
+    if stalls.size:
+        work = tile_cached(tile, "queue_work", lambda t: np.ascontiguousarray(
+            tile_cached(t, "column_tables", _column_tables)[1][:, _queue_pes(t)]))
+        k = int(n_u[stalls].max())
+        s_u, st_u = span[maybe[first]], np.zeros(first.size, np.int64)
+        s_u[stalls], st_u[stalls] = _queue_span(work, cols_k[:k, stalls], valid[:k, stalls], depth)
+        span[maybe], stall[maybe] = s_u[inverse], st_u[inverse]
     return span, stall
 
 
 def _unique_rows(nz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the distinct rows of bool nz [N, cols], for each row of nz its index among them)."""
+    """For bool nz [N, cols]: (the first row of each distinct row, for each row of nz the
+    index of its distinct row among those)."""
     if nz.shape[0] < 2:
-        return nz, np.zeros(nz.shape[0], np.int64)
+        return np.arange(nz.shape[0]), np.zeros(nz.shape[0], np.int64)
     packed = np.ascontiguousarray(np.packbits(nz, axis=1))
     keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    return nz[first], inverse.ravel()
+    return first, inverse.ravel()
 
 
 @dataclass

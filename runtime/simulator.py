@@ -45,9 +45,14 @@ class SimStats:
 
 # ---------------------------------------------------------------- BLAS products
 
+# below OpenBLAS's own thresholds for threads (gemv 9216, gemm 2**18): no thread limit to set
+_BLAS_ONE_THREAD_MACS = 1 << 13
+
+
 def blas_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b (float), on one BLAS thread unless it is large (`eiec.parallel.one_blas_thread`)."""
-    if a.shape[0] * a.shape[1] * b.shape[-1] >= BLAS_THREADS_MIN_MACS:
+    macs = a.shape[0] * a.shape[1] * b.shape[-1]
+    if macs >= BLAS_THREADS_MIN_MACS or macs <= _BLAS_ONE_THREAD_MACS:
         return a @ b
     with one_blas_thread():
         return a @ b
