@@ -81,10 +81,38 @@ def compression() -> str:
 def eie_layers() -> str:
     rows = [[r["name"], r["shape"], f"{r['weight_density']:.0%}", f"{r['act_density']:.1%}",
              f"{r['latency_us']:.2f}", f"{r['ideal_latency_us']:.2f}", f"{r['load_balance']:.1%}",
-             f"{r['padding_overhead']:.1%}", f"{r['ort_dense_us']:.0f}", f"{r['scipy_csr_us']:.0f}"]
+             f"{r['padding_overhead']:.1%}", f"{r['ort_dense_us']:.0f}", f"{r['scipy_csr_us']:.0f}",
+             f"{r['sim_median_ms']:.2f}"]
             for r in _load("eie_layers")["layers"]]
     return _table(["layer", "in x out", "W dens", "act dens", "EIE sim µs", "ideal µs", "load balance", "padding",
-                   "ORT dense µs", "scipy CSR µs"], rows)
+                   "ORT dense µs", "scipy CSR µs", "simulator wall ms"], rows)
+
+
+# ---------------------------------------------------------------- sim_speed.py
+
+def sim_speed() -> str:
+    r = _load("sim_speed")
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    rows = []
+    for row in r.get("rows", []):
+        target = ""
+        if row["row"] == "InferenceSession.run, batch 1":
+            target = f"≤ {r['target_ratio']:.1f}x: {met(r['target_met'])}"
+        rows.append([f"Alex-6 (9216×4096, 9%), {row['row']}", f"{row['sim_ms']:.1f} ms",
+                     f"{row['ort_dense_ms']:.1f} ms", f"{row['ratio']:.2f}x", target])
+    for m in r.get("models", []):
+        kind, value = m["target"]["kind"], m["target"]["value"]
+        target = f"≤ {value:g}x per image" if kind == "ratio" else f"< {value:g} s"
+        rows.append([f"{m['model']}, batch {m['batch']}",
+                     f"{m['sim_s']:.2f} s ({m['sim_ms_per_image']:.1f} ms/image; first run {m['sim_first_s']:.1f} s)",
+                     f"{1e3 * m['ort_dense_s']:.1f} ms", f"{m['ratio']:.0f}x", f"{target}: {met(m['target_met'])}"])
+    load = r["load_average_1min"]
+    rows.append([f"load average (1 min) before / after the run: {load['before']:.1f} / {load['after']:.1f}",
+                 "", "", "", ""])
+    return _table(["what is timed (median)", "simulator", "onnxruntime dense", "ratio", "target"], rows)
 
 
 # ---------------------------------------------------------------- transformer.py
@@ -110,7 +138,7 @@ def transformer() -> str:
 
 
 TABLES: dict[str, Callable[[], str]] = {"compression": compression, "eie_layers": eie_layers,
-                                        "transformer": transformer}
+                                        "sim_speed": sim_speed, "transformer": transformer}
 
 
 def render(text: str) -> str:
