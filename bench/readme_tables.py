@@ -76,6 +76,31 @@ def compression() -> str:
                    "test drop (.eie on the simulator)"], rows)
 
 
+# the calibration-size curve: rows -> the auto run (compression.py's curve_tag) and how the README names the file
+CURVE = [(100, "auto, 100 calibration rows", ""),
+         (300, "auto (budget 0.5 points on held-out calib), all", ", `digits_calib.npz`"),
+         (1000, "auto, 1000 calibration rows", ", `digits_calib1000.npz`")]
+DATA_FREE = "auto, no calibration data (per-layer defaults)"
+
+
+def curve() -> str:
+    res = _load("compression")
+    rows = []
+    for key, model in MODELS.items():
+        runs = res["models"][key]["runs"]
+        for n, run, file in CURVE:
+            r, a = runs[run], runs[run]["calibration_auto"]
+            kept = f", {a['confirmation_rows']} kept back" if "confirmation_rows" in a else ""
+            rows.append([model, f"{n} ({a['held_out_rows']} held out{kept}){file}", f"{r['ratio_huffman']:.1f}x",
+                         f"{r['ratio_file']:.1f}x", _drop(r["drop_eie"]),
+                         f"{_drop(a['estimate'])} ({a['bound']:.2f})"])
+        r = runs[DATA_FREE]
+        rows.append([model, "none (per-layer defaults)", f"{r['ratio_huffman']:.1f}x", f"{r['ratio_file']:.1f}x",
+                     _drop(r["drop_eie"]), "–"])
+    return _table(["model", "calibration rows", "Huffman ratio", "`.eie` file ratio", "test drop",
+                   "estimate (bound) on the rows kept back"], rows)
+
+
 # ---------------------------------------------------------------- eie_layers.py
 
 def eie_layers() -> str:
@@ -137,7 +162,7 @@ def transformer() -> str:
                    "rel. L2 error", "ORT dense fp32"], rows)
 
 
-TABLES: dict[str, Callable[[], str]] = {"compression": compression, "eie_layers": eie_layers,
+TABLES: dict[str, Callable[[], str]] = {"compression": compression, "curve": curve, "eie_layers": eie_layers,
                                         "sim_speed": sim_speed, "transformer": transformer}
 
 
