@@ -426,15 +426,9 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
 
     The search measures every candidate with the reconstruction the prune and cluster
     passes will apply (the same `sequential.Sequential`, left in ctx.state.sequential for the
-    prune pass: each layer's obs / gptq / refit / bias_correction on its compressed
+    reconstruct pass: each layer's obs / gptq / refit / bias_correction on its compressed
     predecessors' outputs), and compresses every layer the passes compress (fixed ones
-    pinned). With reconstruction, the calibration rows are split (`split_calibration`):
-    the layers are reconstructed on one part, in the search and in the compile
-    (ctx.state.reconstruction_calibration), and every candidate is scored on the
-    held-out part, so the budget it verified on those rows holds for the compiled model.
-    Without reconstruction nothing is fitted to the rows and all of them score. Of the
-    scored rows, a third (`confirmation_split`) is kept from the search: the figure
-    printed and recorded is the chosen recipe measured on those, rows the choice never saw.
+    pinned). Without calibration data nothing is measured: `default_recipe`.
     The sensitivity scan and the search's probes go to ctx.state.sensitivity
     and .auto (the manifest and the 0_import.json dump carry them).
     """
@@ -453,44 +447,73 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
     fixed = {l.name: (None if wanted[l.name].density == "auto" else
                       1.0 if wanted[l.name].density == "keep" else float(wanted[l.name].density),
                       None if wanted[l.name].bits == "auto" else int(wanted[l.name].bits)) for l in compressed}
-    steps = {l.name: Steps(wanted[l.name].obs, wanted[l.name].refit, wanted[l.name].bias_correction,
-                           wanted[l.name].gptq) for l in compressed}
     if ctx.calibration_is_random:  # random inputs say nothing about accuracy: nothing to search on
-        chosen = default_recipe(compressed, fixed, ctx.target)
-        ctx.state.notes.append("auto: no calibration data, so nothing measured: per-layer default densities "
-                     f"({', '.join(f'{k} {v:g}' for k, v in DEFAULT_DENSITY.items())}) at "
-                     f"{ctx.target.weight_bits} bits, magnitude pruning and k-means without reconstruction "
-                     "(docs/recipe.md, \"Without calibration data\"); pass --calibration with real inputs to "
-                     "have them chosen and checked against the budget")
-        _set_choices(wanted, auto, chosen, [])
-        for l in auto:  # fitted to random inputs, a reconstruction would undo what the model learned
-            wanted[l.name] = dataclasses.replace(wanted[l.name], obs=False, refit=False, bias_correction=False,
-                                                 gptq=False)
-        ctx.state.layer_recipes = wanted
-        ctx.state.auto = {"calibration": "random", "data_free": "defaults",
-                                 "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}
-        ctx.state.chosen_recipe = dump_recipe(ctx.recipe, wanted)
-        return
-    compress: Any = plain_compress
-    score_inputs, score_labels = ctx.calibration, ctx.labels
+        _data_free(ctx, wanted, auto, compressed, fixed)
+    else:
+        _search(model, ctx, wanted, auto, compressed, fixed)
+    ctx.state.layer_recipes = wanted
+    ctx.state.chosen_recipe = dump_recipe(ctx.recipe, wanted)
+
+
+def _data_free(ctx: Context, wanted: dict[str, LayerRecipe], auto: list[Layer], compressed: list[Layer],
+               fixed: dict[str, tuple[float | None, int | None]]) -> None:
+    """The `auto` layers at `default_recipe`'s densities, compressed as in the paper."""
+    chosen = default_recipe(compressed, fixed, ctx.target)
+    ctx.state.notes.append(
+        "auto: no calibration data, so nothing measured: per-layer default densities "
+        f"({', '.join(f'{k} {v:g}' for k, v in DEFAULT_DENSITY.items())}) at "
+        f"{ctx.target.weight_bits} bits, magnitude pruning and k-means without reconstruction "
+        "(docs/recipe.md, \"Without calibration data\"); pass --calibration with real inputs to "
+        "have them chosen and checked against the budget")
+    _set_choices(wanted, auto, chosen, [])
+    for l in auto:  # fitted to random inputs, a reconstruction would undo what the model learned
+        wanted[l.name] = dataclasses.replace(wanted[l.name], obs=False, refit=False, bias_correction=False,
+                                             gptq=False)
+    ctx.state.auto = {"calibration": "random", "data_free": "defaults",
+                      "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}
+
+
+def _scoring(model: onnx.ModelProto, ctx: Context, compressed: list[Layer],
+             steps: dict[str, Steps]) -> tuple[Compress | Sequential, dict, np.ndarray | None, dict[str, int]]:
+    """How `auto` compresses and on which rows it scores: (compress, rows, labels, row counts).
+
+    With reconstruction, the calibration rows are split (`split_calibration`): the layers
+    are reconstructed on one part, in the search and in the compile
+    (ctx.state.reconstruction_calibration), and every candidate is scored on the held-out
+    part, so the budget it verified on those rows holds for the compiled model. Without
+    reconstruction nothing is fitted to the rows and all of them score.
+    """
     n_rows = next(iter(ctx.calibration.values())).shape[0]
     rows = {"reconstruction_rows": 0, "held_out_rows": 0, "scored_rows": n_rows}
-    if any(st.any for st in steps.values()):
-        recon = ctx.calibration
-        split = split_calibration(ctx.calibration, ctx.labels, ctx.seed, marked=ctx.state.held_out_marks)
-        if split is None:
-            ctx.state.notes.append("auto: too few calibration rows to hold any out; the budget is scored on "
-                         "the rows the layers are reconstructed on")
-            rows.update(reconstruction_rows=n_rows)
-        else:
-            recon = ctx.state.reconstruction_calibration = split.reconstruction
-            score_inputs, score_labels = split.held_out, split.held_out_labels
-            rows.update(reconstruction_rows=len(split.reconstruction_rows), held_out_rows=len(split.held_out_rows),
-                        scored_rows=len(split.held_out_rows))
-        ctx.progress("auto: capturing layer inputs on the calibration data")
-        # the prune pass reuses it (same model, steps and rows), so it compiles what was measured
-        compress = ctx.state.sequential = Sequential(model, compressed, recon, steps, seed=ctx.seed,
-                                                     progress=ctx.progress)
+    if not any(st.any for st in steps.values()):
+        return plain_compress, ctx.calibration, ctx.labels, rows
+    recon, score_inputs, score_labels = ctx.calibration, ctx.calibration, ctx.labels
+    split = split_calibration(ctx.calibration, ctx.labels, ctx.seed, marked=ctx.state.held_out_marks)
+    if split is None:
+        ctx.state.notes.append("auto: too few calibration rows to hold any out; the budget is scored on "
+                               "the rows the layers are reconstructed on")
+        rows.update(reconstruction_rows=n_rows)
+    else:
+        recon = ctx.state.reconstruction_calibration = split.reconstruction
+        score_inputs, score_labels = split.held_out, split.held_out_labels
+        rows.update(reconstruction_rows=len(split.reconstruction_rows), held_out_rows=len(split.held_out_rows),
+                    scored_rows=len(split.held_out_rows))
+    ctx.progress("auto: capturing layer inputs on the calibration data")
+    # the reconstruct pass reuses it (same model, steps and rows), so it compiles what was measured
+    ctx.state.sequential = Sequential(model, compressed, recon, steps, seed=ctx.seed, progress=ctx.progress)
+    return ctx.state.sequential, score_inputs, score_labels, rows
+
+
+def _search(model: onnx.ModelProto, ctx: Context, wanted: dict[str, LayerRecipe], auto: list[Layer],
+            compressed: list[Layer], fixed: dict[str, tuple[float | None, int | None]]) -> None:
+    """The `auto` layers chosen by `auto_recipe` within the recipe's budget, and measured again.
+
+    Of the scored rows, a third (`confirmation_split`) is kept from the search: the figure
+    printed and recorded is the chosen recipe measured on those, rows the choice never saw.
+    """
+    steps = {l.name: Steps(wanted[l.name].obs, wanted[l.name].refit, wanted[l.name].bias_correction,
+                           wanted[l.name].gptq) for l in compressed}
+    compress, score_inputs, score_labels, rows = _scoring(model, ctx, compressed, steps)
     confirm = confirmation_split(score_inputs, score_labels, ctx.seed)
     if confirm is not None:
         score_inputs, score_labels = confirm.selection, confirm.selection_labels
@@ -505,7 +528,6 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
                              report=report)
     except RecipeError as e:
         raise RecipeError(e.path or ctx.recipe.path, e.reason) from None
-    what = "points of top-1 accuracy expected lost" if metric == "accuracy" else "relative output error"
     which = "held-out calibration rows" if rows["held_out_rows"] else "calibration rows"
     searched = report["chosen_score"].value(metric)
     if confirm is None:  # too few rows to keep any from the search
@@ -519,23 +541,8 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
         n_kept = next(iter(confirm.confirmation.values())).shape[0]
         where = f"{n_kept} {which} the choice never saw (it was chosen on {report['rows']} others)"
         rows.update(scored_rows=report["rows"], confirmation_rows=n_kept)
-    measured = f"{what} {estimate:.3g} (at most {bound:.3g} with {CONFIDENCE:.0%} confidence) on {where}"
-    if report["host"]:
-        ctx.state.notes.append(f"auto: no recipe on the accelerator met the budget {budget:g}; kept on the host (dense): "
-                     f"{', '.join(report['host'])}")
-    if "over_budget" in report:
-        fix = ("raise the budget (--max-output-error / --max-accuracy-drop)" if not ctx.calibration_is_random else
-               "give --calibration data, or raise the budget (--max-output-error / --max-accuracy-drop)")
-        ctx.state.notes.append(f"auto: over budget: even with every automatically chosen layer on the host, the layers the "
-                     f"recipe fixes measure {measured}, over the budget {budget:g}; compiled anyway: {fix}")
-    elif confirmed is False:
-        ctx.state.notes.append(f"auto: over budget on new rows: measured {measured}, over the budget {budget:g} "
-                               f"(on the rows it was chosen on: {searched[0]:.3g}, at most {searched[1]:.3g}); "
-                               "more calibration rows make the choice surer, a lower budget more cautious")
-    else:
-        ctx.state.notes.append(f"auto: measured {measured}; budget {budget:g}")
+    ctx.state.notes.extend(_notes(report, metric, budget, (estimate, bound), searched, confirmed, where))
     _set_choices(wanted, auto, chosen, report["host"])
-    ctx.state.layer_recipes = wanted
     ctx.state.sensitivity = {
         name: {"density": {_key(d): _sig(sc.error) for d, sc in s.density.items()},
                "bits": {_key(b): _sig(sc.error) for b, sc in s.bits.items()},
@@ -544,7 +551,7 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
                   if ctx.labels is not None else {})}
         for name, s in report["sensitivity"].items()}
     ctx.state.auto = {
-        "metric": metric, "budget": budget, "calibration": "random" if ctx.calibration_is_random else "file",
+        "metric": metric, "budget": budget, "calibration": "file",
         **rows, "confidence": CONFIDENCE, "estimate": _sig(estimate), "bound": _sig(bound),
         "searched": {"estimate": _sig(searched[0]), "bound": _sig(searched[1])}, "confirmed": confirmed,
         "over_budget": "over_budget" in report, "host": report["host"],
@@ -553,7 +560,29 @@ def _resolve_auto(model: onnx.ModelProto, ctx: Context) -> None:
                     "bound": _sig(p["bound"]), "error": _sig(p["error"]), "fits": p["fits"]} for p in report["probes"]],
         "chosen_probe": report["chosen"],
         "chosen": {name: {"density": d, "bits": b} for name, (d, b) in chosen.items()}}
-    ctx.state.chosen_recipe = dump_recipe(ctx.recipe, wanted)
+
+
+def _notes(report: dict, metric: str, budget: float, measured_value: tuple[float, float],
+           searched: tuple[float, float], confirmed: bool | None, where: str) -> list[str]:
+    """What the search tells the user: what it moved to the host, and what it measured against the budget."""
+    what = "points of top-1 accuracy expected lost" if metric == "accuracy" else "relative output error"
+    estimate, bound = measured_value
+    measured = f"{what} {estimate:.3g} (at most {bound:.3g} with {CONFIDENCE:.0%} confidence) on {where}"
+    notes = []
+    if report["host"]:
+        notes.append(f"auto: no recipe on the accelerator met the budget {budget:g}; kept on the host (dense): "
+                     f"{', '.join(report['host'])}")
+    if "over_budget" in report:
+        notes.append(f"auto: over budget: even with every automatically chosen layer on the host, the layers the "
+                     f"recipe fixes measure {measured}, over the budget {budget:g}; compiled anyway: "
+                     "raise the budget (--max-output-error / --max-accuracy-drop)")
+    elif confirmed is False:
+        notes.append(f"auto: over budget on new rows: measured {measured}, over the budget {budget:g} "
+                     f"(on the rows it was chosen on: {searched[0]:.3g}, at most {searched[1]:.3g}); "
+                     "more calibration rows make the choice surer, a lower budget more cautious")
+    else:
+        notes.append(f"auto: measured {measured}; budget {budget:g}")
+    return notes
 
 
 def _set_choices(wanted: dict[str, LayerRecipe], auto: list, chosen: dict[str, tuple[float, int]],

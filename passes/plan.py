@@ -43,7 +43,7 @@ class Reconstruct:
         for layer, lr in todo:
             if lr.bits == "auto":
                 raise RecipeError(ctx.recipe.path, f"layer {layer.name}: bits 'auto' must be resolved "
-                                  "before the prune pass runs (sequential reconstruction clusters each "
+                                  "before the reconstruct pass runs (sequential reconstruction clusters each "
                                   "layer before pruning the next)")
             choices[layer.name] = (1.0 if lr.density == "keep" else float(lr.density), int(lr.bits))
         for layer in layers:

@@ -1,5 +1,5 @@
 """Sequential reconstruction: the layers compressed in graph order, each on its inputs in the
-partly compressed model (`Sequential`); what the prune pass compiles and the auto search scores."""
+partly compressed model (`Sequential`); what the reconstruct pass plans and the auto search scores."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class Sequential:
     switchable by `Steps`. A layer whose steps
     are all off is compressed as in the paper (magnitude + k-means) but still feeds the
     later layers its compressed output. `compress` is THE arithmetic: the auto search
-    scores recipes with it and the prune pass writes its results, so what was measured
+    scores recipes with it and the reconstruct pass plans with it, so what was measured
     is what is compiled. Layers missing from a `choices` dict stay dense. Results are
     cached by the prefix of choices up to each layer (at most `cache_bytes`).
     Cost per layer: one onnxruntime run (none while no earlier layer is compressed),
