@@ -22,6 +22,7 @@ measure (its "deep-compression densities, none" and "..., all" runs); the table 
 end is read from bench/results/compression.json, not re-measured.
 Usage: python bench/compile_speed.py [--cases vgg16_fc,resnet50,alexnet,mlp3m] [--modes reconstruction,plain]
        [--timeout 1200] [--out bench/results/compile_speed.json]
+(rows of the cases and modes run replace those rows in an existing --out; the others are kept)
 """
 
 from __future__ import annotations
@@ -301,9 +302,18 @@ def main() -> None:
     for g in gain:
         print(f"{g['model']:<16}{g['dense_accuracy']:>8.2f}{g['accuracy_plain']:>8.2f}{g['accuracy_reconstruction']:>16.2f}")
 
+    ran = {(r["case"], r["mode"]) for r in rows} | {(c, m) for c in cases for m in modes}
+    if os.path.exists(args.out):  # keep the rows of other cases and modes
+        with open(args.out) as f:
+            old = json.load(f).get("rows", [])
+        ran |= {(r["case"], r["mode"]) for r in old if r["case"] in cases and r["mode"].startswith("validate")
+                and "reconstruction" in modes}
+        rows = [r for r in old if (r["case"], r["mode"]) not in ran] + rows
+    order = list(CASES)
+    rows.sort(key=lambda r: (order.index(r["case"]), r["mode"] != "reconstruction", r["mode"]))
     write_json(args.out, {
         "benchmark": "compile_speed",
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
+        "command": "python " + os.path.relpath(__file__, ROOT),
         "seed": SEED, "rows": rows, "reconstruction_gain": gain,
         "memory_measure": "peak RSS of the compiling process (a fresh one per row): getrusage ru_maxrss",
         "machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import sys
@@ -38,6 +37,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from eiec.artifact import load_eie
+from eiec.progress import peak_bytes, reset_peak
 from eiec.driver import compile_model
 from eiec.ir import OPSET
 from eiec.runtime.cycles import cycle_layer
@@ -167,25 +167,6 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable)] + sys.argv)
 
 
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so each stage gets its own peak (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_bytes(per_stage: bool) -> int:
-    if per_stage:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def write_json(path: str, result: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -207,11 +188,11 @@ def compile_layer(layer: BenchLayer, workdir: str, seed: int = SEED, pes: int = 
     np.savez(stem + ".calib.npz", x=layer_inputs(layer, CALIBRATION_ROWS, stream=2, seed=seed))
     with open(stem + ".recipe.yaml", "w") as f:
         yaml.safe_dump(recipe_dict(pes, node_nm), f)
-    per_stage = _reset_peak()
+    reset_peak()
     t0 = time.perf_counter()
     res = compile_model(stem + ".onnx", stem + ".eie", stem + ".recipe.yaml", stem + ".calib.npz", seed=seed)
     seconds = time.perf_counter() - t0
-    record = {"seconds": seconds, "peak_bytes": _peak_bytes(per_stage),
+    record = {"seconds": seconds, "peak_bytes": peak_bytes(),
               "passes": {r.name: r.seconds for r in res.records},
               "compression_ratio": res.manifest["compression_ratio"],
               "density": res.manifest["layers"][0].get("density")}

@@ -84,7 +84,7 @@ def counted(progress: Callable[[str], None], task: str, done: int, total: int) -
 # ---------------------------------------------------------------- the profile
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux); False where it cannot."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -94,7 +94,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak() -> int:
+def peak_bytes() -> int:
     """The peak resident bytes since the last reset (VmHWM), else the process's peak so far."""
     try:
         with open("/proc/self/status") as f:
@@ -130,8 +130,8 @@ class Profile:
             yield
             return
         if self._stack:  # what the enclosing step reached so far survives the reset below
-            self._stack[-1][2] = max(self._stack[-1][2], _peak())
-        self.resettable = _reset_peak() and self.resettable
+            self._stack[-1][2] = max(self._stack[-1][2], peak_bytes())
+        self.resettable = reset_peak() and self.resettable
         path = (*self._stack[-1][0], name) if self._stack else (name,)
         step = self.steps.setdefault(path, Step(name, len(path) - 1))  # listed before the steps inside it
         self._stack.append([path, time.perf_counter(), 0])
@@ -139,7 +139,7 @@ class Profile:
             yield
         finally:
             _, start, children = self._stack.pop()
-            peak = max(_peak(), children)
+            peak = max(peak_bytes(), children)
             step.calls += 1
             step.seconds += time.perf_counter() - start
             step.peak = max(step.peak, peak)
