@@ -22,7 +22,7 @@ measure (its "deep-compression densities, none" and "..., all" runs); the table 
 end is read from bench/results/compression.json, not re-measured.
 Usage: python bench/compile_speed.py [--cases vgg16_fc,resnet50,alexnet,mlp3m] [--modes reconstruction,plain]
        [--timeout 1200] [--out bench/results/compile_speed.json]
-(rows of the cases and modes run replace those rows in an existing --out; the others are kept)
+(written after every row; the rows measured replace those rows in an existing --out, the others are kept)
 """
 
 from __future__ import annotations
@@ -234,6 +234,25 @@ def reconstruction_gain() -> list[dict]:
     return rows
 
 
+def save(path: str, rows: list[dict], gain: list[dict]) -> None:
+    """Write the rows measured so far to `path`, keeping its rows of the cases and modes not measured."""
+    ran = {(r["case"], r["mode"]) for r in rows}
+    rows = list(rows)
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [r for r in json.load(f).get("rows", []) if (r["case"], r["mode"]) not in ran] + rows
+    order = list(CASES)
+    rows.sort(key=lambda r: (order.index(r["case"]), r["mode"] != "reconstruction", r["mode"]))
+    write_json(path, {
+        "benchmark": "compile_speed",
+        "command": "python " + os.path.relpath(os.path.abspath(__file__), ROOT),
+        "seed": SEED, "rows": rows, "reconstruction_gain": gain,
+        "memory_measure": "peak RSS of the compiling process (a fresh one per row): getrusage ru_maxrss",
+        "machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
+                    "platform": platform.platform(), "load_average": os.getloadavg()},
+    })
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(sys.argv[2:])
@@ -252,7 +271,8 @@ def main() -> None:
         if m not in MODES:
             ap.error(f"unknown mode {m!r}")
 
-    rows = []
+    rows: list[dict] = []
+    gain = reconstruction_gain()
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
             build, recipe, calibration, seconds_target, bytes_target = CASES[case]
@@ -274,6 +294,7 @@ def main() -> None:
                     row["met"] = ("error" not in r and r["seconds"] <= seconds_target
                                   and (bytes_target is None or r["peak_bytes"] <= bytes_target))
                 rows.append(row)
+                save(args.out, rows, gain)  # a long run keeps what it measured
                 if case == "mlp3m" and mode == "reconstruction" and "error" not in r:
                     test = np.load(os.path.join(ROOT, "models", "digits_test.npz"))
                     rows16 = os.path.join(tmp, "test16.npz")
@@ -282,6 +303,7 @@ def main() -> None:
                     rows.append({"case": case, "mode": f"validate {VALIDATE_ROWS} rows", "weights": weights, **v,
                                  "target_seconds": VALIDATE_SECONDS,
                                  "met": "error" not in v and v["seconds"] <= VALIDATE_SECONDS})
+                    save(args.out, rows, gain)
 
     print(f"\n{'model':<10}{'weights':>9}  {'mode':<20}{'seconds':>9}{'peak GiB':>10}  {'target':<16}{'met':>5}  passes (s)")
     for r in rows:
@@ -295,30 +317,11 @@ def main() -> None:
         print(f"{r['case']:<10}{r['weights'] / 1e6:>8.1f}M  {r['mode']:<20}{r['seconds']:>9.1f}{r['peak_bytes'] / GiB:>10.2f}"
               f"  {target:<16}{met:>5}  {passes}")
 
-    gain = reconstruction_gain()
     print("\nwhat reconstruction buys (bench/results/compression.json: Deep Compression's densities, 4 bits, "
           "test accuracy of the .eie on the simulator)")
     print(f"{'model':<16}{'dense':>8}{'plain':>8}{'reconstruction':>16}")
     for g in gain:
         print(f"{g['model']:<16}{g['dense_accuracy']:>8.2f}{g['accuracy_plain']:>8.2f}{g['accuracy_reconstruction']:>16.2f}")
-
-    ran = {(r["case"], r["mode"]) for r in rows} | {(c, m) for c in cases for m in modes}
-    if os.path.exists(args.out):  # keep the rows of other cases and modes
-        with open(args.out) as f:
-            old = json.load(f).get("rows", [])
-        ran |= {(r["case"], r["mode"]) for r in old if r["case"] in cases and r["mode"].startswith("validate")
-                and "reconstruction" in modes}
-        rows = [r for r in old if (r["case"], r["mode"]) not in ran] + rows
-    order = list(CASES)
-    rows.sort(key=lambda r: (order.index(r["case"]), r["mode"] != "reconstruction", r["mode"]))
-    write_json(args.out, {
-        "benchmark": "compile_speed",
-        "command": "python " + os.path.relpath(__file__, ROOT),
-        "seed": SEED, "rows": rows, "reconstruction_gain": gain,
-        "memory_measure": "peak RSS of the compiling process (a fresh one per row): getrusage ru_maxrss",
-        "machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
-                    "platform": platform.platform(), "load_average": os.getloadavg()},
-    })
 
 
 if __name__ == "__main__":

@@ -162,8 +162,28 @@ def transformer() -> str:
                    "rel. L2 error", "ORT dense fp32"], rows)
 
 
+def compile_speed() -> str:
+    """bench/compile_speed.py: per model, the default compile (reconstruction) and the plain one."""
+    d = _load("compile_speed")
+    rows, by = [], {(r["case"], r["mode"]): r for r in d["rows"]}
+    fig = lambda r: ("—", "—") if r is None else (r.get("error", "—"), "—") if "error" in r else (  # noqa: E731
+        f"{r['seconds']:.1f}", f"{r['peak_bytes'] / 2**30:.2f}")
+    for case in dict.fromkeys(r["case"] for r in d["rows"]):
+        rec, plain = by.get((case, "reconstruction")), by.get((case, "plain"))
+        target = "" if rec is None or "target_seconds" not in rec else (
+            f"≤ {rec['target_seconds']:.0f} s" + (f", ≤ {rec['target_bytes'] / 2**30:.0f} GiB" if rec.get("target_bytes") else ""))
+        met = "" if rec is None or "met" not in rec else ("yes" if rec["met"] else "**no**")
+        rows.append([case, f"{(rec or plain)['weights'] / 1e6:.1f}M", *fig(rec), *fig(plain), target, met])
+        for (c, mode), r in by.items():
+            if c == case and mode.startswith("validate"):
+                rows.append([f"{case}: {mode}", "", *fig(r), "", "", f"≤ {r['target_seconds']:.0f} s",
+                             "yes" if r["met"] else "**no**"])
+    return _table(["model", "weights", "reconstruction s", "GiB", "plain s", "GiB", "target", "met"], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {"compression": compression, "curve": curve, "eie_layers": eie_layers,
-                                        "sim_speed": sim_speed, "transformer": transformer}
+                                        "sim_speed": sim_speed, "transformer": transformer,
+                                        "compile_speed": compile_speed}
 
 
 def render(text: str) -> str:
