@@ -44,12 +44,9 @@ def split_calibration(inputs: dict[str, np.ndarray], labels: np.ndarray | None =
     if marked is not None:
         rec, out = np.flatnonzero(~marked), np.flatnonzero(marked)
     else:
-        held = min(n - 1, max(1, int(round(hold_out * n))))
-        perm = np.random.default_rng([seed, 0x5E1D]).permutation(n)
-        rec, out = np.sort(perm[held:]), np.sort(perm[:held])
-    pick = lambda rows: {k: v[rows] for k, v in inputs.items()}
-    return CalibrationSplit(pick(rec), pick(out), None if labels is None else labels[rec],
-                            None if labels is None else labels[out], rec, out)
+        rec, out = _seeded_parts(n, min(n - 1, max(1, int(round(hold_out * n)))), [seed, 0x5E1D])
+    (x_rec, y_rec), (x_out, y_out) = _pick(inputs, labels, rec), _pick(inputs, labels, out)
+    return CalibrationSplit(x_rec, x_out, y_rec, y_out, rec, out)
 
 
 @dataclass
@@ -70,9 +67,17 @@ def confirmation_split(inputs: dict[str, np.ndarray], labels: np.ndarray | None 
     n = next(iter(inputs.values())).shape[0]
     if n < 3:
         return None
-    held = min(n - 2, max(1, int(round(confirm * n))))
-    perm = np.random.default_rng([seed, 0xC0F1]).permutation(n)
-    sel, conf = np.sort(perm[held:]), np.sort(perm[:held])
-    pick = lambda rows: {k: v[rows] for k, v in inputs.items()}
-    return ConfirmationSplit(pick(sel), pick(conf), None if labels is None else labels[sel],
-                             None if labels is None else labels[conf])
+    sel, conf = _seeded_parts(n, min(n - 2, max(1, int(round(confirm * n)))), [seed, 0xC0F1])
+    (x_sel, y_sel), (x_conf, y_conf) = _pick(inputs, labels, sel), _pick(inputs, labels, conf)
+    return ConfirmationSplit(x_sel, x_conf, y_sel, y_conf)
+
+
+def _seeded_parts(n: int, held: int, seed: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Row numbers 0..n-1 split by a seeded permutation: (the rest, `held` of them), each increasing."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[held:]), np.sort(perm[:held])
+
+
+def _pick(inputs: dict[str, np.ndarray], labels: np.ndarray | None,
+          rows: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    return {k: v[rows] for k, v in inputs.items()}, None if labels is None else labels[rows]
