@@ -91,10 +91,13 @@ def row_axes(model: onnx.ModelProto, fed: Collection[str] | None = None) -> dict
         if vi.name in fed and len(dims):
             dims[0].Clear()
             dims[0].dim_param = ROWS
-    reached = set(fed)
-    for node in skeleton.graph.node:  # import and every pass keep the graph topologically sorted
-        if reached.intersection(node.input):
-            reached.update(node.output)
+    reached, grew = set(fed), True
+    while grew:  # to a fixed point: a user's graph need not be sorted
+        grew = False
+        for node in skeleton.graph.node:
+            if not reached.issuperset(node.output) and reached.intersection(_reads(node)):
+                reached.update(node.output)
+                grew = True
     try:
         outputs = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True).graph.output
     except Exception:  # noqa: BLE001 - inference refusing the graph leaves every axis unknown
@@ -105,6 +108,16 @@ def row_axes(model: onnx.ModelProto, fed: Collection[str] | None = None) -> dict
             found = [i for i, d in enumerate(vi.type.tensor_type.shape.dim) if d.dim_param == ROWS]
             axes[vi.name] = found[0] if len(found) == 1 else None
     return axes
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors a node reads: its inputs and what its subgraphs (If, Loop, Scan) read."""
+    names = set(node.input)
+    for a in node.attribute:
+        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+            for inner in g.node:
+                names |= _reads(inner)
+    return names
 
 
 def record_row_axes(model: onnx.ModelProto, axes: dict[str, int]) -> None:
