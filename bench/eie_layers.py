@@ -38,8 +38,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from eiec.artifact import load_eie
 from eiec.progress import peak_bytes, reset_peak
-from eiec.driver import compile_model
+from eiec.driver import CompileResult, compile_model
 from eiec.ir import OPSET
+from eiec.runtime import InferenceSession
 from eiec.runtime.cycles import cycle_layer
 from eiec.runtime.energy import MODULES
 from eiec.runtime.executor import run_segment
@@ -178,25 +179,31 @@ def write_json(path: str, result: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- one layer
 
-def compile_layer(layer: BenchLayer, workdir: str, seed: int = SEED, pes: int = PES,
-                  node_nm: int = 45) -> tuple[str, onnx.ModelProto, np.ndarray, dict[str, Any]]:
-    """Build and compile one layer. Returns (eie path, float model, W, compile record)."""
-    w, bias = layer_weights(layer, seed)
-    model = layer_model(layer, w, bias)
-    stem = os.path.join(workdir, layer.name)
+def compile_files(model: onnx.ModelProto, calibration: np.ndarray, stem: str, seed: int = SEED, pes: int = PES,
+                  node_nm: int = 45) -> tuple[CompileResult, dict[str, Any]]:
+    """Write STEM.onnx, its calibration rows (input x) and the bench recipe, compile STEM.eie.
+    Returns the compile's result and its record (seconds, peak memory, per pass, ratio)."""
     onnx.save(model, stem + ".onnx")
-    np.savez(stem + ".calib.npz", x=layer_inputs(layer, CALIBRATION_ROWS, stream=2, seed=seed))
+    np.savez(stem + ".calib.npz", x=calibration)
     with open(stem + ".recipe.yaml", "w") as f:
         yaml.safe_dump(recipe_dict(pes, node_nm), f)
     reset_peak()
     t0 = time.perf_counter()
     res = compile_model(stem + ".onnx", stem + ".eie", stem + ".recipe.yaml", stem + ".calib.npz", seed=seed)
     seconds = time.perf_counter() - t0
-    record = {"seconds": seconds, "peak_bytes": peak_bytes(),
-              "passes": {r.name: r.seconds for r in res.records},
-              "compression_ratio": res.manifest["compression_ratio"],
-              "density": res.manifest["layers"][0].get("density")}
-    return stem + ".eie", model, w, record
+    return res, {"seconds": seconds, "peak_bytes": peak_bytes(), "passes": {r.name: r.seconds for r in res.records},
+                 "compression_ratio": res.manifest["compression_ratio"]}
+
+
+def compile_layer(layer: BenchLayer, workdir: str, seed: int = SEED, pes: int = PES,
+                  node_nm: int = 45) -> tuple[str, onnx.ModelProto, np.ndarray, dict[str, Any]]:
+    """Build and compile one layer. Returns (eie path, float model, W, compile record)."""
+    w, bias = layer_weights(layer, seed)
+    model = layer_model(layer, w, bias)
+    stem = os.path.join(workdir, layer.name)
+    res, record = compile_files(model, layer_inputs(layer, CALIBRATION_ROWS, stream=2, seed=seed), stem, seed,
+                                pes, node_nm)
+    return stem + ".eie", model, w, {**record, "density": res.manifest["layers"][0].get("density")}
 
 
 def segment_of(eie_path: str) -> Segment:
@@ -389,20 +396,13 @@ def lstm_model(seed: int = SEED) -> onnx.ModelProto:
 def run_lstm_op(workdir: str, repeats: int, pes: int = PES, node_nm: int = 45, seed: int = SEED) -> dict[str, Any]:
     """Compile and simulate NT-LSTM as an LSTM op: its W and R run on the accelerator at
     every step (two 2400 x 600 matrices), the gates on the host. Cycles per time step."""
-    from eiec.runtime import InferenceSession  # the whole model: host gates between the segments
-
     model = lstm_model(seed)
     stem = os.path.join(workdir, "NT-LSTM-op")
-    onnx.save(model, stem + ".onnx")
     rng = np.random.default_rng(seed)
-    np.savez(stem + ".calib.npz", x=rng.standard_normal((CALIBRATION_ROWS, LSTM_STEPS, LSTM_INPUTS), np.float32))
-    with open(stem + ".recipe.yaml", "w") as f:
-        yaml.safe_dump(recipe_dict(pes, node_nm), f)
-    t0 = time.perf_counter()
-    res = compile_model(stem + ".onnx", stem + ".eie", stem + ".recipe.yaml", stem + ".calib.npz", seed=seed)
-    compile_s = time.perf_counter() - t0
+    res, record = compile_files(model, rng.standard_normal((CALIBRATION_ROWS, LSTM_STEPS, LSTM_INPUTS), np.float32),
+                                stem, seed, pes, node_nm)
     x = rng.standard_normal((1, LSTM_STEPS, LSTM_INPUTS), np.float32)
-    sess = InferenceSession(stem + ".eie")
+    sess = InferenceSession(stem + ".eie")  # the whole model: the gates run on the host between the segments
     (y,) = sess.run(None, {"x": x})
     report = sess.last_report
     layers = {l["name"]: l for l in report["layers"]}
@@ -413,12 +413,12 @@ def run_lstm_op(workdir: str, repeats: int, pes: int = PES, node_nm: int = 45, s
     cycles = sum(per_step.values())
     return {
         "model": "NT-LSTM as an ONNX LSTM op", "steps": LSTM_STEPS, "inputs": LSTM_INPUTS, "hidden": LSTM_HIDDEN,
-        "weight_density": LAYER_BY_NAME["NT-LSTM"].weight_density, "compile_s": compile_s,
+        "weight_density": LAYER_BY_NAME["NT-LSTM"].weight_density, "compile_s": record["seconds"],
         "compression_ratio": res.manifest["compression_ratio"],
         "compression_ratio_huffman": res.manifest.get("compression_ratio_huffman"),
         "layers": [{"name": name, "cycles_per_step": c, "load_balance": layers[name]["load_balance"],
                     "entries": layers[name]["entries"]} for name, c in per_step.items()],
-        "cycles_per_step": cycles, "latency_us_per_step": cycles / 800,
+        "cycles_per_step": cycles, "latency_us_per_step": cycles / report["clock_mhz"],
         "host_ops": [h["name"] for h in res.manifest["host_ops"]],
         "rel_l2_error_vs_float": float(np.linalg.norm(y - y_ort) / max(np.linalg.norm(y_ort), 1e-30)),
         "ort_dense_us_per_step": ort_s * 1e6 / LSTM_STEPS,
