@@ -142,11 +142,10 @@ class RowSession(ort.InferenceSession):
 
     def row_axes(self, fed: Collection[str]) -> dict[str, int | None]:
         """`row_axes` of the model when `fed` are the inputs fed per row, with the axes
-        import recorded in the model (ROW_AXES_KEY) for the outputs it names."""
+        import recorded in the model (ROW_AXES_KEY) for the outputs it names. Asked only
+        once rows were chunked: an input has a fixed batch, so `skeleton` is set."""
         key = frozenset(fed)
         if key not in self._axes:
-            if self.skeleton is None:  # never chunked: every output is taken as it is
-                return {o.name: 0 for o in self.get_outputs()}
             stored = next((p.value for p in self.skeleton.metadata_props if p.key == ROW_AXES_KEY), "{}")
             self._axes[key] = {**row_axes(self.skeleton, key), **json.loads(stored)}
         return self._axes[key]
