@@ -95,7 +95,7 @@ def row_axes(model: onnx.ModelProto, fed: Collection[str] | None = None) -> dict
     while grew:  # to a fixed point: a user's graph need not be sorted
         grew = False
         for node in skeleton.graph.node:
-            if not reached.issuperset(node.output) and reached.intersection(_reads(node)):
+            if not reached.issuperset(node.output) and reached.intersection(node_reads(node)):
                 reached.update(node.output)
                 grew = True
     try:
@@ -110,13 +110,13 @@ def row_axes(model: onnx.ModelProto, fed: Collection[str] | None = None) -> dict
     return axes
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
+def node_reads(node: onnx.NodeProto) -> set[str]:
     """The tensors a node reads: its inputs and what its subgraphs (If, Loop, Scan) read."""
     names = set(node.input)
     for a in node.attribute:
         for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
             for inner in g.node:
-                names |= _reads(inner)
+                names |= node_reads(inner)
     return names
 
 
@@ -204,32 +204,42 @@ def check_rows(sess: ort.InferenceSession, rows: dict[str, np.ndarray], what: st
 def run_rows(sess: ort.InferenceSession, names: Sequence[str] | None, rows: dict[str, np.ndarray],
              whole: dict[str, np.ndarray] | None = None,
              before_chunk: Callable[[int], None] | None = None,
-             run_options: ort.RunOptions | None = None) -> list[Any]:
+             run_options: ort.RunOptions | None = None,
+             run_chunks: Callable[[list[str], list[dict[str, Any]], list[int]], list[list[Any]]] | None = None
+             ) -> list[Any]:
     """Run `rows` (all sharing one leading row count) in chunks the session's inputs admit.
 
     `whole` are fed unchanged to every chunk (e.g. weights overriding initializers).
     `before_chunk(real_rows)` is called before each run with how many rows of the chunk
-    are real (the rest pad a fixed batch). How the chunks' outputs join (`_join`) follows
-    the outputs' row axes (`RowSession.row_axes`; for another session, the leading axis).
+    are real (the rest pad a fixed batch). `run_chunks(names, feeds, reals)`, when given,
+    runs every chunk's feed instead (all at once: eiec.runtime.stages) and returns each
+    chunk's outputs. How the chunks' outputs join (`_join`) follows the outputs' row axes
+    (`RowSession.row_axes`; for another session, the leading axis).
     """
     names = list(names) if names is not None else [o.name for o in sess.get_outputs()]
     whole = {**(whole or {}), **{k: v for k, v in rows.items() if np.ndim(v) == 0}}  # scalars have no rows
     rows = {k: v for k, v in rows.items() if k not in whole}
     n = next(iter(rows.values())).shape[0] if rows else 0
     size = fixed_batch(sess, list(rows)) if rows else None
-    if size is None or n == size or n == 0:
-        if before_chunk is not None:
-            before_chunk(n)
-        return sess.run(names, {**rows, **whole}, run_options)
-    chunks = []
-    for start in range(0, n, size):
-        real = min(size, n - start)
-        piece = {k: _padded(v[start:start + real], size) for k, v in rows.items()}
-        if before_chunk is not None:
-            before_chunk(real)
-        chunks.append((real, sess.run(names, {**piece, **whole}, run_options)))
+    whole_rows = size is None or n == size or n == 0  # one run on the rows as fed
+    if whole_rows:
+        feeds, reals = [{**rows, **whole}], [n]
+    else:
+        reals = [min(size, n - start) for start in range(0, n, size)]
+        feeds = [{**{k: _padded(v[start:start + real], size) for k, v in rows.items()}, **whole}
+                 for start, real in zip(range(0, n, size), reals)]
+    if run_chunks is not None:
+        outs = run_chunks(names, feeds, reals)
+    else:
+        outs = []
+        for feed, real in zip(feeds, reals):
+            if before_chunk is not None:
+                before_chunk(real)
+            outs.append(sess.run(names, feed, run_options))
+    if whole_rows:
+        return outs[0]
     axes = sess.row_axes(list(rows)) if isinstance(sess, RowSession) else dict.fromkeys(names, 0)
-    return [_join([(real, outs[i]) for real, outs in chunks], size, axes.get(name, _CONSTANT))
+    return [_join([(real, o[i]) for real, o in zip(reals, outs)], size, axes.get(name, _CONSTANT))
             for i, name in enumerate(names)]
 
 

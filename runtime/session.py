@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -36,6 +36,7 @@ from eiec.workers import map_row_blocks
 
 from .executor import SegmentRun, TraceRow, concat_runs, run_segment, segment_report
 from .ops import custom_op, make_session
+from .stages import Stage, plan_stages, run_stages
 
 COMPILED_FOR = "the shape the model was compiled for"
 _SEGMENTS: dict[str, Segment] = {}  # SHA-256 of a blob -> the parsed segment (immutable, shared)
@@ -94,20 +95,16 @@ def _segment_shape(x: np.ndarray, blob: np.ndarray, digest: str = "", session: s
 def eie_segment(x: np.ndarray, blob: np.ndarray, digest: str = "", session: str = "") -> np.ndarray:
     """ai.onnx.contrib::EIESegment(x, blob): run the segment's program on the simulator.
 
-    An exception may not leave a Python op (it would abort onnxruntime): it is kept for
-    `InferenceSession.run` to raise once onnxruntime returns, and the output is NaN. Rows that only pad a
-    fixed-batch chunk are not simulated (their outputs are dropped): the report counts
-    the real inputs only."""
+    Used when the graph runs whole (InferenceSession runs it cut at its segments when it
+    can: eiec.runtime.stages). An exception may not leave a Python op (it would abort
+    onnxruntime): it is kept for `InferenceSession.run` to raise once onnxruntime
+    returns, and the output is NaN."""
     state = _RUNS.get(session)
     if state is None:
         raise RuntimeError("EIESegment runs only inside an eiec InferenceSession's run")
-    chunk = state.chunk
-    real = chunk[0] if chunk is not None and chunk[0] < chunk[1] == x.shape[0] else x.shape[0]
-    start = time.perf_counter()
     try:
         seg = _segment_of(blob, digest)
-        with section(f"simulate {seg.name}"):
-            run = run_segment(seg, x[:real], state.mode, cycles=state.cycles, trace=state.trace)
+        return _simulate(state, seg, [x], [state.chunk], [state.first_row])[0]
     except Exception as e:  # noqa: BLE001 - raised by InferenceSession.run
         state.errors.append(e)
         try:
@@ -115,13 +112,35 @@ def eie_segment(x: np.ndarray, blob: np.ndarray, digest: str = "", session: str 
         except Exception:  # noqa: BLE001 - the segment itself is what failed
             shape = (0,)
         return np.full(shape, np.nan, np.float32)
+
+
+def _simulate(state: _Run, seg: Segment, xs: list[np.ndarray], chunks: list[tuple[int, int] | None],
+              first_rows: list[int]) -> list[np.ndarray]:
+    """The segment's output for each chunk's input xs (the chunk's (real rows, rows fed) and
+    first row among the run's inputs beside), simulated in one run on all their rows.
+    Rows that only pad a fixed-batch chunk are not simulated (their outputs repeat the last
+    real row's): the report counts the real inputs only."""
+    reals = [c[0] if c is not None and c[0] < c[1] == x.shape[0] else x.shape[0] for x, c in zip(xs, chunks)]
+    start = time.perf_counter()
+    try:
+        with section(f"simulate {seg.name}"):
+            rows = xs[0][:reals[0]] if len(xs) == 1 else np.concatenate([x[:r] for x, r in zip(xs, reals)])
+            run = run_segment(seg, rows, state.mode, cycles=state.cycles, trace=state.trace)
     finally:
         state.simulated_s += time.perf_counter() - start
     state.runs.setdefault(seg.name, []).append(run)
-    if state.trace:
-        state.calls.append(TraceCall(seg.name, state.first_row, real == (chunk[0] if chunk else real), run.trace))
-    y = run.output.reshape((real,) + tuple(seg.layers[-1].out_shape))
-    return np.concatenate([y, np.repeat(y[-1:], x.shape[0] - real, axis=0)]) if real < x.shape[0] else y
+    y = run.output.reshape((rows.shape[0],) + tuple(seg.layers[-1].out_shape))
+    outs, a = [], 0
+    for x, chunk, real, first in zip(xs, chunks, reals, first_rows):
+        if state.trace:
+            trace = run.trace if len(xs) == 1 else [
+                TraceRow(r.pc, r.op, r.start[a:a + real], r.end[a:a + real]) for r in run.trace]
+            state.calls.append(TraceCall(seg.name, first, real == (chunk[0] if chunk else real), trace))
+        part = y[a:a + real]
+        outs.append(np.concatenate([part, np.repeat(part[-1:], x.shape[0] - real, axis=0)])
+                    if real < x.shape[0] else part)
+        a += real
+    return outs
 
 
 class InferenceSession:
@@ -167,6 +186,9 @@ class InferenceSession:
         self.last_calls: list[TraceCall] = []  # with trace: each segment call's trace, in order
         self._report_args: tuple | None = None  # the last run's, until its report is made
         self._last_report: dict[str, Any] | None = None
+        self._stages: list[Stage] | None = None  # planned at the first run
+        self._stage_inputs: set[str] = set()
+        self._node_segments: dict[str, Segment] = {}
 
     @property
     def last_report(self) -> dict[str, Any] | None:
@@ -203,7 +225,8 @@ class InferenceSession:
             try:
                 start = time.perf_counter()
                 with section("run (onnxruntime, segments inside)"):
-                    out = run_rows(self._sess, output_names, input_feed, before_chunk=chunk, run_options=run_options)
+                    out = run_rows(self._sess, output_names, input_feed, before_chunk=chunk, run_options=run_options,
+                                   run_chunks=self._staged(state, size, input_feed, run_options))
                 host_s = time.perf_counter() - start - state.simulated_s
             except Exception:
                 if not state.errors:
@@ -220,6 +243,43 @@ class InferenceSession:
         self.last_calls = state.calls
         self._report_args = (self.last_runs, next(iter(input_feed.values())).shape[0] if input_feed else 1, host_s)
         return out
+
+    def _staged(self, state: _Run, size: int | None, input_feed: dict[str, Any],
+                run_options: Any) -> Callable[..., list[list[Any]]] | None:
+        """`run_rows`' run_chunks for this run: the graph cut at its segments (eiec.runtime.stages),
+        each segment simulated once on all chunks' rows; None when the graph cannot be cut
+        or the feed overrides an initializer (then the whole graph runs on each chunk)."""
+        if self._stages is None:
+            try:
+                self._stages = plan_stages(self.model) or []
+            except Exception:  # noqa: BLE001 - a stage onnxruntime refuses: the whole graph still runs
+                self._stages = []
+            inits = {t.name for t in self.model.graph.initializer}
+            self._stage_inputs = {i.name for i in self.model.graph.input} - inits
+        if not self._stages or not set(input_feed) <= self._stage_inputs:
+            return None
+        stages = self._stages
+
+        def run_chunks(names: list[str], feeds: list[dict[str, Any]], reals: list[int]) -> list[list[Any]]:
+            chunks = [(r, size or r) for r in reals]
+            firsts = [int(f) for f in np.cumsum([0] + reals[:-1])]
+
+            def segment(node: onnx.NodeProto, xs: list[np.ndarray]) -> list[np.ndarray]:
+                try:
+                    return _simulate(state, self._node_segment(node), xs, chunks, firsts)
+                except Exception as e:
+                    state.errors.append(e)  # InferenceSession.run raises it as the op's would be
+                    raise
+            return run_stages(stages, names, feeds, segment, run_options)
+        return run_chunks
+
+    def _node_segment(self, node: onnx.NodeProto) -> Segment:
+        """The segment an EIESegment node runs (its blob parsed once per session)."""
+        if node.name not in self._node_segments:
+            digest = next((a.s.decode() for a in node.attribute if a.name == "digest"), "")
+            blob = next(t for t in self.model.graph.initializer if t.name == node.input[1])
+            self._node_segments[node.name] = _segment_of(onnx.numpy_helper.to_array(blob), digest)
+        return self._node_segments[node.name]
 
     def segment(self, name: str) -> Segment:
         """The segment an EIESegment node named `name` runs (parsed once, then cached)."""

@@ -19,13 +19,15 @@ from eiec.container import read_eie
 from eiec.errors import InputError
 from eiec.ortrun import fixed_batch, run_rows, session
 from eiec.runtime import InferenceSession
+from eiec.runtime.session import trace_lines
 
 from helpers import MODELS as SHIPPED, ZOO, canonical_convnet, lossless_weights, make_model, run_cli, tensor, write_recipe
 
 ROWS = 300
 # the torch MLP as exported, and a small conv net (conv 3->4, Flatten, two Gemm) made by hand
 MODELS = {"mlp": (lambda: onnx.load(ZOO / "torch_mlp.onnx"), (64,), 10),
-          "conv": (lambda: canonical_convnet(seed=3), (3, 8, 8), 3)}
+          "conv": (lambda: canonical_convnet(seed=3), (3, 8, 8), 3),
+          "gated": (lambda: gated_convnet(), (3, 8, 8), 3)}
 # no reconstruction: the compressed weights depend on the weights alone, not on float runs
 PLAIN = """defaults: {density: 0.5, bits: 4, obs: false, gptq: false, refit: false, bias_correction: false}
 """
@@ -45,6 +47,17 @@ def with_batch(m: onnx.ModelProto, dst: Path, batch: int | str) -> Path:
     onnx.checker.check_model(m)
     onnx.save(m, dst)
     return dst
+
+
+def gated_convnet() -> onnx.ModelProto:
+    """The conv net with host ops between its segments: conv, Sigmoid, fc1, Relu, fc2 -> y,
+    and z = the mean of the Sigmoid's output (a tensor two stages read)."""
+    m = canonical_convnet(seed=3)
+    nodes = list(m.graph.node)
+    nodes[1] = helper.make_node("Sigmoid", ["c1"], ["r1"], name="gate")
+    nodes.append(helper.make_node("ReduceMean", ["r1"], ["z"], axes=[1, 2, 3], keepdims=0))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    return make_model(nodes, [tensor("x", [2, 3, 8, 8])], [tensor("y", [2, 3]), tensor("z", [2])], weights)
 
 
 def rows(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -119,6 +132,29 @@ def test_fixed_batch_without_reconstruction_lowers_the_same_segments(folder, kin
     assert s.last_report["batch"] == 7
     assert s.last_report["total_cycles"] == s_sym.last_report["total_cycles"]
     assert {n: r.input.shape[0] for n, r in s.last_runs.items()} == {n: 7 for n in s_sym.last_runs}
+
+
+@pytest.mark.parametrize("batch, mode", [(2, "fixed"), (2, "float"), ("N", "fixed")])
+def test_graph_cut_at_its_segments_runs_like_the_whole_graph(folder, batch, mode):
+    """InferenceSession runs the host ops stage by stage and each segment once on every
+    chunk's rows (eiec.runtime.stages): outputs, error bounds, report and trace are those
+    of the whole graph run chunk by chunk with the simulator inside onnxruntime."""
+    _, eie, _, _ = compiled(folder, "gated", batch, True, PLAIN)
+    x = rows(MODELS["gated"][1], 4)[:7]  # batch 2: the last chunk is padded
+    cut, whole = InferenceSession(eie, mode=mode, trace=True), InferenceSession(eie, mode=mode, trace=True)
+    whole._stages = []  # no stages: the EIESegment op runs inside onnxruntime
+    feed = {cut.get_inputs()[0].name: x}
+    ys, ys_whole = cut.run(None, feed), whole.run(None, feed)
+    assert sum(s.sess is not None for s in cut._stages) >= 2  # host ops between and after the segments
+    for y, y_whole in zip(ys, ys_whole):
+        np.testing.assert_array_equal(y, y_whole)
+    for name, run in whole.last_runs.items():
+        np.testing.assert_array_equal(cut.last_runs[name].output, run.output)
+        if mode == "fixed":
+            np.testing.assert_array_equal(cut.last_runs[name].bound, run.bound)
+    reports = [dict(s.last_report, host=None) for s in (cut, whole)]
+    assert json.dumps(reports[0], sort_keys=True) == json.dumps(reports[1], sort_keys=True)
+    assert trace_lines(cut.last_calls, "t") == trace_lines(whole.last_calls, "t")
 
 
 @pytest.mark.parametrize("name, batch", [("lenet_300_100", 1), ("lenet_300_100", 2), ("lenet5", 1),
