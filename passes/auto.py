@@ -532,6 +532,7 @@ def _search(model: onnx.ModelProto, ctx: Context, wanted: dict[str, LayerRecipe]
     searched = report["chosen_score"].value(metric)
     if confirm is None:  # too few rows to keep any from the search
         (estimate, bound), confirmed = searched, None
+        n_kept = report["rows"]
         where = f"{report['rows']} {which}, the rows the recipe was chosen on"
     else:
         ctx.progress("auto: measuring the chosen recipe on the rows kept from the search")
@@ -541,7 +542,7 @@ def _search(model: onnx.ModelProto, ctx: Context, wanted: dict[str, LayerRecipe]
         n_kept = next(iter(confirm.confirmation.values())).shape[0]
         where = f"{n_kept} {which} the choice never saw (it was chosen on {report['rows']} others)"
         rows.update(scored_rows=report["rows"], confirmation_rows=n_kept)
-    ctx.state.notes.extend(_notes(report, metric, budget, (estimate, bound), searched, confirmed, where))
+    ctx.state.notes.extend(_notes(report, metric, budget, (estimate, bound), searched, confirmed, where, n_kept))
     _set_choices(wanted, auto, chosen, report["host"])
     ctx.state.sensitivity = {
         name: {"density": {_key(d): _sig(sc.error) for d, sc in s.density.items()},
@@ -563,8 +564,9 @@ def _search(model: onnx.ModelProto, ctx: Context, wanted: dict[str, LayerRecipe]
 
 
 def _notes(report: dict, metric: str, budget: float, measured_value: tuple[float, float],
-           searched: tuple[float, float], confirmed: bool | None, where: str) -> list[str]:
-    """What the search tells the user: what it moved to the host, and what it measured against the budget."""
+           searched: tuple[float, float], confirmed: bool | None, where: str, rows: int) -> list[str]:
+    """What the search tells the user: what it moved to the host, what it measured against the
+    budget (on `rows` rows), and when one of those rows weighs more than the whole budget."""
     what = "points of top-1 accuracy expected lost" if metric == "accuracy" else "relative output error"
     estimate, bound = measured_value
     measured = f"{what} {estimate:.3g} (at most {bound:.3g} with {CONFIDENCE:.0%} confidence) on {where}"
@@ -582,6 +584,10 @@ def _notes(report: dict, metric: str, budget: float, measured_value: tuple[float
                      "more calibration rows make the choice surer, a lower budget more cautious")
     else:
         notes.append(f"auto: measured {measured}; budget {budget:g}")
+    if metric == "accuracy" and 100.0 / rows > budget:
+        notes.append(f"auto: one of {rows} rows is {100.0 / rows:.2g} points, more than the budget {budget:g}: "
+                     "the figure is the margins' model of new rows (docs/recipe.md), not a count, and a test set "
+                     "of a few hundred rows can lose a row or two more; more calibration rows make it surer")
     return notes
 
 

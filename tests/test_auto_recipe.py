@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from eiec.container import read_eie
 from eiec.driver import compile_model
 from eiec.ir import OPSET, find_layers, get_initializer, matrix_view, set_initializer
-from eiec.passes.auto import DEFAULT_DENSITY
+from eiec.passes.auto import DEFAULT_DENSITY, _notes
 from eiec.passes.cluster import Cluster
 from eiec.passes.compress import magnitude_mask, quantize_weights
 from eiec.passes.holdout import confirmation_split, split_calibration
@@ -280,6 +280,7 @@ def test_auto_compile_respects_the_accuracy_budget_on_the_held_out_calibration_r
     x_out, y_out = kept.confirmation["x"], kept.confirmation_labels
     assert held_out_expected_drop(ir2, model, x_out, y_out) == pytest.approx(auto["estimate"], rel=1e-3, abs=1e-3)
     assert any("points of top-1 accuracy expected lost" in n and "the choice never saw" in n for n in res.notes)
+    assert not any("more than the budget" in n for n in res.notes)  # one of 67 rows is 1.5 points < 25
     chosen = {l["name"]: l for l in res.manifest["layers"]}
     assert any(l["density"] < 1 or l["bits"] < 4 for l in chosen.values())  # it did compress
     assert auto["metric"] == "accuracy"
@@ -295,6 +296,14 @@ def test_auto_compile_respects_the_accuracy_budget_on_the_held_out_calibration_r
     assert set(sens) == {"fc0", "fc1", "fc2"} and set(sens["fc0"]) >= {"density", "bits", "density_accuracy_lost"}
     assert json.load(open(os.path.join(dump, "0_import.json")))["stats"]["sensitivity"] == json.loads(json.dumps(sens))
     assert "accuracy lost" in sensitivity_table(res.manifest)
+
+
+@pytest.mark.parametrize("rows, budget, warned", [(50, 0.5, True), (200, 0.5, False), (50, 2.0, False)])
+def test_auto_says_when_one_kept_back_row_weighs_more_than_the_accuracy_budget(rows, budget, warned):
+    notes = _notes({"host": []}, "accuracy", budget, (0.0, 0.0), (0.0, 0.0), True, f"{rows} rows", rows)
+    assert any(f"one of {rows} rows is" in n and "more than the budget" in n for n in notes) == warned
+    assert not any("more than the budget" in n for n in _notes({"host": []}, "error", 0.01, (0.0, 0.0), (0.0, 0.0),
+                                                              True, "50 rows", 50))
 
 
 def test_auto_compile_respects_the_output_error_budget_and_replays_to_the_same_recipe(tmp_path):
