@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -34,12 +35,26 @@ def map_layers(fn: Callable[[T], R], items: Iterable[T], workers: int | None = N
 # 3.3 s against 0.09 s).
 BLAS_THREADS_MIN_MACS = 1 << 26
 _controller: list[ThreadpoolController] = []  # made on first use, once numpy and scipy are loaded
+# one_blas_thread blocks open on any thread: the first sets the limit, the last restores it
+# (limits nest per process, not per thread: two overlapping blocks restoring in turn would
+# leave BLAS on one thread for good)
+_limit_lock = threading.Lock()
+_limit_holders: list = [0, None]  # blocks open, the limiter to restore
 
 
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
     """Run the block with BLAS (and LAPACK) on one thread: for many small products in a row."""
-    if not _controller:
-        _controller.append(ThreadpoolController())
-    with _controller[0].limit(limits=1, user_api="blas"):
+    with _limit_lock:
+        if not _controller:
+            _controller.append(ThreadpoolController())
+        if _limit_holders[0] == 0:
+            _limit_holders[1] = _controller[0].limit(limits=1, user_api="blas")
+        _limit_holders[0] += 1
+    try:
         yield
+    finally:
+        with _limit_lock:
+            _limit_holders[0] -= 1
+            if _limit_holders[0] == 0:
+                _limit_holders[1].restore_original_limits()

@@ -31,7 +31,8 @@ _BLOCK_ELEMS = 1 << 21
 _SMALL_BLOCK_ELEMS = 1 << 13
 _MAX_BLOCK_ROUNDS = 32
 _SCAN_ROW_ELEMS = 256  # rows at least this wide are scanned one numpy call per row
-_INT32_TIMES = 1 << 29  # cycle times below this are solved in int32
+_INT16_TIMES = 1 << 13  # cycle times below this are solved in int16 (a conv's short broadcast lists)
+_INT32_TIMES = 1 << 29  # ... below this in int32
 _NEVER = -(1 << 40)  # an int64 time below any real one: never wins a max
 
 
@@ -160,10 +161,14 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     if block == 1:  # wide rows and depth 1: the plain recurrence has fewer numpy calls per step
         return _queue_span_stepwise(work, cols_k, valid, depth, trace)
     all_valid = int(n_valid.min(initial=0))  # broadcasts before this are valid for every input
-    # every time is below n_bcast * (max work + 1): int32 halves the memory traffic when it fits
-    small = n_bcast * (int(work.max(initial=0)) + 1) < _INT32_TIMES
-    dtype = np.int32 if small else np.int64
-    never = -2 * _INT32_TIMES if small else _NEVER  # below any b - c: never wins a max
+    # every time is below n_bcast * (max work + 1): a narrower type moves fewer bytes. `never`
+    # is below any b - c (>= -1 - that bound) and stays in range when a c is added to it
+    longest = n_bcast * (int(work.max(initial=0)) + 1)
+    dtype, never = np.int64, _NEVER
+    if longest < _INT16_TIMES:
+        dtype, never = np.int16, -2 * _INT16_TIMES
+    elif longest < _INT32_TIMES:
+        dtype, never = np.int32, -2 * _INT32_TIMES
     if all_valid < n_bcast:  # invalid items read an all-zero work row (index cols): they add no work
         work = np.vstack([work, np.zeros((1, pes), work.dtype)])
         cols_k = np.where(valid, cols_k, work.shape[0] - 1)

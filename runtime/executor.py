@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -171,8 +173,8 @@ def _positions(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
     c = spec.conv
     index = _patch_index(x.shape[1:], c.kernel, c.pads, c.strides, c.dilations)
     flat = np.zeros((x.shape[0], x[0].size + 1), x.dtype)  # the last element: a zero for the padding
-    flat[:, :-1] = x.reshape(x.shape[0], -1)
-    return flat[:, index].reshape(-1, index.shape[1])
+    flat[:, :-1].reshape(x.shape)[...] = x  # one strided copy (x is often a transposed view)
+    return flat.take(index.ravel(), axis=1).reshape(-1, index.shape[1])  # C order: the reshape is free
 
 
 @functools.lru_cache(maxsize=256)
@@ -371,6 +373,12 @@ def _run(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycles: b
     if src is None or src.layer != ins.layer - 1:
         raise FormatError(None, f"{where}: buffer b{ins.src} does not hold the layer's input")
     xs = src.positions(seg, spec, ins.layer, batch)
+    cycles = None
+    if want_cycles:  # the cycle model reads only which inputs are nonzero: it runs beside the arithmetic
+        if st.x_nonzero is None:
+            st.x_nonzero = xs != 0
+        cycles = _beside(tile.code.size * xs.shape[0], cycle_pass, tile, st.x_nonzero, t,
+                         write_back=bool(ins.flags & isa.Flag.LAST))
     if ins.flags & isa.Flag.FIRST:
         m.acc = np.zeros((xs.shape[0], ins.b - ins.a), np.int64 if mode == "fixed" else np.float64)
         m.acc_clipped = np.zeros(m.acc.shape, bool)
@@ -394,11 +402,25 @@ def _run(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycles: b
         _write(m, ins, y, src, xs)
         m.acc = m.acc_clipped = None
     st.tiles.append(tile)
-    if not want_cycles:
-        return None
-    if st.x_nonzero is None:
-        st.x_nonzero = xs != 0
-    return cycle_pass(tile, st.x_nonzero, t, write_back=bool(ins.flags & isa.Flag.LAST)).per_input(batch)
+    return None if cycles is None else cycles().per_input(batch)
+
+
+# a RUN's cycle model runs on a second thread beside its arithmetic (numpy and scipy.sparse
+# release the GIL in their loops) when it has at least this many entries x vectors: below,
+# handing it over costs more than it saves
+_BESIDE_MIN_WORK = 1 << 16
+_beside_pool: list[ThreadPoolExecutor] = []
+
+
+def _beside(work: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
+    """fn(*args, **kwargs) started on the simulator's second thread (or here, when `work` is
+    small or the machine has one core); returns what waits for its result."""
+    if work < _BESIDE_MIN_WORK or (os.cpu_count() or 1) < 2:
+        result = fn(*args, **kwargs)
+        return lambda: result
+    if not _beside_pool:
+        _beside_pool.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="eiec-cycles"))
+    return _beside_pool[0].submit(fn, *args, **kwargs).result
 
 
 def _write(m: _Machine, ins: isa.Instr, y: np.ndarray, src: _Buffer, xs: np.ndarray) -> None:

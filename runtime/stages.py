@@ -9,13 +9,16 @@ segment then runs once on the rows of all chunks (the simulator treats rows
 independently, so its outputs, cycles and report are those of one call per chunk) and
 its output is fed back, chunk by chunk, as a plain input.
 
-Every host node runs exactly once, in the stage that first needs it; a tensor a later
-stage reads is an output of the stage that makes it, as it has another consumer in the
-whole graph too, so onnxruntime's graph optimisations fuse the same nodes either way.
+The stages are cut from the graph as onnxruntime optimised it whole (`optimized_host`)
+and run unoptimised, so every host result is the whole graph's, bit for bit. Every host
+node runs exactly once, in the stage that first needs it; a tensor a later stage reads
+is an output of the stage that makes it.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,8 +45,10 @@ class Stage:
 
 
 def plan_stages(model: onnx.ModelProto) -> list[Stage] | None:
-    """The model's stages, or None when it cannot be cut: an EIESegment inside a subgraph,
-    a graph that is not sorted, or a tensor crossing a cut whose type is not declared."""
+    """The stages of `model` as onnxruntime optimises it (`optimized_host`), or None when it
+    cannot be cut: an EIESegment inside a subgraph, a graph that is not sorted, or a tensor
+    crossing a cut whose type is not declared."""
+    model = optimized_host(model)
     g = model.graph
     if any(_has_segment(n) for n in g.node):
         return None
@@ -102,11 +107,31 @@ def plan_stages(model: onnx.ModelProto) -> list[Stage] | None:
 
 
 def _stage_options() -> onnxruntime.SessionOptions:
-    """Every optimisation but the layout ones: the NCHWc transform rewrites pooling behind a
-    graph input but not behind a custom op, which moves host results by an ulp."""
+    """No optimisation: the stages are cut from the graph onnxruntime has optimised already."""
     options = session_options()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options
+
+
+def optimized_host(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph onnxruntime runs for `model`: after its optimisations, which depend on the
+    whole graph (its NCHWc layout transform rewrites a pooling behind a custom op but not
+    behind a graph input, and the other way round), so that each stage cut from it runs
+    the very kernels on the very tensors the whole graph would. The segments' blobs (only
+    their nodes' inputs) are left out while optimising."""
+    blobs = {n.input[1] for n in model.graph.node if n.op_type == SEGMENT_OP and len(n.input) > 1}
+    g = model.graph
+    light = onnx.GraphProto(name=g.name, node=g.node, input=g.input, output=g.output, value_info=g.value_info,
+                            sparse_initializer=g.sparse_initializer)
+    light.initializer.extend(onnx.numpy_helper.from_array(np.zeros(1, np.uint8), t.name) if t.name in blobs else t
+                             for t in g.initializer)
+    host = onnx.helper.make_model(light, opset_imports=model.opset_import, ir_version=model.ir_version)
+    host.functions.extend(model.functions)
+    with tempfile.TemporaryDirectory(prefix="eiec-host-") as folder:
+        options = session_options()
+        options.optimized_model_filepath = os.path.join(folder, "host.onnx")
+        make_session(host, options)
+        return onnx.load(options.optimized_model_filepath)
 
 
 def _has_segment(node: onnx.NodeProto) -> bool:

@@ -54,15 +54,15 @@ def check_against_scalar(work: np.ndarray, x_nonzero: np.ndarray, depth: int) ->
 
 @given(seed=st.integers(0, 2 ** 32 - 1), pes=st.sampled_from([1, 3, 8, 64, 80]),
        batch=st.integers(1, 5), depth=st.sampled_from([1, 2, 3, 8, 16, 64]),
-       huge=st.booleans())
+       scale=st.sampled_from([1, 1 << 10, 1 << 26]))
 @settings(max_examples=60, deadline=None)
-def test_queue_span_matches_the_scalar_recurrence(seed, pes, batch, depth, huge):
+def test_queue_span_matches_the_scalar_recurrence(seed, pes, batch, depth, scale):
     # pes x batch spans all three code paths: iterated long blocks (narrow rows), one pass
     # per block of <= depth broadcasts (wide rows), and the stepwise loop (depth 1, wide);
-    # huge work values force int64 times instead of int32
+    # larger work values force int32 times (scale 2**10), int64 (2**26) instead of int16
     rng = np.random.default_rng(seed)
     cols = int(rng.integers(1, 40))
-    work = rng.integers(0, int(rng.integers(1, 20)), (cols, pes)) * (1 << 26 if huge else 1)
+    work = rng.integers(0, int(rng.integers(1, 20)), (cols, pes)) * scale
     x_nonzero = rng.random((batch, cols)) < rng.choice([0.1, 0.5, 1.0])
     check_against_scalar(work, x_nonzero, depth)
 
