@@ -3,7 +3,7 @@
 Every row is `eiec.driver.compile_model` — the pass list `eiec MODEL.onnx -o OUT.eie` runs,
 import to .eie write — on an .onnx file built here with random He-scaled weights, with no
 calibration file (the driver's 64 random inputs), in a fresh process whose peak RSS
-(getrusage ru_maxrss) is the compile's. Each model is compiled with the recipe switches at
+(getrusage ru_maxrss) is the compile's, as are its CPU seconds (user + system, all threads). Each model is compiled with the recipe switches at
 their defaults (obs, gptq, refit and bias_correction on: "reconstruction") and with all four
 off ("plain": magnitude pruning and k-means, Deep Compression without reconstruction).
 Models and targets (issue 15):
@@ -199,6 +199,8 @@ def _child(argv: list[str]) -> None:
         code = cli(["validate", *rest, "--quiet"])
         out["exit_code"] = code
     out["seconds"] = time.perf_counter() - t0
+    use = resource.getrusage(resource.RUSAGE_SELF)  # all of the process's threads (BLAS, onnxruntime)
+    out["cpu_seconds"] = round(use.ru_utime + use.ru_stime, 1)
     out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     print(json.dumps(out))
 
@@ -305,7 +307,8 @@ def main() -> None:
                                  "met": "error" not in v and v["seconds"] <= VALIDATE_SECONDS})
                     save(args.out, rows, gain)
 
-    print(f"\n{'model':<10}{'weights':>9}  {'mode':<20}{'seconds':>9}{'peak GiB':>10}  {'target':<16}{'met':>5}  passes (s)")
+    print(f"\n{'model':<10}{'weights':>9}  {'mode':<20}{'seconds':>9}{'CPU s':>8}{'peak GiB':>10}  {'target':<16}{'met':>5}"
+          "  passes (s)")
     for r in rows:
         target = (f"<= {r['target_seconds']:.0f} s" + (f", {r['target_bytes'] / GiB:.0f} GiB" if r.get("target_bytes") else "")
                   if "target_seconds" in r else "")
@@ -314,7 +317,8 @@ def main() -> None:
             print(f"{r['case']:<10}{r['weights'] / 1e6:>8.1f}M  {r['mode']:<20}{r['error']}")
             continue
         passes = ", ".join(f"{k} {v:.1f}" for k, v in r.get("passes", {}).items())
-        print(f"{r['case']:<10}{r['weights'] / 1e6:>8.1f}M  {r['mode']:<20}{r['seconds']:>9.1f}{r['peak_bytes'] / GiB:>10.2f}"
+        print(f"{r['case']:<10}{r['weights'] / 1e6:>8.1f}M  {r['mode']:<20}{r['seconds']:>9.1f}{r.get('cpu_seconds', 0):>8.1f}"
+              f"{r['peak_bytes'] / GiB:>10.2f}"
               f"  {target:<16}{met:>5}  {passes}")
 
     print("\nwhat reconstruction buys (bench/results/compression.json: Deep Compression's densities, 4 bits, "

@@ -146,9 +146,14 @@ class RowSession(ort.InferenceSession):
         once rows were chunked: an input has a fixed batch, so `skeleton` is set."""
         key = frozenset(fed)
         if key not in self._axes:
-            stored = next((p.value for p in self.skeleton.metadata_props if p.key == ROW_AXES_KEY), "{}")
-            self._axes[key] = {**row_axes(self.skeleton, key), **json.loads(stored)}
+            self._axes[key] = skeleton_row_axes(self.skeleton, key)
         return self._axes[key]
+
+
+def skeleton_row_axes(skeleton: onnx.ModelProto, fed: Collection[str]) -> dict[str, int | None]:
+    """`row_axes` of a `shape_skeleton`, with the axes import recorded (ROW_AXES_KEY) for the outputs it names."""
+    stored = next((p.value for p in skeleton.metadata_props if p.key == ROW_AXES_KEY), "{}")
+    return {**row_axes(skeleton, fed), **json.loads(stored)}
 
 
 def session(model: onnx.ModelProto | bytes | str | os.PathLike,
@@ -181,7 +186,11 @@ def fixed_batch(sess: ort.InferenceSession, fed: Sequence[str]) -> int | None:
 
     Inputs declaring different fixed leading dims have no common row count: a ModelError.
     """
-    declared = _declared(sess)
+    return common_batch(_declared(sess), fed)
+
+
+def common_batch(declared: dict[str, tuple[int | None, ...] | None], fed: Sequence[str]) -> int | None:
+    """`fixed_batch` of inputs with these declared dims (None per dynamic axis)."""
     sizes = {declared[n][0] for n in fed if declared.get(n) and declared[n][0] is not None}
     if len(sizes) > 1:
         raise ModelError(None, f"inputs declare different fixed batch sizes ({', '.join(map(str, sorted(sizes)))}): "
@@ -213,7 +222,7 @@ def run_rows(sess: ort.InferenceSession, names: Sequence[str] | None, rows: dict
     `before_chunk(real_rows)` is called before each run with how many rows of the chunk
     are real (the rest pad a fixed batch). `run_chunks(names, feeds, reals)`, when given,
     runs every chunk's feed instead (all at once: eiec.runtime.stages) and returns each
-    chunk's outputs. How the chunks' outputs join (`_join`) follows the outputs' row axes
+    chunk's outputs. How the chunks' outputs join (`join_rows`) follows the outputs' row axes
     (`RowSession.row_axes`; for another session, the leading axis).
     """
     names = list(names) if names is not None else [o.name for o in sess.get_outputs()]
@@ -226,7 +235,7 @@ def run_rows(sess: ort.InferenceSession, names: Sequence[str] | None, rows: dict
         feeds, reals = [{**rows, **whole}], [n]
     else:
         reals = [min(size, n - start) for start in range(0, n, size)]
-        feeds = [{**{k: _padded(v[start:start + real], size) for k, v in rows.items()}, **whole}
+        feeds = [{**{k: pad_rows(v[start:start + real], size) for k, v in rows.items()}, **whole}
                  for start, real in zip(range(0, n, size), reals)]
     if run_chunks is not None:
         outs = run_chunks(names, feeds, reals)
@@ -239,21 +248,21 @@ def run_rows(sess: ort.InferenceSession, names: Sequence[str] | None, rows: dict
     if whole_rows:
         return outs[0]
     axes = sess.row_axes(list(rows)) if isinstance(sess, RowSession) else dict.fromkeys(names, 0)
-    return [_join([(real, o[i]) for real, o in zip(reals, outs)], size, axes.get(name, _CONSTANT))
+    return [join_rows([(real, o[i]) for real, o in zip(reals, outs)], size, axes.get(name, NO_ROW_AXIS))
             for i, name in enumerate(names)]
 
 
-def _padded(a: np.ndarray, size: int) -> np.ndarray:
+def pad_rows(a: np.ndarray, size: int) -> np.ndarray:
     """The chunk with its last row repeated up to `size` rows (a real row: no NaN from zeros)."""
     if a.shape[0] == size:
         return a
     return np.concatenate([a, np.repeat(a[-1:], size - a.shape[0], axis=0)])
 
 
-_CONSTANT = -1  # the row axis of an output that does not depend on the rows
+NO_ROW_AXIS = -1  # the row axis of an output that does not depend on the rows
 
 
-def _join(parts: list[tuple[int, Any]], size: int, axis: int | None) -> Any:
+def join_rows(parts: list[tuple[int, Any]], size: int, axis: int | None) -> Any:
     """One output of all chunks (`parts`: each chunk's real rows and output).
 
     On a known row axis of the chunk size: the real rows, concatenated. With the axis
@@ -264,7 +273,7 @@ def _join(parts: list[tuple[int, Any]], size: int, axis: int | None) -> Any:
     first = parts[0][1]
     if isinstance(first, list) and len(first) == size:  # a sequence output (e.g. ZipMap), one item per row
         return [item for real, p in parts for item in p[:real]]
-    if not isinstance(first, np.ndarray) or axis == _CONSTANT:
+    if not isinstance(first, np.ndarray) or axis == NO_ROW_AXIS:
         return first
     if axis is None and first.ndim and first.shape[0] != size and first.shape[0] % size == 0:
         return np.concatenate([p for _, p in parts])

@@ -1,17 +1,20 @@
 """A layer's calibration inputs as its weight matrix sees them: the rows it multiplies
 (FC: the batch; conv: im2col patches; recurrent: the hidden states), captured from
-onnxruntime runs with the layers' input tensors added as graph outputs."""
+onnxruntime runs of the subgraphs between consecutive layers' inputs (`Stream`)."""
 
 from __future__ import annotations
 
-from typing import Iterable
+import copy
+from collections import OrderedDict
+from typing import Collection, Iterable
 
 import numpy as np
 import onnx
 
 from eiec.conv import conv_output_hw, im2col
-from eiec.ir import Layer, copy_model
-from eiec.ortrun import run_rows, session
+from eiec.ir import Layer
+from eiec.ortrun import (NO_ROW_AXIS, RowSession, common_batch, graph_inputs, join_rows, node_reads, pad_rows, session,
+                         shape_skeleton, skeleton_row_axes)
 
 # Rows per layer the passes and the auto search reconstruct from, and their memory cap.
 CAPTURE_ROWS = 8192
@@ -64,15 +67,148 @@ def row_cap(layer: Layer, max_rows: int, max_bytes: int | None) -> int:
     return max_rows if max_bytes is None else min(max_rows, max(1, max_bytes // (4 * max(cols, 1))))
 
 
-def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of the model with the tensors `names` (not graph inputs) added as graph outputs."""
-    m = copy_model(model)
-    have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
-    for t in names:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-            have.add(t)
-    return m
+class Subgraphs:
+    """The model cut at its layers' inputs: onnxruntime sessions of the nodes between them.
+
+    A `Stream` asks for the nodes that compute some tensors from what it holds; they run as
+    one sub-model (those nodes, their initializers, the held tensors as inputs). `weights`
+    (the layers' weights and biases) stay initializers that are also inputs, so a run may
+    override them (a compressed layer) and the arithmetic is the whole model's. The fed rows
+    are cut into chunks of the inputs' fixed batch (as `run_rows` does: the last one padded
+    by repeating its last row), and every tensor is held per chunk, so nodes whose shapes
+    are fixed for that batch (a Reshape to [1, -1]) run as they were exported.
+    """
+
+    def __init__(self, model: onnx.ModelProto, fed: Iterable[str], weights: Iterable[str]):
+        self.model = model
+        g = model.graph
+        self.order = {n.name: i for i, n in enumerate(g.node)}
+        self.producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+        self.reads = [node_reads(n) for n in g.node]
+        self.inits = {t.name: t for t in g.initializer}
+        self.inputs = {vi.name: vi for vi in g.input}
+        self.weights = set(weights)
+        declared = {gi.name: gi.dims for gi in graph_inputs(model)}
+        self.fed = [n for n in fed if n in declared]
+        self.batch = common_batch(declared, self.fed)
+        self._sessions: OrderedDict[tuple, RowSession] = OrderedDict()
+        self._axes: dict[str, int | None] | None = None
+
+    def chunks(self, rows: dict[str, np.ndarray]) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+        """The fed rows per run: chunks of the fixed batch (one chunk when it is symbolic), and their real rows."""
+        whole = {k: v for k, v in rows.items() if np.ndim(v) == 0}  # scalars have no rows
+        rows = {k: v for k, v in rows.items() if k not in whole}
+        n = next(iter(rows.values())).shape[0] if rows else 0
+        size = self.batch
+        if size is None or n == size or n == 0:
+            return [{**rows, **whole}], [n]
+        starts = range(0, n, size)
+        return ([{**{k: pad_rows(v[s:s + size], size) for k, v in rows.items()}, **whole} for s in starts],
+                [min(size, n - s) for s in starts])
+
+    def join(self, name: str, parts: list[np.ndarray], real: list[int]) -> np.ndarray:
+        """Tensor `name` of all rows from its chunks (their real rows, on its row axis)."""
+        if self.batch is None or real == [self.batch]:
+            return parts[0]
+        if self._axes is None:  # by shape inference, once: the model's row axes of the tensors asked for
+            skeleton = shape_skeleton(self.model)
+            have = {vi.name for vi in skeleton.graph.output}
+            skeleton.graph.output.extend(onnx.ValueInfoProto(name=t) for t in self.producer if t not in have)
+            self._axes = skeleton_row_axes(skeleton, self.fed)
+        axis = 0 if name in self.fed else self._axes.get(name, NO_ROW_AXIS)  # fed rows lead
+        return join_rows(list(zip(real, parts)), self.batch, axis)
+
+    def nodes_for(self, targets: Iterable[str], held: Collection[str]) -> list[int]:
+        """The nodes (graph order) that compute `targets` from the tensors `held`, initializers and graph inputs."""
+        nodes: set[int] = set()
+        stack = [t for t in targets if t not in held]
+        while stack:
+            i = self.producer.get(stack.pop())
+            if i is None or i in nodes:
+                continue
+            nodes.add(i)
+            stack.extend(r for r in self.reads[i] if r and r not in held)
+        return sorted(nodes)
+
+    def session(self, nodes: list[int], inputs: list[tuple[str, np.ndarray]], outputs: list[str]) -> RowSession:
+        """The sub-model of `nodes` reading the held `inputs` (name, one chunk's value), writing `outputs`."""
+        key = (tuple(nodes), tuple((n, a.dtype.str, a.shape) for n, a in inputs), tuple(outputs))
+        if key in self._sessions:
+            self._sessions.move_to_end(key)
+            return self._sessions[key]
+        g = self.model.graph
+        sub = onnx.GraphProto(name=g.name, node=[g.node[i] for i in nodes])
+        for name, a in inputs:
+            sub.input.append(onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape)))
+        read = set().union(*(self.reads[i] for i in nodes)) - {n for n, _ in inputs}
+        for name in sorted(read):
+            if name in self.inits:
+                t = self.inits[name]
+                sub.initializer.append(t)
+                if name in self.weights:
+                    sub.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+            elif name in self.inputs:
+                sub.input.append(self.inputs[name])
+        sub.output.extend(onnx.ValueInfoProto(name=t) for t in outputs)
+        m = onnx.helper.make_model(sub, opset_imports=self.model.opset_import,
+                                   ir_version=max(self.model.ir_version, 4))  # initializers that are inputs: overridable
+        m.functions.extend(self.model.functions)
+        sess = session(m)
+        self._sessions[key] = sess
+        while len(self._sessions) > 2:  # the dense and compressed streams take the same steps
+            self._sessions.popitem(last=False)
+        return sess
+
+
+class Stream:
+    """The model's tensors on the calibration rows, computed up to each layer's input in turn.
+
+    `advance` runs only the nodes between what the stream holds and the tensors asked for,
+    then keeps just the tensors the nodes still to come will read (`later`): at any time the
+    stream holds the frontier of the graph, not every layer's input. Copies share arrays
+    (they are never written to).
+    """
+
+    def __init__(self, graph: Subgraphs, rows: dict[str, np.ndarray]):
+        self.graph = graph
+        chunks, self.real = graph.chunks(rows)
+        self.held: dict[str, list[np.ndarray]] = {k: [c[k] for c in chunks] for k in chunks[0]}
+        self.done: set[int] = set()  # the nodes run
+
+    def copy(self) -> "Stream":
+        other = copy.copy(self)
+        other.held, other.done = dict(self.held), set(self.done)
+        return other
+
+    def ran(self, node_name: str) -> bool:
+        return self.graph.order[node_name] in self.done
+
+    def advance(self, target: str, later: Iterable[str], weights: dict[str, np.ndarray]) -> np.ndarray:
+        """Tensor `target` on all rows, the model running with `weights` (name -> array) overriding
+        its initializers; then only what computing the tensors `later` needs is kept."""
+        gr = self.graph
+        nodes = gr.nodes_for([target], self.held)
+        done = self.done | set(nodes)
+        produced = {o for i in nodes for o in gr.model.graph.node[i].output if o}
+        available = self.held.keys() | produced
+        later = [t for t in later if t != target]
+        keep = set(later) | set().union(*(gr.reads[i] for i in gr.nodes_for(later, available)))
+        if nodes:
+            outputs = [target] + sorted((keep & produced) - {target})
+            read = set().union(*(gr.reads[i] for i in nodes))
+            inputs = sorted(read & self.held.keys())
+            sess = gr.session(nodes, [(n, self.held[n][0]) for n in inputs], outputs)
+            over = {k: v for k, v in weights.items() if k in read and k in gr.weights}
+            results = [sess.run(outputs, {**{n: self.held[n][c] for n in inputs}, **over})
+                       for c in range(len(self.real))]
+            for j, name in enumerate(outputs):
+                self.held[name] = [r[j] for r in results]
+            del results
+        value = gr.join(target, self.held[target], self.real)
+        self.held = {k: v for k, v in self.held.items() if k in keep}
+        self.done = done
+        return value
 
 
 def capture_layer_inputs(
@@ -85,23 +221,21 @@ def capture_layer_inputs(
 ) -> dict[str, np.ndarray]:
     """Each layer's inputs on the calibration data, as the rows its weight matrix multiplies.
 
-    One onnxruntime run with every layer's input tensor (`Layer.input`) added as a
-    graph output. FC: X [n, in]. Conv: im2col patches, [n, in/g*kh*kw] when g = 1,
+    The model runs layer input by layer input (`Stream`), holding only the tensors later
+    layers still need. FC: X [n, in]. Conv: im2col patches, [n, in/g*kh*kw] when g = 1,
     else [g, n, in/g*kh*kw] (the per-group form every `reconstruct` function takes).
     At most max_rows rows (and, with max_bytes, at most max_bytes of float32 rows per
     layer), picked uniformly without replacement (seeded) and kept in order.
-    Memory: all layers' rows at once (float32).
     """
-    wanted = list(dict.fromkeys(l.input for l in layers if l.input not in inputs))
-    m = with_outputs(model, wanted)
-    values = dict(zip(wanted, run_rows(session(m), wanted, inputs))) if wanted else {}
-    values.update(inputs)
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    todo = sorted(layers, key=lambda l: order[l.node.name])
+    stream = Stream(Subgraphs(model, inputs, ()), inputs)
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
-    for layer in layers:
-        x = np.asarray(values[layer.input])
+    for i, layer in enumerate(todo):
+        x = stream.advance(layer.input, [l.input for l in todo[i + 1:]], {})
         out[layer.name] = layer_matrix(layer, x, pick_rows(layer_rows(layer, x), row_cap(layer, max_rows, max_bytes), rng))
-    return out
+    return {layer.name: out[layer.name] for layer in layers}
 
 
 def pick_rows(n: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:

@@ -12,16 +12,18 @@ import onnx
 
 from eiec.errors import ModelError
 from eiec.ir import Layer, get_initializer, matrix_view
-from eiec.ortrun import run_rows, session
 from eiec.progress import counted, section
 
 from . import reconstruct
-from .capture import CAPTURE_BYTES, CAPTURE_ROWS, layer_matrix, layer_rows, pick_rows, row_cap, with_outputs
+from .capture import CAPTURE_BYTES, CAPTURE_ROWS, Stream, Subgraphs, layer_matrix, layer_rows, pick_rows, row_cap
 from .compress import cluster_weights, magnitude_mask
 
 Progress = Callable[[str], None]
 # Layer results `Sequential` keeps for reuse (probes sharing a prefix of layer choices).
 CACHE_BYTES = 256 << 20
+# Dense layer rows (X_ref) kept for later `compress` calls, so the auto search's probes need not
+# rerun the dense model; a compile's single call on a big model keeps little beyond this.
+REF_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,10 @@ class Sequential:
     scores recipes with it and the reconstruct pass plans with it, so what was measured
     is what is compiled. Layers missing from a `choices` dict stay dense. Results are
     cached by the prefix of choices up to each layer (at most `cache_bytes`).
-    Cost per layer: one onnxruntime run (none while no earlier layer is compressed),
-    the Hessian (n * in^2) and OBS (~out * in^2 / 2).
+    Cost per `compress` call: at most two onnxruntime runs of the model in all (dense and
+    compressed, `capture.Stream`: each layer's step runs only the nodes since the previous
+    layer's input, and only the tensors later layers read are held); per layer the Hessian
+    (n * in^2, n <= max_rows rows) and OBS (~out * in^2 / 2).
     """
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], calibration: dict[str, np.ndarray],
@@ -85,9 +89,8 @@ class Sequential:
         self.calibration = calibration
         self.seed = seed
         self.progress = progress
-        m = with_outputs(model, [l.input for l in self.layers if l.input not in calibration])
-        m.ir_version = max(m.ir_version, 4)  # initializers that are also inputs are overridable
-        inits = {t.name: t for t in m.graph.initializer}
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        inits = {t.name for t in model.graph.initializer}
         self.weights: dict[str, np.ndarray] = {}
         for layer in self.layers:
             for name in (layer.weight, layer.bias):
@@ -95,38 +98,25 @@ class Sequential:
                     raise ModelError(None, f"layer {layer.name}: {name} is not an initializer")
                 if name not in self.weights:
                     self.weights[name] = get_initializer(model, name)
-                    t = inits[name]
-                    m.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
-        self.session = session(m)
-        # the dense capture: every layer's rows (the same rows are taken from every later run)
-        dense = self._tensors(self.layers, {})
-        self.rows: dict[str, np.ndarray] = {}
-        self.X_ref: dict[str, np.ndarray] = {}
-        for i, layer in enumerate(self.layers):
-            x = dense[layer.input]
-            rng = np.random.default_rng([seed, i])
-            self.rows[layer.name] = pick_rows(layer_rows(layer, x), row_cap(layer, max_rows, max_bytes), rng)
-            self.X_ref[layer.name] = layer_matrix(layer, x, self.rows[layer.name])
-        del dense
+        self.graph = Subgraphs(model, calibration, self.weights)
+        self.rows: dict[str, np.ndarray] = {}  # each layer's calibration rows, picked on first sight (seeded)
+        self._refs: dict[str, np.ndarray] = {}  # dense rows X_ref kept for later calls, at most REF_BYTES
         self._targets: dict[str, reconstruct.LayerTarget] = {}  # non-sequential targets, reused
         self._cache: OrderedDict[tuple, LayerResult] = OrderedDict()
         self._cache_bytes = 0
         self.cache_limit = cache_bytes
 
-    def _tensors(self, layers: list[Layer], overrides: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = list(dict.fromkeys(l.input for l in layers if l.input not in self.calibration))
-        out = dict(zip(names, self._run(names, overrides))) if names else {}
-        out.update({l.input: self.calibration[l.input] for l in layers
-                    if l.input in self.calibration})
-        return out
-
-    def _run(self, names: list[str], overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return run_rows(self.session, names, self.calibration, overrides)
+    def _matrix(self, layer: Layer, x: np.ndarray) -> np.ndarray:
+        """The layer's calibration rows of its input tensor x (the same rows whatever the weights)."""
+        if layer.name not in self.rows:
+            i = [l.name for l in self.layers].index(layer.name)
+            self.rows[layer.name] = pick_rows(layer_rows(layer, x), row_cap(layer, self.max_rows, self.max_bytes),
+                                              np.random.default_rng([self.seed, i]))
+        return layer_matrix(layer, x, self.rows[layer.name])
 
     def layer_inputs(self, layer: Layer, overrides: dict[str, np.ndarray]) -> np.ndarray:
         """The layer's calibration rows ([n, in] or [g, n, in_g]) when the model runs with `overrides`."""
-        x = self._tensors([layer], overrides)[layer.input]
-        return layer_matrix(layer, x, self.rows[layer.name])
+        return self._matrix(layer, Stream(self.graph, self.calibration).advance(layer.input, (), overrides))
 
     def matches(self, model: onnx.ModelProto, layers: list[Layer], steps: dict[str, Steps],
                 calibration: dict[str, np.ndarray], seed: int) -> bool:
@@ -142,11 +132,16 @@ class Sequential:
         return all(np.array_equal(get_initializer(model, n), w) for n, w in self.weights.items())
 
     def compress(self, choices: dict[str, tuple[float, int | None]]) -> dict[str, LayerResult]:
-        """Every layer in `choices` compressed to its (density, bits), in graph order (bits None: no clustering)."""
+        """Every layer in `choices` compressed to its (density, bits), in graph order (bits None: no clustering).
+
+        From the first layer not cached on, two `Stream`s walk the model: the dense one (the
+        targets' X_ref) and, once some earlier layer is compressed, one running the compressed
+        layers (each layer's X); each runs only the nodes up to the next layer's input."""
         results: dict[str, LayerResult] = {}
         overrides: dict[str, np.ndarray] = {}
         prefix: tuple = ()
         todo = [layer for layer in self.layers if layer.name in choices]
+        dense = compressed = None
         for i, layer in enumerate(todo):
             density, bits = choices[layer.name]
             prefix += ((layer.name, float(density), None if bits is None else int(bits)),)
@@ -155,8 +150,18 @@ class Sequential:
                 counted(self.progress, "reconstruct", i, len(todo))
                 self.progress(f"reconstruct {layer.name}: density {density:g}, bits {bits}")
                 with section(f"reconstruct {layer.name}"):
-                    X = self.layer_inputs(layer, overrides) if overrides else None
-                    res = self._compress_layer(layer, X, float(density), bits)
+                    later = [l.input for l in todo[i + 1:]]
+                    with section("capture"):
+                        if dense is None:
+                            dense = Stream(self.graph, self.calibration)
+                        if overrides and compressed is None:  # where the dense stream is, unless it ran a changed layer
+                            stale = any(dense.ran(l.node.name) for l in todo[:i])
+                            compressed = Stream(self.graph, self.calibration) if stale else dense.copy()
+                        X_ref = self._ref(layer, dense, later)
+                        X = self._matrix(layer, compressed.advance(layer.input, later, overrides)) if overrides else None
+                    res = self._compress_layer(layer, X_ref, X, float(density), bits)
+                if compressed is not None and compressed.ran(layer.node.name):
+                    compressed = None  # a recurrent layer's input is its own node's output: rerun it compressed
                 self._remember(prefix, res)
             else:
                 self._cache.move_to_end(prefix)
@@ -164,6 +169,15 @@ class Sequential:
             overrides[layer.weight], overrides[layer.bias] = res.weight, res.bias
         counted(self.progress, "reconstruct", len(todo), len(todo))
         return results
+
+    def _ref(self, layer: Layer, dense: Stream, later: list[str]) -> np.ndarray:
+        """The layer's dense rows X_ref (from `dense`, advanced to the layer unless kept from an earlier call)."""
+        if layer.name in self._refs:
+            return self._refs[layer.name]
+        X_ref = self._matrix(layer, dense.advance(layer.input, later, {}))
+        if sum(a.nbytes for a in self._refs.values()) + X_ref.nbytes <= REF_BYTES:
+            self._refs[layer.name] = X_ref
+        return X_ref
 
     def overrides(self, choices: dict[str, tuple[float, int | None]]) -> dict[str, np.ndarray]:
         """{weight/bias name: array} of the compressed layers, to run the model with."""
@@ -180,20 +194,21 @@ class Sequential:
             _, old = self._cache.popitem(last=False)
             self._cache_bytes -= old.nbytes
 
-    def target(self, layer: Layer, X: np.ndarray | None) -> reconstruct.LayerTarget:
-        """The layer's reconstruction target for inputs X (None: the dense inputs, non-sequential)."""
+    def target(self, layer: Layer, X_ref: np.ndarray, X: np.ndarray | None) -> reconstruct.LayerTarget:
+        """The layer's reconstruction target for inputs X (None: the dense inputs X_ref, non-sequential)."""
         W = matrix_view(self.weights[layer.weight])
         if X is not None:
-            return reconstruct.LayerTarget(W, X, self.X_ref[layer.name])
+            return reconstruct.LayerTarget(W, X, X_ref)
         if layer.name not in self._targets:
-            self._targets[layer.name] = reconstruct.LayerTarget(W, self.X_ref[layer.name])
+            self._targets[layer.name] = reconstruct.LayerTarget(W, X_ref)
         return self._targets[layer.name]
 
-    def _compress_layer(self, layer: Layer, X: np.ndarray | None, density: float, bits: int | None) -> LayerResult:
+    def _compress_layer(self, layer: Layer, X_ref: np.ndarray, X: np.ndarray | None, density: float,
+                        bits: int | None) -> LayerResult:
         st = self.steps[layer.name]
         w, b = self.weights[layer.weight], self.weights[layer.bias]
         W = matrix_view(w)
-        t = self.target(layer, X) if st.any else None
+        t = self.target(layer, X_ref, X) if st.any else None
         ps: dict = {"reference": "none" if t is None else ("sequential" if t.sequential else "dense")}
         if t is not None:
             ps["layer_error_dense"] = t.error(W)  # the dense weights on these inputs: the error carried in

@@ -16,7 +16,7 @@ from eiec.inputs import load_calibration, random_inputs
 from eiec.ir import OPSET, find_layers, matrix_view
 from eiec.measure import CONFIDENCE, Score, class_scores, expected_drop, label_margins, upper_bound
 from eiec.passes.auto import DEFAULT_DENSITY, StorageModel, auto_recipe, default_recipe, recipe_path
-from eiec.passes.capture import capture_layer_inputs
+from eiec.passes.capture import Stream, Subgraphs, capture_layer_inputs
 from eiec.passes.compress import plain_compress
 from eiec.passes.evaluate import LayerSensitivity
 from eiec.passes.holdout import confirmation_split, split_calibration
@@ -151,6 +151,82 @@ def test_capture_layer_inputs_subsamples_rows_deterministically():
         f = full[name].reshape(-1, full[name].shape[-1]) if full[name].ndim == 2 else full[name][0]
         s = a[name] if a[name].ndim == 2 else a[name][0]
         assert all((f == row).all(axis=1).any() for row in s)
+
+
+def residual_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """As torch.onnx.export writes a small ResNet block at batch 1: Conv -> Relu -> (Conv -> Relu -> Conv)
+    + shortcut -> Relu -> Reshape to the constant [1, -1] -> Gemm, input fixed at [1, 2, 6, 6]."""
+    inits = {
+        "w1": rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "b1": rng.standard_normal(4).astype(np.float32),
+        "w2": rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "b2": rng.standard_normal(4).astype(np.float32),
+        "w3": rng.standard_normal((4, 4, 3, 3)).astype(np.float32) * 0.3, "b3": np.zeros(4, np.float32),
+        "w4": rng.standard_normal((3, 4 * 36)).astype(np.float32) * 0.1, "b4": np.zeros(3, np.float32),
+        "flat_shape": np.array([1, -1], np.int64),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="stem", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["a"], name="stem_relu"),
+        helper.make_node("Conv", ["a", "w2", "b2"], ["c2"], name="branch1", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["c2"], ["r"], name="branch1_relu"),
+        helper.make_node("Conv", ["r", "w3", "b3"], ["c3"], name="branch2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c3", "a"], ["sum"], name="add"),
+        helper.make_node("Relu", ["sum"], ["out"], name="out_relu"),
+        helper.make_node("Reshape", ["out", "flat_shape"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "w4", "b4"], ["y"], name="fc", transB=1),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    return make_model(nodes, [x], [y], inits)
+
+
+def per_row(model: onnx.ModelProto, name: str, feeds) -> np.ndarray:
+    """The oracle for a batch-1 model: tensor `name` of the whole model run by onnxruntime, one row at a time."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run([name], {"x": feeds["x"][i:i + 1]})[0] for i in range(len(feeds["x"]))])
+
+
+def test_stream_gives_each_layer_input_of_the_whole_model_run_holding_only_the_frontier():
+    rng = np.random.default_rng(11)
+    model = residual_net(rng)
+    feeds = {"x": rng.standard_normal((5, 2, 6, 6)).astype(np.float32)}
+    layers = find_layers(model)
+    assert [l.input for l in layers] == ["x", "a", "r", "flat"]
+    stream = Stream(Subgraphs(model, feeds, ()), feeds)
+    # after each layer's input: what computing the later ones reads (the shortcut `a` until the Add has run)
+    frontier = [{"x"}, {"a"}, {"a", "r"}, set()]
+    for i, layer in enumerate(layers):
+        x = stream.advance(layer.input, [l.input for l in layers[i + 1:]], {})
+        # equal up to float rounding: onnxruntime fuses the Add into the conv differently in a sub-model
+        np.testing.assert_allclose(x, feeds["x"] if layer.input == "x" else per_row(model, layer.input, feeds),
+                                   rtol=1e-5, atol=1e-5)
+        assert set(stream.held) == frontier[i]
+    X = capture_layer_inputs(model, layers, feeds)
+    np.testing.assert_allclose(X["fc"], per_row(model, "flat", feeds), rtol=1e-5, atol=1e-5)
+
+
+def test_sequential_on_a_batch_1_residual_net_sees_the_compressed_predecessors_outputs():
+    rng = np.random.default_rng(12)
+    model = residual_net(rng)
+    layers = find_layers(model)
+    feeds = {"x": rng.standard_normal((3, 2, 6, 6)).astype(np.float32)}
+    seq = Sequential(model, layers, feeds)
+    results = seq.compress({l.name: (0.5, 2) for l in layers})
+    done: dict[str, np.ndarray] = {}
+    for layer in layers:
+        if done:  # the layer's dense output error on the inputs the compressed predecessors give (the oracle's)
+            x, x_ref = per_row(with_initializers(model, done), layer.input, feeds), per_row(model, layer.input, feeds)
+            cols = (lambda t: t.reshape(len(t), -1)) if layer.kind == "fc" else (
+                lambda t: im2col(t, layer.shape[2:], tuple(layer.attr("pads", [0] * 4)))[0])
+            W = matrix_view(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == layer.weight)))
+            rows = seq.rows[layer.name]
+            y, y_ref = cols(x)[rows] @ W.T.astype(np.float64), cols(x_ref)[rows] @ W.T.astype(np.float64)
+            want = np.sum((y - y_ref) ** 2) / np.sum(y_ref**2)
+            assert want > 1e-3  # the predecessors really changed the input
+            np.testing.assert_allclose(results[layer.name].prune_stats["layer_error_dense"], want, rtol=1e-4)
+        done[layer.weight], done[layer.bias] = results[layer.name].weight, results[layer.name].bias
 
 
 def with_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
