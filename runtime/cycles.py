@@ -291,8 +291,13 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
     table = tile_cached(tile, f"events{target.entries_per_line}", lambda tt: _event_table(tt, target.entries_per_line))
     nz = x_nonzero[:, tile.col_lo:tile.col_lo + tile.cols]
     count = np.count_nonzero(nz, axis=1).astype(np.int64)
-    # each vector's events: the sum of its broadcast columns' rows (exact in the table's dtype)
-    per_vector = blas_product(nz.astype(table.dtype), table).astype(np.int64)
+    # each vector's events: the sum of its broadcast columns' rows (exact in the table's dtype),
+    # multiplied by the table's nonzero columns only (a layer with fewer rows than PEs leaves
+    # PEs without entries and without excess)
+    used = tile_cached(tile, f"events{target.entries_per_line}_used", lambda tt: np.flatnonzero(table.any(axis=0)))
+    per_vector = np.zeros((n, table.shape[1]), np.int64)
+    per_vector[:, used] = blas_product(nz.astype(table.dtype), tile_cached(
+        tile, f"events{target.entries_per_line}_compact", lambda tt: np.ascontiguousarray(table[:, used])))
     excess = per_vector[:, pes + 2:]
     span, stall = _spans(tile, nz, count, excess, table, target.queue_depth)
     write = -(-tile.rows // pes) if write_back else 0
