@@ -230,28 +230,31 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     lo, hi = int_range(target.acc_bits)
     rows_sel = np.arange(tile.row_lo, tile.row_lo + tile.rows)
     cs = slice(tile.col_lo, tile.col_lo + tile.cols)
-    x_cols = x_q[:, cs].T.copy()
-    nonneg = bool((x_cols >= 0).all())  # ReLU inputs: one product gives both sums, not two
+    x_rows = x_q[:, cs]
+    nonneg = bool((x_rows >= 0).all())  # ReLU inputs: one product gives both sums, not two
     split = _sign_split(tile, codebook_q)
-    if _dense_pays(split, x_cols.shape[1], target):
-        # float64 sums of integers below 2**53 are exact whatever BLAS's order
-        dense = tile_cached(tile, _codebook_key("sign_split_dense", codebook_q),
-                            lambda t: split.toarray().astype(np.float64))
+    if _dense_pays(split, x_rows.shape[0], target):
+        # float64 sums of integers below 2**53 are exact whatever BLAS's order; the vectors
+        # stay rows (x W^T: no transposed copies of a conv's many positions)
+        dense_t = tile_cached(tile, _codebook_key("sign_split_dense_t", codebook_q),
+                              lambda t: np.ascontiguousarray(split.toarray().T, np.float64))
 
         def product(v: np.ndarray) -> np.ndarray:
-            return blas_product(dense, v.astype(np.float64)).astype(np.int64)
+            return blas_product(v.astype(np.float64), dense_t).astype(np.int64)
     else:
+        x_cols = x_rows.T.copy()
         live = np.flatnonzero(x_cols.any(axis=1))  # zero activations are never broadcast
         if live.size < _SELECT_COLUMNS * tile.cols and split.nnz * x_cols.shape[1] >= _SELECT_MIN_WORK:
             # copying the live columns beats reading all (scipy's column slice has a fixed cost)
             split, x_cols = split[:, live], x_cols[live]
+        x_rows = x_cols.T
 
         def product(v: np.ndarray) -> np.ndarray:
-            return split @ v
-    signed = product(x_cols)  # [2 * rows, B]: sums of |w| x over w > 0 and w < 0
-    magnitude = signed if nonneg else product(np.abs(x_cols))
-    exact = acc + (signed[0::2] - signed[1::2]).T
-    reach = (magnitude[0::2] + magnitude[1::2]).T  # sum_j |w_ij x_j|
+            return (split @ v.T).T
+    signed = product(x_rows)  # [B, 2 * rows]: sums of |w| x over w > 0 and w < 0
+    magnitude = signed if nonneg else product(np.abs(x_rows))
+    exact = acc + (signed[:, 0::2] - signed[:, 1::2])
+    reach = magnitude[:, 0::2] + magnitude[:, 1::2]  # sum_j |w_ij x_j|
     clipped = np.zeros(exact.shape, bool)
     if not exact.size or int(np.abs(acc).max()) + int(reach.max()) <= hi:  # lo = -hi - 1
         return exact, clipped  # the common case: no running sum can leave the range
