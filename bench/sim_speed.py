@@ -8,9 +8,9 @@ Two parts (issue 15):
 - Whole models through `InferenceSession.run` (host ops in onnxruntime, segments on the
   simulator, cycle model on; the report is made when first read and is timed apart):
   LeNet-5 (models/lenet5.onnx, Deep Compression recipe) and the MobileNet-style model
-  (models/mobilenet_digits.onnx, shipped with a fixed batch of 1, so onnxruntime and the
-  session run it one row at a time; and the same graph with a free batch dim, as an export
-  with dynamic axes writes it) at batch 32, target <= 20x onnxruntime dense per image; an
+  (models/mobilenet_digits.onnx, shipped with a fixed batch of 1, so onnxruntime runs it one
+  row at a time, and the session its host ops, each segment once on all rows; and the same
+  graph with a free batch dim, as an export with dynamic axes writes it) at batch 32, target <= 20x onnxruntime dense per image; an
   AlexNet-sized model (bench/alexnet.py's, no reconstruction) at batch 8, target < 3 s.
 Simulator and onnxruntime runs alternate, so machine load hits both alike.
 Usage: python bench/sim_speed.py [--parts alex6 lenet5 mobilenet mobilenet_free alexnet]
@@ -49,7 +49,7 @@ MOBILE_RECIPE = "defaults: {density: 0.5, bits: 4, obs: false, gptq: false, refi
 # part -> (what it is, batch, target: ratio per image against onnxruntime dense, or seconds)
 MODEL_PARTS = {
     "lenet5": ("LeNet-5, Deep Compression recipe", 32, ("ratio", 20.0)),
-    "mobilenet": ("MobileNet-style, fixed batch 1 (run row by row)", 32, ("ratio", 20.0)),
+    "mobilenet": ("MobileNet-style, fixed batch 1 (host ops row by row)", 32, ("ratio", 20.0)),
     "mobilenet_free": ("MobileNet-style, free batch dim", 32, ("ratio", 20.0)),
     "alexnet": ("AlexNet-sized (61M weights), no reconstruction", 8, ("seconds", 3.0)),
 }
