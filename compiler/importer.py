@@ -30,7 +30,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from .errors import ModelError
 from .fileio import input_file_size
 from .ir import OPSET, copy_model, find_layers, get_initializer
-from .ortrun import record_row_axes, row_axes
+from .ortrun import record_row_axes, row_axes, shape_skeleton
 from .recurrent import GATES, canonicalize_recurrent
 from .report import format_dims
 
@@ -123,8 +123,8 @@ def canonicalize(model: onnx.ModelProto, path: str, input_shapes: InputShapes | 
             v.CopyFrom(declared[v.name])
     del out.graph.value_info[:]
     # shapes on every edge help later passes; a failure here would be an eiec bug, not a user error
-    out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
-    onnx.checker.check_model(out)
+    out = infer_shapes(out, check_type=True, strict_mode=True)
+    onnx.checker.check_model(shape_skeleton(out, outputs_as_declared=True))  # eiec wrote the weights
     _check_layers_finite(out, path)
     return out
 
@@ -187,8 +187,20 @@ def _checked(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
                        onnx.version_converter.convert_version, model, OPSET)
         model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import)))
         _guard(path, f"invalid after conversion to opset {OPSET}", onnx.checker.check_model, model)
-    return _guard(path, "shape inference failed", onnx.shape_inference.infer_shapes,
-                  model, check_type=True, strict_mode=True, data_prop=True)
+    return _guard(path, "shape inference failed", infer_shapes, model, check_type=True, strict_mode=True, data_prop=True)
+
+
+def infer_shapes(model: onnx.ModelProto, **options) -> onnx.ModelProto:
+    """`model` with the shapes `onnx.shape_inference.infer_shapes(model, **options)` finds on
+    every edge and output, in place: inferred on the weightless `shape_skeleton` (the weights
+    are inputs of their shape; those a shape may be computed from stay), so a VGG-sized
+    model's 500 MB are not serialised and parsed back for it."""
+    inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model, outputs_as_declared=True), **options).graph
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.value_info)
+    del model.graph.output[:]
+    model.graph.output.extend(inferred.output)
+    return model
 
 
 def _guard(path: str, what: str, fn, *args, **kwargs):

@@ -57,10 +57,11 @@ _SHAPE_OPERAND_ELEMS = 64
 ROW_AXES_KEY = "eiec.row_axes"  # metadata_props key: JSON {output: row axis}, when any is not 0
 
 
-def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def shape_skeleton(model: onnx.ModelProto, outputs_as_declared: bool = False) -> onnx.ModelProto:
     """`model` without its weights, for shape inference: large initializers become inputs
     of their shape, graph outputs lose their declared shapes (a fixed batch there would
-    contradict a symbolic one). Copies no weights."""
+    contradict a symbolic one; `outputs_as_declared` keeps them, for `onnx.checker`).
+    Copies no weights."""
     g = model.graph
     light = onnx.GraphProto(name=g.name, node=g.node, input=g.input)
     declared = {vi.name for vi in g.input}
@@ -69,22 +70,21 @@ def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             light.initializer.append(t)
         elif t.name not in declared:
             light.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    for vi in g.output:
-        light.output.append(onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, None))
+    if outputs_as_declared:
+        light.output.extend(g.output)
+    else:
+        for vi in g.output:
+            light.output.append(onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, None))
     out = onnx.helper.make_model(light, opset_imports=model.opset_import, ir_version=model.ir_version)
     out.functions.extend(model.functions)
     out.metadata_props.extend(p for p in model.metadata_props if p.key == ROW_AXES_KEY)
     return out
 
 
-def row_axes(model: onnx.ModelProto, fed: Collection[str] | None = None) -> dict[str, int | None]:
-    """Per graph output computed from the rows, the axis they are on (None: not known).
-
-    The rows are the leading axis of the inputs `fed` (default: every real input). Shape
-    inference runs on the skeleton with those dims symbolic (ROWS); an output's axis is
-    the one that is ROWS, None when inference loses it (a Reshape to a constant shape,
-    an op without shape inference). Outputs that do not depend on `fed` are left out."""
-    fed = {gi.name for gi in graph_inputs(model)} if fed is None else set(fed)
+def _rows_inferred(model: onnx.ModelProto, fed: Collection[str]) -> tuple[onnx.GraphProto | None, set[str]]:
+    """The model's skeleton with the leading dims of the inputs `fed` symbolic (ROWS), shapes
+    inferred on every edge (None when inference refuses the graph), and the tensors that
+    depend on `fed`."""
     skeleton = shape_skeleton(model)
     for vi in skeleton.graph.input:
         dims = vi.type.tensor_type.shape.dim
@@ -99,15 +99,130 @@ def row_axes(model: onnx.ModelProto, fed: Collection[str] | None = None) -> dict
                 reached.update(node.output)
                 grew = True
     try:
-        outputs = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True).graph.output
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True).graph
     except Exception:  # noqa: BLE001 - inference refusing the graph leaves every axis unknown
-        outputs = skeleton.graph.output
+        inferred = None
+    return inferred, reached
+
+
+def _rows_at(vi: onnx.ValueInfoProto) -> list[int]:
+    return [i for i, d in enumerate(vi.type.tensor_type.shape.dim) if d.dim_param == ROWS]
+
+
+def row_axes(model: onnx.ModelProto, fed: Collection[str] | None = None) -> dict[str, int | None]:
+    """Per graph output computed from the rows, the axis they are on (None: not known).
+
+    The rows are the leading axis of the inputs `fed` (default: every real input). Shape
+    inference runs on the skeleton with those dims symbolic (ROWS); an output's axis is
+    the one that is ROWS, None when inference loses it (a Reshape to a constant shape,
+    an op without shape inference). Outputs that do not depend on `fed` are left out."""
+    fed = {gi.name for gi in graph_inputs(model)} if fed is None else set(fed)
+    inferred, reached = _rows_inferred(model, fed)
     axes: dict[str, int | None] = {}
-    for vi in outputs:
+    for vi in (model.graph.output if inferred is None else inferred.output):
         if vi.name in reached:
-            found = [i for i, d in enumerate(vi.type.tensor_type.shape.dim) if d.dim_param == ROWS]
+            found = _rows_at(vi) if inferred is not None else []
             axes[vi.name] = found[0] if len(found) == 1 else None
     return axes
+
+
+# Ops that compute each row of their outputs from the same row of their inputs whatever their
+# attributes, when the rows lead every input and output that depends on them (what
+# `rows_independent` checks) and their other inputs do not depend on the rows.
+_ROWWISE = frozenset({
+    "Abs", "Acos", "Acosh", "Add", "And", "Asin", "Asinh", "Atan", "Atanh", "AveragePool", "BitShift",
+    "Cast", "CastLike", "Ceil", "Celu", "Clip", "Conv", "ConvInteger", "ConvTranspose", "Cos", "Cosh",
+    "DepthToSpace", "Div", "Dropout", "Elu", "Equal", "Erf", "Exp", "Expand", "Flatten",
+    "Floor", "Gelu", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "Greater", "GreaterOrEqual",
+    "GroupNormalization", "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization", "IsInf", "IsNaN",
+    "LRN", "LeakyRelu", "Less", "LessOrEqual", "Log", "LpPool", "Max", "MaxPool", "Mean", "Min", "Mish", "Mod",
+    "Mul", "Neg", "Not", "Or", "PRelu", "Pad", "Pow", "Reciprocal", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
+    "ReduceSumSquare", "Relu", "Reshape", "Resize", "Round", "Selu", "Shrink", "Sigmoid", "Sign", "Sin",
+    "Sinh", "Softplus", "Softsign", "SpaceToDepth", "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh",
+    "ThresholdedRelu", "Tile", "Transpose", "Unsqueeze", "Upsample", "Where", "Xor",
+})
+# Ops that work along one axis (attribute "axis", default): row-wise when it is not the rows'.
+_ALONG_AXIS = {"Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "LpNormalization": -1,
+               "LayerNormalization": -1, "Concat": None, "Split": 0, "Gather": 0}
+
+
+def rows_independent(model: onnx.ModelProto, fed: Collection[str] | None = None) -> bool:
+    """Does every node compute each row (leading-axis slice of the inputs `fed`, default every
+    real input) from that row alone, so the model gives the same rows run on any number of
+    them at once?
+
+    Checked on the skeleton with symbolic rows (`_rows_inferred`): every tensor that depends
+    on the inputs carries the rows on its leading axis, and only there, and its node is of
+    `_ROWWISE`, or of `_ALONG_AXIS` along another axis, or a Gemm / MatMul whose rows enter
+    through its first input alone (transA = 0), or an inference-mode BatchNormalization.
+    Anything else (a Softmax over the rows, a Reshape to a constant batch, subgraphs, custom
+    ops, a tensor whose shape inference lost) is not known to be row-wise: False."""
+    fed = {gi.name for gi in graph_inputs(model)} if fed is None else set(fed)
+    inferred, reached = _rows_inferred(model, fed)
+    if inferred is None or not fed:
+        return False
+    info = {vi.name: vi for vi in (*inferred.input, *inferred.value_info, *inferred.output)}
+
+    def leading(name: str) -> bool:
+        vi = info.get(name)
+        return vi is not None and vi.type.HasField("tensor_type") and _rows_at(vi) == [0]
+
+    for node in inferred.node:
+        ins = [t for t in node.input if t in reached]
+        if not ins:
+            continue  # computes the same whatever the rows
+        if node.domain not in ("", "ai.onnx") or not all(map(leading, [*ins, *(o for o in node.output if o)])):
+            return False
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        op = node.op_type
+        if op in ("Gemm", "MatMul"):
+            if ins != [node.input[0]] or attrs.get("transA", 0):
+                return False
+        elif op == "BatchNormalization":
+            if ins != [node.input[0]] or attrs.get("training_mode", 0):
+                return False
+        elif op in _ALONG_AXIS:
+            rank = len(info[ins[0]].type.tensor_type.shape.dim)
+            axis = attrs.get("axis", _ALONG_AXIS[op])
+            if axis is None or axis % max(rank, 1) == 0:
+                return False
+            if (op == "Gather" and ins != [node.input[0]]) or (op == "Concat" and len(ins) != len(node.input)):
+                return False  # rows as indices; a constant joined to every row
+        elif op not in _ROWWISE:
+            return False
+    return True
+
+
+def lift_fixed_batch(model: onnx.ModelProto, fed: Collection[str] | None = None) -> bool:
+    """Make the fixed leading dim of the inputs `fed` (default: every real input) symbolic, in
+    place, when the model is `rows_independent` of them: `run_rows` then runs all rows at once
+    instead of one run per batch (a VGG-sized model streams its weights once, not once per
+    row). Drops the declared shapes of intermediate tensors and outputs (they say the old
+    batch). False: nothing changed."""
+    names = {gi.name for gi in graph_inputs(model)} if fed is None else set(fed)
+    inputs = [gi for gi in graph_inputs(model) if gi.name in names]
+    if not any(gi.dims and gi.dims[0] is not None for gi in inputs) or not rows_independent(model, names):
+        return False
+    for vi in model.graph.input:
+        if vi.name in names:
+            vi.CopyFrom(free_rows(vi))
+    del model.graph.value_info[:]
+    for vi in model.graph.output:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+    return True
+
+
+def free_rows(vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """A copy of an input's declaration with its leading dim symbolic (ROWS)."""
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(vi)
+    dims = out.type.tensor_type.shape.dim
+    if len(dims):
+        dims[0].Clear()
+        dims[0].dim_param = ROWS
+    return out
 
 
 def node_reads(node: onnx.NodeProto) -> set[str]:

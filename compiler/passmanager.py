@@ -3,9 +3,11 @@
 Contract (every pass): ``run(model, ctx) -> PassResult``. A pass takes an ONNX model
 and the shared `Context`, returns the new model and a JSON-able dict of stats, and
 leaves what later passes need in the typed `CompileState` (``ctx.state``). It does no
-file I/O and prints nothing. The manager owns the rest: it hands each pass a copy of
-the model (a pass may rewrite what it is given; the caller's model is never changed),
-times it, checks the model it returns (`check_ir`), collects its stats and, with a dump
+file I/O and prints nothing. The manager owns the rest: it copies the caller's model once,
+before the first pass that rewrites what it is given (a pass whose ``mutates`` is false
+only reads it; the caller's model is never changed), and later passes rewrite that copy in
+place (a VGG-sized model is 500 MB: no copy per pass); it times each pass, checks the model
+it returns (`check_ir`), collects its stats and, with a dump
 folder, writes ``<n>_<stage>.onnx`` and ``<n>_<stage>.json`` after each IR stage. A
 pass whose ``extends_stage`` is true (the auto recipe, the reconstruction: they decide,
 the model is unchanged) belongs to the stage before it (also one run by another manager,
@@ -24,6 +26,7 @@ import numpy as np
 import onnx
 
 from .ir import Layer, copy_model
+from .ortrun import shape_skeleton
 from .progress import section
 from .recipe import LayerRecipe, Recipe
 from .segment import Segment
@@ -94,6 +97,9 @@ class PassResult:
 
 class Pass(Protocol):
     name: str
+    # optional: `extends_stage = True` (see the module docstring), `mutates = False` (the pass
+    # never changes the model it is given: it returns it or builds a new one; the default for
+    # a stage's extension, which must return the model unchanged)
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult: ...
 
@@ -123,25 +129,32 @@ def dump_stats_json(stats: dict[str, Any]) -> str:
     return json.dumps(_to_json(stats), indent=2, sort_keys=True)
 
 
-def check_ir(before: onnx.ModelProto, after: onnx.ModelProto, name: str) -> None:
-    """What every pass must leave true: a valid ONNX model (`onnx.checker`; eiec's custom
-    ops are outside its registry and pass unchecked) whose graph inputs and outputs are
-    the ones it was given. A violation is a bug in the pass (RuntimeError, exit 3)."""
-    interface = lambda m: ([i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}],
-                           [o.name for o in m.graph.output])
-    if interface(before) != interface(after):
-        raise RuntimeError(f"pass {name} changed the model's inputs or outputs: {interface(before)} -> "
-                           f"{interface(after)}")
-    if after.ByteSize() < (1 << 31) - (1 << 20):  # the checker takes the serialized proto: under 2 GB
-        try:
-            onnx.checker.check_model(after)
-        except onnx.checker.ValidationError as e:
-            raise RuntimeError(f"pass {name} left an invalid model: {str(e).splitlines()[0]}") from None
+def interface(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """The model's real input names and output names."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
+
+
+def check_ir(before: tuple[list[str], list[str]], after: onnx.ModelProto, name: str) -> None:
+    """What every pass must leave true: a valid ONNX model whose graph inputs and outputs are
+    the ones it was given (`before`: the `interface` of the model the pass was handed). A
+    violation is a bug in the pass (RuntimeError, exit 3).
+
+    `onnx.checker` (eiec's custom ops are outside its registry and pass unchecked) checks the
+    graph without its weights (`shape_skeleton`: large initializers as inputs of their type and
+    shape): the passes write weights with numpy_helper, and serialising a VGG-sized model for
+    the checker after every pass cost seconds each; it also checks models over 2 GB."""
+    if interface(after) != before:
+        raise RuntimeError(f"pass {name} changed the model's inputs or outputs: {before} -> {interface(after)}")
+    try:
+        onnx.checker.check_model(shape_skeleton(after, outputs_as_declared=True))
+    except onnx.checker.ValidationError as e:
+        raise RuntimeError(f"pass {name} left an invalid model: {str(e).splitlines()[0]}") from None
 
 
 class PassManager:
-    """Runs passes in order, each on a copy, checking what each returns; optionally dumps
-    each IR stage."""
+    """Runs passes in order (on one copy of the caller's model, made when the first pass that
+    changes a model runs), checking what each returns; optionally dumps each IR stage."""
 
     def __init__(self, passes: list[Pass], dump_dir: str | None = None,
                  on_pass: Callable[[PassRecord], None] | None = None,
@@ -159,20 +172,24 @@ class PassManager:
         and whose stage the first passes here extend."""
         stage: list[PassRecord] = list(opened or [])  # the passes of the stage not yet dumped
         index = start_index if stage else start_index - 1
+        owned = False  # is `model` this run's own (made by a pass or copied), not the caller's?
         for p in self.passes:
             extends = getattr(p, "extends_stage", False)
             if not (extends and stage):
                 if stage:
                     self._dump(stage, model)
                 index, stage = index + 1, []
-            with section(f"pass {p.name} (copy, run, check)"):
-                work = copy_model(model)
+            with section(f"pass {p.name} (run, check)"):
+                if getattr(p, "mutates", not extends) and not owned:  # a stage's extension only reads
+                    model, owned = copy_model(model), True
+                before = interface(model)
                 t0 = time.perf_counter()
-                result = p.run(work, ctx)
+                result = p.run(model, ctx)
                 seconds = time.perf_counter() - t0
-                check_ir(model, result.model, p.name)
+                check_ir(before, result.model, p.name)
             if extends and result.changed:
                 raise RuntimeError(f"pass {p.name} extends a stage but changed the model")  # a bug in the pass
+            owned = owned or result.model is not model
             model = result.model
             rec = PassRecord(index, p.name, seconds, result.stats, result.changed)
             stage.append(rec)

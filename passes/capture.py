@@ -13,8 +13,8 @@ import onnx
 
 from eiec.conv import conv_output_hw, im2col
 from eiec.ir import Layer
-from eiec.ortrun import (NO_ROW_AXIS, RowSession, common_batch, graph_inputs, join_rows, node_reads, pad_rows, session,
-                         shape_skeleton, skeleton_row_axes)
+from eiec.ortrun import (NO_ROW_AXIS, RowSession, common_batch, free_rows, graph_inputs, join_rows, node_reads, pad_rows,
+                         rows_independent, session, shape_skeleton, skeleton_row_axes)
 
 # Rows per layer the passes and the auto search reconstruct from, and their memory cap.
 CAPTURE_ROWS = 8192
@@ -76,7 +76,8 @@ class Subgraphs:
     override them (a compressed layer) and the arithmetic is the whole model's. The fed rows
     are cut into chunks of the inputs' fixed batch (as `run_rows` does: the last one padded
     by repeating its last row), and every tensor is held per chunk, so nodes whose shapes
-    are fixed for that batch (a Reshape to [1, -1]) run as they were exported.
+    are fixed for that batch (a Reshape to [1, -1]) run as they were exported; a model whose
+    every node is row-wise (`eiec.ortrun.rows_independent`) runs all rows at once instead.
     """
 
     def __init__(self, model: onnx.ModelProto, fed: Iterable[str], weights: Iterable[str]):
@@ -91,6 +92,11 @@ class Subgraphs:
         declared = {gi.name: gi.dims for gi in graph_inputs(model)}
         self.fed = [n for n in fed if n in declared]
         self.batch = common_batch(declared, self.fed)
+        if self.batch is not None and rows_independent(model, self.fed):
+            # every node row-wise (`eiec.ortrun.lift_fixed_batch`): all rows in one run, whatever
+            # batch the inputs declare (VGG-16's FC weights streamed once, not once per row)
+            self.batch = None
+            self.inputs.update({n: free_rows(self.inputs[n]) for n in self.fed})
         self._sessions: OrderedDict[tuple, RowSession] = OrderedDict()
         self._axes: dict[str, int | None] | None = None
 

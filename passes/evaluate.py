@@ -12,7 +12,7 @@ import onnx
 from eiec.errors import ModelError
 from eiec.ir import Layer, copy_model, get_initializer
 from eiec.measure import Score, measure, top1_correct
-from eiec.ortrun import run_rows, session
+from eiec.ortrun import lift_fixed_batch, run_rows, session
 from eiec.progress import counted
 
 from .compress import Choice, Compress, plain_compress
@@ -45,6 +45,7 @@ class Evaluator:
                 m.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
         self.inputs = inputs
         self.labels = labels
+        lift_fixed_batch(m)  # all rows in one run where the model allows it
         self.session = session(m)
         self.output_names = [o.name for o in m.graph.output]
         self.reference = self.run({})

@@ -14,6 +14,7 @@ class Import:
     and the calibration data fixed. Stats: the compressible layers found."""
 
     name = "import"
+    mutates = False  # canonicalize builds a new model
 
     def __init__(self, path: str, input_shapes: InputShapes | None = None):
         self.path = path

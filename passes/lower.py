@@ -32,7 +32,7 @@ from eiec.errors import RecipeError
 from eiec.fixedpoint import choose_frac, int_range, quantize, round_shift
 from eiec.image import LINE_BYTES, SparseImage
 from eiec.ir import ACTIVATION_PRODUCT, EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
-from eiec.ortrun import run_rows, session
+from eiec.ortrun import lift_fixed_batch, run_rows, session
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
 from eiec.segment import ConvGeometry, LayerSpec, Segment, blob_name
@@ -286,6 +286,7 @@ def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: d
                                     for t in tensors if t not in {o.name for o in model.graph.output}],
         [t for t in model.graph.initializer if t.name in used])
     probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    lift_fixed_batch(probe, list(ctx.calibration))  # all rows in one run where the model allows it
     sess = session(probe)  # plain ONNX: no eiec op is left in it
     feeds = {i.name: ctx.calibration[i.name] for i in sess.get_inputs() if i.name not in weights}
     return dict(zip(tensors, run_rows(sess, tensors, feeds, weights)))

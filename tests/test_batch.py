@@ -17,7 +17,7 @@ from onnx import helper
 
 from eiec.container import read_eie
 from eiec.errors import InputError
-from eiec.ortrun import fixed_batch, run_rows, session
+from eiec.ortrun import fixed_batch, lift_fixed_batch, rows_independent, run_rows, session
 from eiec.runtime import InferenceSession
 from eiec.runtime.session import trace_lines
 
@@ -106,9 +106,10 @@ def test_fixed_batch_model_compiles_runs_and_validates_like_the_symbolic_one(fol
     code, out, err = run_cli("validate", model, eie, "--input", data)
     assert code == 0, out + err
     assert f"on {ROWS} input(s)" in out
-    # onnxruntime's float32 results for 1 row and for 64 differ in the last bits (a GEMV
-    # against a GEMM kernel), which reconstruction and k-means can follow: the compiled
-    # models agree to a few fixed-point steps, not bit for bit
+    # where a fixed batch cannot be lifted (`lift_fixed_batch`) the rows run a batch at a time,
+    # and onnxruntime's float32 results for 1 row and for 64 differ in the last bits (a GEMV
+    # against a GEMM kernel), which reconstruction and k-means can follow: the bound is a few
+    # fixed-point steps, not bit for bit (these two models lift: see the test below)
     assert np.linalg.norm(y - y_sym) <= 1e-3 * np.linalg.norm(y_sym)
     assert np.mean(y.argmax(1) == y_sym.argmax(1)) >= 0.99
 
@@ -176,6 +177,48 @@ def test_shipped_model_with_a_fixed_batch_compiles_with_no_recipe_runs_and_valid
     code, out, err = run_cli("validate", model, eie, "--input", data)
     assert code == 0, out + err
     assert "EXACT within the fixed-point bound" in out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_a_row_wise_fixed_batch_model_compiles_to_the_layers_of_its_symbolic_twin(folder, kind):
+    """The compile runs a fixed-batch model on all calibration rows at once when every node is
+    row-wise (`lift_fixed_batch`): the same onnxruntime runs as for the symbolic batch, so
+    reconstruction makes the same layers, bit for bit."""
+    _, eie, _, _ = compiled(folder, kind, 1, True)
+    _, eie_sym, _, _ = compiled(folder, kind, "N", True)
+    a, b = read_eie(eie), read_eie(eie_sym)
+    segs = [k for k in a.members if k.startswith("segment")]
+    assert segs and all(a.members[k] == b.members[k] for k in segs)
+
+
+def one_op(node: onnx.NodeProto, out_dims: list, inits: dict | None = None) -> onnx.ModelProto:
+    return make_model([node], [tensor("x", [1, 4])], [tensor("y", out_dims)], inits or {})
+
+
+W4 = np.arange(12, dtype=np.float32).reshape(4, 3)
+
+
+@pytest.mark.parametrize("model, row_wise", [
+    (one_op(helper.make_node("Relu", ["x"], ["y"]), [1, 4]), True),
+    (one_op(helper.make_node("Gemm", ["x", "w"], ["y"]), [1, 3], {"w": W4}), True),
+    (one_op(helper.make_node("Softmax", ["x"], ["y"], axis=1), [1, 4]), True),
+    (one_op(helper.make_node("Softmax", ["x"], ["y"], axis=0), [1, 4]), False),  # over the rows
+    (one_op(helper.make_node("Reshape", ["x", "s"], ["y"]), [1, 2, 2], {"s": np.array([1, 2, 2])}), False),
+    (one_op(helper.make_node("Concat", ["x", "c"], ["y"], axis=1), [1, 8], {"c": np.ones((1, 4), np.float32)}), False),
+    (one_op(helper.make_node("ReduceSum", ["x", "a"], ["y"], keepdims=1), [1, 4], {"a": np.array([0])}), False),
+    (make_model([helper.make_node("Transpose", ["x"], ["t"]), helper.make_node("MatMul", ["t", "x"], ["y"])],
+                [tensor("x", [1, 4])], [tensor("y", [4, 4])], {}), False),  # rows multiplied together
+])
+def test_rows_independent_only_where_every_node_is_row_wise(model, row_wise):
+    assert rows_independent(model) is row_wise
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    assert lift_fixed_batch(model) is row_wise
+    if row_wise:  # one run of all rows gives what one run per row gives
+        sess = session(model)
+        assert fixed_batch(sess, ["x"]) is None
+        (y,) = run_rows(sess, None, {"x": x})
+        y_rows = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(5)])
+        np.testing.assert_allclose(y, y_rows, rtol=1e-6)
 
 
 def tiny(batch: int | str) -> onnx.ModelProto:

@@ -1,4 +1,4 @@
-"""The pass manager: each pass on a copy, what it returns checked, stages dumped once."""
+"""The pass manager: the caller's model copied once, what each pass returns checked, stages dumped once."""
 
 from __future__ import annotations
 
@@ -38,6 +38,25 @@ def test_a_pass_rewriting_its_model_in_place_leaves_the_callers_model_alone():
     before = model.SerializeToString()
     out = PassManager([Rewrite("rename", lambda m: setattr(m.graph.node[0], "name", "other"))]).run(model, Context(Recipe()))
     assert model.SerializeToString() == before and out.graph.node[0].name == "other"
+
+
+def test_the_callers_model_is_copied_once_for_all_the_passes_that_rewrite_it():
+    model = tiny()
+    before = model.SerializeToString()
+    seen = []
+
+    class Reader(Rewrite):
+        mutates = False
+
+    def note(m):
+        seen.append(m)
+        m.graph.node[0].name += "+"
+
+    passes = [Reader("read", seen.append), Rewrite("a", note), Rewrite("b", note), Reader("read2", seen.append)]
+    out = PassManager(passes).run(model, Context(Recipe()))
+    assert seen[0] is model  # a pass that only reads gets the caller's model itself
+    assert seen[1] is not model and seen[2] is seen[1] and seen[3] is seen[1] and out is seen[1]
+    assert model.SerializeToString() == before and out.graph.node[0].name == "mm++"
 
 
 @pytest.mark.parametrize("change, message", [
