@@ -32,13 +32,14 @@ from eiec.errors import RecipeError
 from eiec.fixedpoint import choose_frac, int_range, quantize, round_shift
 from eiec.image import LINE_BYTES, SparseImage
 from eiec.ir import ACTIVATION_PRODUCT, EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
-from eiec.ortrun import lift_fixed_batch, run_rows, session
+from eiec.ortrun import graph_inputs
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
 from eiec.segment import ConvGeometry, LayerSpec, Segment, blob_name
 from eiec.target import Target
 from eiec.tiling import tile_layer
 
+from .capture import Stream, Subgraphs
 from .recurrent import fc_view, layer_ranges, time_steps, unroll
 
 # A format holds at least this many times the largest calibration value (up to twice that
@@ -263,13 +264,24 @@ def _candidate_tensors(model: onnx.ModelProto, layers: dict[str, Layer]) -> list
     return sorted(around)
 
 
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """What lowering reads of a calibration tensor that is not kept whole: its shape and largest magnitude."""
+
+    shape: tuple[int, ...]
+    max_abs: float
+
+
 def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: dict[str, np.ndarray],
-                    tensors: list[str], ctx: Context) -> dict[str, np.ndarray]:
-    """Run the IR3 model on the calibration inputs, returning the watched tensors.
+                    tensors: list[str], ctx: Context) -> dict[str, np.ndarray | Observed]:
+    """Run the IR3 model on the calibration inputs: the watched tensors' shapes and ranges.
 
     Each EIEDecode is replaced by a graph input fed the weight it decodes to: the same
     model in plain ONNX, without handing VGG-sized weights through a Python op or
-    serialising them into the probe model.
+    serialising them into the probe model. It runs tensor by tensor (`capture.Stream`,
+    holding only what the tensors still to come need), each reduced to its `Observed` on
+    the way, except a recurrent node's hidden states (`recurrent.layer_ranges` reads them
+    whole).
     """
     decode_nodes = {_decode_node(model, l).name for l in layers.values()}
     kept = [n for n in model.graph.node if n.name not in decode_nodes]
@@ -282,17 +294,23 @@ def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: d
         kept, "lower_probe",
         list(model.graph.input) + [helper.make_tensor_value_info(w, TensorProto.FLOAT, list(v.shape))
                                    for w, v in weights.items()],
-        list(model.graph.output) + [helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
-                                    for t in tensors if t not in {o.name for o in model.graph.output}],
-        [t for t in model.graph.initializer if t.name in used])
+        list(model.graph.output), [t for t in model.graph.initializer if t.name in used])
     probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    lift_fixed_batch(probe, list(ctx.calibration))  # all rows in one run where the model allows it
-    sess = session(probe)  # plain ONNX: no eiec op is left in it
-    feeds = {i.name: ctx.calibration[i.name] for i in sess.get_inputs() if i.name not in weights}
-    return dict(zip(tensors, run_rows(sess, tensors, feeds, weights)))
+    whole = {l.node.output[0] for l in layers.values() if l.kind == "recurrent"}
+    made = {o: i for i, n in enumerate(kept) for o in n.output}
+    order = sorted(tensors, key=lambda t: made.get(t, -1))  # graph inputs first, then as computed
+    feeds = {i.name: ctx.calibration[i.name] for i in graph_inputs(probe) if i.name not in weights}
+    stream = Stream(Subgraphs(probe, feeds, weights), feeds)
+    values: dict[str, np.ndarray | Observed] = {}
+    for i, t in enumerate(order):
+        v = stream.advance(t, order[i + 1:], weights)
+        values[t] = v if t in whole else Observed(v.shape, _max_abs(v))
+    return {t: values[t] for t in tensors}
 
 
-def _max_abs(values: np.ndarray) -> float:
+def _max_abs(values: np.ndarray | Observed) -> float:
+    if isinstance(values, Observed):
+        return values.max_abs
     return float(np.max(np.abs(values), initial=0.0))
 
 
