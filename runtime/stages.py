@@ -107,9 +107,12 @@ def plan_stages(model: onnx.ModelProto) -> list[Stage] | None:
 
 
 def _stage_options() -> onnxruntime.SessionOptions:
-    """No optimisation: the stages are cut from the graph onnxruntime has optimised already."""
+    """No optimisation: the stages are cut from the graph onnxruntime has optimised already.
+    Nor spinning: onnxruntime's threads would spin after each stage's few host ops, on the
+    core the simulator's second thread uses (what they compute does not change)."""
     options = session_options()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
