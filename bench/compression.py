@@ -21,7 +21,7 @@ bench/layer_bits.py says why those) and LSTM_RECIPES, all reconstruction steps o
 Usage: python bench/compression.py [--out bench/results/compression.json] [--runs auto,all]
 [--models lenet5] (--runs: only these runs — ablation names such as "all", "auto", "curve",
 "data-free", or "mobilenet_digits" / "lstm_digits" for all of that model's recipes, with
-":hand" appended for its hand-written recipes only — merged into
+":hand" / ":auto" appended for its hand-written / automatic recipes only — merged into
 the existing --out; --models: only these of the two LeNets)
 """
 
@@ -61,10 +61,11 @@ MODELS = {
     },
 }
 BITS = 4
-# mobilenet_digits: recipe name -> recipe (None: the automatic one), each with the target it needs
+# mobilenet_digits: recipe name -> recipe, each with the target it needs, or the number of
+# calibration rows (`calibration_file`) the automatic recipe is chosen on
 MOBILE = {"file": "mobilenet_digits.onnx", "output": "logits"}
 WIDE = {"weight_bits": 8, "rel_index_bits": 8}  # 16-bit entries: codebooks up to 256 entries
-MOBILE_RECIPES: dict[str, dict | None] = {
+MOBILE_RECIPES: dict[str, dict | int] = {
     "4 bits, density 1": {"defaults": {"density": 1.0, "bits": 4}},
     "8 bits, density 1 (16-bit entries)": {"target": WIDE, "defaults": {"density": 1.0, "bits": 8}},
     # bench/layer_bits.py: squeeze-excite and the FCs lose nothing at 4 bits, the 1x1 and
@@ -72,15 +73,16 @@ MOBILE_RECIPES: dict[str, dict | None] = {
     "6 bits, SE and FCs 4 bits, density 1 (16-bit entries)": {
         "target": WIDE, "defaults": {"density": 1.0, "bits": 6},
         "layers": {"*/fc[12]/Conv": {"bits": 4}, "*/classifier/*": {"bits": 4}}},
-    "auto (budget 0.5 points on held-out calib), all": None,
+    "auto (budget 0.5 points on held-out calib), all": 300,
+    "auto, 1000 calibration rows": 1000,
 }
 # lstm_digits: an LSTM reading each digit row by row (28 steps): its errors compound over the steps
 LSTM = {"file": "lstm_digits.onnx", "output": "logits"}
-LSTM_RECIPES: dict[str, dict | None] = {
+LSTM_RECIPES: dict[str, dict | int] = {
     "4 bits, density 1": {"defaults": {"density": 1.0, "bits": 4}},
     "4 bits, density 0.5": {"defaults": {"density": 0.5, "bits": 4}},
     "4 bits, density 0.3": {"defaults": {"density": 0.3, "bits": 4}},
-    "auto (budget 0.5 points on held-out calib), all": None,
+    "auto (budget 0.5 points on held-out calib), all": 300,
 }
 # models without published Deep Compression figures: name -> (spec, recipes)
 OTHER_MODELS = {"mobilenet_digits": (MOBILE, MOBILE_RECIPES), "lstm_digits": (LSTM, LSTM_RECIPES)}
@@ -273,8 +275,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "compression.json"))
     ap.add_argument("--runs", help="comma-separated ablation names (none, +obs, ..., all), auto (300 calibration "
-                                   "rows), curve (100 and 1000 rows), data-free, mobilenet_digits or lstm_digits (NAME:hand: its "
-                                   "hand-written recipes only): only those "
+                                   "rows), curve (100 and 1000 rows), data-free, mobilenet_digits or lstm_digits (NAME:hand / "
+                                   "NAME:auto: its hand-written / automatic recipes only): only those "
                                    "runs, merged into --out")
     ap.add_argument("--models", help="comma-separated: only these of lenet_300_100, lenet5 (default both)")
     args = ap.parse_args()
@@ -314,14 +316,18 @@ def main() -> None:
                 if tag in runs:
                     print(f"\n{tag}:\n" + layer_table(runs[tag]))
         for name, (spec, recipes) in OTHER_MODELS.items():
-            if not chosen(name) and not chosen(f"{name}:hand"):
+            if not any(chosen(n) for n in (name, f"{name}:hand", f"{name}:auto")):
                 continue
-            if not chosen(name):  # "NAME:hand": the model's hand-written recipes, not its automatic one
-                recipes = {tag: r for tag, r in recipes.items() if r is not None}
+            if not chosen(name):  # "NAME:hand" / "NAME:auto": only its hand-written / automatic recipes
+                hand = chosen(f"{name}:hand")
+                recipes = {tag: r for tag, r in recipes.items() if isinstance(r, dict) == hand}
             dense = ort_session(os.path.join(ROOT, "models", spec["file"]))
             base = accuracy(predict(dense, test["input"], spec["output"]), test["labels"])
-            runs = {tag: run_config(name, spec, recipe, work, f"recipe{i}", test, base)
-                    for i, (tag, recipe) in enumerate(recipes.items())}
+            runs = results["models"].get(name, {}).get("runs", {}) if wanted else {}
+            for i, (tag, recipe) in enumerate(recipes.items()):
+                auto = not isinstance(recipe, dict)
+                runs[tag] = run_config(name, spec, None if auto else recipe, work, f"recipe{i}", test, base,
+                                       calibration_file(recipe, work) if auto else CALIB)
             results["models"][name] = {
                 "dense_test_accuracy": base, "runs": runs,
                 "target_reached_by": [t for t, r in runs.items() if r["drop_eie"] <= MAX_DROP]}
