@@ -17,7 +17,8 @@ running the compiled model: the IR2 dump in onnxruntime and the .eie on the bit-
 mobilenet_digits (depthwise convs, squeeze-excite, hardswish; fixed batch 1) and lstm_digits (an
 LSTM reading each digit row by row; fixed batch 1) have no published Deep Compression figures:
 they are compiled with the recipes in MOBILE_RECIPES (each names the hardware target it needs;
-bench/layer_bits.py says why those) and LSTM_RECIPES, all reconstruction steps on.
+bench/layer_bits.py says why those) and LSTM_RECIPES, all reconstruction steps on, and with
+`auto` (MobileNet on 300 and on 1000 calibration rows).
 Usage: python bench/compression.py [--out bench/results/compression.json] [--runs auto,all]
 [--models lenet5] (--runs: only these runs — ablation names such as "all", "auto", "curve",
 "data-free", or "mobilenet_digits" / "lstm_digits" for all of that model's recipes, with
