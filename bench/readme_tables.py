@@ -101,6 +101,28 @@ def curve() -> str:
                    "estimate (bound) on the rows kept back"], rows)
 
 
+# the MobileNet runs: compression.py's MOBILE_RECIPES name -> how the README names it
+MOBILE = [("4 bits, density 1", "4 bits"),
+          ("8 bits, density 1 (16-bit entries)", "8 bits"),
+          ("6 bits, SE and FCs 4 bits, density 1 (16-bit entries)", "6 bits, SE convs and FCs 4 bits"),
+          ("auto (budget 0.5 points on held-out calib), all", "`auto`, `digits_calib.npz` (300 rows, 50 kept back)"),
+          ("auto, 1000 calibration rows", "`auto`, `digits_calib1000.npz` (1000 rows, 100 kept back)")]
+
+
+def mobilenet() -> str:
+    runs = _load("compression")["models"]["mobilenet_digits"]["runs"]
+    rows = []
+    for run, label in MOBILE:
+        r = runs[run]
+        host = len((r.get("calibration_auto") or {}).get("host") or [])
+        best = r["drop_eie"] <= 0
+        rows.append([label, f"{r['target']['weight_bits']}+{r['target']['rel_index_bits']} bits",
+                     f"{r['ratio_huffman']:.1f}x" + (f" ({host} layers on the host)" if host else ""),
+                     f"{r['ratio_fixed']:.1f}x", f"{r['file_bytes'] / 1024:.1f} KB ({r['ratio_file']:.1f}x)",
+                     _bold(f"{r['test_accuracy_eie']:.2f} %", best)])
+    return _table(["recipe", "target entries", "Huffman ratio", "fixed ratio", "`.eie` file", "test accuracy"], rows)
+
+
 # ---------------------------------------------------------------- eie_layers.py
 
 def eie_layers() -> str:
@@ -181,7 +203,8 @@ def compile_speed() -> str:
     return _table(["model", "weights", "reconstruction s", "GiB", "plain s", "GiB", "target", "met"], rows)
 
 
-TABLES: dict[str, Callable[[], str]] = {"compression": compression, "curve": curve, "eie_layers": eie_layers,
+TABLES: dict[str, Callable[[], str]] = {"compression": compression, "curve": curve, "mobilenet": mobilenet,
+                                        "eie_layers": eie_layers,
                                         "sim_speed": sim_speed, "transformer": transformer,
                                         "compile_speed": compile_speed}
 
