@@ -198,7 +198,6 @@ class Stream:
         done = self.done | set(nodes)
         produced = {o for i in nodes for o in gr.model.graph.node[i].output if o}
         available = self.held.keys() | produced
-        later = [t for t in later if t != target]
         keep = set(later) | set().union(*(gr.reads[i] for i in gr.nodes_for(later, available)))
         if nodes:
             outputs = [target] + sorted((keep & produced) - {target})
@@ -211,7 +210,10 @@ class Stream:
             for j, name in enumerate(outputs):
                 self.held[name] = [r[j] for r in results]
             del results
-        value = gr.join(target, self.held[target], self.real)
+        if target in self.held:
+            value = gr.join(target, self.held[target], self.real)
+        else:  # an initializer the layer reads as its input: the same for every row
+            value = weights.get(target, onnx.numpy_helper.to_array(gr.inits[target]))
         self.held = {k: v for k, v in self.held.items() if k in keep}
         self.done = done
         return value

@@ -201,6 +201,10 @@ def test_stream_gives_each_layer_input_of_the_whole_model_run_holding_only_the_f
         assert set(stream.held) == frontier[i]
     X = capture_layer_inputs(model, layers, feeds)
     np.testing.assert_allclose(X["fc"], per_row(model, "flat", feeds), rtol=1e-5, atol=1e-5)
+    # two layers reading one tensor (the second Gemm of an addmm): both get it
+    stream = Stream(Subgraphs(model, feeds, ()), feeds)
+    for i in range(2):
+        np.testing.assert_array_equal(stream.advance("x", ["x"] * (1 - i), {}), feeds["x"])
 
 
 def test_sequential_on_a_batch_1_residual_net_sees_the_compressed_predecessors_outputs():
