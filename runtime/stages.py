@@ -46,13 +46,20 @@ class Stage:
 
 def plan_stages(model: onnx.ModelProto) -> list[Stage] | None:
     """The stages of `model` as onnxruntime optimises it (`optimized_host`), or None when it
-    cannot be cut: an EIESegment inside a subgraph, a graph that is not sorted, or a tensor
-    crossing a cut whose type is not declared."""
+    cannot be cut: an EIESegment inside a subgraph, called by several nodes or reading a
+    constant, a graph that is not sorted, or a tensor crossing a cut whose type is not declared."""
     model = optimized_host(model)
     g = model.graph
     if any(_has_segment(n) for n in g.node):
         return None
+    segments = [n for n in g.node if n.op_type == SEGMENT_OP]
+    if len({n.input[1] for n in segments}) < len(segments):
+        # a segment several nodes call (an unrolled recurrent layer): run whole, its calls
+        # stay in chunk order, which the joined report's float means follow to the last bit
+        return None
     inits = {t.name: t for t in g.initializer}
+    if any(n.input[0] in inits for n in segments):
+        return None  # a segment input onnxruntime folded to a constant: not a chunk's rows
     types = {vi.name: vi for vi in (*g.input, *g.value_info, *g.output)}
     produced: dict[str, int] = {}
     for i, n in enumerate(g.node):
