@@ -142,6 +142,7 @@ def compress_model(model_path: str, recipe: Recipe, calibration_path: str | None
     else:
         inputs, labels = random_inputs(model, RANDOM_CALIBRATION_ROWS, seed), None
         notes.append(RANDOM_NOTE)
+    raw = None  # imported for good: the model as read (VGG-16: 500 MB) is not needed any more
     ctx.calibration, ctx.labels = inputs, labels
     original_bytes = _param_bytes(model)  # before the passes rewrite the weights
     layers_ir0 = find_layers(model)

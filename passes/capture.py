@@ -72,15 +72,17 @@ class Subgraphs:
 
     A `Stream` asks for the nodes that compute some tensors from what it holds; they run as
     one sub-model (those nodes, their initializers, the held tensors as inputs). `weights`
-    (the layers' weights and biases) stay initializers that are also inputs, so a run may
-    override them (a compressed layer) and the arithmetic is the whole model's. The fed rows
+    (the layers' weights and biases, name -> array) are inputs of the sub-models, fed on every
+    run (these arrays, or a compressed layer's overriding them): no session holds a copy of
+    them, nor is any serialised for onnxruntime (VGG-16's fc6 is 400 MB), and the arithmetic
+    is the whole model's (a weight onnxruntime may not treat as a constant). The fed rows
     are cut into chunks of the inputs' fixed batch (as `run_rows` does: the last one padded
     by repeating its last row), and every tensor is held per chunk, so nodes whose shapes
     are fixed for that batch (a Reshape to [1, -1]) run as they were exported; a model whose
     every node is row-wise (`eiec.ortrun.rows_independent`) runs all rows at once instead.
     """
 
-    def __init__(self, model: onnx.ModelProto, fed: Iterable[str], weights: Iterable[str]):
+    def __init__(self, model: onnx.ModelProto, fed: Iterable[str], weights: dict[str, np.ndarray]):
         self.model = model
         g = model.graph
         self.order = {n.name: i for i, n in enumerate(g.node)}
@@ -88,7 +90,7 @@ class Subgraphs:
         self.reads = [node_reads(n) for n in g.node]
         self.inits = {t.name: t for t in g.initializer}
         self.inputs = {vi.name: vi for vi in g.input}
-        self.weights = set(weights)
+        self.weights = weights
         declared = {gi.name: gi.dims for gi in graph_inputs(model)}
         self.fed = [n for n in fed if n in declared]
         self.batch = common_batch(declared, self.fed)
@@ -149,16 +151,15 @@ class Subgraphs:
                 name, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape)))
         read = set().union(*(self.reads[i] for i in nodes)) - {n for n, _ in inputs}
         for name in sorted(read):
-            if name in self.inits:
+            if name in self.weights:
                 t = self.inits[name]
-                sub.initializer.append(t)
-                if name in self.weights:
-                    sub.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+                sub.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+            elif name in self.inits:
+                sub.initializer.append(self.inits[name])
             elif name in self.inputs:
                 sub.input.append(self.inputs[name])
         sub.output.extend(onnx.ValueInfoProto(name=t) for t in outputs)
-        m = onnx.helper.make_model(sub, opset_imports=self.model.opset_import,
-                                   ir_version=max(self.model.ir_version, 4))  # initializers that are inputs: overridable
+        m = onnx.helper.make_model(sub, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
         m.functions.extend(self.model.functions)
         sess = session(m)
         self._sessions[key] = sess
@@ -204,7 +205,7 @@ class Stream:
             read = set().union(*(gr.reads[i] for i in nodes))
             inputs = sorted(read & self.held.keys())
             sess = gr.session(nodes, [(n, self.held[n][0]) for n in inputs], outputs)
-            over = {k: v for k, v in weights.items() if k in read and k in gr.weights}
+            over = {k: weights.get(k, v) for k, v in gr.weights.items() if k in read}
             results = [sess.run(outputs, {**{n: self.held[n][c] for n in inputs}, **over})
                        for c in range(len(self.real))]
             for j, name in enumerate(outputs):
@@ -237,7 +238,7 @@ def capture_layer_inputs(
     """
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     todo = sorted(layers, key=lambda l: order[l.node.name])
-    stream = Stream(Subgraphs(model, inputs, ()), inputs)
+    stream = Stream(Subgraphs(model, inputs, {}), inputs)
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for i, layer in enumerate(todo):

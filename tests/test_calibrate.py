@@ -190,7 +190,7 @@ def test_stream_gives_each_layer_input_of_the_whole_model_run_holding_only_the_f
     feeds = {"x": rng.standard_normal((5, 2, 6, 6)).astype(np.float32)}
     layers = find_layers(model)
     assert [l.input for l in layers] == ["x", "a", "r", "flat"]
-    stream = Stream(Subgraphs(model, feeds, ()), feeds)
+    stream = Stream(Subgraphs(model, feeds, {}), feeds)
     # after each layer's input: what computing the later ones reads (the shortcut `a` until the Add has run)
     frontier = [{"x"}, {"a"}, {"a", "r"}, set()]
     for i, layer in enumerate(layers):
