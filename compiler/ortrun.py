@@ -84,8 +84,14 @@ def shape_skeleton(model: onnx.ModelProto, outputs_as_declared: bool = False) ->
 def _rows_inferred(model: onnx.ModelProto, fed: Collection[str]) -> tuple[onnx.GraphProto | None, set[str]]:
     """The model's skeleton with the leading dims of the inputs `fed` symbolic (ROWS), shapes
     inferred on every edge (None when inference refuses the graph), and the tensors that
-    depend on `fed`."""
+    depend on `fed`. A graph input also listed as an output (a capture of what a layer reads)
+    is left out of the outputs: inference would take its undeclared output shape for the
+    input's and lose the rows everywhere downstream."""
     skeleton = shape_skeleton(model)
+    names = {vi.name for vi in skeleton.graph.input}
+    outputs = [vi for vi in skeleton.graph.output if vi.name not in names]
+    del skeleton.graph.output[:]
+    skeleton.graph.output.extend(outputs)
     for vi in skeleton.graph.input:
         dims = vi.type.tensor_type.shape.dim
         if vi.name in fed and len(dims):
@@ -118,10 +124,13 @@ def row_axes(model: onnx.ModelProto, fed: Collection[str] | None = None) -> dict
     an op without shape inference). Outputs that do not depend on `fed` are left out."""
     fed = {gi.name for gi in graph_inputs(model)} if fed is None else set(fed)
     inferred, reached = _rows_inferred(model, fed)
+    shapes = {} if inferred is None else {vi.name: vi for vi in inferred.output}
     axes: dict[str, int | None] = {}
-    for vi in (model.graph.output if inferred is None else inferred.output):
-        if vi.name in reached:
-            found = _rows_at(vi) if inferred is not None else []
+    for vi in model.graph.output:
+        if vi.name in fed:  # an input passed through: its rows lead
+            axes[vi.name] = 0
+        elif vi.name in reached:
+            found = _rows_at(shapes[vi.name]) if vi.name in shapes else []
             axes[vi.name] = found[0] if len(found) == 1 else None
     return axes
 

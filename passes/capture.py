@@ -152,8 +152,9 @@ class Subgraphs:
         read = set().union(*(self.reads[i] for i in nodes)) - {n for n, _ in inputs}
         for name in sorted(read):
             if name in self.weights:
-                t = self.inits[name]
-                sub.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+                w = self.weights[name]
+                sub.input.append(onnx.helper.make_tensor_value_info(
+                    name, onnx.helper.np_dtype_to_tensor_dtype(w.dtype), list(w.shape)))
             elif name in self.inits:
                 sub.initializer.append(self.inits[name])
             elif name in self.inputs:

@@ -216,9 +216,22 @@ def test_rows_independent_only_where_every_node_is_row_wise(model, row_wise):
     if row_wise:  # one run of all rows gives what one run per row gives
         sess = session(model)
         assert fixed_batch(sess, ["x"]) is None
-        (y,) = run_rows(sess, None, {"x": x})
+        y = run_rows(sess, None, {"x": x})[0]
         y_rows = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(5)])
         np.testing.assert_allclose(y, y_rows, rtol=1e-6)
+
+
+def test_every_capture_of_a_row_wise_fixed_batch_model_runs_all_rows_at_once(folder, monkeypatch):
+    """The lower pass's range probe (which feeds the decoded weights) and reconstruction's."""
+    import eiec.passes.capture as capture
+
+    lifted = []
+    monkeypatch.setattr(capture, "rows_independent", lambda m, fed=None: lifted.append(rows_independent(m, fed))
+                        or lifted[-1])
+    model = with_batch(MODELS["mlp"][0](), folder / "mlp_probe.onnx", 1)
+    code, _, err = run_cli(model, "-o", folder / "mlp_probe.eie", "--quiet")
+    assert code == 0, err
+    assert lifted and all(lifted)
 
 
 def tiny(batch: int | str) -> onnx.ModelProto:

@@ -202,7 +202,7 @@ def test_stream_gives_each_layer_input_of_the_whole_model_run_holding_only_the_f
     X = capture_layer_inputs(model, layers, feeds)
     np.testing.assert_allclose(X["fc"], per_row(model, "flat", feeds), rtol=1e-5, atol=1e-5)
     # two layers reading one tensor (the second Gemm of an addmm): both get it
-    stream = Stream(Subgraphs(model, feeds, ()), feeds)
+    stream = Stream(Subgraphs(model, feeds, {}), feeds)
     for i in range(2):
         np.testing.assert_array_equal(stream.advance("x", ["x"] * (1 - i), {}), feeds["x"])
 
