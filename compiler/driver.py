@@ -147,7 +147,8 @@ def compress_model(model_path: str, recipe: Recipe, calibration_path: str | None
     original_bytes = _param_bytes(model)  # before the passes rewrite the weights
     layers_ir0 = find_layers(model)
     manager = PassManager(decide_passes() + compress_passes(), dump_dir, on_pass=line, save_model=_save_onnx)
-    ir2 = manager.run(model, ctx, start_index=0, opened=records)  # auto and reconstruct: stage 0 (0_import)
+    # auto and reconstruct: stage 0 (0_import); IR0 is not used again (VGG-16: no 500 MB copy)
+    ir2 = manager.run(model, ctx, start_index=0, opened=records, handed_over=True)
     ctx.state.drop_reconstruction()  # the object stays small (a sweep ships it to workers)
     return Compressed(ir2, model_path, model_file_bytes(model_path), ctx, layers_ir0, original_bytes,
                       records + manager.records, notes + ctx.state.notes, ctx.state.chosen_recipe)

@@ -166,13 +166,14 @@ class PassManager:
         self.records: list[PassRecord] = []
 
     def run(self, model: onnx.ModelProto, ctx: Context, start_index: int = 0,
-            opened: list[PassRecord] | None = None) -> onnx.ModelProto:
+            opened: list[PassRecord] | None = None, handed_over: bool = False) -> onnx.ModelProto:
         """The model after every pass; `start_index` numbers the first stage's dump. `opened`:
         the records of passes run before (by another manager, not dumped) that made `model`
-        and whose stage the first passes here extend."""
+        and whose stage the first passes here extend. `handed_over`: the caller will not use
+        `model` again, so the passes may rewrite it without a copy."""
         stage: list[PassRecord] = list(opened or [])  # the passes of the stage not yet dumped
         index = start_index if stage else start_index - 1
-        owned = False  # is `model` this run's own (made by a pass or copied), not the caller's?
+        owned = handed_over  # is `model` this run's own (made by a pass or copied), not the caller's?
         for p in self.passes:
             extends = getattr(p, "extends_stage", False)
             if not (extends and stage):

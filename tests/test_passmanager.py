@@ -57,6 +57,9 @@ def test_the_callers_model_is_copied_once_for_all_the_passes_that_rewrite_it():
     assert seen[0] is model  # a pass that only reads gets the caller's model itself
     assert seen[1] is not model and seen[2] is seen[1] and seen[3] is seen[1] and out is seen[1]
     assert model.SerializeToString() == before and out.graph.node[0].name == "mm++"
+    seen.clear()
+    out = PassManager(passes[1:2]).run(model, Context(Recipe()), handed_over=True)  # the caller is done with it
+    assert seen == [model] and out is model
 
 
 @pytest.mark.parametrize("change, message", [
