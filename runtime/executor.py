@@ -9,6 +9,7 @@ address generation), which the cycle model counts as one mat-vec per position.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -23,6 +24,7 @@ from eiec.segment import LayerSpec, Segment
 from eiec.conv import im2col
 
 from eiec.errors import FormatError
+from eiec.parallel import one_blas_thread
 from eiec.image import SparseImage
 
 from .cycles import LoadCost, PassCycles, Timeline, cycle_pass, layer_cycles, load_ptr_cost, load_spmat_cost, queue_occupancy
@@ -363,7 +365,7 @@ def _run(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycles: b
          names: list[str]) -> PassCycles | None:
     """One RUN: broadcast src's nonzero columns over the held tile into the accumulators;
     on LAST write the rows back to dst. Returns its cycles (None without the cycle model)."""
-    seg, batch, t = m.seg, m.batch, m.seg.target
+    seg, batch = m.seg, m.batch
     spec = seg.layers[ins.layer]
     where = f"RUN {names[ins.layer]} tile {ins.tile}"
     tile = m.spmat.get((ins.layer, ins.tile))
@@ -373,6 +375,18 @@ def _run(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycles: b
     if src is None or src.layer != ins.layer - 1:
         raise FormatError(None, f"{where}: buffer b{ins.src} does not hold the layer's input")
     xs = src.positions(seg, spec, ins.layer, batch)
+    # BLAS stays on one thread until the cycle model's thread is done: OpenBLAS's thread count is
+    # the process's, and setting it while the other thread is inside a BLAS call could leave it
+    # at 1 for good (a later compile's floats, and so its bytes, then differ)
+    with one_blas_thread() if want_cycles else contextlib.nullcontext():
+        return _run_tile(m, ins, st, mode, want_cycles, tile, src, xs)
+
+
+def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycles: bool, tile: SparseImage,
+              src: _Buffer, xs: np.ndarray) -> PassCycles | None:
+    """`_run` on its checked tile and input positions: the cycle model beside the arithmetic."""
+    seg, batch, t = m.seg, m.batch, m.seg.target
+    spec = seg.layers[ins.layer]
     cycles = None
     if want_cycles:  # the cycle model reads only which inputs are nonzero: it runs beside the arithmetic
         if st.x_nonzero is None:
