@@ -3,7 +3,7 @@
 Every row is `eiec.driver.compile_model` — the pass list `eiec MODEL.onnx -o OUT.eie` runs,
 import to .eie write — on an .onnx file built here with random He-scaled weights, with no
 calibration file (the driver's 64 random inputs), in a fresh process whose peak RSS
-(getrusage ru_maxrss) is the compile's, as are its CPU seconds (user + system, all threads). Each model is compiled with the recipe switches at
+(VmHWM, reset as it starts: Linux keeps a peak across fork and exec) is the compile's, as are its CPU seconds (user + system, all threads). Each model is compiled with the recipe switches at
 their defaults (obs, gptq, refit and bias_correction on: "reconstruction") and with all four
 off ("plain": magnitude pruning and k-means, Deep Compression without reconstruction).
 Models and targets (issue 15):
@@ -184,8 +184,12 @@ def _child(argv: list[str]) -> None:
     """Run one compile (or validate) in this process and print its figures as one JSON line."""
     from eiec.cli import main as cli
     from eiec.driver import compile_model
+    from eiec.progress import peak_bytes, reset_peak
 
     kind, *rest = argv
+    # Linux keeps a process's peak RSS across fork and exec: without a reset, this child would
+    # report at least what the parent (which built the models) held when it forked
+    reset_peak()
     t0 = time.perf_counter()
     out = {}
     if kind == "compile":
@@ -201,7 +205,7 @@ def _child(argv: list[str]) -> None:
     out["seconds"] = time.perf_counter() - t0
     use = resource.getrusage(resource.RUSAGE_SELF)  # all of the process's threads (BLAS, onnxruntime)
     out["cpu_seconds"] = round(use.ru_utime + use.ru_stime, 1)
-    out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    out["peak_bytes"] = peak_bytes()
     print(json.dumps(out))
 
 
@@ -249,7 +253,7 @@ def save(path: str, rows: list[dict], gain: list[dict]) -> None:
         "benchmark": "compile_speed",
         "command": "python " + os.path.relpath(os.path.abspath(__file__), ROOT),
         "seed": SEED, "rows": rows, "reconstruction_gain": gain,
-        "memory_measure": "peak RSS of the compiling process (a fresh one per row): getrusage ru_maxrss",
+        "memory_measure": "peak RSS of the compiling process (a fresh one per row, its VmHWM mark reset at its start): /proc/self/status VmHWM",
         "machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
                     "platform": platform.platform(), "load_average": os.getloadavg()},
     })
