@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -242,6 +242,27 @@ def node_reads(node: onnx.NodeProto) -> set[str]:
             for inner in g.node:
                 names |= node_reads(inner)
     return names
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, int]:
+    """Tensor name -> the index of the node that writes it (optional outputs, named "", left out)."""
+    return {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+
+
+def upstream_nodes(targets: Iterable[str], producer: dict[str, int], reads: Sequence[Collection[str]],
+                   held: Collection[str] = (), done: Collection[int] = ()) -> set[int]:
+    """The nodes that compute `targets`: walked back through what each node reads (`reads[i]`,
+    e.g. `node_reads`) to the tensors that have no producer (graph inputs, initializers), the
+    tensors `held` and the nodes `done`, none of which is included."""
+    found: set[int] = set()
+    stack = [t for t in targets if t not in held]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or i in found or i in done:
+            continue
+        found.add(i)
+        stack.extend(r for r in reads[i] if r and r not in held)
+    return found
 
 
 def record_row_axes(model: onnx.ModelProto, axes: dict[str, int]) -> None:

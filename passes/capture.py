@@ -14,7 +14,7 @@ import onnx
 from eiec.conv import conv_output_hw, im2col
 from eiec.ir import Layer
 from eiec.ortrun import (NO_ROW_AXIS, RowSession, common_batch, free_rows, graph_inputs, join_rows, node_reads, pad_rows,
-                         rows_independent, session, shape_skeleton, skeleton_row_axes)
+                         producers, rows_independent, session, shape_skeleton, skeleton_row_axes, upstream_nodes)
 
 # Rows per layer the passes and the auto search reconstruct from, and their memory cap.
 CAPTURE_ROWS = 8192
@@ -86,7 +86,7 @@ class Subgraphs:
         self.model = model
         g = model.graph
         self.order = {n.name: i for i, n in enumerate(g.node)}
-        self.producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+        self.producer = producers(g)
         self.reads = [node_reads(n) for n in g.node]
         self.inits = {t.name: t for t in g.initializer}
         self.inputs = {vi.name: vi for vi in g.input}
@@ -128,15 +128,7 @@ class Subgraphs:
 
     def nodes_for(self, targets: Iterable[str], held: Collection[str]) -> list[int]:
         """The nodes (graph order) that compute `targets` from the tensors `held`, initializers and graph inputs."""
-        nodes: set[int] = set()
-        stack = [t for t in targets if t not in held]
-        while stack:
-            i = self.producer.get(stack.pop())
-            if i is None or i in nodes:
-                continue
-            nodes.add(i)
-            stack.extend(r for r in self.reads[i] if r and r not in held)
-        return sorted(nodes)
+        return sorted(upstream_nodes(targets, self.producer, self.reads, held=held))
 
     def session(self, nodes: list[int], inputs: list[tuple[str, np.ndarray]], outputs: list[str]) -> RowSession:
         """The sub-model of `nodes` reading the held `inputs` (name, one chunk's value), writing `outputs`."""

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from eiec.ortrun import node_reads
+from eiec.ortrun import node_reads, producers, upstream_nodes
 
 from .ops import make_session, session_options
 
@@ -61,17 +61,15 @@ def plan_stages(model: onnx.ModelProto) -> list[Stage] | None:
     if any(n.input[0] in inits for n in segments):
         return None  # a segment input onnxruntime folded to a constant: not a chunk's rows
     types = {vi.name: vi for vi in (*g.input, *g.value_info, *g.output)}
-    produced: dict[str, int] = {}
-    for i, n in enumerate(g.node):
-        for o in n.output:
-            produced[o] = i
+    produced = producers(g)
+    reads = [node_reads(n) for n in g.node]
     outputs = [o.name for o in g.output]
     done: set[int] = set()
     groups: list[tuple[list[int], onnx.NodeProto | None]] = []
     for i, n in enumerate(g.node):
         if n.op_type != SEGMENT_OP:
             continue
-        nodes = _ancestors([n.input[0]], g, produced, done)
+        nodes = _ancestors([n.input[0]], g, produced, reads, done)
         if nodes is None or any(j > i for j in nodes):
             return None
         done.update(nodes)
@@ -79,7 +77,7 @@ def plan_stages(model: onnx.ModelProto) -> list[Stage] | None:
         groups.append((sorted(nodes), n))
     if not groups:
         return None
-    last = _ancestors(outputs, g, produced, done)
+    last = _ancestors(outputs, g, produced, reads, done)
     if last is None:
         return None
     groups.append((sorted(last), None))
@@ -87,14 +85,14 @@ def plan_stages(model: onnx.ModelProto) -> list[Stage] | None:
     readers: dict[str, set[int]] = {}
     for s, (nodes, seg) in enumerate(groups):
         for j in nodes:
-            for name in node_reads(g.node[j]):
+            for name in reads[j]:
                 readers.setdefault(name, set()).add(s)
         if seg is not None:
             readers.setdefault(seg.input[0], set()).add(-s - 1)  # the segment after stage s
     stages = []
     for s, (nodes, seg) in enumerate(groups):
         made = {o for j in nodes for o in g.node[j].output}
-        read = set().union(*(node_reads(g.node[j]) for j in nodes)) if nodes else set()
+        read = set().union(*(reads[j] for j in nodes)) if nodes else set()
         feeds = sorted(read - made - set(inits) - {""})
         fetches = sorted(t for t in made if t in outputs or any(r != s for r in readers.get(t, ())))
         if any(t not in types for t in (*feeds, *fetches)):
@@ -152,21 +150,12 @@ def _has_segment(node: onnx.NodeProto) -> bool:
     return False
 
 
-def _ancestors(tensors: list[str], g: onnx.GraphProto, produced: dict[str, int],
+def _ancestors(tensors: list[str], g: onnx.GraphProto, produced: dict[str, int], reads: list[set[str]],
                done: set[int]) -> set[int] | None:
     """The nodes not yet run that `tensors` need (stopping at nodes already run); None when
     they need a segment not yet run."""
-    found: set[int] = set()
-    todo = list(tensors)
-    while todo:
-        j = produced.get(todo.pop())
-        if j is None or j in done or j in found:
-            continue
-        if g.node[j].op_type == SEGMENT_OP:
-            return None
-        found.add(j)
-        todo.extend(node_reads(g.node[j]))
-    return found
+    found = upstream_nodes(tensors, produced, reads, done=done)
+    return None if any(g.node[j].op_type == SEGMENT_OP for j in found) else found
 
 
 def run_stages(stages: list[Stage], names: list[str], feeds: list[dict[str, Any]],

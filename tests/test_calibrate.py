@@ -530,6 +530,12 @@ def test_auto_recipe_accuracy_budget_bounds_the_expected_drop_from_margins():
     assert chosen["estimate"] == pytest.approx(100 * (np.mean(a > 0) - right), abs=1e-6)
 
 
+def assert_ordered_partition(a: np.ndarray, b: np.ndarray, n: int) -> None:
+    """Row numbers a and b split 0..n-1 between them, each part in increasing order."""
+    assert np.array_equal(np.sort(np.concatenate([a, b])), np.arange(n))  # a partition
+    assert np.all(np.diff(a) > 0) and np.all(np.diff(b) > 0)  # each part keeps the order
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 40), st.integers(0, 3))
 def test_split_calibration_partitions_the_rows(n, seed):
@@ -540,8 +546,7 @@ def test_split_calibration_partitions_the_rows(n, seed):
         assert split is None
         return
     rec, out = split.reconstruction_rows, split.held_out_rows
-    assert np.array_equal(np.sort(np.concatenate([rec, out])), np.arange(n))  # a partition
-    assert np.all(np.diff(rec) > 0) and np.all(np.diff(out) > 0)  # each part keeps the order
+    assert_ordered_partition(rec, out, n)
     assert len(out) == min(n - 1, max(1, round(n / 2)))
     np.testing.assert_array_equal(split.reconstruction["x"], feeds["x"][rec])
     np.testing.assert_array_equal(split.held_out["x"], feeds["x"][out])
@@ -560,8 +565,7 @@ def test_confirmation_split_partitions_the_scored_rows(n, seed):
         assert split is None
         return
     sel, conf = split.selection["x"][:, 0] / 2, split.confirmation["x"][:, 0] / 2  # the row numbers
-    assert np.array_equal(np.sort(np.concatenate([sel, conf])), np.arange(n))  # a partition
-    assert np.all(np.diff(sel) > 0) and np.all(np.diff(conf) > 0)  # each part keeps the order
+    assert_ordered_partition(sel, conf, n)
     assert len(conf) == min(n - 2, max(1, round(n / 3)))
     np.testing.assert_array_equal(split.confirmation_labels, labels[conf.astype(int)])
     np.testing.assert_array_equal(split.selection_labels, labels[sel.astype(int)])
