@@ -34,6 +34,7 @@ _SCAN_ROW_ELEMS = 256  # rows at least this wide are scanned one numpy call per 
 _INT16_TIMES = 1 << 13  # cycle times below this are solved in int16 (a conv's short broadcast lists)
 _INT32_TIMES = 1 << 29  # ... below this in int32
 _NEVER = -(1 << 40)  # an int64 time below any real one: never wins a max
+_LANES_MIN_ELEMS = 1 << 12  # stalling vectors x PEs from which _queue_span_lanes is faster
 
 
 @dataclass
@@ -242,20 +243,78 @@ def _queue_span_stepwise(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray
     return out + (issue_all, starts) if trace else out
 
 
-def _broadcast_lists(nz: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _queue_span_lanes(excess: np.ndarray, flat_cols: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                      depth: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """_queue_span for many vectors at once, one broadcast at a time over all of them: the
+    finish time of the last PE and the stall cycles, [n] each, or None when the lags below
+    do not fit 32-bit lanes.
+
+    excess [cols, pes] = work - 1 (>= 0); vector v broadcasts flat_cols[starts[v]:starts[v]
+    + counts[v]]. The recurrence in lags behind the stall-free clock (beta_k = b_k - k,
+    sigma = s - k, phi = f - k - 1): beta_k = max(beta_{k-1}, max_p sigma[p, k-depth] - depth),
+    sigma[p, k] = max(phi[p, k-1], beta_k), phi = sigma + excess. Every PE's phi stays within
+    (depth + 1) * (max excess + 1) of beta (a PE is at most depth items behind the slot it
+    frees), so lags are held relative to a per-vector base as 8-, 16- or 32-bit lanes, several
+    PEs packed in one int64: a broadcast's column is then one gather of a few words per vector,
+    and the max over PEs a reduction over rows. Vectors run longest first, so the ones still
+    broadcasting at step k are a prefix."""
+    n, pes = counts.size, excess.shape[1]
+    reach = (depth + 1) * (int(excess.max(initial=0)) + 1)  # phi - beta < reach; beta rises < reach a step
+    for dtype in (np.int8, np.int16, np.int32):
+        if 3 * reach <= np.iinfo(dtype).max:
+            break
+    else:
+        return None
+    limit = int(np.iinfo(dtype).max) - 2 * reach  # rebase before beta passes this
+    lanes = 8 // np.dtype(dtype).itemsize
+    groups = -(-pes // lanes)
+    table = np.zeros((groups * lanes, excess.shape[0]), dtype)  # padding PEs: no excess, never bind
+    table[:pes] = excess.T
+    packed = np.ascontiguousarray(table.reshape(groups, lanes, -1).transpose(0, 2, 1)).view(np.int64)[..., 0]
+    spread = int(sum(1 << (8 * np.dtype(dtype).itemsize * i) for i in range(lanes)))  # one value to every lane
+    order = np.argsort(-counts, kind="stable")
+    counts_s, starts_s = counts[order], starts[order].astype(np.int64)
+    n_bcast = int(counts_s[0]) if n else 0
+    active = n - np.searchsorted(counts_s[::-1], np.arange(n_bcast + 1), side="right")  # vectors with count > k
+    phi = np.zeros((groups, n * lanes), dtype)
+    beta = np.zeros(n, np.int64)  # relative to base, like phi and ring
+    base = np.zeros(n, np.int64)
+    ring = np.full((depth, n), -(1 << 40), np.int64)  # max_p sigma - depth of the last depth items
+    cols = flat_cols.astype(np.int16 if excess.shape[0] <= 1 << 15 else np.int32)  # fewer bytes to gather from
+    top = np.empty(n * lanes, dtype)
+    span, stall = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for k in range(n_bcast):
+        m, m_next = int(active[k]), int(active[k + 1])
+        if k >= depth:
+            np.maximum(beta[:m], ring[k % depth, :m], out=beta[:m])
+        ph = phi[:, :m * lanes]
+        np.maximum(ph, (beta[:m] * spread).view(dtype), out=ph)  # sigma
+        most = np.maximum.reduce(ph, axis=0, out=top[:m * lanes])
+        for _ in range(lanes.bit_length() - 1):  # fold the lanes of each vector: strided halves
+            most = np.maximum(most[0::2], most[1::2])
+        ring[k % depth, :m] = most
+        ring[k % depth, :m] -= depth
+        ph += np.take(packed, cols[starts_s[:m] + k], axis=1).view(dtype)  # phi
+        if m_next < m:  # these vectors broadcast their last item
+            done = phi.reshape(groups, n, lanes)[:, m_next:m].max(axis=(0, 2))
+            span[m_next:m] = k + 1 + base[m_next:m] + done
+            stall[m_next:m] = base[m_next:m] + beta[m_next:m]
+        if m_next and beta[:m_next].max() > limit:  # rebase: lags relative to beta
+            shift = beta[:m_next].copy()
+            phi[:, :m_next * lanes] -= (shift * spread).view(dtype)
+            ring[:, :m_next] -= shift
+            base[:m_next] += shift
+            beta[:m_next] = 0
+    out_span, out_stall = np.empty(n, np.int64), np.empty(n, np.int64)
+    out_span[order], out_stall[order] = span, stall
+    return out_span, out_stall
+
+
+def _broadcast_lists(nz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per input of nz [B, cols], its nonzero columns in ascending order as a broadcast list:
-    cols_k [K, B], valid [K, B] (shorter lists padded at the end), and count [B],
-    b_idx, j_idx (the nonzeros, row-major)."""
-    batch = nz.shape[0]
-    count = nz.sum(axis=1)
-    n_bcast = int(count.max(initial=0))
-    b_idx, j_idx = np.nonzero(nz)  # row-major: each input's columns ascending
-    k_idx = np.arange(b_idx.size) - np.repeat(np.cumsum(count) - count, count)
-    cols_k = np.zeros((n_bcast, batch), np.int64)
-    valid = np.zeros((n_bcast, batch), bool)
-    cols_k[k_idx, b_idx] = j_idx
-    valid[k_idx, b_idx] = True
-    return cols_k, valid, count, b_idx, j_idx
+    cols_k [K, B], valid [K, B] (shorter lists padded at the end)."""
+    count = np.count_nonzero(nz, axis=1)
+    return _list_table(np.nonzero(nz)[1], np.cumsum(count) - count, count)
 
 
 @dataclass
@@ -319,28 +378,52 @@ def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndar
     (docs/simulator.md). A vector none of whose PEs exceeds depth over all but its last
     depth + 1 broadcasts never stalls: span = K + max_p excess_p. Only the other vectors
     run the queue recurrence, each distinct broadcast pattern once, on the PEs that can
-    set its times (_queue_pes)."""
+    set its times (_queue_pes): many vectors at once broadcast by broadcast
+    (_queue_span_lanes), few in blocks of broadcasts (_queue_span)."""
     most = excess.max(axis=1, initial=0)
     span, stall = count + most, np.zeros(count.size, np.int64)
     maybe = np.flatnonzero(most > depth)
     if not maybe.size:
         return span, stall
     first, inverse = _unique_rows(nz[maybe])  # each distinct pattern once
-    cols_k, valid, n_u, b_idx, j_idx = _broadcast_lists(nz[maybe[first]])
-    k_idx = np.arange(b_idx.size) - np.repeat(np.cumsum(n_u) - n_u, n_u)
-    tail = k_idx >= (n_u - depth - 1)[b_idx]  # the last depth + 1 broadcasts
-    last = np.zeros((first.size, nz.shape[1]), table.dtype)
-    last[b_idx[tail], j_idx[tail]] = 1
-    head = excess[maybe[first]] - blas_product(last, table[:, -excess.shape[1]:]).astype(np.int64)
+    b_idx, j_idx = np.nonzero(nz[maybe[first]])  # row-major: each pattern's columns ascending
+    n_u = count[maybe[first]]
+    starts = np.cumsum(n_u) - n_u
+    # the excess of each pattern's last depth + 1 broadcasts: a gather of their table rows
+    back = starts[:, None] + n_u[:, None] - 1 - np.arange(depth + 1)  # [U, depth + 1]
+    over = tile_cached(tile, "excess_rows", _excess_rows)
+    tail_cols = np.where(back >= starts[:, None], j_idx[np.maximum(back, 0)], over.shape[0] - 1)
+    head = excess[maybe[first]] - over[tail_cols].sum(axis=1, dtype=np.int64)
     stalls = np.flatnonzero(head.max(axis=1, initial=0) > depth)
     if stalls.size:
         work = tile_cached(tile, "queue_work", lambda t: np.ascontiguousarray(
             tile_cached(t, "column_tables", _column_tables)[1][:, _queue_pes(t)]))
-        k = int(n_u[stalls].max())
         s_u, st_u = span[maybe[first]], np.zeros(first.size, np.int64)
-        s_u[stalls], st_u[stalls] = _queue_span(work, cols_k[:k, stalls], valid[:k, stalls], depth)
+        solved = None
+        if stalls.size * work.shape[1] >= _LANES_MIN_ELEMS:
+            solved = _queue_span_lanes(work - 1, j_idx, starts[stalls], n_u[stalls], depth)
+        if solved is None:
+            cols_k, valid = _list_table(j_idx, starts[stalls], n_u[stalls])
+            solved = _queue_span(work, cols_k, valid, depth)
+        s_u[stalls], st_u[stalls] = solved
         span[maybe], stall[maybe] = s_u[inverse], st_u[inverse]
     return span, stall
+
+
+def _excess_rows(tile: SparseImage) -> np.ndarray:
+    """int32 [cols + 1, pes]: each column's work beyond one cycle per PE, and a zero row."""
+    work = tile_cached(tile, "column_tables", _column_tables)[1]
+    return np.vstack([work - 1, np.zeros((1, work.shape[1]), work.dtype)])
+
+
+def _list_table(flat_cols: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Broadcast lists flat_cols[starts[v]:starts[v] + counts[v]] as cols_k, valid [K, n]
+    (shorter lists padded at the end)."""
+    n_bcast = int(counts.max(initial=0))
+    ks = np.arange(n_bcast)[:, None]
+    valid = ks < counts[None, :]
+    cols_k = np.where(valid, flat_cols[np.where(valid, starts[None, :] + ks, 0)], 0)
+    return cols_k, valid
 
 
 def _unique_rows(nz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -513,7 +596,7 @@ def queue_occupancy(tiles: Sequence[SparseImage], x_nonzero: np.ndarray, target:
     spans, pushes, pops = [], [], []  # per pass: [n] spans, and event times relative to the pass start
     for t in tiles:
         _, work, _ = tile_cached(t, "column_tables", _column_tables)
-        cols_k, valid, _, _, _ = _broadcast_lists(x_nonzero[:n, t.col_lo:t.col_lo + t.cols])
+        cols_k, valid = _broadcast_lists(x_nonzero[:n, t.col_lo:t.col_lo + t.cols])
         span, _, issue, start = _queue_span(work, cols_k, valid, target.queue_depth, trace=True)
         spans.append(span)
         pushes.append((issue, valid))

@@ -1,5 +1,5 @@
 """The simulator's fast paths against obvious reimplementations: the blocked queue
-recurrence of the cycle model, the closed form for vectors that cannot stall (with the
+recurrence of the cycle model and its broadcast-at-a-time form over packed lanes, the closed form for vectors that cannot stall (with the
 recurrence run once per distinct pattern on the PEs that matter), the im2col gather, and
 the per-codebook caches of the functional model."""
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from eiec.codec import encode_matrix
 from eiec.conv import im2col
-from eiec.runtime.cycles import _queue_span, cycle_pass
+from eiec.runtime.cycles import _LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, cycle_pass
 from eiec.runtime.executor import _patch_index
 from eiec.runtime.simulator import spmv_fixed, spmv_float
 from eiec.target import Target
@@ -73,6 +73,46 @@ def test_queue_span_over_many_blocks_matches_the_scalar_recurrence():
         work = np.maximum(rng.integers(0, 12, (cols, pes)), 1)
         x_nonzero = rng.random((2, cols)) < np.array([[0.9], [0.6]])
         check_against_scalar(work, x_nonzero, depth)
+
+
+@given(seed=st.integers(0, 2 ** 32 - 1), pes=st.sampled_from([1, 3, 8, 9, 64]), depth=st.sampled_from([1, 2, 8]),
+       most=st.sampled_from([0, 1, 3, 40, 3000]), longest=st.sampled_from([5, 60, 300]))
+@settings(max_examples=40, deadline=None)
+def test_queue_span_in_lanes_matches_the_scalar_recurrence(seed, pes, depth, most, longest):
+    # excess up to 3 fits 8-bit lanes at these depths, 40 16-bit, 3000 32-bit; long lists
+    # with large excess stall enough to rebase the lags; lists of unequal length end at
+    # different broadcasts; pes that are not a multiple of the lanes get padding PEs
+    rng = np.random.default_rng(seed)
+    cols, n = int(rng.integers(1, 60)), int(rng.integers(1, 6))
+    excess = rng.integers(0, most + 1, (cols, pes)) * (rng.random((cols, pes)) < rng.random())
+    counts = rng.integers(0, longest + 1, n)
+    flat = rng.integers(0, cols, int(counts.sum()))
+    starts = np.cumsum(counts) - counts
+    span, stall = _queue_span_lanes(excess, flat, starts, counts, depth)
+    for v in range(n):
+        lst = list(flat[starts[v]:starts[v] + counts[v]])
+        assert (span[v], stall[v]) == scalar_queue_span(excess + 1, lst, depth)
+
+
+def test_queue_span_in_lanes_declines_lags_beyond_32_bits():
+    assert _queue_span_lanes(np.full((2, 2), 1 << 29), np.zeros(3, np.int64), np.zeros(1, np.int64),
+                             np.array([3]), 8) is None
+
+
+def test_pass_cycles_of_many_stalling_vectors_match_the_scalar_recurrence():
+    # enough distinct stalling vectors x PEs to take the lanes path
+    rng = np.random.default_rng(11)
+    pes, depth, cols = 64, 4, 30
+    idx = rng.integers(1, 16, (pes * 3, cols)) * (rng.random((pes * 3, cols)) < 0.6)
+    tile = encode_matrix(idx.astype(np.uint8), pes)
+    target = dataclasses.replace(Target(), pes=pes, queue_depth=depth)
+    x_nonzero = rng.random((2 * _LANES_MIN_ELEMS // pes, cols)) < 0.8
+    got = cycle_pass(tile, x_nonzero, target, write_back=False)
+    work = np.maximum(tile.col_entries(), 1).T
+    assert got.stall.min() > 0
+    for v, row in enumerate(x_nonzero):
+        span, stall = scalar_queue_span(work, list(np.flatnonzero(row)), depth)
+        assert (got.cycles[v], got.stall[v]) == (span + target.pipeline_depth, stall)
 
 
 def test_one_tile_with_two_codebooks_gives_each_codebooks_product():
