@@ -52,11 +52,14 @@ def round_shift(acc: np.ndarray, shift: int) -> np.ndarray:
     shift = int(shift)
     if shift <= 0:
         return acc << -shift
-    q = acc >> shift  # floor, also for negatives
-    r = acc - (q << shift)  # 0 <= r < 2**shift
-    half = 1 << (shift - 1)
-    up = (r > half) | ((r == half) & ((q & 1) == 1))
-    return q + up
+    # floor((acc + half - 1 + odd) / 2**shift), odd the parity of floor(acc / 2**shift): the
+    # remainder r rounds up when r > half, or r == half and the floor is odd (shifts floor
+    # negatives too); a few whole-array passes, in place
+    out = (acc >> shift) & 1
+    out += acc
+    out += (1 << (shift - 1)) - 1
+    out >>= shift
+    return out
 
 
 def choose_frac(max_abs: float, bits: int) -> int:

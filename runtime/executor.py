@@ -116,10 +116,25 @@ class TraceRow:
 class SegmentRun:
     input: np.ndarray  # float32 [B, *in_shape]: what the host handed the segment
     output: np.ndarray  # float32 [B, *out_shape]
-    layers: list[LayerRun] = field(default_factory=list)  # with cycles only
+    layers_of: Callable[[], list[LayerRun]] = field(default=list, repr=False)  # makes `layers`
     saturation: dict[str, Saturation] = field(default_factory=dict)  # layer name -> what it clipped
     bound_of: Callable[[], np.ndarray | None] = field(default=lambda: None, repr=False)
     trace: list[TraceRow] | None = None  # with run_segment(trace=True): one row per executed instruction
+    settle_of: Callable[[], None] | None = field(default=None, repr=False)  # what `settle` does once
+
+    def settle(self) -> None:
+        """Wait for the cycle model's RUNs still running beside (run_segment(settle=False)) and
+        run the CCU's clock on their cycles: `saturation`, `layers` and `trace` are complete after."""
+        if self.settle_of is not None:
+            self.settle_of()
+            self.settle_of = None
+
+    @functools.cached_property
+    def layers(self) -> list[LayerRun]:
+        """Each layer's cycles and events (with cycles only). Made on first use: from the
+        per-RUN counts, which only the report reads."""
+        self.settle()
+        return self.layers_of()
 
     @functools.cached_property
     def bound(self) -> np.ndarray | None:
@@ -148,10 +163,12 @@ def concat_runs(runs: list[SegmentRun]) -> SegmentRun:
             return {k: join([x[k] for x in values]) for k in v}
         return v
 
-    layers = [dataclasses.replace(ls[0], saturation=Saturation.summed([l.saturation for l in ls]),
-                                  **{f.name: join([getattr(l, f.name) for l in ls])
-                                     for f in dataclasses.fields(LayerRun) if f.name != "saturation"})
-              for ls in zip(*(r.layers for r in runs))]
+    def layers() -> list[LayerRun]:
+        return [dataclasses.replace(ls[0], saturation=Saturation.summed([l.saturation for l in ls]),
+                                    **{f.name: join([getattr(l, f.name) for l in ls])
+                                       for f in dataclasses.fields(LayerRun) if f.name != "saturation"})
+                for ls in zip(*(r.layers for r in runs))]
+
     saturation = {name: Saturation.summed([r.saturation[name] for r in runs]) for name in runs[0].saturation}
 
     def bound() -> np.ndarray | None:
@@ -255,19 +272,34 @@ class _Machine:
         self.buffers: dict[int, _Buffer] = {}
         self.acc: np.ndarray | None = None  # the open accumulation's [B * positions, rows]
         self.acc_clipped: np.ndarray | None = None
-        self.clock = Timeline(batch)
 
 
 def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool = True,
-                trace: bool = False) -> SegmentRun:
+                trace: bool = False, settle: bool = True) -> SegmentRun:
     """Execute the segment's program on a batch `x` (float32 [B, *in_shape]), instruction by
     instruction, each input of the batch at once.
 
     mode "fixed" is the bit-exact datapath; "float" uses the float codebook and bias
     on the same tiles (for comparisons). With `cycles`, each layer's cycle and energy
     report is collected; with `trace`, SegmentRun.trace holds one TraceRow per executed
-    instruction (cycles counted from the start of the program, per input).
+    instruction (cycles counted from the start of the program, per input). With settle
+    false, it returns once the arithmetic is done, while the cycle model of its last RUNs may
+    still run on the second thread: the caller holds `eiec.parallel.one_blas_thread` until it
+    has called `SegmentRun.settle` (so a run of several segments overlaps them).
     """
+    # BLAS stays on one thread while the cycle model's thread may be inside BLAS: OpenBLAS's thread
+    # count is the process's, and setting it while the other thread was inside a BLAS call could
+    # leave it at 1 for good (a later compile's floats, and so its bytes, then differ)
+    with one_blas_thread() if cycles else contextlib.nullcontext():
+        run = _run_program(seg, x, mode, cycles, trace)
+        if settle:
+            run.settle()
+    return run
+
+
+def _run_program(seg: Segment, x: np.ndarray, mode: str, cycles: bool, trace: bool) -> SegmentRun:
+    """run_segment's walk: the arithmetic instruction by instruction, each RUN's cycle model
+    started beside it; the CCU's clock runs when the run settles, once every RUN's cycles are known."""
     t = seg.target
     batch = x.shape[0]
     first = seg.layers[0]
@@ -280,55 +312,69 @@ def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool =
     m = _Machine(seg, batch)
     layers: dict[int, _LayerState] = {}
     names = [l.name for l in seg.layers]
-    if trace:
-        run.trace = []
-        spelled = [line.split(None, 1)[1].strip() for line in isa.disassemble(seg.program, names).splitlines()]
-    last_loaded = 0  # the layer of the latest load: whom a wait for loads is charged to
 
     def layer_state(i: int) -> _LayerState:
         if i not in layers:
             layers[i] = _LayerState(Saturation(inputs=clipped_inputs if i == 0 else 0))
         return layers[i]
 
+    # per instruction: a load's cycles, a RUN's cycles to come (None without the cycle model)
+    steps: list[int | Callable[[], PassCycles] | None] = []
     for pc, ins in enumerate(seg.program):
-        start = end = None
+        step = None
         if ins.op in (isa.Op.LOAD_PTR, isa.Op.LOAD_SPMAT, isa.Op.LOAD_CB):
-            last_loaded = ins.layer
             cost = _load(m, ins)
-            start, end = m.clock.load(ins.op.name, cost.cycles)
+            step = cost.cycles
             if cost.bytes:
                 st = layer_state(ins.layer)
                 st.moved = LoadCost(0, st.moved.bytes + cost.bytes, st.moved.line_writes + cost.line_writes,
                                     st.moved.ptr_writes + cost.ptr_writes)
         elif ins.op == isa.Op.RUN:
-            st = layer_state(ins.layer)
-            st.load_cycles = st.load_cycles + m.clock.waiting()  # the loads hold the RUN back
-            pass_cycles = _run(m, ins, st, mode, cycles, names)
-            start, end = m.clock.step(pass_cycles.cycles if pass_cycles is not None else 0)
-            if pass_cycles is not None:
-                st.passes.append(pass_cycles)
-        else:
-            waiting = m.clock.waiting()  # loads no RUN used: charged to the layer they loaded
-            if waiting.any():
-                state = layer_state(last_loaded)
-                state.load_cycles = state.load_cycles + waiting
-            start, end = m.clock.step(0)
-            if ins.op == isa.Op.LOAD_ACT:
-                m.buffers[ins.dst] = _Buffer(-1, act, lambda: e_x)
-            elif ins.op == isa.Op.STORE:
-                buf = _read(m, ins.src, pc, ins)
-                res = buf.read(seg, batch)
-                last = seg.layers[buf.layer]
-                run.output = (dequantize(res, last.out_frac) if mode == "fixed" else res).astype(np.float32)
-                run.bound_of = buf.bound
-        if trace:
-            run.trace.append(TraceRow(pc, spelled[pc], start, end))
+            step = _run(m, ins, layer_state(ins.layer), mode, cycles, names)
+        elif ins.op == isa.Op.LOAD_ACT:
+            m.buffers[ins.dst] = _Buffer(-1, act, lambda: e_x)
+        elif ins.op == isa.Op.STORE:
+            buf = _read(m, ins.src, pc, ins)
+            res = buf.read(seg, batch)
+            last = seg.layers[buf.layer]
+            run.output = (dequantize(res, last.out_frac) if mode == "fixed" else res).astype(np.float32)
+            run.bound_of = buf.bound
+        steps.append(step)
 
-    for i in sorted(layers):
-        spec, st = seg.layers[i], layers[i]
-        run.saturation[spec.name] = st.sat
-        if cycles and st.passes:
-            run.layers.append(_layer_run(seg, spec, st, batch))
+    def settle() -> None:
+        # the clock: a RUN waits for the loads before it; its cycles are known once its cycle model is done
+        clock = Timeline(batch)
+        last_loaded = 0  # the layer of the latest load: whom a wait for loads is charged to
+        if trace:
+            run.trace = []
+            spelled = [line.split(None, 1)[1].strip() for line in isa.disassemble(seg.program, names).splitlines()]
+        for pc, (ins, step) in enumerate(zip(seg.program, steps)):
+            if ins.op in (isa.Op.LOAD_PTR, isa.Op.LOAD_SPMAT, isa.Op.LOAD_CB):
+                last_loaded = ins.layer
+                start, end = clock.load(ins.op.name, step)
+            elif ins.op == isa.Op.RUN:
+                st = layers[ins.layer]
+                st.load_cycles = st.load_cycles + clock.waiting()  # the loads hold the RUN back
+                pass_cycles = step() if step is not None else None
+                start, end = clock.step(pass_cycles.cycles if pass_cycles is not None else 0)
+                if pass_cycles is not None:
+                    st.passes.append(pass_cycles)
+            else:
+                waiting = clock.waiting()  # loads no RUN used: charged to the layer they loaded
+                if waiting.any():
+                    state = layer_state(last_loaded)
+                    state.load_cycles = state.load_cycles + waiting
+                start, end = clock.step(0)
+            if trace:
+                run.trace.append(TraceRow(pc, spelled[pc], start, end))
+
+        for i in sorted(layers):
+            run.saturation[seg.layers[i].name] = layers[i].sat
+        if cycles:
+            run.layers_of = lambda: [_layer_run(seg, seg.layers[i], layers[i], batch)
+                                     for i in sorted(layers) if layers[i].passes]
+
+    run.settle_of = settle
     return run
 
 
@@ -362,9 +408,10 @@ def _read(m: _Machine, buf: int, pc: int, ins: isa.Instr) -> _Buffer:
 
 
 def _run(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycles: bool,
-         names: list[str]) -> PassCycles | None:
+         names: list[str]) -> Callable[[], PassCycles] | None:
     """One RUN: broadcast src's nonzero columns over the held tile into the accumulators;
-    on LAST write the rows back to dst. Returns its cycles (None without the cycle model)."""
+    on LAST write the rows back to dst. Returns what waits for its cycles (None without the
+    cycle model)."""
     seg, batch = m.seg, m.batch
     spec = seg.layers[ins.layer]
     where = f"RUN {names[ins.layer]} tile {ins.tile}"
@@ -375,15 +422,11 @@ def _run(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycles: b
     if src is None or src.layer != ins.layer - 1:
         raise FormatError(None, f"{where}: buffer b{ins.src} does not hold the layer's input")
     xs = src.positions(seg, spec, ins.layer, batch)
-    # BLAS stays on one thread until the cycle model's thread is done: OpenBLAS's thread count is
-    # the process's, and setting it while the other thread is inside a BLAS call could leave it
-    # at 1 for good (a later compile's floats, and so its bytes, then differ)
-    with one_blas_thread() if want_cycles else contextlib.nullcontext():
-        return _run_tile(m, ins, st, mode, want_cycles, tile, src, xs)
+    return _run_tile(m, ins, st, mode, want_cycles, tile, src, xs)
 
 
 def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycles: bool, tile: SparseImage,
-              src: _Buffer, xs: np.ndarray) -> PassCycles | None:
+              src: _Buffer, xs: np.ndarray) -> Callable[[], PassCycles] | None:
     """`_run` on its checked tile and input positions: the cycle model beside the arithmetic."""
     seg, batch, t = m.seg, m.batch, m.seg.target
     spec = seg.layers[ins.layer]
@@ -416,7 +459,7 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
         _write(m, ins, y, src, xs)
         m.acc = m.acc_clipped = None
     st.tiles.append(tile)
-    return None if cycles is None else cycles().per_input(batch)
+    return None if cycles is None else lambda: cycles().per_input(batch)
 
 
 # a RUN's cycle model runs on a second thread beside its arithmetic (numpy and scipy.sparse

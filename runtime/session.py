@@ -8,6 +8,7 @@ session.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -29,6 +30,7 @@ from eiec.fileio import write_atomic
 from eiec.inputs import load_calibration
 from eiec.ir import host_ops
 from eiec.ortrun import check_rows, fixed_batch, run_rows
+from eiec.parallel import one_blas_thread
 from eiec.progress import section
 from eiec.segment import Segment, blob_name
 from eiec.target import Target
@@ -114,6 +116,22 @@ def eie_segment(x: np.ndarray, blob: np.ndarray, digest: str = "", session: str 
         return np.full(shape, np.nan, np.float32)
 
 
+def _settle(state: _Run) -> None:
+    """Wait for the run's cycle model (its time is the simulator's); an error in it is the
+    segment's, raised by InferenceSession.run."""
+    start = time.perf_counter()
+    try:
+        with section("simulate: the cycle model's last RUNs"):
+            for runs in state.runs.values():
+                for run in runs:
+                    try:
+                        run.settle()
+                    except Exception as e:  # noqa: BLE001 - raised by InferenceSession.run
+                        state.errors.append(e)
+    finally:
+        state.simulated_s += time.perf_counter() - start
+
+
 def _simulate(state: _Run, seg: Segment, xs: list[np.ndarray], chunks: list[tuple[int, int] | None],
               first_rows: list[int]) -> list[np.ndarray]:
     """The segment's output for each chunk's input xs (the chunk's (real rows, rows fed) and
@@ -125,7 +143,9 @@ def _simulate(state: _Run, seg: Segment, xs: list[np.ndarray], chunks: list[tupl
     try:
         with section(f"simulate {seg.name}"):
             rows = xs[0][:reals[0]] if len(xs) == 1 else np.concatenate([x[:r] for x, r in zip(xs, reals)])
-            run = run_segment(seg, rows, state.mode, cycles=state.cycles, trace=state.trace)
+            # the cycle model of its last RUNs goes on beside the next host ops and segments
+            # (InferenceSession.run settles every run before it returns); a trace is read now
+            run = run_segment(seg, rows, state.mode, cycles=state.cycles, trace=state.trace, settle=state.trace)
     finally:
         state.simulated_s += time.perf_counter() - start
     state.runs.setdefault(seg.name, []).append(run)
@@ -220,13 +240,18 @@ class InferenceSession:
                 state.first_row += state.chunk[0]
             state.chunk = (real, size or real)
 
-        with self._one_run:
+        # BLAS on one thread while the cycle model may run beside (eiec.runtime.executor.run_segment)
+        with self._one_run, one_blas_thread() if self.cycles else contextlib.nullcontext():
             _RUNS[self._key] = state
             try:
                 start = time.perf_counter()
-                with section("run (onnxruntime, segments inside)"):
-                    out = run_rows(self._sess, output_names, input_feed, before_chunk=chunk, run_options=run_options,
-                                   run_chunks=self._staged(state, size, input_feed, run_options))
+                try:
+                    with section("run (onnxruntime, segments inside)"):
+                        out = run_rows(self._sess, output_names, input_feed, before_chunk=chunk,
+                                       run_options=run_options, run_chunks=self._staged(state, size, input_feed,
+                                                                                        run_options))
+                finally:
+                    _settle(state)
                 host_s = time.perf_counter() - start - state.simulated_s
             except Exception:
                 if not state.errors:
@@ -400,5 +425,5 @@ def _run_block(eie: str, mode: str, names: list[str], trace: bool, feeds: dict[s
     outs = sess.run(names, feeds)
     rows = next(iter(feeds.values())).shape[0]
     empty = np.zeros((rows, 0), np.float32)
-    runs = {name: SegmentRun(empty, empty, r.layers) for name, r in sess.last_runs.items()}
+    runs = {name: SegmentRun(empty, empty, lambda layers=r.layers: layers) for name, r in sess.last_runs.items()}
     return outs, runs, sess.last_report["host"]["wall_ms"] / 1e3, sess.last_calls

@@ -218,6 +218,64 @@ def _replay_saturating(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q
 
 # ---------------------------------------------------------------- public API
 
+def _abs_max(x: np.ndarray) -> int:
+    """max |x| (0 for an empty array), without a temporary the size of x."""
+    return max(int(x.max()), -int(x.min())) if x.size else 0
+
+
+def _row_l1_max(tile: SparseImage, codebook_q: np.ndarray) -> int:
+    """max over the tile's rows of sum |w|: with max |x| it bounds every running sum's reach.
+    Cached per codebook."""
+    def build(t: SparseImage) -> int:
+        m = tile_matrix(t)
+        row = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+        # float64 sums of integers far below 2**53: exact
+        return int(np.bincount(row, np.abs(codebook_q[m.data]), m.shape[0]).max(initial=0))
+
+    return tile_cached(tile, _codebook_key("row_l1_max", codebook_q), build)  # type: ignore[return-value]
+
+
+def _signed(tile: SparseImage, codebook_q: np.ndarray, dtype: type) -> sp.csr_matrix:
+    """tile_matrix decoded by codebook_q, zero weights dropped, values in `dtype` (int32 when
+    the caller knows every running sum fits: half the bytes to stream). Cached per codebook."""
+    def build(t: SparseImage) -> sp.csr_matrix:
+        m = tile_matrix(t)
+        value = codebook_q[m.data]
+        keep = value != 0
+        row = np.repeat(np.arange(m.shape[0], dtype=np.int32), np.diff(m.indptr))[keep]
+        indptr = np.r_[0, np.cumsum(np.bincount(row, minlength=m.shape[0]))]
+        out = sp.csr_matrix((value[keep].astype(dtype), m.indices[keep], indptr), shape=m.shape)
+        out.has_sorted_indices = True
+        return out
+
+    return tile_cached(tile, _codebook_key(f"signed_{np.dtype(dtype).name}", codebook_q), build)  # type: ignore[return-value]
+
+
+def _signed_product(tile: SparseImage, codebook_q: np.ndarray, x_rows: np.ndarray, reach: int,
+                    target: Target) -> np.ndarray:
+    """W x for every vector (row) of x_rows [B, tile.cols]: int [B, tile.rows], exact given that
+    `reach` bounds sum_j |w_ij x_j| of every row and vector (then every partial sum, in any
+    order, is at most `reach` in magnitude)."""
+    vectors = x_rows.shape[0]
+    if _dense_pays(_signed(tile, codebook_q, np.int64), vectors, target):
+        # float64 sums of integers below 2**53 are exact whatever BLAS's order; the vectors
+        # stay rows (x W^T: no transposed copies of a conv's many positions)
+        dense_t = tile_cached(tile, _codebook_key("signed_dense_t", codebook_q), lambda t: np.ascontiguousarray(
+            _signed(t, codebook_q, np.int64).toarray().T, np.float64))
+        return blas_product(x_rows.astype(np.float64), dense_t).astype(np.int64)
+    dtype = np.int32 if reach <= np.iinfo(np.int32).max else np.int64
+    w = _signed(tile, codebook_q, dtype)
+    x_cols = np.ascontiguousarray(x_rows.T, dtype)  # [cols, B]: the layout scipy multiplies
+    if vectors > 1:
+        live = np.flatnonzero(x_cols.any(axis=1))  # zero activations are never broadcast
+        if live.size < _SELECT_COLUMNS * tile.cols and w.nnz * vectors >= _SELECT_MIN_WORK:
+            # the live columns' entries only: copying them beats reading all for many vectors
+            w_c = tile_cached(tile, _codebook_key(f"signed_csc_{np.dtype(dtype).name}", codebook_q),
+                              lambda t: w.tocsc())
+            return (w_c[:, live] @ x_cols[live]).T
+    return (w @ x_cols).T
+
+
 def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, acc: np.ndarray,
                      target: Target) -> tuple[np.ndarray, np.ndarray]:
     """One RUN's arithmetic: add the tile's products to its rows' accumulators, bit-exact.
@@ -228,14 +286,26 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     which of them clipped during this RUN.
     """
     lo, hi = int_range(target.acc_bits)
+    x_rows = x_q[:, tile.col_lo:tile.col_lo + tile.cols]
+    # every running sum lies within acc +- sum_j |w_ij x_j| <= acc +- (sum_j |w_ij|) max |x|
+    reach = _row_l1_max(tile, codebook_q) * _abs_max(x_rows)
+    if _abs_max(acc) + reach <= hi:  # the common case: no running sum can leave the range
+        return acc + _signed_product(tile, codebook_q, x_rows, reach, target), np.zeros(acc.shape, bool)
+    return _accumulate_near_range(tile, codebook_q, x_q, acc, target)
+
+
+def _accumulate_near_range(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, acc: np.ndarray,
+                           target: Target) -> tuple[np.ndarray, np.ndarray]:
+    """accumulate_fixed when the running sums may leave the accumulator range: the exact
+    sum_j |w_ij x_j| per row and vector tells which rows need checking, and those whose
+    running sum does leave it are replayed in hardware order."""
+    lo, hi = int_range(target.acc_bits)
     rows_sel = np.arange(tile.row_lo, tile.row_lo + tile.rows)
     cs = slice(tile.col_lo, tile.col_lo + tile.cols)
     x_rows = x_q[:, cs]
     nonneg = bool((x_rows >= 0).all())  # ReLU inputs: one product gives both sums, not two
     split = _sign_split(tile, codebook_q)
     if _dense_pays(split, x_rows.shape[0], target):
-        # float64 sums of integers below 2**53 are exact whatever BLAS's order; the vectors
-        # stay rows (x W^T: no transposed copies of a conv's many positions)
         dense_t = tile_cached(tile, _codebook_key("sign_split_dense_t", codebook_q),
                               lambda t: np.ascontiguousarray(split.toarray().T, np.float64))
 
@@ -257,7 +327,7 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     reach = magnitude[:, 0::2] + magnitude[:, 1::2]  # sum_j |w_ij x_j|
     clipped = np.zeros(exact.shape, bool)
     if not exact.size or int(np.abs(acc).max()) + int(reach.max()) <= hi:  # lo = -hi - 1
-        return exact, clipped  # the common case: no running sum can leave the range
+        return exact, clipped
     # Every running sum lies within acc + [sum of negative terms, sum of positive terms] =
     # [acc + (s - reach) / 2, acc + (s + reach) / 2] with s = exact - acc; a row whose full
     # sum is outside the range certainly clips; only rows in between need the prefix check.
@@ -275,7 +345,7 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     return exact, clipped
 
 
-def _dense_pays(split: sp.csc_matrix, vectors: int, target: Target) -> bool:
+def _dense_pays(split: sp.spmatrix, vectors: int, target: Target) -> bool:
     """Whether a dense float64 BLAS product beats the sparse integer one: enough vectors to
     pay for the dense copy, dense enough, small enough to cache, and exact in float64."""
     rows, cols = split.shape
@@ -291,14 +361,18 @@ def write_back_fixed(acc: np.ndarray, bias_acc: np.ndarray, shift: int, relu: bo
     clipped, outputs whose clip changed them)."""
     lo, hi = int_range(target.acc_bits)
     pre = acc + np.asarray(bias_acc, np.int64)[None, :]
-    clipped = (pre < lo) | (pre > hi)
-    shifted = round_shift(np.clip(pre, lo, hi), shift)
+    if pre.size and (int(pre.min()) < lo or int(pre.max()) > hi):
+        clipped = (pre < lo) | (pre > hi)
+        pre = np.clip(pre, lo, hi)
+    else:  # the common case: the bias add clips nothing
+        clipped = np.zeros(pre.shape, bool)
+    shifted = round_shift(pre, shift)
     a_lo, a_hi = int_range(target.act_bits)
-    y = np.clip(shifted, a_lo, a_hi)
     if relu:  # clipping a negative value that ReLU then zeroes changes nothing: not counted
-        y = np.maximum(y, 0)
+        y = np.clip(shifted, 0, a_hi)
         changed = int(np.count_nonzero(shifted > a_hi))
     else:
+        y = np.clip(shifted, a_lo, a_hi)
         changed = int(np.count_nonzero(y != shifted))
     return y, clipped, changed
 
