@@ -35,6 +35,7 @@ _INT16_TIMES = 1 << 13  # cycle times below this are solved in int16 (a conv's s
 _INT32_TIMES = 1 << 29  # ... below this in int32
 _NEVER = -(1 << 40)  # an int64 time below any real one: never wins a max
 _LANES_MIN_ELEMS = 1 << 12  # stalling vectors x PEs from which _queue_span_lanes is faster
+_LANES_CHUNK = 64  # broadcasts whose columns _queue_span_lanes gathers at once
 
 
 @dataclass
@@ -247,25 +248,35 @@ def _queue_span_lanes(excess: np.ndarray, flat_cols: np.ndarray, starts: np.ndar
                       depth: int) -> tuple[np.ndarray, np.ndarray] | None:
     """_queue_span for many vectors at once, one broadcast at a time over all of them: the
     finish time of the last PE and the stall cycles, [n] each, or None when the lags below
-    do not fit 32-bit lanes.
+    may not fit 32-bit lanes.
 
     excess [cols, pes] = work - 1 (>= 0); vector v broadcasts flat_cols[starts[v]:starts[v]
     + counts[v]]. The recurrence in lags behind the stall-free clock (beta_k = b_k - k,
     sigma = s - k, phi = f - k - 1): beta_k = max(beta_{k-1}, max_p sigma[p, k-depth] - depth),
-    sigma[p, k] = max(phi[p, k-1], beta_k), phi = sigma + excess. Every PE's phi stays within
-    (depth + 1) * (max excess + 1) of beta (a PE is at most depth items behind the slot it
-    frees), so lags are held relative to a per-vector base as 8-, 16- or 32-bit lanes, several
-    PEs packed in one int64: a broadcast's column is then one gather of a few words per vector,
-    and the max over PEs a reduction over rows. Vectors run longest first, so the ones still
-    broadcasting at step k are a prefix."""
-    n, pes = counts.size, excess.shape[1]
-    reach = (depth + 1) * (int(excess.max(initial=0)) + 1)  # phi - beta < reach; beta rises < reach a step
+    sigma[p, k] = max(phi[p, k-1], beta_k), phi = sigma + excess. A PE's phi stays within
+    (depth + 1) * (max excess + 1) of beta (it is at most depth items behind the slot it
+    frees), and in practice far closer, so lags are held relative to a per-vector base as
+    8-, 16- or 32-bit lanes, several PEs packed in one int64: a broadcast's column is then
+    one gather of a few words per vector, and the max over PEs a reduction over rows. A
+    lane type too narrow for a case is found before it overflows, and the next is tried."""
+    most = int(excess.max(initial=0))
+    reach = (depth + 1) * (most + 1)
+    # 8 bits when a few items' excess fits, wider ones up to the first that the bound guarantees
     for dtype in (np.int8, np.int16, np.int32):
-        if 3 * reach <= np.iinfo(dtype).max:
-            break
-    else:
-        return None
-    limit = int(np.iinfo(dtype).max) - 2 * reach  # rebase before beta passes this
+        if 4 * (most + 1) <= np.iinfo(dtype).max:
+            solved = _lanes_solve(excess, flat_cols, starts, counts, depth, dtype)
+            if solved is not None or 3 * reach <= np.iinfo(dtype).max:
+                return solved
+    return None
+
+
+def _lanes_solve(excess: np.ndarray, flat_cols: np.ndarray, starts: np.ndarray, counts: np.ndarray, depth: int,
+                 dtype: type) -> tuple[np.ndarray, np.ndarray] | None:
+    """_queue_span_lanes in lanes of `dtype`; None if a lag would overflow them. Vectors run
+    longest first, so the ones still broadcasting at step k are a prefix."""
+    n, pes = counts.size, excess.shape[1]
+    rise = int(excess.max(initial=0))
+    top_lag = int(np.iinfo(dtype).max) - rise  # sigma above this could overflow phi
     lanes = 8 // np.dtype(dtype).itemsize
     groups = -(-pes // lanes)
     table = np.zeros((groups * lanes, excess.shape[0]), dtype)  # padding PEs: no excess, never bind
@@ -280,11 +291,18 @@ def _queue_span_lanes(excess: np.ndarray, flat_cols: np.ndarray, starts: np.ndar
     beta = np.zeros(n, np.int64)  # relative to base, like phi and ring
     base = np.zeros(n, np.int64)
     ring = np.full((depth, n), -(1 << 40), np.int64)  # max_p sigma - depth of the last depth items
-    cols = flat_cols.astype(np.int16 if excess.shape[0] <= 1 << 15 else np.int32)  # fewer bytes to gather from
+    # each vector's columns, _LANES_CHUNK broadcasts at a time turned step-major (a gather of
+    # short contiguous runs, not one scattered read per vector and step)
+    cols = flat_cols.astype(np.intp, copy=False)
+    chunk = np.arange(_LANES_CHUNK)
     top = np.empty(n * lanes, dtype)
+    words = np.empty(groups * n, np.int64)
     span, stall = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    unchecked = 0  # steps since the last overflow check: lags rise at most max excess a step
     for k in range(n_bcast):
         m, m_next = int(active[k]), int(active[k + 1])
+        if k % _LANES_CHUNK == 0:
+            step_cols = np.ascontiguousarray(np.take(cols, starts_s[:m, None] + (k + chunk), mode="clip").T)
         if k >= depth:
             np.maximum(beta[:m], ring[k % depth, :m], out=beta[:m])
         ph = phi[:, :m * lanes]
@@ -292,19 +310,28 @@ def _queue_span_lanes(excess: np.ndarray, flat_cols: np.ndarray, starts: np.ndar
         most = np.maximum.reduce(ph, axis=0, out=top[:m * lanes])
         for _ in range(lanes.bit_length() - 1):  # fold the lanes of each vector: strided halves
             most = np.maximum(most[0::2], most[1::2])
-        ring[k % depth, :m] = most
-        ring[k % depth, :m] -= depth
-        ph += np.take(packed, cols[starts_s[:m] + k], axis=1).view(dtype)  # phi
+        unchecked -= 1
+        if unchecked < 0:
+            hi = int(most.max())
+            if hi > top_lag:  # rebase: lags relative to beta (sigma >= beta >= 0)
+                shift = beta[:m].copy()
+                ph -= (shift * spread).view(dtype)
+                ring[:, :m] -= shift
+                base[:m] += shift
+                beta[:m] = 0
+                most = most - shift
+                hi = int(most.max())
+                if hi > top_lag:
+                    return None
+            unchecked = (top_lag - hi) // max(rise, 1)
+        np.subtract(most, depth, out=ring[k % depth, :m], dtype=np.int64)
+        x = np.take(packed, step_cols[k % _LANES_CHUNK, :m], axis=1, out=words[:groups * m].reshape(groups, m),
+                    mode="clip")
+        ph += x.view(dtype)  # phi
         if m_next < m:  # these vectors broadcast their last item
             done = phi.reshape(groups, n, lanes)[:, m_next:m].max(axis=(0, 2))
             span[m_next:m] = k + 1 + base[m_next:m] + done
             stall[m_next:m] = base[m_next:m] + beta[m_next:m]
-        if m_next and beta[:m_next].max() > limit:  # rebase: lags relative to beta
-            shift = beta[:m_next].copy()
-            phi[:, :m_next * lanes] -= (shift * spread).view(dtype)
-            ring[:, :m_next] -= shift
-            base[:m_next] += shift
-            beta[:m_next] = 0
     out_span, out_stall = np.empty(n, np.int64), np.empty(n, np.int64)
     out_span[order], out_stall[order] = span, stall
     return out_span, out_stall
