@@ -436,14 +436,15 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
             st.x_nonzero = xs != 0
         cycles = _beside(tile.code.size * xs.shape[0], cycle_pass, tile, st.x_nonzero, t,
                          write_back=bool(ins.flags & isa.Flag.LAST))
-    if ins.flags & isa.Flag.FIRST:
-        m.acc = np.zeros((xs.shape[0], ins.b - ins.a), np.int64 if mode == "fixed" else np.float64)
-        m.acc_clipped = np.zeros(m.acc.shape, bool)
     if mode == "fixed":
         check_widths(t, spec.cols)
-        m.acc, clipped = accumulate_fixed(tile, spec.codebook_q, xs, m.acc, t)
-        m.acc_clipped |= clipped
+        # FIRST: the accumulators start at zero
+        acc, clipped = accumulate_fixed(tile, spec.codebook_q, xs, None if ins.flags & isa.Flag.FIRST else m.acc, t)
+        m.acc_clipped = clipped if ins.flags & isa.Flag.FIRST else m.acc_clipped | clipped
+        m.acc = acc
     else:
+        if ins.flags & isa.Flag.FIRST:
+            m.acc = np.zeros((xs.shape[0], ins.b - ins.a), np.float64)
         m.acc = accumulate_float(tile, spec.codebook, xs, m.acc)
     if ins.flags & isa.Flag.LAST:
         bias = (spec.bias_acc if mode == "fixed" else spec.bias)[ins.a:ins.b]

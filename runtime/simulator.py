@@ -276,21 +276,31 @@ def _signed_product(tile: SparseImage, codebook_q: np.ndarray, x_rows: np.ndarra
     return (w @ x_cols).T
 
 
-def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, acc: np.ndarray,
+def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, acc: np.ndarray | None,
                      target: Target) -> tuple[np.ndarray, np.ndarray]:
     """One RUN's arithmetic: add the tile's products to its rows' accumulators, bit-exact.
 
     x_q: int64 [B, layer cols] act_bits activations; acc: int64 [B, tile.rows], within the
-    acc_bits range (zeros after FIRST). Each PE adds its entries in broadcast order
+    acc_bits range (None: zeros, after FIRST). Each PE adds its entries in broadcast order
     (ascending column), saturating after every add. Returns the new accumulators and
     which of them clipped during this RUN.
     """
     lo, hi = int_range(target.acc_bits)
     x_rows = x_q[:, tile.col_lo:tile.col_lo + tile.cols]
-    # every running sum lies within acc +- sum_j |w_ij x_j| <= acc +- (sum_j |w_ij|) max |x|
-    reach = _row_l1_max(tile, codebook_q) * _abs_max(x_rows)
-    if _abs_max(acc) + reach <= hi:  # the common case: no running sum can leave the range
-        return acc + _signed_product(tile, codebook_q, x_rows, reach, target), np.zeros(acc.shape, bool)
+    start = 0 if acc is None else _abs_max(acc)
+    # every running sum lies within acc +- sum_j |w_ij x_j| <= acc +- (sum_j |w_ij|) max |x|;
+    # |x| <= 2**(act_bits - 1) often settles it without reading x
+    l1 = _row_l1_max(tile, codebook_q)
+    reach = l1 << (target.act_bits - 1)
+    if start + reach > hi:
+        reach = l1 * _abs_max(x_rows)
+    if start + reach <= hi:  # the common case: no running sum can leave the range
+        product = _signed_product(tile, codebook_q, x_rows, reach, target)
+        if acc is None:
+            return product.astype(np.int64), np.zeros(product.shape, bool)
+        return acc + product, np.zeros(acc.shape, bool)
+    if acc is None:
+        acc = np.zeros((x_rows.shape[0], tile.rows), np.int64)
     return _accumulate_near_range(tile, codebook_q, x_q, acc, target)
 
 
@@ -406,8 +416,7 @@ def spmv_fixed(tiles: Sequence[SparseImage], codebook_q: np.ndarray, x_q: np.nda
     stats = SimStats()
     for block in _row_blocks(tiles):
         r0, r1 = block[0].row_lo, block[0].row_lo + block[0].rows
-        acc = np.zeros((batch, r1 - r0), np.int64)
-        clipped = np.zeros(acc.shape, bool)
+        acc, clipped = None, np.zeros((batch, r1 - r0), bool)  # None: zero accumulators
         for t in block:
             acc, c = accumulate_fixed(t, codebook_q, x_q, acc, target)
             clipped |= c
