@@ -439,7 +439,10 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
     if mode == "fixed":
         check_widths(t, spec.cols)
         # FIRST: the accumulators start at zero
-        acc, clipped = accumulate_fixed(tile, spec.codebook_q, xs, None if ins.flags & isa.Flag.FIRST else m.acc, t)
+        group = spec.conv.group if spec.conv is not None else 1
+        blocks = (spec.rows // group, spec.cols // group) if group > 1 else None
+        acc, clipped = accumulate_fixed(tile, spec.codebook_q, xs, None if ins.flags & isa.Flag.FIRST else m.acc, t,
+                                        blocks)
         m.acc_clipped = clipped if ins.flags & isa.Flag.FIRST else m.acc_clipped | clipped
         m.acc = acc
     else:

@@ -251,12 +251,40 @@ def _signed(tile: SparseImage, codebook_q: np.ndarray, dtype: type) -> sp.csr_ma
     return tile_cached(tile, _codebook_key(f"signed_{np.dtype(dtype).name}", codebook_q), build)  # type: ignore[return-value]
 
 
+def _diagonal_blocks(tile: SparseImage, codebook_q: np.ndarray, blocks: tuple[int, int]) -> np.ndarray | None:
+    """The tile's signed values as dense diagonal blocks, int64 [groups, rows per group, cols
+    per group], when it covers whole blocks of a grouped layer's block-diagonal matrix
+    (`blocks`: one block's rows and cols) and they are at least a quarter full; else None.
+    Cached per codebook."""
+    rg, cg = blocks
+    groups = tile.rows // rg
+
+    def build(t: SparseImage) -> np.ndarray | None:
+        if (t.row_lo % rg or t.rows % rg or t.col_lo % cg or t.cols % cg or t.row_lo // rg != t.col_lo // cg
+                or groups != t.cols // cg):
+            return None
+        m = _signed(t, codebook_q, np.int64)
+        row = np.repeat(np.arange(t.rows), np.diff(m.indptr))
+        group, col = row // rg, m.indices - row // rg * cg
+        if m.nnz * 4 < t.rows * cg or ((col < 0) | (col >= cg)).any():
+            return None
+        dense = np.zeros((groups, rg, cg), np.int64)
+        dense[group, row % rg, col] = m.data
+        return dense
+
+    return tile_cached(tile, _codebook_key(f"blocks{rg}x{cg}", codebook_q), build)  # type: ignore[return-value]
+
+
 def _signed_product(tile: SparseImage, codebook_q: np.ndarray, x_rows: np.ndarray, reach: int,
-                    target: Target) -> np.ndarray:
+                    target: Target, blocks: tuple[int, int] | None = None) -> np.ndarray:
     """W x for every vector (row) of x_rows [B, tile.cols]: int [B, tile.rows], exact given that
     `reach` bounds sum_j |w_ij x_j| of every row and vector (then every partial sum, in any
-    order, is at most `reach` in magnitude)."""
+    order, is at most `reach` in magnitude). `blocks`: a grouped layer's diagonal block shape."""
     vectors = x_rows.shape[0]
+    dense = _diagonal_blocks(tile, codebook_q, blocks) if blocks is not None else None
+    if dense is not None:  # a depthwise conv: each row reads its group's columns, in place (no copy of x)
+        groups, rg, cg = dense.shape
+        return np.einsum("bgk,grk->bgr", x_rows.reshape(vectors, groups, cg), dense).reshape(vectors, tile.rows)
     if _dense_pays(_signed(tile, codebook_q, np.int64), vectors, target):
         # float64 sums of integers below 2**53 are exact whatever BLAS's order; the vectors
         # stay rows (x W^T: no transposed copies of a conv's many positions)
@@ -277,13 +305,14 @@ def _signed_product(tile: SparseImage, codebook_q: np.ndarray, x_rows: np.ndarra
 
 
 def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, acc: np.ndarray | None,
-                     target: Target) -> tuple[np.ndarray, np.ndarray]:
+                     target: Target, blocks: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One RUN's arithmetic: add the tile's products to its rows' accumulators, bit-exact.
 
     x_q: int64 [B, layer cols] act_bits activations; acc: int64 [B, tile.rows], within the
     acc_bits range (None: zeros, after FIRST). Each PE adds its entries in broadcast order
     (ascending column), saturating after every add. Returns the new accumulators and
-    which of them clipped during this RUN.
+    which of them clipped during this RUN. blocks: (rows, cols) of one diagonal block when
+    the layer is a grouped conv's block-diagonal matrix.
     """
     lo, hi = int_range(target.acc_bits)
     x_rows = x_q[:, tile.col_lo:tile.col_lo + tile.cols]
@@ -295,7 +324,7 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     if start + reach > hi:
         reach = l1 * _abs_max(x_rows)
     if start + reach <= hi:  # the common case: no running sum can leave the range
-        product = _signed_product(tile, codebook_q, x_rows, reach, target)
+        product = _signed_product(tile, codebook_q, x_rows, reach, target, blocks)
         if acc is None:
             return product.astype(np.int64), np.zeros(product.shape, bool)
         return acc + product, np.zeros(acc.shape, bool)

@@ -14,7 +14,7 @@ from eiec.codec import encode_matrix
 from eiec.conv import im2col
 from eiec.runtime.cycles import _LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, cycle_pass
 from eiec.runtime.executor import _patch_index
-from eiec.runtime.simulator import spmv_fixed, spmv_float
+from eiec.runtime.simulator import _diagonal_blocks, accumulate_fixed, spmv_fixed, spmv_float
 from eiec.target import Target
 
 
@@ -145,6 +145,37 @@ def test_sparse_and_dense_inputs_give_the_dense_product(seed, density, signed, b
     target = dataclasses.replace(Target(), pes=8)
     y, _ = spmv_fixed(tiles, codebook, x, np.zeros(50, np.int64), 0, False, target)
     assert np.array_equal(y, x @ codebook[idx].T)
+
+
+@given(seed=st.integers(0, 2 ** 32 - 1), group_shape=st.sampled_from([(1, 9), (2, 4), (3, 1)]),
+       aligned=st.booleans(), density=st.sampled_from([0.3, 0.9]))
+@settings(max_examples=30, deadline=None)
+def test_grouped_layer_blocks_give_the_sparse_product(seed, group_shape, aligned, density):
+    # a depthwise / grouped conv's block-diagonal matrix: tiles holding whole blocks (dense
+    # enough) multiply them in place; tiles cut through blocks or too sparse take the sparse path
+    rng = np.random.default_rng(seed)
+    (rg, cg), groups = group_shape, 6
+    idx = np.zeros((groups * rg, groups * cg), np.uint8)
+    for g in range(groups):
+        block = rng.integers(1, 16, (rg, cg)) * (rng.random((rg, cg)) < density)
+        idx[g * rg:(g + 1) * rg, g * cg:(g + 1) * cg] = block
+    cut = 2 if aligned else 1  # rows and cols cut after this many blocks (1: through a block when rg > 1)
+    r_cut, c_cut = (cut * rg, cut * cg) if aligned else (rg + rg // 2 if rg > 1 else 1, cg)
+    tiles = [encode_matrix(idx[r0:r1, c0:c1], 4, row_lo=r0, col_lo=c0)
+             for r0, r1 in ((0, r_cut), (r_cut, idx.shape[0])) for c0, c1 in ((0, c_cut), (c_cut, idx.shape[1]))
+             if idx[r0:r1, c0:c1].size]
+    codebook = np.r_[0, rng.integers(-3000, 3000, 15)]
+    x = rng.integers(-2 ** 15, 2 ** 15, (7, idx.shape[1])) * (rng.random((7, idx.shape[1])) < 0.7)
+    target = dataclasses.replace(Target(), pes=4)
+    w = codebook[idx]
+    for t in tiles:
+        local = w[t.row_lo:t.row_lo + t.rows, t.col_lo:t.col_lo + t.cols]
+        expect = x[:, t.col_lo:t.col_lo + t.cols] @ local.T
+        for blocks in (None, (rg, cg)):
+            got, clipped = accumulate_fixed(t, codebook, x, None, target, blocks)
+            assert np.array_equal(got, expect) and not clipped.any()
+        if aligned and density > 0.5 and t.row_lo // rg == t.col_lo // cg:  # whole diagonal blocks
+            assert _diagonal_blocks(t, codebook, (rg, cg)) is not None  # the in-place path ran
 
 
 @given(seed=st.integers(0, 2 ** 32 - 1), pes=st.sampled_from([1, 2, 4, 16]), depth=st.sampled_from([1, 2, 4, 8]),
