@@ -38,7 +38,7 @@ def im2col(
     if C % group:
         raise ValueError(f"{C} channels do not split into {group} groups")
     Ho, Wo = conv_output_hw((H, Wd), kernel, pads, strides, dilations)
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3]))) if any(pads) else x  # np.pad copies
     span = ((kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1)
     win = sliding_window_view(xp, span, axis=(2, 3))  # [N, C, Hp-sh+1, Wp-sw+1, span_h, span_w], a view
     win = win[:, :, : (Ho - 1) * strides[0] + 1 : strides[0], : (Wo - 1) * strides[1] + 1 : strides[1], :: dilations[0], :: dilations[1]]

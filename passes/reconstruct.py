@@ -15,6 +15,7 @@ g = 1 case. Every function here takes either form, so callers never split layers
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Callable
 
 import numpy as np
@@ -98,6 +99,22 @@ def _upper_inverse_factor(H: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(U[:, ::-1, ::-1])  # positive strides: BLAS takes its slices as they are
 
 
+def _damping(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """The live inputs (H_jj > 0) of a grouped H [g, in, in] and each group's OBS / GPTQ damping
+    lambda [g]: damp times the live inputs' mean diagonal (damp for a group with none)."""
+    diag = np.diagonal(H, axis1=1, axis2=2)
+    live = diag > 0
+    mean_diag = np.where(live.any(axis=1), np.where(live, diag, 0).sum(axis=1) / np.maximum(live.sum(axis=1), 1), 1.0)
+    return live, damp * mean_diag
+
+
+# Inputs (per group) from which a Hessian's dead inputs are left out of its factorizations (the
+# live block alone: ResNet-50's random-weight ReLU layers have up to a fifth dead, half the work).
+# The same numbers up to rounding; below this the saving is small, and the factors stay exactly
+# the whole matrix's.
+LIVE_BLOCK_INPUTS = 1024
+
+
 def _inverse_cholesky(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
     """Upper Cholesky factor U of the damped inverse Hessian (H^-1 = U^T U) and the live-input mask.
 
@@ -106,17 +123,24 @@ def _inverse_cholesky(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarra
     """
     g, n_in, _ = H.shape
     diag = np.diagonal(H, axis1=1, axis2=2)
-    live = diag > 0
+    live, lam = _damping(H, damp)
     Hd = H.copy()
     idx = np.arange(n_in)
     Hd[:, idx, idx] = np.where(live, diag, 1.0)
-    mean_diag = np.where(live.any(axis=1), np.where(live, diag, 0).sum(axis=1) / np.maximum(live.sum(axis=1), 1), 1.0)
-    lam = damp * mean_diag
     for _ in range(8):  # raise the damping until the numerics agree H is positive definite
         try:
             Hl = Hd.copy()
             Hl[:, idx, idx] += lam[:, None]
-            return _upper_inverse_factor(Hl), live
+            if live.all() or n_in < LIVE_BLOCK_INPUTS:
+                return _upper_inverse_factor(Hl), live
+            # a dead input's row and column are zero but for the diagonal, and stay so in U: factor
+            # the live block alone (the work goes with the cube of its size)
+            U = np.zeros_like(Hl)
+            U[:, idx, idx] = 1 / np.sqrt(np.diagonal(Hl, axis1=1, axis2=2))
+            for i in np.flatnonzero(live.any(axis=1)):
+                keep = np.flatnonzero(live[i])
+                U[i, keep[:, None], keep] = _upper_inverse_factor(Hl[i, keep[:, None], keep][None])[0]
+            return U, live
         except np.linalg.LinAlgError:
             lam = lam * 10 + 1e-12
     raise np.linalg.LinAlgError("Hessian is not positive definite even with heavy damping")
@@ -242,8 +266,8 @@ def _column_blocks(Wt: np.ndarray, U: np.ndarray, block: int,
 def _nearest_code(values: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Position in sorted `values` of the entry nearest to each w (a tie goes to the lower one)."""
     pos = np.searchsorted(values, w)
-    left = np.clip(pos - 1, 0, values.size - 1)
-    right = np.clip(pos, 0, values.size - 1)
+    left = np.maximum(pos - 1, 0)  # pos is in 0..size: np.clip's checks cost more than the sweep's column step
+    right = np.minimum(pos, values.size - 1)
     return np.where(np.abs(w - values[left]) <= np.abs(values[right] - w), left, right)
 
 
@@ -362,12 +386,10 @@ def _gptq_masked_rows(W: np.ndarray, H: np.ndarray, c: np.ndarray, damp: float, 
     Wg, Hg = _grouped(W, H)
     g, rows, n_in = Wg.shape
     diag = np.diagonal(Hg, axis1=1, axis2=2)
-    live = diag > 0
+    live, lam = _damping(Hg, damp)  # as in `_inverse_cholesky`; dead inputs unit
     Hd = Hg.copy()
     ar = np.arange(n_in)
-    # damping as in `_inverse_cholesky`: 1 % of the live inputs' mean diagonal; dead inputs unit
-    mean_diag = np.where(live.any(axis=1), np.where(live, diag, 0).sum(axis=1) / np.maximum(live.sum(axis=1), 1), 1.0)
-    Hd[:, ar, ar] = np.where(live, diag, 1.0) + damp * mean_diag[:, None]
+    Hd[:, ar, ar] = np.where(live, diag, 1.0) + lam[:, None]
     Wf = Wg.reshape(g * rows, n_in)
     grp = np.repeat(np.arange(g), rows)
     keep = Wf != 0
@@ -610,9 +632,6 @@ class LayerTarget:
             D = (Xf - Xr) @ Wt  # [g, n, out_g]
         else:
             Xr = Xf
-        T = Xr @ Wt  # the dense outputs, bias-free
-        self.energy = float(np.sum(np.square(T, dtype=np.float64))) / n  # the denominator of every relative error
-        del T, Wt
         self.R = self.D = None
         self.f0, self.mean_d = 0.0, np.zeros(self.W.shape[0])
         if D is not None:
@@ -622,6 +641,15 @@ class LayerTarget:
                 self.D = D.astype(np.float64)
             else:
                 self.R = (np.swapaxes(Xf, 1, 2) @ D).astype(np.float64) / n  # [g, in_g, out_g]
+        # the denominator of every relative error: the dense outputs' |X_ref W^T|^2 / n
+        if self.H is not None and 2 * n_in < n:  # = tr(W H W^T) - 2 tr(W R) + f0: out*in^2 multiply-adds
+            Wg = self._grouped(self.W).astype(np.float64)  # in float64, against the outputs' n*in*out
+            energy = float(np.sum((Wg @ self.H) * Wg))
+            if self.R is not None:
+                energy += self.f0 - 2 * float(np.sum(Wg * np.swapaxes(self.R, 1, 2)))
+            self.energy = max(energy, 0.0)
+        else:
+            self.energy = float(np.sum(np.square(Xr @ Wt, dtype=np.float64))) / n
 
     @property
     def sequential(self) -> bool:
@@ -651,22 +679,7 @@ class LayerTarget:
         """
         if self.H is None:
             return None
-        Wg, Ng = self._grouped(self.W), self._grouped(W_new)
-        n = self.X.shape[1]
-        num = 0.0
-        for b in self._blocks():
-            E = Ng[:, b].astype(np.float64) - Wg[:, b]  # [g, rows, in]
-            if self.via_x:  # |X E^T + D|^2 / n, the outputs themselves, in X's precision
-                Y = (self.X @ np.swapaxes(E, 1, 2).astype(self.X.dtype)).astype(np.float64)  # [g, n, rows]
-                if self.D is not None:
-                    Y += self.D[:, :, b]
-                num += float(np.sum(Y * Y)) / n
-            else:
-                num += float(np.sum((E @ self.H) * E))
-                if self.R is not None:
-                    num += 2 * float(np.sum(E * np.swapaxes(self.R[:, :, b], 1, 2)))
-        if not self.via_x:
-            num += self.f0
+        num = self._weight_error(W_new)
         if delta_b is not None:
             db = np.asarray(delta_b, np.float64).reshape(-1)
             num += 2 * float(db @ self.mean_residual(W_new)) + float(db @ db)
@@ -675,11 +688,43 @@ class LayerTarget:
             return 0.0 if num <= 0 else float("inf")
         return num / self.energy
 
+    def _weight_error(self, W_new: np.ndarray) -> float:
+        """|X E^T + D|^2 / n, E = W_new - W: the output error of the weights alone (no bias change).
+
+        Remembered per W_new's values: a layer's candidates are each measured more than once
+        (inside `obs_prune` and `gptq_assign`, then by the caller, and again with their bias
+        change; float32 or float64 alike), and each measure is a product of the whole layer with
+        H or X.
+        """
+        a = np.ascontiguousarray(W_new, dtype=np.float64)
+        key = (a.shape, hashlib.blake2b(a.view(np.uint8).reshape(-1), digest_size=16).digest())
+        memo = self.__dict__.setdefault("_weight_errors", {})
+        if key in memo:
+            return memo[key]
+        Wg, Ng = self._grouped(self.W), self._grouped(a)
+        n = self.X.shape[1]
+        num = 0.0
+        for b in self._blocks():
+            E = Ng[:, b] - Wg[:, b]  # [g, rows, in], float64
+            if self.via_x:  # |X E^T + D|^2 / n, the outputs themselves, in X's precision
+                Y = (self.X @ np.swapaxes(E, 1, 2).astype(self.X.dtype)).astype(np.float64)  # [g, n, rows]
+                if self.D is not None:
+                    Y += self.D[:, :, b]
+                num += float(np.sum(Y * Y)) / n
+            elif E.any():  # the dense weights themselves (E = 0) carry only the input mismatch f0
+                num += float(np.sum((E @ self.H) * E))
+                if self.R is not None:
+                    num += 2 * float(np.sum(E * np.swapaxes(self.R[:, :, b], 1, 2)))
+        if not self.via_x:
+            num += self.f0
+        memo[key] = num
+        return num
+
     def optimum(self, damp: float = 0.01) -> np.ndarray:
         """The unpruned least-squares weights W* = W - R^T (H + lambda I)^-1 [out, in] (float64), the matrix OBS prunes.
 
-        The damping (lambda = damp * mean diag H, as in `obs_prune`) shrinks the correction
-        toward the dense W, never W itself toward zero. W itself when not sequential.
+        The damping (lambda = damp * mean diag H) shrinks the correction toward the dense W,
+        never W itself toward zero. W itself when not sequential.
         Through X (n < in): (H + lambda I)^-1 X^T = X^T (X X^T / n + lambda I)^-1, an n x n solve.
         """
         W = self.W.astype(np.float64)
@@ -694,8 +739,13 @@ class LayerTarget:
                 Xi, n = self.X[i].astype(np.float64), self.X.shape[1]
                 S = scipy.linalg.solve(Xi @ Xi.T / n + lam[i] * np.eye(n), self.D[i], assume_a="pos")  # [n, out_g]
                 corr[i] = S.T @ Xi / n
-            else:
-                corr[i] = scipy.linalg.solve(self.H[i] + lam[i] * np.eye(n_in), self.R[i], assume_a="pos").T
+            else:  # a dead input (zero row of H and of R) gets no correction: solve on the live block
+                keep = np.flatnonzero(diag[i] > 0) if n_in >= LIVE_BLOCK_INPUTS else np.arange(n_in)
+                Hk = self.H[i, keep[:, None], keep]
+                Hk[np.arange(keep.size), np.arange(keep.size)] += lam[i]
+                corr[i] = 0.0
+                if keep.size:
+                    corr[i][:, keep] = scipy.linalg.solve(Hk, self.R[i, keep], assume_a="pos").T
         return (W.reshape(corr.shape) - corr).reshape(W.shape)
 
     def factor(self, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
