@@ -192,6 +192,7 @@ def run_config(model: str, spec: dict, recipe: dict | None, work: str, tag: str,
             "layer_error": {k: v for k, v in {
                 "dense_on_compressed_inputs": p.get("layer_error_dense"),
                 "magnitude": p.get("layer_error_magnitude"), "obs": p.get("layer_error_obs"),
+                "greedy": p.get("layer_error_greedy"),
                 "pruned": p.get("layer_error"), "kmeans": c.get("layer_error_kmeans"),
                 "gptq": c.get("layer_error_gptq"), "refit": c.get("layer_error_refit"), "bias_correction": c.get("layer_error_bias_correction"),
             }.items() if v is not None},

@@ -35,7 +35,8 @@ class Prune:
     Stats per layer: density before and after, kept, nonzero, threshold, `method`; with
     the plan also its layer errors (relative output MSE against the dense layer on the
     calibration rows, `reconstruct.LayerTarget.error`): layer_error_dense (dense weights
-    on the compressed inputs), layer_error_magnitude, layer_error_obs, layer_error (kept).
+    on the compressed inputs), layer_error_magnitude, layer_error_obs, layer_error_greedy,
+    layer_error (kept).
     """
 
     name = "prune"

@@ -52,6 +52,7 @@ class LayerResult:
     clustering: object | None  # cluster.Clustering of the k-means run (iterations, SSE)
     prune_stats: dict
     cluster_stats: dict
+    final_error: float | None = None  # the finished layer's error against its target (None: not measured)
 
     @property
     def nbytes(self) -> int:
@@ -206,8 +207,7 @@ class Sequential:
     def _compress_layer(self, layer: Layer, X_ref: np.ndarray, X: np.ndarray | None, density: float,
                         bits: int | None) -> LayerResult:
         st = self.steps[layer.name]
-        w, b = self.weights[layer.weight], self.weights[layer.bias]
-        W = matrix_view(w)
+        W = matrix_view(self.weights[layer.weight])
         t = self.target(layer, X_ref, X) if st.any else None
         ps: dict = {"reference": "none" if t is None else ("sequential" if t.sequential else "dense")}
         if t is not None:
@@ -224,19 +224,39 @@ class Sequential:
                     ps["layer_error_obs"] = e_obs = t.error(W_obs)
                     if e_obs < e_mag:  # OBS is a heuristic for the mask: never keep it when it loses
                         P, method = W_obs, "obs"
-        pruned = P.astype(w.dtype).reshape(w.shape)  # P is float32 already: the measured weights
         ps["method"] = method
         if t is not None:
-            ps["layer_error"] = ps[{"none": "layer_error_dense", "magnitude": "layer_error_magnitude",
-                                    "obs": "layer_error_obs"}[method]]
+            ps["layer_error"] = ps[f"layer_error_{'dense' if method == 'none' else method}"]
+        res = self._finish(layer, t, P, bits, ps)
+        counts = (P != 0).sum(axis=1)
+        if method != "none" and st.obs and t is not None and t.H is not None and reconstruct.greedy_prune_cost(
+                W.shape[0], t.H.shape[-1], int(counts.max(initial=0))) <= reconstruct.MAX_GREEDY_FLOPS:
+            # the greedy mask, each row keeping its count; it wins only if the finished layer
+            # (clustered, corrected) is closer to the target: a lower pruned error can still
+            # cluster worse (least-squares weights spread wider than a few codes reach)
+            G = reconstruct.greedy_prune(t.optimum(), t.H, counts).astype(np.float32)
+            ps["layer_error_greedy"] = e_greedy = t.error(G)
+            greedy = self._finish(layer, t, G, bits, dict(ps, method="greedy", layer_error=e_greedy))
+            if greedy.final_error < res.final_error:
+                res = greedy
+        return res
+
+    def _finish(self, layer: Layer, t: reconstruct.LayerTarget | None, P: np.ndarray, bits: int | None,
+                ps: dict) -> LayerResult:
+        """The layer from its pruned matrix P [out, in]: k-means, GPTQ, refit and bias correction as its
+        steps say; `final_error` the last error measured against the target."""
+        st = self.steps[layer.name]
+        w, b = self.weights[layer.weight], self.weights[layer.bias]
+        pruned = P.astype(w.dtype).reshape(w.shape)  # P is float32 already: the measured weights
+        final = ps.get("layer_error")
         cs: dict = {"reference": ps["reference"]}
         codebook = indices = clustering = None
-        W_new = pruned.reshape(W.shape)
+        W_new = pruned.reshape(P.shape)
         if bits is not None:
             codebook, indices, clustering = cluster_weights(pruned, bits)
             idx = matrix_view(indices)
             if t is not None:
-                cs["layer_error_kmeans"] = e_near = t.error(np.asarray(codebook)[idx])
+                cs["layer_error_kmeans"] = final = e_near = t.error(np.asarray(codebook)[idx])
                 cs["assignment"] = "nearest"
                 if st.gptq and t.H is not None:
                     # the mask is the IR1 weight's (float32 zeros), as k-means saw it
@@ -244,17 +264,17 @@ class Sequential:
                                                     error=t.error)
                     cs["layer_error_gptq"] = e_g = t.error(np.asarray(codebook)[idx_g])
                     if e_g < e_near:  # measured against the sequential target: keep it only when it wins
-                        idx, cs["assignment"] = idx_g, "gptq"
+                        idx, cs["assignment"], final = idx_g, "gptq", e_g
                         indices = idx_g.reshape(indices.shape)
                 if st.refit:
                     codebook = t.refit(idx, codebook)
-                    cs["layer_error_refit"] = t.error(np.asarray(codebook)[idx])
+                    cs["layer_error_refit"] = final = t.error(np.asarray(codebook)[idx])
             W_new = np.asarray(codebook)[idx]
         b_new = b
         if t is not None and st.bias_correction:
             b_new = (b + t.bias_correction(W_new)).astype(b.dtype)
             delta = b_new.astype(np.float64) - b
             cs["bias_shift_rms"] = float(np.sqrt(np.mean(delta**2))) if delta.size else 0.0
-            cs["layer_error_bias_correction"] = t.error(W_new, delta)
+            cs["layer_error_bias_correction"] = final = t.error(W_new, delta)
         weight = pruned if bits is None else np.asarray(codebook)[indices]
-        return LayerResult(pruned, weight.astype(w.dtype), b_new, codebook, indices, clustering, ps, cs)
+        return LayerResult(pruned, weight.astype(w.dtype), b_new, codebook, indices, clustering, ps, cs, final)

@@ -144,8 +144,8 @@ def test_prune_pass_obs_beats_magnitude_layer_error_at_the_same_density(seed):
             magnitude = np.where(magnitude_mask(w0, 0.3), w0, 0)
             e_mag = layer_output_error(X[layer.name], X_ref[layer.name], w0, b0, magnitude, b0)
             assert s["layer_error_magnitude"] == pytest.approx(e_mag, rel=1e-4)
-            if obs:
-                assert s["method"] == "obs"
+            if obs:  # OBS, or the greedy mask where its finished layer came out closer
+                assert s["method"] in ("obs", "greedy")
                 assert s["layer_error_obs"] < 0.8 * s["layer_error_magnitude"]
             else:
                 assert s["method"] == "magnitude" and "layer_error_obs" not in s
