@@ -28,7 +28,7 @@ POINTER_BANKS = 2
 # (memory); below the second figure per block numpy's per-call overhead dominates, so
 # blocks grow past the queue depth (up to _MAX_BLOCK_ROUNDS times it) and are iterated.
 _BLOCK_ELEMS = 1 << 21
-_SMALL_BLOCK_ELEMS = 1 << 13
+_SMALL_BLOCK_ELEMS = 1 << 14
 _MAX_BLOCK_ROUNDS = 32
 _SCAN_ROW_ELEMS = 256  # rows at least this wide are scanned one numpy call per row
 _INT16_TIMES = 1 << 13  # cycle times below this are solved in int16 (a conv's short broadcast lists)
@@ -145,8 +145,9 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     too, b_k = k + max(b_{k0-1} + 1 - k0, max_{m<=k} (g_m - m)) with g_m = max_p
     s[p, m-depth]. With L <= depth every g a block needs comes from earlier blocks, so
     one pass is exact. A longer block (used when B * pes is small, where per-call numpy
-    overhead would dominate) iterates the two closed forms from g = -1 until b stops
-    changing: each round fixes at least `depth` more broadcasts, and the iterates rise
+    overhead would dominate) iterates the two closed forms until b stops changing, from a
+    lower bound on the block's g (each PE busy from its finish before the block: s[p, k] >=
+    f[p, k-1]): each round fixes at least `depth` more broadcasts, and the iterates rise
     monotonically to the recurrence's unique solution, usually in two or three rounds.
     """
     n_bcast, batch = cols_k.shape
@@ -190,6 +191,9 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
         c_before[0] = 0
         c_before[1:] = w[:-1]
         _scan(np.add, c_before[1:])
+        if k1 - k0 > depth:  # start from a lower bound on the block's own pops: each PE busy from its last finish
+            lb = (finish[None, :, :] + c_before[:k1 - k0 - depth]).max(axis=2)
+            np.maximum(smax[k0 + depth:k1], lb, out=smax[k0 + depth:k1])
         b = None
         while True:
             g = smax[k0:k1] - ks
@@ -281,7 +285,7 @@ def _lanes_solve(excess: np.ndarray, flat_cols: np.ndarray, starts: np.ndarray, 
     groups = -(-pes // lanes)
     table = np.zeros((groups * lanes, excess.shape[0]), dtype)  # padding PEs: no excess, never bind
     table[:pes] = excess.T
-    packed = np.ascontiguousarray(table.reshape(groups, lanes, -1).transpose(0, 2, 1)).view(np.int64)[..., 0]
+    packed = np.ascontiguousarray(table.reshape(groups, lanes, -1).transpose(0, 2, 1)).view(np.int64)[..., 0].copy()
     spread = int(sum(1 << (8 * np.dtype(dtype).itemsize * i) for i in range(lanes)))  # one value to every lane
     order = np.argsort(-counts, kind="stable")
     counts_s, starts_s = counts[order], starts[order].astype(np.int64)
@@ -293,8 +297,9 @@ def _lanes_solve(excess: np.ndarray, flat_cols: np.ndarray, starts: np.ndarray, 
     ring = np.full((depth, n), -(1 << 40), np.int64)  # max_p sigma - depth of the last depth items
     # each vector's columns, _LANES_CHUNK broadcasts at a time turned step-major (a gather of
     # short contiguous runs, not one scattered read per vector and step)
-    cols = flat_cols.astype(np.intp, copy=False)
-    chunk = np.arange(_LANES_CHUNK)
+    small = np.int16 if excess.shape[0] <= 1 << 15 else np.int32  # column numbers: fewer bytes to move
+    runs = np.lib.stride_tricks.sliding_window_view(
+        np.concatenate([flat_cols.astype(small), np.zeros(_LANES_CHUNK, small)]), _LANES_CHUNK)
     top = np.empty(n * lanes, dtype)
     words = np.empty(groups * n, np.int64)
     span, stall = np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -302,7 +307,7 @@ def _lanes_solve(excess: np.ndarray, flat_cols: np.ndarray, starts: np.ndarray, 
     for k in range(n_bcast):
         m, m_next = int(active[k]), int(active[k + 1])
         if k % _LANES_CHUNK == 0:
-            step_cols = np.ascontiguousarray(np.take(cols, starts_s[:m, None] + (k + chunk), mode="clip").T)
+            step_cols = runs[starts_s[:m] + k]  # [m, _LANES_CHUNK]: short contiguous runs, read column by column
         if k >= depth:
             np.maximum(beta[:m], ring[k % depth, :m], out=beta[:m])
         ph = phi[:, :m * lanes]
@@ -325,8 +330,8 @@ def _lanes_solve(excess: np.ndarray, flat_cols: np.ndarray, starts: np.ndarray, 
                     return None
             unchecked = (top_lag - hi) // max(rise, 1)
         np.subtract(most, depth, out=ring[k % depth, :m], dtype=np.int64)
-        x = np.take(packed, step_cols[k % _LANES_CHUNK, :m], axis=1, out=words[:groups * m].reshape(groups, m),
-                    mode="clip")
+        x = words[:groups * m].reshape(groups, m)
+        np.take(packed, step_cols[:m, k % _LANES_CHUNK], axis=1, out=x, mode="clip")
         ph += x.view(dtype)  # phi
         if m_next < m:  # these vectors broadcast their last item
             done = phi.reshape(groups, n, lanes)[:, m_next:m].max(axis=(0, 2))
