@@ -418,7 +418,7 @@ def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndar
     if not maybe.size:
         return span, stall
     first, inverse = _unique_rows(nz[maybe])  # each distinct pattern once
-    b_idx, j_idx = np.nonzero(nz[maybe[first]])  # row-major: each pattern's columns ascending
+    _, j_idx = np.nonzero(nz[maybe[first]])  # row-major: each pattern's columns ascending
     n_u = count[maybe[first]]
     starts = np.cumsum(n_u) - n_u
     # the excess of each pattern's last depth + 1 broadcasts: a gather of their table rows
