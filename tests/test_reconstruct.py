@@ -481,9 +481,10 @@ def test_layer_target_errors_optimum_and_refit_match_the_outputs(n, groups):
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_live_block_factorizations_equal_the_whole_hessians(monkeypatch, groups):
+def test_large_layer_paths_equal_the_plain_ones(monkeypatch, groups):
     # dead inputs (zero columns of X, one group wholly dead) left out of the Cholesky factors and
-    # the least-squares solve give the same factor, optimum and errors up to rounding
+    # the least-squares solve give the same factor, optimum and errors up to rounding; the refit's
+    # float32 sparse product the same codebook
     rng = np.random.default_rng(7)
     n, n_in, out_g = 300, 40, 6
     X_ref = np.stack([correlated_inputs(rng, n, n_in) for _ in range(groups)])
@@ -493,14 +494,20 @@ def test_live_block_factorizations_equal_the_whole_hessians(monkeypatch, groups)
     X = np.where(X_ref != 0, X_ref + 0.1 * rng.standard_normal(X_ref.shape), 0.0)
     W = rng.standard_normal((groups * out_g, n_in))
     sq = (lambda a: a[0]) if groups == 1 else (lambda a: a)
+    W_new = magnitude_prune(W, 0.4)
+    idx = np.where(W_new != 0, 1 + (W_new > 0), 0).astype(np.uint8)
+    codebook = np.array([0.0, -1.0, 1.0], np.float32)
+    f32 = lambda a: a.astype(np.float32)  # float32 layers' refit takes the float32 sparse product
     whole = LayerTarget(W, sq(X), sq(X_ref))
     U_whole, live_whole = whole.factor()
-    monkeypatch.setattr(reconstruct, "LIVE_BLOCK_INPUTS", 1)
+    refit_whole = LayerTarget(f32(W), sq(f32(X)), sq(f32(X_ref))).refit(idx, codebook)
+    monkeypatch.setattr(reconstruct, "LARGE_INPUTS", 1)
+    np.testing.assert_allclose(LayerTarget(f32(W), sq(f32(X)), sq(f32(X_ref))).refit(idx, codebook), refit_whole,
+                               rtol=1e-5)
     live_block = LayerTarget(W, sq(X), sq(X_ref))
     U, live = live_block.factor()
     np.testing.assert_array_equal(live, live_whole)
     np.testing.assert_allclose(U, U_whole, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(live_block.optimum(), whole.optimum(), rtol=1e-9, atol=1e-12)
-    W_new = magnitude_prune(W, 0.4)
     assert live_block.error(W_new) == pytest.approx(whole.error(W_new), rel=1e-12)
     assert live_block.error(W_new.astype(np.float32)) == live_block.error(W_new.astype(np.float32).astype(np.float64))
