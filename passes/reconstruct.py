@@ -822,12 +822,20 @@ class LayerTarget:
         return num
 
     def optimum(self, damp: float = 0.01) -> np.ndarray:
-        """The unpruned least-squares weights W* = W - R^T (H + lambda I)^-1 [out, in] (float64), the matrix OBS prunes.
+        """The unpruned least-squares weights W* = W - R^T (H + lambda I)^-1 [out, in] (float64, read-only),
+        the matrix OBS and the greedy mask prune: computed once per damping.
 
         The damping (lambda = damp * mean diag H) shrinks the correction toward the dense W,
         never W itself toward zero. W itself when not sequential.
         Through X (n < in): (H + lambda I)^-1 X^T = X^T (X X^T / n + lambda I)^-1, an n x n solve.
         """
+        cache = self.__dict__.setdefault("_optima", {})
+        if damp not in cache:
+            cache[damp] = self._optimum(damp)
+            cache[damp].flags.writeable = False
+        return cache[damp]
+
+    def _optimum(self, damp: float) -> np.ndarray:
         W = self.W.astype(np.float64)
         if not self.sequential or self.H is None:
             return W
