@@ -294,13 +294,14 @@ def _signed_product(tile: SparseImage, codebook_q: np.ndarray, x_rows: np.ndarra
     dtype = np.int32 if reach <= np.iinfo(np.int32).max else np.int64
     w = _signed(tile, codebook_q, dtype)
     x_cols = np.ascontiguousarray(x_rows.T, dtype)  # [cols, B]: the layout scipy multiplies
-    if vectors > 1:
-        live = np.flatnonzero(x_cols.any(axis=1))  # zero activations are never broadcast
-        if live.size < _SELECT_COLUMNS * tile.cols and w.nnz * vectors >= _SELECT_MIN_WORK:
-            # the live columns' entries only: copying them beats reading all for many vectors
-            w_c = tile_cached(tile, _codebook_key(f"signed_csc_{np.dtype(dtype).name}", codebook_q),
-                              lambda t: w.tocsc())
-            return (w_c[:, live] @ x_cols[live]).T
+    if vectors == 1:  # scipy's mat-vec: quicker than its one-column mat-mat
+        return (w @ x_cols[:, 0])[None, :]
+    live = np.flatnonzero(x_cols.any(axis=1))  # zero activations are never broadcast
+    if live.size < _SELECT_COLUMNS * tile.cols and w.nnz * vectors >= _SELECT_MIN_WORK:
+        # the live columns' entries only: copying them beats reading all for many vectors
+        w_c = tile_cached(tile, _codebook_key(f"signed_csc_{np.dtype(dtype).name}", codebook_q),
+                          lambda t: w.tocsc())
+        return (w_c[:, live] @ x_cols[live]).T
     return (w @ x_cols).T
 
 
