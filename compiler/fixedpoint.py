@@ -27,18 +27,30 @@ def _scaled(x: np.ndarray, frac: int) -> np.ndarray:
     return np.rint(np.asarray(x, np.float64) * math.ldexp(1.0, frac))
 
 
+def _quantized(scaled: np.ndarray, bits: int) -> np.ndarray:
+    lo, hi = int_range(bits)
+    return np.clip(np.nan_to_num(scaled, nan=0.0, posinf=hi, neginf=lo), lo, hi).astype(np.int64)
+
+
+def _saturated(scaled: np.ndarray, bits: int) -> int:
+    lo, hi = int_range(bits)
+    return int(np.count_nonzero((scaled < lo) | (scaled > hi)))
+
+
 def quantize(x: np.ndarray, frac: int, bits: int) -> np.ndarray:
     """round_half_even(x * 2**frac), saturated to signed `bits`; NaN -> 0, +-inf saturate."""
-    lo, hi = int_range(bits)
-    scaled = np.nan_to_num(_scaled(x, frac), nan=0.0, posinf=hi, neginf=lo)
-    return np.clip(scaled, lo, hi).astype(np.int64)
+    return _quantized(_scaled(x, frac), bits)
 
 
 def count_saturated(x: np.ndarray, frac: int, bits: int) -> int:
     """How many values of x `quantize(x, frac, bits)` saturates (+-inf included, NaN not)."""
-    lo, hi = int_range(bits)
+    return _saturated(_scaled(x, frac), bits)
+
+
+def quantize_counting(x: np.ndarray, frac: int, bits: int) -> tuple[np.ndarray, int]:
+    """(quantize(x, frac, bits), count_saturated(x, frac, bits)), scaling x once."""
     scaled = _scaled(x, frac)
-    return int(np.count_nonzero((scaled < lo) | (scaled > hi)))
+    return _quantized(scaled, bits), _saturated(scaled, bits)
 
 
 def dequantize(q: np.ndarray, frac: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from eiec.image import SparseImage
 
 from .cycles import LoadCost, PassCycles, Timeline, cycle_pass, layer_cycles, load_ptr_cost, load_spmat_cost, queue_occupancy
 from .energy import MODULES, access_energies, layer_energy, pe_area_mm2
-from eiec.fixedpoint import count_saturated, dequantize, quantize
+from eiec.fixedpoint import dequantize, quantize_counting
 from .simulator import (accumulate_fixed, accumulate_float, check_widths, error_bound, tile_cached,
                         write_back_fixed, write_back_float)
 
@@ -304,10 +304,9 @@ def _run_program(seg: Segment, x: np.ndarray, mode: str, cycles: bool, trace: bo
     batch = x.shape[0]
     first = seg.layers[0]
     x = np.asarray(x, np.float32).reshape(batch, *first.in_shape)
-    act = quantize(x, first.in_frac, t.act_bits) if mode == "fixed" else x
-    clipped_inputs = count_saturated(x, first.in_frac, t.act_bits) if mode == "fixed" else 0
-    # error bound state: |x| and the error of the activations held in the PEs
-    e_x = np.abs(dequantize(act, first.in_frac) - x) if mode == "fixed" else None
+    act, clipped_inputs = quantize_counting(x, first.in_frac, t.act_bits) if mode == "fixed" else (x, 0)
+    # error bound state, made when a bound is read: the error of the activations held in the PEs
+    e_x = functools.cache(lambda: np.abs(dequantize(act, first.in_frac) - x) if mode == "fixed" else None)
     run = SegmentRun(input=x, output=np.empty(0, np.float32))
     m = _Machine(seg, batch)
     layers: dict[int, _LayerState] = {}
@@ -332,7 +331,7 @@ def _run_program(seg: Segment, x: np.ndarray, mode: str, cycles: bool, trace: bo
         elif ins.op == isa.Op.RUN:
             step = _run(m, ins, layer_state(ins.layer), mode, cycles, names)
         elif ins.op == isa.Op.LOAD_ACT:
-            m.buffers[ins.dst] = _Buffer(-1, act, lambda: e_x)
+            m.buffers[ins.dst] = _Buffer(-1, act, e_x)
         elif ins.op == isa.Op.STORE:
             buf = _read(m, ins.src, pc, ins)
             res = buf.read(seg, batch)
