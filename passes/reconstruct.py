@@ -260,10 +260,8 @@ def greedy_prune(W: np.ndarray, H: np.ndarray, counts: np.ndarray, damp: float =
     Wg, Hg = _grouped(W, H)
     g, rows, n_in = Wg.shape
     counts = np.minimum(np.asarray(counts).reshape(g, rows), n_in)
-    diag = np.diagonal(Hg, axis1=1, axis2=2)
-    live = diag > 0
-    mean_diag = np.where(live, diag, 0).sum(axis=1) / np.maximum(live.sum(axis=1), 1)
-    Hd = Hg + (damp * np.maximum(mean_diag, 1e-12))[:, None, None] * np.eye(n_in)
+    live, lam = _damping(Hg, damp)
+    Hd = Hg + lam[:, None, None] * np.eye(n_in)
     out = np.zeros_like(Wg)
     kmax = int(counts.max(initial=0))
     step = max(1, GREEDY_CHUNK_BYTES // (8 * g * max(1, kmax) * (kmax + n_in)))
@@ -312,8 +310,7 @@ def _greedy_rows(w: np.ndarray, H: np.ndarray, Hd: np.ndarray, live: np.ndarray,
         sol = (Ainv[:, :, :t + 1, :t + 1] @ b[..., None])[..., 0]
     v = np.zeros_like(w)
     for t in range(kmax):  # per slot (not per weight): the rows that have it write their value
-        sel = valid[:, :, t] if kmax else None
-        v[gi, ri, picks[:, :, t]] = np.where(sel, sol[:, :, t], v[gi, ri, picks[:, :, t]])
+        v[gi, ri, picks[:, :, t]] = np.where(valid[:, :, t], sol[:, :, t], v[gi, ri, picks[:, :, t]])
     dead = chosen & ~live[:, None, :]
     v[dead] = w[dead]
     return v
