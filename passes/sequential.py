@@ -228,9 +228,11 @@ class Sequential:
         if t is not None:
             ps["layer_error"] = ps[f"layer_error_{'dense' if method == 'none' else method}"]
         res = self._finish(layer, t, P, bits, ps)
+        if method == "none" or not st.obs or t is None or t.H is None:
+            return res
         counts = (P != 0).sum(axis=1)
-        if method != "none" and st.obs and t is not None and t.H is not None and reconstruct.greedy_prune_cost(
-                W.shape[0], t.H.shape[-1], int(counts.max(initial=0))) <= reconstruct.MAX_GREEDY_FLOPS:
+        if reconstruct.greedy_prune_cost(W.shape[0], t.H.shape[-1], int(counts.max(initial=0))) \
+                <= reconstruct.MAX_GREEDY_FLOPS:
             # the greedy mask, each row keeping its count; it wins only if the finished layer
             # (clustered, corrected) is closer to the target: a lower pruned error can still
             # cluster worse (least-squares weights spread wider than a few codes reach)

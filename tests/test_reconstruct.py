@@ -145,7 +145,7 @@ def greedy_oracle(W: np.ndarray, H: np.ndarray, counts: np.ndarray, damp: float 
 
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("seed", range(3))
-def test_greedy_prune_equals_the_row_by_row_matching_pursuit(seed, groups):
+def test_greedy_prune_equals_the_row_by_row_matching_pursuit(seed, groups, monkeypatch):
     rng = np.random.default_rng(seed)
     X = np.stack([correlated_inputs(rng, 50, 24, rank=4) for _ in range(groups)])
     X[:, :, [3, 17]] = 0  # dead inputs: chosen last, keeping W's value
@@ -157,12 +157,8 @@ def test_greedy_prune_equals_the_row_by_row_matching_pursuit(seed, groups):
                              for i in range(groups)])
     np.testing.assert_allclose(greedy_prune(W, H, counts), oracle, rtol=1e-9, atol=1e-12)
     # rows in chunks of one: the same answer
-    import eiec.passes.reconstruct as rc
-    old, rc.GREEDY_CHUNK_BYTES = rc.GREEDY_CHUNK_BYTES, 1
-    try:
-        np.testing.assert_allclose(greedy_prune(W, H, counts), oracle, rtol=1e-9, atol=1e-12)
-    finally:
-        rc.GREEDY_CHUNK_BYTES = old
+    monkeypatch.setattr(reconstruct, "GREEDY_CHUNK_BYTES", 1)
+    np.testing.assert_allclose(greedy_prune(W, H, counts), oracle, rtol=1e-9, atol=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
