@@ -7,7 +7,6 @@ blocks of broadcasts, vectorised over (broadcast, batch, pe).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -90,15 +89,30 @@ def _line_table(tile: SparseImage, per_line: int) -> np.ndarray:
 
 
 def _event_table(tile: SparseImage, per_line: int) -> np.ndarray:
-    """[cols, 2 * pes + 2]: per column, each PE's entries, then the padding entries and the
-    SRAM lines over all PEs (what one broadcast of the column costs in events), then each
-    PE's work beyond one cycle (`work - 1`, the queue model's excess). float32 when every
-    sum over a set of columns stays below 2**24, else float64: BLAS products are exact."""
+    """int64 [cols, 2 * pes + 2]: per column, each PE's entries, then the padding entries and
+    the SRAM lines over all PEs (what one broadcast of the column costs in events), then each
+    PE's work beyond one cycle (`work - 1`, the queue model's excess)."""
     entries, work, padding = tile_cached(tile, "column_tables", _column_tables)
     lines = _line_table(tile, per_line)
-    table = np.column_stack([entries.T, padding.sum(axis=0), lines.sum(axis=0), work.astype(np.int64) - 1])
-    dtype = np.float32 if table.sum(axis=0).max(initial=0) < 1 << 24 else np.float64
-    return np.ascontiguousarray(table, dtype)
+    return np.column_stack([entries.T, padding.sum(axis=0), lines.sum(axis=0), work.astype(np.int64) - 1])
+
+
+def _table_part(tile: SparseImage, name: str, table: np.ndarray, part: slice) -> tuple[np.ndarray, int]:
+    """The nonzero columns of table[:, part] (indices in the part) and its largest column sum."""
+    return tile_cached(tile, f"{name}_{part.start}_{part.stop}", lambda t: (
+        np.flatnonzero(table[:, part].any(axis=0)), int(table[:, part].sum(axis=0).max(initial=0))))
+
+
+def _table_product(tile: SparseImage, name: str, table: np.ndarray, part: slice, weights: np.ndarray,
+                   most: int) -> tuple[np.ndarray, np.ndarray]:
+    """weights [n, cols] @ table[:, part], exact, for weights in [0, most]: (int64 [n, k] on the
+    k nonzero columns of the part, their indices in the part). A BLAS product, in float32 when
+    every sum stays below 2**24 (else float64: BLAS products of integers are then exact)."""
+    used, reach = _table_part(tile, name, table, part)
+    dtype = np.float32 if most * reach < 1 << 24 else np.float64
+    compact = tile_cached(tile, f"{name}_{part.start}_{part.stop}_{np.dtype(dtype).name}",
+                          lambda t: np.ascontiguousarray(table[:, part][:, used], dtype))
+    return blas_product(weights.astype(dtype), compact).astype(np.int64), used
 
 
 def _queue_pes(tile: SparseImage) -> np.ndarray:
@@ -351,58 +365,73 @@ def _broadcast_lists(nz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class PassCycles:
-    """What one RUN (one tile pass) costs, one value per vector it multiplies."""
+    """What one RUN (one tile pass) costs, one value per input (summed over its vectors)."""
 
-    cycles: np.ndarray  # int64 [N]: fill + queue span (+ write-back when the RUN is LAST)
-    busy: np.ndarray  # int64 [N, pes]: cycles each PE spends on entries
-    padding: np.ndarray  # int64 [N]: padding entries among them
-    lines: np.ndarray  # int64 [N]: sparse-matrix SRAM lines read
-    broadcasts: np.ndarray  # int64 [N]
-    stall: np.ndarray  # int64 [N]: cycles the broadcast waited for a full act_queue
-    fill: np.ndarray  # int64 [N]: pipeline fill/drain (+ write-back), within cycles
-    writeback_rows: np.ndarray  # int64 [N]: rows written back (0 unless LAST)
-
-    def per_input(self, batch: int) -> PassCycles:
-        """Summed over the vectors of each input (a conv's output positions)."""
-        if self.cycles.size == batch:
-            return self
-        return PassCycles(*(a.reshape(batch, -1, *a.shape[1:]).sum(axis=1)
-                            for a in (getattr(self, f.name) for f in dataclasses.fields(self))))
+    cycles: np.ndarray  # int64 [B]: fill + queue span (+ write-back when the RUN is LAST)
+    busy: np.ndarray  # int64 [B, pes]: cycles each PE spends on entries
+    padding: np.ndarray  # int64 [B]: padding entries among them
+    lines: np.ndarray  # int64 [B]: sparse-matrix SRAM lines read
+    broadcasts: np.ndarray  # int64 [B]
+    stall: np.ndarray  # int64 [B]: cycles the broadcast waited for a full act_queue
+    fill: np.ndarray  # int64 [B]: pipeline fill/drain (+ write-back), within cycles
+    writeback_rows: np.ndarray  # int64 [B]: rows written back (0 unless LAST)
 
 
-def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_back: bool) -> PassCycles:
+def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_back: bool,
+               inputs: int | None = None) -> PassCycles:
     """One RUN of `tile` on each vector of x_nonzero (bool [N, layer cols], the nonzero =
     broadcast activations): pipeline fill, the activation queues' span and, for a LAST
-    RUN, the write-back of the tile's rows (one row per PE per cycle)."""
+    RUN, the write-back of the tile's rows (one row per PE per cycle). The vectors are
+    `inputs` runs of N / inputs consecutive ones (a conv's output positions of each input;
+    default: one vector each), and each count is the sum over an input's vectors."""
     if tile.pes != target.pes:
         raise FormatError(None, f"tile built for {tile.pes} PEs, target has {target.pes}")
     if tile.col_lo + tile.cols > x_nonzero.shape[1]:
         raise ValueError(f"tile columns end at {tile.col_lo + tile.cols}, input has {x_nonzero.shape[1]}")
     n, pes = x_nonzero.shape[0], target.pes
-    table = tile_cached(tile, f"events{target.entries_per_line}", lambda tt: _event_table(tt, target.entries_per_line))
+    inputs = n if inputs is None else inputs
+    per = n // inputs
+    name = f"events{target.entries_per_line}"
+    table = tile_cached(tile, name, lambda tt: _event_table(tt, target.entries_per_line))
     nz = x_nonzero[:, tile.col_lo:tile.col_lo + tile.cols]
-    count = np.count_nonzero(nz, axis=1).astype(np.int64)
-    # each vector's events: the sum of its broadcast columns' rows (exact in the table's dtype),
-    # multiplied by the table's nonzero columns only (a layer with fewer rows than PEs leaves
-    # PEs without entries and without excess)
-    used = tile_cached(tile, f"events{target.entries_per_line}_used", lambda tt: np.flatnonzero(table.any(axis=0)))
-    per_vector = np.zeros((n, table.shape[1]), np.int64)
-    per_vector[:, used] = blas_product(nz.astype(table.dtype), tile_cached(
-        tile, f"events{target.entries_per_line}_compact", lambda tt: np.ascontiguousarray(table[:, used])))
-    excess = per_vector[:, pes + 2:]
-    span, stall = _spans(tile, nz, count, excess, table, target.queue_depth)
+    events = np.zeros((inputs, pes + 2), np.int64)
+    # the excess of the PEs with some work beyond one cycle (none: the queues never hold a broadcast back)
+    excess_pes = _table_part(tile, name, table, slice(pes + 2, 2 * pes + 2))[0]
+    excess = None
+    if per == 1:  # one product for the events and the excess
+        summed, used = _table_product(tile, name, table, slice(0, 2 * pes + 2), nz, 1)
+        events[:, used[used < pes + 2]] = summed[:, used < pes + 2]
+        excess = summed[:, used >= pes + 2]
+        broadcasts = count = np.count_nonzero(nz, axis=1).astype(np.int64)
+    else:
+        # an input's events are those of its vectors' broadcast columns, each counted over
+        # them (linear): a product of [inputs, cols] counts rather than of every vector
+        counts = np.add.reduce(nz.reshape(inputs, per, -1).view(np.uint8), axis=1,
+                               dtype=np.uint8 if per < 256 else np.int64)
+        summed, used = _table_product(tile, name, table, slice(0, pes + 2), counts, per)
+        events[:, used] = summed
+        broadcasts = counts.sum(axis=1, dtype=np.int64)
+        if excess_pes.size:
+            excess = _table_product(tile, name, table, slice(pes + 2, 2 * pes + 2), nz, 1)[0]
+            count = np.count_nonzero(nz, axis=1).astype(np.int64)
+    if not excess_pes.size:
+        span, stall = broadcasts, np.zeros(inputs, np.int64)
+    else:
+        span, stall = _spans(tile, nz, count, excess, target.queue_depth)
+        if per > 1:
+            span, stall = span.reshape(inputs, per).sum(axis=1), stall.reshape(inputs, per).sum(axis=1)
     write = -(-tile.rows // pes) if write_back else 0
-    fill = np.full(n, target.pipeline_depth + write, np.int64)
-    return PassCycles(cycles=span + fill, busy=per_vector[:, :pes], padding=per_vector[:, pes],
-                      lines=per_vector[:, pes + 1], broadcasts=count, stall=stall,
-                      fill=fill, writeback_rows=np.full(n, tile.rows if write_back else 0, np.int64))
+    fill = np.full(inputs, per * (target.pipeline_depth + write), np.int64)
+    return PassCycles(cycles=span + fill, busy=events[:, :pes], padding=events[:, pes], lines=events[:, pes + 1],
+                      broadcasts=broadcasts, stall=stall, fill=fill,
+                      writeback_rows=np.full(inputs, per * tile.rows if write_back else 0, np.int64))
 
 
-def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndarray, table: np.ndarray,
+def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndarray,
            depth: int) -> tuple[np.ndarray, np.ndarray]:
     """The queue span and stall cycles of each vector of nz [N, tile cols], given its
-    broadcast count and each PE's summed excess work (work - 1 over its broadcasts; the
-    last columns of the tile's event table).
+    broadcast count and the summed excess work (work - 1 over its broadcasts) of each PE
+    with some excess (`_excess_rows`' PEs).
 
     Every work is at least one cycle and broadcasts come at most one a cycle, so until the
     first stall each PE pops item k at k + (its excess over items 0..k-1), and item k
@@ -443,8 +472,10 @@ def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndar
 
 
 def _excess_rows(tile: SparseImage) -> np.ndarray:
-    """int32 [cols + 1, pes]: each column's work beyond one cycle per PE, and a zero row."""
+    """int32 [cols + 1, e]: each column's work beyond one cycle in each of the e PEs with
+    some (in PE order), and a zero row."""
     work = tile_cached(tile, "column_tables", _column_tables)[1]
+    work = work[:, (work > 1).any(axis=0)]
     return np.vstack([work - 1, np.zeros((1, work.shape[1]), work.dtype)])
 
 

@@ -434,7 +434,7 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
         if st.x_nonzero is None:
             st.x_nonzero = xs != 0
         cycles = _beside(tile.code.size * xs.shape[0], cycle_pass, tile, st.x_nonzero, t,
-                         write_back=bool(ins.flags & isa.Flag.LAST))
+                         write_back=bool(ins.flags & isa.Flag.LAST), inputs=batch)
     if mode == "fixed":
         check_widths(t, spec.cols)
         # FIRST: the accumulators start at zero
@@ -462,7 +462,7 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
         _write(m, ins, y, src, xs)
         m.acc = m.acc_clipped = None
     st.tiles.append(tile)
-    return None if cycles is None else lambda: cycles().per_input(batch)
+    return cycles
 
 
 # a RUN's cycle model runs on a second thread beside its arithmetic (numpy and scipy.sparse

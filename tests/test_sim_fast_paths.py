@@ -201,6 +201,14 @@ def test_pass_cycles_of_many_vectors_match_the_scalar_recurrence(seed, pes, dept
         assert (got.cycles[v], got.stall[v]) == (span + fill, stall)
         assert got.busy[v].tolist() == tile.col_entries()[:, row].sum(axis=1).tolist()
         assert got.broadcasts[v] == row.sum()
+    # a conv's positions: the same counts summed over each input's consecutive vectors
+    per = int(rng.integers(2, 4))
+    inputs = x_nonzero.shape[0] // per
+    if inputs:
+        summed = cycle_pass(tile, x_nonzero[:inputs * per], target, write_back, inputs=inputs)
+        for f in dataclasses.fields(summed):
+            each = getattr(got, f.name)[:inputs * per]
+            assert np.array_equal(getattr(summed, f.name), each.reshape(inputs, per, *each.shape[1:]).sum(axis=1))
 
 
 @given(seed=st.integers(0, 2 ** 32 - 1), k=st.sampled_from([1, 2, 3]), pad=st.integers(0, 2),
