@@ -23,13 +23,13 @@ POINTER_READ_CYCLES = 1
 # Pointers sit in two banks (even / odd columns): two pointers written per cycle on reload.
 POINTER_BANKS = 2
 
-# _queue_span block sizes: at most this many [block, batch, pes] elements per array
+# _queue_span sizes: at most this many [pes, batch, broadcasts] elements per array
 # (memory); below the second figure per block numpy's per-call overhead dominates, so
 # blocks grow past the queue depth (up to _MAX_BLOCK_ROUNDS times it) and are iterated.
 _BLOCK_ELEMS = 1 << 21
 _SMALL_BLOCK_ELEMS = 1 << 14
 _MAX_BLOCK_ROUNDS = 32
-_SCAN_ROW_ELEMS = 256  # rows at least this wide are scanned one numpy call per row
+_SCAN_ROW_ELEMS = 256  # B * pes from which _queue_span's memory runs along (B, pes)
 _INT16_TIMES = 1 << 13  # cycle times below this are solved in int16 (a conv's short broadcast lists)
 _INT32_TIMES = 1 << 29  # ... below this in int32
 _NEVER = -(1 << 40)  # an int64 time below any real one: never wins a max
@@ -133,13 +133,15 @@ def _queue_pes(tile: SparseImage) -> np.ndarray:
 
 
 def _scan(op: np.ufunc, a: np.ndarray) -> np.ndarray:
-    """op.accumulate along axis 0, in place. numpy's accumulate walks wide rows slowly
-    (strided); one call per row is faster once rows are wide."""
-    if a.shape[0] > 1 and a[0].size >= _SCAN_ROW_ELEMS:
-        for i in range(1, a.shape[0]):
-            op(a[i - 1], a[i], out=a[i])
+    """op.accumulate along the last axis of a [pes, batch, L] array, in place: one call when
+    that axis is contiguous, else one call per step (numpy's accumulate walks a strided
+    axis slowly; each step is then one contiguous [batch, pes] row)."""
+    if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
+        rows = a.transpose(2, 1, 0)  # the memory's own order, [L, batch, pes]: each row contiguous
+        for i in range(1, rows.shape[0]):
+            op(rows[i - 1], rows[i], out=rows[i])
     else:
-        op.accumulate(a, axis=0, out=a)
+        op.accumulate(a, axis=-1, out=a)
     return a
 
 
@@ -153,16 +155,21 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     at the end and do not advance time. Recurrence (docs/simulator.md):
     b_k = max(b_{k-1} + 1, max_p s[p, k-depth]); s = max(f_prev, b_k); f = s + work.
 
-    Solved a block of L broadcasts at a time. Given the issue times b of a block, each
-    PE's finish times have a closed form, f[k] = c[k] + max(f[k0-1], max_{m<=k} (b_m -
-    c[m-1])) with c the block's running sum of work; given the pop times s, b has one
-    too, b_k = k + max(b_{k0-1} + 1 - k0, max_{m<=k} (g_m - m)) with g_m = max_p
-    s[p, m-depth]. With L <= depth every g a block needs comes from earlier blocks, so
-    one pass is exact. A longer block (used when B * pes is small, where per-call numpy
-    overhead would dominate) iterates the two closed forms until b stops changing, from a
-    lower bound on the block's g (each PE busy from its finish before the block: s[p, k] >=
-    f[p, k-1]): each round fixes at least `depth` more broadcasts, and the iterates rise
-    monotonically to the recurrence's unique solution, usually in two or three rounds.
+    Solved a block of L broadcasts at a time. With A the running sum of a PE's work from
+    some item on (inclusive) and A' = A - work (exclusive), f_k - A_k = max(f_{k-1} -
+    A'_k, b_k - A'_k) is a running max: given the issue times b of a block, f[k] = A[k] +
+    max(f[k0-1] - A'[k0], max_{m<=k} (b_m - A'[m])), and s = f - work; given the pop times
+    s, b has a closed form too, b_k = k + max(b_{k0-1} + 1 - k0, max_{m<=k} (g_m - m)) with
+    g_m = max_p s[p, m-depth]. With L <= depth every g a block needs comes from earlier
+    blocks, so one pass is exact. A longer block (used when B * pes is small, where
+    per-call numpy overhead would dominate) iterates the two closed forms until b stops
+    changing, from a lower bound on the block's g (each PE busy from its finish before the
+    block: s[p, k] >= f[p, k-1]): each round fixes at least `depth` more broadcasts, and
+    the iterates rise monotonically to the recurrence's unique solution, usually in two or
+    three rounds. Arrays are [pes, B, L] views; when B * pes is small their memory runs
+    along the broadcasts, in int64 (numpy's running max is several times faster there
+    than along a strided axis or in narrower integers), else along (B, pes), in the
+    narrowest integer the times fit.
     """
     n_bcast, batch = cols_k.shape
     pes = work.shape[1]
@@ -171,71 +178,79 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
         empty = (np.zeros((0, batch), np.int64), np.zeros((0, batch, pes), np.int64)) if trace else ()
         return (np.zeros(batch, np.int64), np.zeros(batch, np.int64)) + empty
     elems = batch * pes
+    wide = elems >= _SCAN_ROW_ELEMS
     block = min(depth, max(1, _BLOCK_ELEMS // elems))
-    if depth * elems < _SMALL_BLOCK_ELEMS and elems < _SCAN_ROW_ELEMS:
+    if depth * elems < _SMALL_BLOCK_ELEMS and not wide:
         block = min(max(depth, _SMALL_BLOCK_ELEMS // elems), _MAX_BLOCK_ROUNDS * depth)
     block = min(block, n_bcast)
     if block == 1:  # wide rows and depth 1: the plain recurrence has fewer numpy calls per step
         return _queue_span_stepwise(work, cols_k, valid, depth, trace)
     all_valid = int(n_valid.min(initial=0))  # broadcasts before this are valid for every input
     # every time is below n_bcast * (max work + 1): a narrower type moves fewer bytes. `never`
-    # is below any b - c (>= -1 - that bound) and stays in range when a c is added to it
+    # is below any b - A' (>= -1 - that bound) and stays in range when an A' is added to it
     longest = n_bcast * (int(work.max(initial=0)) + 1)
     dtype, never = np.int64, _NEVER
-    if longest < _INT16_TIMES:
+    if wide and longest < _INT16_TIMES:
         dtype, never = np.int16, -2 * _INT16_TIMES
-    elif longest < _INT32_TIMES:
+    elif wide and longest < _INT32_TIMES:
         dtype, never = np.int32, -2 * _INT32_TIMES
-    if all_valid < n_bcast:  # invalid items read an all-zero work row (index cols): they add no work
-        work = np.vstack([work, np.zeros((1, pes), work.dtype)])
-        cols_k = np.where(valid, cols_k, work.shape[0] - 1)
-    work = work.astype(dtype, copy=False)
-    finish = np.zeros((batch, pes), dtype)  # f of the previous block's last broadcast
-    issue = np.full(batch, -1, dtype)  # b of the previous block's last broadcast
-    # smax[k + depth] = max_p s[p, k]; the first `depth` rows stand for "no item" (-1)
-    smax = np.full((n_bcast + depth, batch), -1, dtype)
-    issue_all = np.empty((n_bcast, batch), dtype)
-    starts = np.empty((n_bcast, batch, pes), dtype) if trace else None
-    for k0 in range(0, n_bcast, block):
-        k1 = min(n_bcast, k0 + block)
-        ks = np.arange(k0, k1, dtype=dtype)[:, None]
-        w = work[cols_k[k0:k1]]  # [L, B, pes]
-        masked = k1 > all_valid
-        c_before = np.empty_like(w)  # the block's work before each item (an exclusive running sum)
-        c_before[0] = 0
-        c_before[1:] = w[:-1]
-        _scan(np.add, c_before[1:])
-        if k1 - k0 > depth:  # start from a lower bound on the block's own pops: each PE busy from its last finish
-            lb = (finish[None, :, :] + c_before[:k1 - k0 - depth]).max(axis=2)
-            np.maximum(smax[k0 + depth:k1], lb, out=smax[k0 + depth:k1])
-        b = None
-        while True:
-            g = smax[k0:k1] - ks
-            np.maximum.accumulate(g, axis=0, out=g)
-            np.maximum(g, issue + 1 - k0, out=g)
-            g += ks
-            if b is not None and np.array_equal(g, b):
-                break
-            b = g
-            t = b[:, :, None] - c_before
-            if masked:
-                t[~valid[k0:k1]] = never  # an invalid item issues nothing
-            np.maximum(t[0], finish, out=t[0])
-            _scan(np.maximum, t)  # now f - c
-            f_last = t[-1] + c_before[-1] + w[-1]
-            t += c_before  # s = f - w
-            smax[k0 + depth:k1 + depth] = t.max(axis=2)
-            if k1 - k0 <= depth:
-                break
-        issue_all[k0:k1] = b
-        if trace:
-            starts[k0:k1] = t
-        finish, issue = f_last, b[-1]
+    order = "K" if wide else "C"  # a [pes, B, L] view of [L, B, pes] memory, or [pes, B, L] memory
+
+    def empty_(n: int) -> np.ndarray:
+        return np.empty((n, batch, pes), dtype).transpose(2, 1, 0) if wide else np.empty((pes, batch, n), dtype)
+
+    chunk = max(1, _BLOCK_ELEMS // (elems * block)) * block  # broadcasts whose work is gathered at once
+    finish = np.zeros((pes, batch), dtype)  # f of the last broadcast solved
+    issue = np.full(batch, -1, dtype)  # b of the last broadcast solved
+    # smax[:, k + depth] = max_p s[p, k]; the first `depth` columns stand for "no item" (-1)
+    smax = np.full((batch, n_bcast + depth), -1, dtype)
+    issue_all = np.empty((batch, n_bcast), dtype)
+    starts = empty_(n_bcast) if trace else None
+    for c0 in range(0, n_bcast, chunk):
+        c1 = min(n_bcast, c0 + chunk)
+        w = work[cols_k[c0:c1]].transpose(2, 1, 0).astype(dtype, order=order)  # [pes, B, n]
+        if c1 > all_valid:
+            w[:, ~valid[c0:c1].T] = 0  # an invalid item adds no work
+        after = _scan(np.add, w.copy(order="K"))  # A from the chunk's first item
+        before = after - w  # A'
+        for k0 in range(c0, c1, block):
+            k1 = min(c1, k0 + block)
+            a_before = before[..., k0 - c0:k1 - c0]
+            base = finish - a_before[..., 0]  # f[k0-1] - A'[k0]
+            ks = np.arange(k0, k1, dtype=dtype)
+            if k1 - k0 > depth:  # start from a lower bound on the block's own pops: each PE busy from its last finish
+                lb = (base[..., None] + a_before[..., :k1 - k0 - depth]).max(axis=0)
+                np.maximum(smax[:, k0 + depth:k1], lb, out=smax[:, k0 + depth:k1])
+            t = empty_(k1 - k0)
+            b = None
+            while True:
+                g = smax[:, k0:k1] - ks
+                np.maximum.accumulate(g, axis=-1, out=g)
+                np.maximum(g, (issue + 1 - k0)[:, None], out=g)
+                g += ks
+                if b is not None and np.array_equal(g, b):
+                    break
+                b = g
+                np.subtract(b[None], a_before, out=t)
+                if k1 > all_valid:
+                    t[:, ~valid[k0:k1].T] = never  # an invalid item issues nothing
+                np.maximum(t[..., 0], base, out=t[..., 0])
+                _scan(np.maximum, t)  # now f - A
+                t += a_before  # s = f - work
+                smax[:, k0 + depth:k1 + depth] = t.max(axis=0)
+                if k1 - k0 <= depth:
+                    break
+            issue_all[:, k0:k1] = b
+            if trace:
+                starts[..., k0:k1] = t
+            finish, issue = t[..., -1] + w[..., k1 - 1 - c0], b[:, -1]
     # valid items are a prefix: sum_k (b_k - b_{k-1} - 1) telescopes to b_last + 1 - n
-    last = issue_all[np.maximum(n_valid - 1, 0), np.arange(batch)]
-    stall = np.where(n_valid > 0, last.astype(np.int64) + 1 - n_valid, 0)
-    out = (finish.max(axis=1, initial=0).astype(np.int64), stall)
-    return out + (issue_all.astype(np.int64), starts.astype(np.int64)) if trace else out
+    last = issue_all[np.arange(batch), np.maximum(n_valid - 1, 0)].astype(np.int64)
+    stall = np.where(n_valid > 0, last + 1 - n_valid, 0)
+    out = (finish.max(axis=0, initial=0).astype(np.int64), stall)
+    if trace:
+        out += (issue_all.T.astype(np.int64), starts.transpose(2, 1, 0).astype(np.int64, order="C"))
+    return out
 
 
 def _queue_span_stepwise(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
