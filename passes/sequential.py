@@ -4,6 +4,7 @@ partly compressed model (`Sequential`); what the reconstruct pass plans and the 
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -12,6 +13,7 @@ import onnx
 
 from eiec.errors import ModelError
 from eiec.ir import Layer, get_initializer, matrix_view
+from eiec.parallel import one_blas_thread
 from eiec.progress import counted, section
 
 from . import reconstruct
@@ -143,33 +145,47 @@ class Sequential:
         prefix: tuple = ()
         todo = [layer for layer in self.layers if layer.name in choices]
         dense = compressed = None
-        for i, layer in enumerate(todo):
-            density, bits = choices[layer.name]
-            prefix += ((layer.name, float(density), None if bits is None else int(bits)),)
-            res = self._cache.get(prefix)
-            if res is None:
-                counted(self.progress, "reconstruct", i, len(todo))
-                self.progress(f"reconstruct {layer.name}: density {density:g}, bits {bits}")
-                with section(f"reconstruct {layer.name}"):
-                    later = [l.input for l in todo[i + 1:]]
-                    with section("capture"):
-                        if dense is None:
-                            dense = Stream(self.graph, self.calibration)
-                        if overrides and compressed is None:  # where the dense stream is, unless it ran a changed layer
-                            stale = any(dense.ran(l.node.name) for l in todo[:i])
-                            compressed = Stream(self.graph, self.calibration) if stale else dense.copy()
-                        X_ref = self._ref(layer, dense, later)
-                        X = self._matrix(layer, compressed.advance(layer.input, later, overrides)) if overrides else None
-                    res = self._compress_layer(layer, X_ref, X, float(density), bits)
-                if compressed is not None and compressed.ran(layer.node.name):
-                    compressed = None  # a recurrent layer's input is its own node's output: rerun it compressed
-                self._remember(prefix, res)
-            else:
-                self._cache.move_to_end(prefix)
-            results[layer.name] = res
-            overrides[layer.weight], overrides[layer.bias] = res.weight, res.bias
+        key = lambda l: (l.name, float(choices[l.name][0]), None if choices[l.name][1] is None else int(choices[l.name][1]))
+        ahead = None  # the future of the next layer's X_ref: the dense stream runs a layer ahead, on the other core
+        with ThreadPoolExecutor(1, thread_name_prefix="eiec-dense") as pool:
+            for i, layer in enumerate(todo):
+                density, bits = choices[layer.name]
+                prefix += (key(layer),)
+                res = self._cache.get(prefix)
+                if res is None:
+                    counted(self.progress, "reconstruct", i, len(todo))
+                    self.progress(f"reconstruct {layer.name}: density {density:g}, bits {bits}")
+                    with section(f"reconstruct {layer.name}"):
+                        later = [l.input for l in todo[i + 1:]]
+                        with section("capture"):
+                            if dense is None:
+                                dense = Stream(self.graph, self.calibration)
+                            if overrides and compressed is None:
+                                compressed = self._compressed_stream(dense, todo[:i])
+                            X_ref = ahead.result() if ahead is not None else self._ref(layer, dense, later)
+                            X = self._matrix(layer, compressed.advance(layer.input, later, overrides)) if overrides else None
+                        if compressed is not None and compressed.ran(layer.node.name):
+                            compressed = None  # a recurrent layer's input is its own node's output: rerun it compressed
+                        ahead = None
+                        if i + 1 < len(todo) and prefix + (key(todo[i + 1]),) not in self._cache:
+                            # the next layer's dense rows while this one is compressed (onnxruntime and
+                            # numpy release the GIL); its compressed stream starts from the dense one first
+                            if compressed is None:
+                                compressed = self._compressed_stream(dense, todo[:i + 1])
+                            ahead = pool.submit(self._ref, todo[i + 1], dense, later[1:])
+                        res = self._compress_layer(layer, X_ref, X, float(density), bits)
+                    self._remember(prefix, res)
+                else:
+                    self._cache.move_to_end(prefix)
+                results[layer.name] = res
+                overrides[layer.weight], overrides[layer.bias] = res.weight, res.bias
         counted(self.progress, "reconstruct", len(todo), len(todo))
         return results
+
+    def _compressed_stream(self, dense: Stream, changed: list[Layer]) -> Stream:
+        """The stream to run the compressed layers `changed` from: where the dense one is, unless it ran one of them."""
+        stale = any(dense.ran(l.node.name) for l in changed)
+        return Stream(self.graph, self.calibration) if stale else dense.copy()
 
     def _ref(self, layer: Layer, dense: Stream, later: list[str]) -> np.ndarray:
         """The layer's dense rows X_ref (from `dense`, advanced to the layer unless kept from an earlier call)."""
@@ -227,21 +243,31 @@ class Sequential:
         ps["method"] = method
         if t is not None:
             ps["layer_error"] = ps[f"layer_error_{'dense' if method == 'none' else method}"]
-        res = self._finish(layer, t, P, bits, ps)
         if method == "none" or not st.obs or t is None or t.H is None:
-            return res
+            return self._finish(layer, t, P, bits, ps)
         counts = (P != 0).sum(axis=1)
         if reconstruct.greedy_prune_cost(W.shape[0], t.H.shape[-1], int(counts.max(initial=0))) \
-                <= reconstruct.MAX_GREEDY_FLOPS:
+                > reconstruct.MAX_GREEDY_FLOPS:
+            return self._finish(layer, t, P, bits, ps)
+
+        def greedy() -> tuple[float, LayerResult]:
             # the greedy mask, each row keeping its count; it wins only if the finished layer
             # (clustered, corrected) is closer to the target: a lower pruned error can still
             # cluster worse (least-squares weights spread wider than a few codes reach)
             G = reconstruct.greedy_prune(t.optimum(), t.H, counts).astype(np.float32)
-            ps["layer_error_greedy"] = e_greedy = t.error(G)
-            greedy = self._finish(layer, t, G, bits, dict(ps, method="greedy", layer_error=e_greedy))
-            if greedy.final_error < res.final_error:
-                res = greedy
-        return res
+            e_greedy = t.error(G)
+            return e_greedy, self._finish(layer, t, G, bits, dict(ps, layer_error_greedy=e_greedy, method="greedy",
+                                                                  layer_error=e_greedy))
+
+        # the two masks finished side by side on two cores (independent: t's optimum and factor are
+        # computed already, by OBS), BLAS on one thread in both whatever the other does, so the
+        # numbers do not depend on the threads' timing
+        with one_blas_thread(), ThreadPoolExecutor(1, thread_name_prefix="eiec-greedy") as pool:
+            other = pool.submit(greedy)
+            res = self._finish(layer, t, P, bits, ps)
+            e_greedy, greedy_res = other.result()
+        ps["layer_error_greedy"] = e_greedy
+        return greedy_res if greedy_res.final_error < res.final_error else res
 
     def _finish(self, layer: Layer, t: reconstruct.LayerTarget | None, P: np.ndarray, bits: int | None,
                 ps: dict) -> LayerResult:
