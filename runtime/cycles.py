@@ -188,8 +188,8 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     all_valid = int(n_valid.min(initial=0))  # broadcasts before this are valid for every input
     # every time is below n_bcast * (max work + 1): a narrower type moves fewer bytes. `never`
     # is below any b - A' (>= -1 - that bound) and stays in range when an A' is added to it
-    longest = n_bcast * (int(work.max(initial=0)) + 1)
     dtype, never = np.int64, _NEVER
+    longest = n_bcast * (int(work.max(initial=0)) + 1) if wide else None
     if wide and longest < _INT16_TIMES:
         dtype, never = np.int16, -2 * _INT16_TIMES
     elif wide and longest < _INT32_TIMES:
