@@ -151,9 +151,13 @@ def seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[fl
 
 
 def ort_session(model: onnx.ModelProto, threads: int = 0) -> onnxruntime.InferenceSession:
-    """CPU provider; threads 0 = onnxruntime's default (one per core)."""
+    """CPU provider; threads 0 = onnxruntime's default (one per core). Its threads spin while
+    a run lasts, as by default, but stop when it returns: by default they go on spinning for
+    tens of ms after it (measured: 15 ms of a core in the 20 ms after an Alex-6 run), on the
+    core the next timed call (the simulator's second thread) would use."""
     opts = onnxruntime.SessionOptions()
     opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     return onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

@@ -12,7 +12,9 @@ Two parts (issue 15):
   row at a time, and the session its host ops, each segment once on all rows; and the same
   graph with a free batch dim, as an export with dynamic axes writes it) at batch 32, target <= 20x onnxruntime dense per image; an
   AlexNet-sized model (bench/alexnet.py's, no reconstruction) at batch 8, target < 3 s.
-Simulator and onnxruntime runs alternate, so machine load hits both alike.
+Simulator and onnxruntime runs alternate, so machine load hits both alike; onnxruntime's
+threads stop spinning when its run returns (eie_layers.ort_session), so they do not take the
+core the next timed call uses.
 Usage: python bench/sim_speed.py [--parts alex6 lenet5 mobilenet mobilenet_free alexnet]
        [--repeats 30] [--out bench/results/sim_speed.json]
 """
@@ -250,7 +252,9 @@ def main() -> None:
         result["models"] = [whole_model(p, 2 if p == "alexnet" else max(3, args.repeats // 10), workdir)
                             for p in MODEL_PARTS if p in args.parts]
     result["timing"] = ("median of the rounds after one warm-up round; in each round every measured call "
-                        "runs once, in turn; first-run times are on a freshly loaded segment or model")
+                        "runs once, in turn; first-run times are on a freshly loaded segment or model; "
+                        "onnxruntime dense with session.force_spinning_stop (its threads spin during a run, "
+                        "not after it)")
     result["machine"] = machine_info()
     result["load_average_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
     write_json(args.out, result)
