@@ -86,8 +86,8 @@ def alex6(repeats: int, workdir: str) -> dict[str, Any]:
     run_segment(seg8, x8)
     first8_ms = (time.perf_counter() - t0) * 1e3
 
-    ort = ort_session(model)
-    ort1 = ort_session(model, threads=1)
+    ort = ort_session(model, stop_spinning=True)
+    ort1 = ort_session(model, threads=1, stop_spinning=True)
     sess = InferenceSession(eie_path)
     sess.run(None, {"x": x1})
     spec, target = seg.layers[0], seg.target
@@ -209,7 +209,7 @@ def whole_model(part: str, repeats: int, workdir: str) -> dict[str, Any]:
     fresh = InferenceSession(eie_path)  # first run: a freshly loaded model, per-tile caches built
     fresh.run(None, feed)
     first_s = time.perf_counter() - t0
-    ort = ort_session(onnx.load(onnx_path))
+    ort = ort_session(onnx.load(onnx_path), stop_spinning=True)
     sess = InferenceSession(eie_path)
 
     def report():
