@@ -22,7 +22,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-from eiec.parallel import one_blas_thread
+from eiec.parallel import map_layers, one_blas_thread
 
 from .compress import kept_count, magnitude_mask, top_k_mask
 
@@ -405,18 +405,27 @@ def gptq_assign(W: np.ndarray, H: np.ndarray, codebook: np.ndarray, block: int =
         return best
     err = error or (lambda W_new: layer_error(W, W_new, H))
     best_err = err(c[best])
+    if factor is None:
+        factor = _inverse_cholesky(_grouped(W, H, _sweep_dtype(W))[1], damp)
     cands = [lambda: _gptq_shared(W, H, c, block, damp, factor)]
     kept = np.count_nonzero(W, axis=1).astype(np.float64)
     if float(np.sum(kept**3)) / 3 <= MAX_MASKED_GPTQ_FLOPS:
         cands.append(lambda: _gptq_masked(W, H, c, damp))
-    for make in cands:
+
+    def measured(make: Callable[[], np.ndarray]) -> tuple[float, np.ndarray] | None:
         try:
             idx = make()
         except np.linalg.LinAlgError:
-            continue
-        e = err(c[idx])
-        if e < best_err:
-            best, best_err = idx, e
+            return None
+        return err(c[idx]), idx
+
+    # the candidates side by side on the cores, BLAS on one thread in each whatever the other does
+    # (the numbers never depend on the threads' timing); the first of equals wins, as in a loop
+    with one_blas_thread():
+        done = map_layers(measured, cands)
+    for cand in done:
+        if cand is not None and cand[0] < best_err:
+            best_err, best = cand
     return best
 
 
@@ -811,6 +820,10 @@ class LayerTarget:
         for b in self._blocks():
             E = Ng[:, b] - Wg[:, b]  # [g, rows, in], float64
             if self.via_x:  # |X E^T + D|^2 / n, the outputs themselves, in X's precision
+                if not E.any():  # the dense weights: X E^T = 0, no product (n * in * out) needed
+                    if self.D is not None:
+                        num += float(np.sum(self.D[:, :, b] * self.D[:, :, b])) / n
+                    continue
                 Y = (self.X @ np.swapaxes(E, 1, 2).astype(self.X.dtype)).astype(np.float64)  # [g, n, rows]
                 if self.D is not None:
                     Y += self.D[:, :, b]
