@@ -1,7 +1,8 @@
 """Signed fixed-point arithmetic of the EIE datapath, array-at-a-time.
 
 A value q with `frac` fractional bits stands for q * 2**-frac. Rounding is always
-round-half-to-even; every narrowing saturates. Integers are carried in int64.
+round-half-to-even; every narrowing saturates. Integers are carried in int64, except
+quantized activations, which the simulator holds in the narrowest type of their width.
 """
 
 from __future__ import annotations
@@ -47,14 +48,34 @@ def count_saturated(x: np.ndarray, frac: int, bits: int) -> int:
     return _saturated(_scaled(x, frac), bits)
 
 
+def int_type(bits: int) -> type:
+    """The narrowest numpy signed integer type that holds signed `bits`-bit values."""
+    return next((t for t in (np.int8, np.int16, np.int32) if bits <= np.iinfo(t).bits), np.int64)
+
+
 def quantize_counting(x: np.ndarray, frac: int, bits: int) -> tuple[np.ndarray, int]:
-    """(quantize(x, frac, bits), count_saturated(x, frac, bits)), scaling x once."""
+    """(quantize(x, frac, bits) in int_type(bits), count_saturated(x, frac, bits)), scaling x once."""
+    x = np.asarray(x)
+    lo, hi = int_range(bits)
+    if x.dtype == np.float32 and -126 <= frac <= 127:
+        # float32 holds x * 2**frac exactly but where it overflows (inf: saturates, as the exact
+        # value would) or falls below 2**-126 (rounds to 0, as the exact value would); when every
+        # rounded value is in range (no NaN, nothing to clip) that is the answer, in four passes
+        with np.errstate(over="ignore"):
+            scaled = np.multiply(x, np.float32(math.ldexp(1.0, frac)))
+        np.rint(scaled, out=scaled)
+        if not scaled.size or lo <= scaled.min() and scaled.max() <= hi:
+            return scaled.astype(int_type(bits)), 0
     scaled = _scaled(x, frac)
-    return _quantized(scaled, bits), _saturated(scaled, bits)
+    return _quantized(scaled, bits).astype(int_type(bits)), _saturated(scaled, bits)
 
 
 def dequantize(q: np.ndarray, frac: int) -> np.ndarray:
     """q * 2**-frac as float32."""
+    q = np.asarray(q)
+    if q.dtype.kind == "i" and q.dtype.itemsize <= 2 and -112 <= frac <= 126:
+        # |q| < 2**15 and 2**-frac scale exactly in float32 (no overflow, nothing subnormal)
+        return q.astype(np.float32) * np.float32(math.ldexp(1.0, -frac))
     return (np.asarray(q, np.float64) * math.ldexp(1.0, -frac)).astype(np.float32)
 
 
@@ -67,7 +88,8 @@ def round_shift(acc: np.ndarray, shift: int) -> np.ndarray:
     # floor((acc + half - 1 + odd) / 2**shift), odd the parity of floor(acc / 2**shift): the
     # remainder r rounds up when r > half, or r == half and the floor is odd (shifts floor
     # negatives too); a few whole-array passes, in place
-    out = (acc >> shift) & 1
+    out = acc >> shift
+    out &= 1
     out += acc
     out += (1 << (shift - 1)) - 1
     out >>= shift

@@ -190,6 +190,11 @@ def _positions(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
     if spec.kind == "fc":
         return x.reshape(x.shape[0], -1)
     c = spec.conv
+    if tuple(c.kernel) == (1, 1) and not any(c.pads):
+        # a pointwise conv's patch is its position's channels: no gather, and no copy at all
+        # when x is the layout view of an earlier layer's [B * positions, rows] output
+        x = x[:, :, ::c.strides[0], ::c.strides[1]]
+        return x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
     index = _patch_index(x.shape[1:], c.kernel, c.pads, c.strides, c.dilations)
     flat = np.zeros((x.shape[0], x[0].size + 1), x.dtype)  # the last element: a zero for the padding
     flat[:, :-1].reshape(x.shape)[...] = x  # one strided copy (x is often a transposed view)

@@ -19,7 +19,7 @@ from eiec.errors import FormatError
 from eiec.image import SparseImage
 from eiec.parallel import BLAS_THREADS_MIN_MACS, one_blas_thread
 from eiec.codec import entry_positions
-from eiec.fixedpoint import int_range, round_shift
+from eiec.fixedpoint import int_range, int_type, round_shift
 from eiec.target import Target
 
 # Prefix checks materialise [batch chunk, entries] int64 arrays; keep them ~32 MB.
@@ -327,7 +327,7 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     if start + reach <= hi:  # the common case: no running sum can leave the range
         product = _signed_product(tile, codebook_q, x_rows, reach, target, blocks)
         if acc is None:
-            return product.astype(np.int64), np.zeros(product.shape, bool)
+            return product.astype(np.int64, copy=False), np.zeros(product.shape, bool)
         return acc + product, np.zeros(acc.shape, bool)
     if acc is None:
         acc = np.zeros((x_rows.shape[0], tile.rows), np.int64)
@@ -340,6 +340,7 @@ def _accumulate_near_range(tile: SparseImage, codebook_q: np.ndarray, x_q: np.nd
     sum_j |w_ij x_j| per row and vector tells which rows need checking, and those whose
     running sum does leave it are replayed in hardware order."""
     lo, hi = int_range(target.acc_bits)
+    x_q = np.asarray(x_q, np.int64)  # |x| and products of narrow activations must not wrap
     rows_sel = np.arange(tile.row_lo, tile.row_lo + tile.rows)
     cs = slice(tile.col_lo, tile.col_lo + tile.cols)
     x_rows = x_q[:, cs]
@@ -397,23 +398,25 @@ def _dense_pays(split: sp.spmatrix, vectors: int, target: Target) -> bool:
 def write_back_fixed(acc: np.ndarray, bias_acc: np.ndarray, shift: int, relu: bool,
                      target: Target) -> tuple[np.ndarray, np.ndarray, int]:
     """A LAST RUN's write-back: bias add (saturating), round-half-even shift to the output
-    format, clip to act_bits, ReLU. Returns (y_q [B, rows], accumulators the bias add
-    clipped, outputs whose clip changed them)."""
+    format, clip to act_bits, ReLU. Returns (y_q [B, rows] in int_type(act_bits), accumulators
+    the bias add clipped, outputs whose clip changed them)."""
     lo, hi = int_range(target.acc_bits)
     pre = acc + np.asarray(bias_acc, np.int64)[None, :]
     if pre.size and (int(pre.min()) < lo or int(pre.max()) > hi):
         clipped = (pre < lo) | (pre > hi)
-        pre = np.clip(pre, lo, hi)
+        np.clip(pre, lo, hi, out=pre)
     else:  # the common case: the bias add clips nothing
         clipped = np.zeros(pre.shape, bool)
     shifted = round_shift(pre, shift)
     a_lo, a_hi = int_range(target.act_bits)
-    if relu:  # clipping a negative value that ReLU then zeroes changes nothing: not counted
-        y = np.clip(shifted, 0, a_hi)
-        changed = int(np.count_nonzero(shifted > a_hi))
-    else:
-        y = np.clip(shifted, a_lo, a_hi)
-        changed = int(np.count_nonzero(y != shifted))
+    # clipping a negative value that ReLU then zeroes changes nothing: not counted
+    over = int(shifted.max(initial=a_hi)) > a_hi
+    under = not relu and int(shifted.min(initial=a_lo)) < a_lo
+    changed = 0
+    if over or under:
+        changed = int(np.count_nonzero(shifted > a_hi)) + (int(np.count_nonzero(shifted < a_lo)) if under else 0)
+    y = np.empty(shifted.shape, int_type(target.act_bits))
+    np.clip(shifted, 0 if relu else a_lo, a_hi, out=y, casting="unsafe")  # within act_bits: exact
     return y, clipped, changed
 
 

@@ -6,6 +6,7 @@ the per-codebook caches of the functional model."""
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
@@ -13,7 +14,8 @@ from hypothesis import given, settings, strategies as st
 from eiec.codec import encode_matrix
 from eiec.conv import im2col
 from eiec.runtime.cycles import _LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, cycle_pass
-from eiec.runtime.executor import _patch_index
+from eiec.runtime.executor import _patch_index, _positions
+from eiec.segment import ConvGeometry
 from eiec.runtime.simulator import _diagonal_blocks, accumulate_fixed, spmv_fixed, spmv_float
 from eiec.target import Target
 
@@ -222,3 +224,19 @@ def test_patch_gather_is_im2col(seed, k, pad, stride, dilation):
     flat = np.concatenate([x.reshape(2, -1), np.zeros((2, 1), np.float32)], axis=1)
     expect = im2col(x, (k, k), pads, strides, dilations)[0]
     assert np.array_equal(flat[:, index].reshape(-1, index.shape[1]), expect)
+
+
+@given(seed=st.integers(0, 2 ** 32 - 1), stride=st.integers(1, 3), view=st.booleans())
+@settings(max_examples=20, deadline=None)
+def test_pointwise_positions_are_im2col(seed, stride, view):
+    # a 1x1 conv's positions skip the gather; an earlier layer's [B * positions, rows] output
+    # seen through its layout view comes back without a copy
+    rng = np.random.default_rng(seed)
+    held = rng.integers(-9, 9, (2 * 5 * 4, 3)).astype(np.int16)
+    x = held.reshape(2, 5, 4, 3).transpose(0, 3, 1, 2)
+    if not view:
+        x = np.ascontiguousarray(x)
+    geometry = ConvGeometry((1, 1), (0, 0, 0, 0), (stride, stride), (1, 1), 1)
+    got = _positions(x, types.SimpleNamespace(kind="conv", conv=geometry))
+    assert np.array_equal(got, im2col(x, (1, 1), (0, 0, 0, 0), (stride, stride), (1, 1))[0])
+    assert np.shares_memory(got, held) == (view and stride == 1)

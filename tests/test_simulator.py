@@ -9,10 +9,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
 
 from eiec.errors import FormatError
 from eiec.image import SparseImage
-from eiec.fixedpoint import (choose_frac, count_saturated, dequantize, int_range, quantize, round_shift,
+from eiec.fixedpoint import (choose_frac, count_saturated, dequantize, int_range, int_type, quantize,
+                             quantize_counting, round_shift,
                                      saturate)
 from eiec.runtime.simulator import _dense_pays, _sign_split, error_bound, spmv_fixed, spmv_float, tile_matrix
 from eiec.target import Target
@@ -153,6 +155,23 @@ def test_round_shift_matches_exact_rational_rounding(values, shift):
     got = round_shift(np.array(values, np.int64), shift).tolist()
     # Python's round() on a Fraction is round-half-to-even
     assert got == [round(Fraction(v, 1) / Fraction(2) ** shift) for v in values]
+
+
+@given(x=arrays(np.float32, st.integers(0, 12), elements=st.floats(width=32, allow_nan=True, allow_infinity=True)
+              | st.sampled_from([0.5, -2.5, 1.5e-45, 3e38, -3e38])),
+       frac=st.sampled_from([-130, -126, -3, 0, 7, 15, 40, 127, 130]), bits=st.sampled_from([8, 12, 16]))
+@settings(max_examples=300, deadline=None)
+def test_quantize_counting_is_quantize_and_count_saturated(x, frac, bits):
+    # float32 inputs whose rounded values all fit are scaled in float32: exact, as in float64
+    q, n = quantize_counting(x, frac, bits)
+    assert q.dtype == int_type(bits) and np.array_equal(q, quantize(x, frac, bits))
+    assert n == count_saturated(x, frac, bits)
+
+
+@given(q=arrays(np.int16, st.integers(0, 12)), frac=st.integers(-100, 130))
+@settings(max_examples=200, deadline=None)
+def test_dequantize_of_narrow_ints_is_the_float64_scaling(q, frac):
+    assert np.array_equal(dequantize(q, frac), (q.astype(np.float64) * 2.0 ** -frac).astype(np.float32))
 
 
 def test_dequantize_inverts_quantize_on_grid():
