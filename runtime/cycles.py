@@ -426,15 +426,17 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
         summed, used = _table_product(tile, name, table, slice(0, pes + 2), counts, per)
         events[:, used] = summed
         broadcasts = counts.sum(axis=1, dtype=np.int64)
-        if excess_pes.size:
-            excess = _table_product(tile, name, table, slice(pes + 2, 2 * pes + 2), nz, 1)[0]
-            count = np.count_nonzero(nz, axis=1).astype(np.int64)
     if not excess_pes.size:
         span, stall = broadcasts, np.zeros(inputs, np.int64)
-    else:
+    elif per == 1:
         span, stall = _spans(tile, nz, count, excess, target.queue_depth)
-        if per > 1:
-            span, stall = span.reshape(inputs, per).sum(axis=1), stall.reshape(inputs, per).sum(axis=1)
+    else:  # a conv's positions repeat few patterns (a zero border, all-nonzero patches): each once
+        first, inverse = _unique_rows(nz)
+        patterns = nz[first]
+        excess = _table_product(tile, name, table, slice(pes + 2, 2 * pes + 2), patterns, 1)[0]
+        span, stall = _spans(tile, patterns, np.count_nonzero(patterns, axis=1).astype(np.int64), excess,
+                             target.queue_depth)
+        span, stall = span[inverse].reshape(inputs, per).sum(axis=1), stall[inverse].reshape(inputs, per).sum(axis=1)
     write = -(-tile.rows // pes) if write_back else 0
     fill = np.full(inputs, per * (target.pipeline_depth + write), np.int64)
     return PassCycles(cycles=span + fill, busy=events[:, :pes], padding=events[:, pes], lines=events[:, pes + 1],
@@ -509,8 +511,14 @@ def _unique_rows(nz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     index of its distinct row among those)."""
     if nz.shape[0] < 2:
         return np.arange(nz.shape[0]), np.zeros(nz.shape[0], np.int64)
-    packed = np.ascontiguousarray(np.packbits(nz, axis=1))
-    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+    packed = np.packbits(nz, axis=1)
+    if packed.shape[1] <= 8:  # up to 64 columns: one integer per row (integer sorts are quicker)
+        keys = np.zeros((nz.shape[0], 8), np.uint8)
+        keys[:, :packed.shape[1]] = packed
+        keys = keys.view(np.uint64).ravel()
+    else:
+        packed = np.ascontiguousarray(packed)
+        keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     return first, inverse.ravel()
 

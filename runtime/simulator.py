@@ -277,7 +277,8 @@ def _diagonal_blocks(tile: SparseImage, codebook_q: np.ndarray, blocks: tuple[in
 
 def _signed_product(tile: SparseImage, codebook_q: np.ndarray, x_rows: np.ndarray, reach: int,
                     target: Target, blocks: tuple[int, int] | None = None) -> np.ndarray:
-    """W x for every vector (row) of x_rows [B, tile.cols]: int [B, tile.rows], exact given that
+    """W x for every vector (row) of x_rows [B, tile.cols]: [B, tile.rows] integers (int32, int64, or
+    float64 from BLAS: below 2**53, exact), exact given that
     `reach` bounds sum_j |w_ij x_j| of every row and vector (then every partial sum, in any
     order, is at most `reach` in magnitude). `blocks`: a grouped layer's diagonal block shape."""
     vectors = x_rows.shape[0]
@@ -290,7 +291,7 @@ def _signed_product(tile: SparseImage, codebook_q: np.ndarray, x_rows: np.ndarra
         # stay rows (x W^T: no transposed copies of a conv's many positions)
         dense_t = tile_cached(tile, _codebook_key("signed_dense_t", codebook_q), lambda t: np.ascontiguousarray(
             _signed(t, codebook_q, np.int64).toarray().T, np.float64))
-        return blas_product(x_rows.astype(np.float64), dense_t).astype(np.int64)
+        return blas_product(x_rows.astype(np.float64), dense_t)  # exact integers, kept in float64
     dtype = np.int32 if reach <= np.iinfo(np.int32).max else np.int64
     w = _signed(tile, codebook_q, dtype)
     x_cols = np.ascontiguousarray(x_rows.T, dtype)  # [cols, B]: the layout scipy multiplies
@@ -309,9 +310,10 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
                      target: Target, blocks: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One RUN's arithmetic: add the tile's products to its rows' accumulators, bit-exact.
 
-    x_q: int64 [B, layer cols] act_bits activations; acc: int64 [B, tile.rows], within the
+    x_q: int [B, layer cols] act_bits activations; acc: [B, tile.rows] integers within the
     acc_bits range (None: zeros, after FIRST). Each PE adds its entries in broadcast order
-    (ascending column), saturating after every add. Returns the new accumulators and
+    (ascending column), saturating after every add. Returns the new accumulators (int64, or
+    float64 holding them exactly: a BLAS product's, which the write-back takes as it is) and
     which of them clipped during this RUN. blocks: (rows, cols) of one diagonal block when
     the layer is a grouped conv's block-diagonal matrix.
     """
@@ -327,8 +329,9 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     if start + reach <= hi:  # the common case: no running sum can leave the range
         product = _signed_product(tile, codebook_q, x_rows, reach, target, blocks)
         if acc is None:
-            return product.astype(np.int64, copy=False), np.zeros(product.shape, bool)
-        return acc + product, np.zeros(acc.shape, bool)
+            return product.astype(np.float64 if product.dtype.kind == "f" else np.int64, copy=False), \
+                np.zeros(product.shape, bool)
+        return acc + product, np.zeros(acc.shape, bool)  # |sums| <= hi < 2**53: exact in float64 too
     if acc is None:
         acc = np.zeros((x_rows.shape[0], tile.rows), np.int64)
     return _accumulate_near_range(tile, codebook_q, x_q, acc, target)
@@ -341,6 +344,7 @@ def _accumulate_near_range(tile: SparseImage, codebook_q: np.ndarray, x_q: np.nd
     running sum does leave it are replayed in hardware order."""
     lo, hi = int_range(target.acc_bits)
     x_q = np.asarray(x_q, np.int64)  # |x| and products of narrow activations must not wrap
+    acc = np.asarray(acc, np.int64)
     rows_sel = np.arange(tile.row_lo, tile.row_lo + tile.rows)
     cs = slice(tile.col_lo, tile.col_lo + tile.cols)
     x_rows = x_q[:, cs]
@@ -401,13 +405,19 @@ def write_back_fixed(acc: np.ndarray, bias_acc: np.ndarray, shift: int, relu: bo
     format, clip to act_bits, ReLU. Returns (y_q [B, rows] in int_type(act_bits), accumulators
     the bias add clipped, outputs whose clip changed them)."""
     lo, hi = int_range(target.acc_bits)
-    pre = acc + np.asarray(bias_acc, np.int64)[None, :]
+    # float64 accumulators hold integers below 2**53 (accumulate_fixed's BLAS products): the
+    # bias add and a right shift's scaling are exact there, and rint rounds half to even
+    floats = acc.dtype.kind == "f" and shift >= 0
+    pre = acc + np.asarray(bias_acc, np.float64 if floats else np.int64)[None, :]
     if pre.size and (int(pre.min()) < lo or int(pre.max()) > hi):
         clipped = (pre < lo) | (pre > hi)
         np.clip(pre, lo, hi, out=pre)
     else:  # the common case: the bias add clips nothing
         clipped = np.zeros(pre.shape, bool)
-    shifted = round_shift(pre, shift)
+    if floats:
+        shifted = np.rint(np.multiply(pre, math.ldexp(1.0, -shift), out=pre), out=pre)
+    else:
+        shifted = round_shift(pre.astype(np.int64, copy=False), shift)
     a_lo, a_hi = int_range(target.act_bits)
     # clipping a negative value that ReLU then zeroes changes nothing: not counted
     over = int(shifted.max(initial=a_hi)) > a_hi

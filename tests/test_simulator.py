@@ -420,12 +420,13 @@ def test_tiles_must_cover_the_layer():
 
 
 @given(st.integers(0, 2 ** 32 - 1), st.sampled_from([(14, 8, 8), (32, 16, 16), (32, 8, 8)]), st.booleans(),
-       st.booleans())
+       st.booleans(), st.sampled_from([-2, 0, 3]))
 @settings(max_examples=15, deadline=None)
-def test_many_vectors_take_the_dense_product_and_stay_bit_exact(seed, widths, signed, relu):
+def test_many_vectors_take_the_dense_product_and_stay_bit_exact(seed, widths, signed, relu, shift):
     # a conv's output positions: enough vectors, and a tile dense enough, for the float64
     # BLAS product; narrow widths clip mid-sum, signed inputs need the |x| product too, and
-    # 8-bit values in 32-bit sums can never clip (the product of W alone)
+    # 8-bit values in 32-bit sums can never clip (the product of W alone, its float64 sums
+    # written back as they are, or through int64 for a left shift)
     rng = np.random.default_rng(seed)
     target = dataclasses.replace(Target(), pes=3, acc_bits=widths[0], act_bits=widths[1], codebook_bits=widths[2])
     idx = random_indices(rng, 24, 20, 0.5)
@@ -435,7 +436,7 @@ def test_many_vectors_take_the_dense_product_and_stay_bit_exact(seed, widths, si
     x = x if signed else np.abs(x)
     assert all(_dense_pays(_sign_split(t, codebook), x.shape[0], target) for t in tiles)
     bias = rng.integers(*int_range(target.acc_bits), 24, endpoint=True) >> 4
-    y, stats = spmv_fixed(tiles, codebook, x, bias, 3, relu, target)
-    y_ref, sat_acc, sat_out = reference_spmv(tiles, codebook, x, bias, 3, relu, target)
+    y, stats = spmv_fixed(tiles, codebook, x, bias, shift, relu, target)
+    y_ref, sat_acc, sat_out = reference_spmv(tiles, codebook, x, bias, shift, relu, target)
     assert np.array_equal(y, y_ref)
     assert (stats.saturated_accumulators, stats.saturated_outputs) == (sat_acc, sat_out)
