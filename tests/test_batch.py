@@ -224,10 +224,12 @@ def test_rows_independent_only_where_every_node_is_row_wise(model, row_wise):
 def test_every_capture_of_a_row_wise_fixed_batch_model_runs_all_rows_at_once(folder, monkeypatch):
     """The lower pass's range probe (which feeds the decoded weights) and reconstruction's."""
     import eiec.passes.capture as capture
+    import eiec.passes.lower as lower
 
     lifted = []
-    monkeypatch.setattr(capture, "rows_independent", lambda m, fed=None: lifted.append(rows_independent(m, fed))
-                        or lifted[-1])
+    for module in (capture, lower):
+        monkeypatch.setattr(module, "rows_independent", lambda m, fed=None: lifted.append(rows_independent(m, fed))
+                            or lifted[-1])
     model = with_batch(MODELS["mlp"][0](), folder / "mlp_probe.onnx", 1)
     code, _, err = run_cli(model, "-o", folder / "mlp_probe.eie", "--quiet")
     assert code == 0, err

@@ -19,7 +19,7 @@ from eiec.codec import decode_image
 from eiec.runtime.session import InferenceSession
 from eiec.segment import Segment
 from eiec.target import Target
-from helpers import compile_and_validate, lossless_weights, make_model, tensor
+from helpers import canonical_convnet, compile_and_validate, lossless_weights, make_model, tensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")
@@ -171,3 +171,32 @@ def test_diagonal_blocks_inverts_block_diagonal():
     b[0, 11] = 1
     with pytest.raises(ValueError, match="outside"):
         diagonal_blocks(b, 3)
+
+
+def test_range_probe_by_rows_matches_the_probe_per_tensor(tmp_path, monkeypatch):
+    """A row-wise model's ranges from one session run a few rows at a time (1, then 9 here) are
+    those of the session-per-tensor stream, tensor for tensor."""
+    from eiec.ir import find_layers
+    from eiec.passes import lower
+    from eiec.passmanager import Context
+    from eiec.recipe import parse_recipe
+
+    onnx.save(canonical_convnet(), tmp_path / "m.onnx")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("defaults: {density: 0.5, bits: 4}\n")
+    compile_model(str(tmp_path / "m.onnx"), str(tmp_path / "m.eie"), str(recipe), dump_dir=str(tmp_path / "ir"))
+    ir3 = onnx.load(str(tmp_path / "ir" / "3_encode.onnx"))
+    layers = {l.name: l for l in find_layers(ir3) if lower._decode_node(ir3, l) is not None}
+    indices = {n: lower._indices_of(ir3, l) for n, l in layers.items()}
+    tensors = lower._candidate_tensors(ir3, layers)
+    x = np.random.default_rng(1).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    ctx = Context(recipe=parse_recipe({}), calibration={ir3.graph.input[0].name: x})
+    runs = []
+    by_rows_of = lower._ranges_by_rows
+    monkeypatch.setattr(lower, "_ranges_by_rows", lambda *a: runs.append(1) or by_rows_of(*a))
+    by_rows = lower._run_for_ranges(ir3, layers, indices, tensors, ctx)
+    assert runs, "a conv -> FC chain is row-wise: the probe runs by rows"
+    monkeypatch.setattr(lower, "rows_independent", lambda *a: False)
+    per_tensor = lower._run_for_ranges(ir3, layers, indices, tensors, ctx)
+    assert by_rows == per_tensor
+    assert all(v.shape[0] == 10 for v in by_rows.values())
