@@ -474,13 +474,14 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
 # release the GIL in their loops) when it has at least this many entries x vectors: below,
 # handing it over costs more than it saves
 _BESIDE_MIN_WORK = 1 << 16
+_CORES = os.cpu_count() or 1  # read once: each call reads a /sys file
 _beside_pool: list[ThreadPoolExecutor] = []
 
 
 def _beside(work: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
     """fn(*args, **kwargs) started on the simulator's second thread (or here, when `work` is
     small or the machine has one core); returns what waits for its result."""
-    if work < _BESIDE_MIN_WORK or (os.cpu_count() or 1) < 2:
+    if work < _BESIDE_MIN_WORK or _CORES < 2:
         result = fn(*args, **kwargs)
         return lambda: result
     if not _beside_pool:

@@ -285,7 +285,15 @@ def _signed_product(tile: SparseImage, codebook_q: np.ndarray, x_rows: np.ndarra
     dense = _diagonal_blocks(tile, codebook_q, blocks) if blocks is not None else None
     if dense is not None:  # a depthwise conv: each row reads its group's columns, in place (no copy of x)
         groups, rg, cg = dense.shape
-        return np.einsum("bgk,grk->bgr", x_rows.reshape(vectors, groups, cg), dense).reshape(vectors, tile.rows)
+        x_groups = x_rows.reshape(vectors, groups, cg)
+        narrow = tile_cached(tile, _codebook_key(f"blocks{rg}x{cg}_int16", codebook_q), lambda t: (
+            dense.astype(np.int16) if np.abs(dense).max(initial=0) <= np.iinfo(np.int16).max else None))
+        if narrow is not None and reach <= np.iinfo(np.int32).max and x_rows.dtype.itemsize <= 2:
+            # int16 values summed in int32 (every partial sum is within reach): a quicker loop
+            product = np.einsum("bgk,grk->bgr", x_groups, narrow, dtype=np.int32)
+        else:
+            product = np.einsum("bgk,grk->bgr", x_groups, dense)
+        return product.reshape(vectors, tile.rows)
     if _dense_pays(_signed(tile, codebook_q, np.int64), vectors, target):
         # float64 sums of integers below 2**53 are exact whatever BLAS's order; the vectors
         # stay rows (x W^T: no transposed copies of a conv's many positions)
@@ -312,8 +320,8 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
 
     x_q: int [B, layer cols] act_bits activations; acc: [B, tile.rows] integers within the
     acc_bits range (None: zeros, after FIRST). Each PE adds its entries in broadcast order
-    (ascending column), saturating after every add. Returns the new accumulators (int64, or
-    float64 holding them exactly: a BLAS product's, which the write-back takes as it is) and
+    (ascending column), saturating after every add. Returns the new accumulators (int32 or
+    int64, or float64 holding them exactly: a BLAS product's; the write-back takes any) and
     which of them clipped during this RUN. blocks: (rows, cols) of one diagonal block when
     the layer is a grouped conv's block-diagonal matrix.
     """
@@ -329,9 +337,10 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     if start + reach <= hi:  # the common case: no running sum can leave the range
         product = _signed_product(tile, codebook_q, x_rows, reach, target, blocks)
         if acc is None:
-            return product.astype(np.float64 if product.dtype.kind == "f" else np.int64, copy=False), \
-                np.zeros(product.shape, bool)
-        return acc + product, np.zeros(acc.shape, bool)  # |sums| <= hi < 2**53: exact in float64 too
+            return product, np.zeros(product.shape, bool)
+        # |sums| <= hi < 2**53: exact in float64 too; int32 sums could wrap
+        wide = np.float64 if acc.dtype.kind == "f" or product.dtype.kind == "f" else np.int64
+        return np.add(acc, product, dtype=wide), np.zeros(acc.shape, bool)
     if acc is None:
         acc = np.zeros((x_rows.shape[0], tile.rows), np.int64)
     return _accumulate_near_range(tile, codebook_q, x_q, acc, target)
@@ -405,25 +414,30 @@ def write_back_fixed(acc: np.ndarray, bias_acc: np.ndarray, shift: int, relu: bo
     format, clip to act_bits, ReLU. Returns (y_q [B, rows] in int_type(act_bits), accumulators
     the bias add clipped, outputs whose clip changed them)."""
     lo, hi = int_range(target.acc_bits)
-    # float64 accumulators hold integers below 2**53 (accumulate_fixed's BLAS products): the
-    # bias add and a right shift's scaling are exact there, and rint rounds half to even
-    floats = acc.dtype.kind == "f" and shift >= 0
-    pre = acc + np.asarray(bias_acc, np.float64 if floats else np.int64)[None, :]
-    if pre.size and (int(pre.min()) < lo or int(pre.max()) > hi):
+    # accumulators are integers within acc_bits <= 48, so float64 holds them and the bias add
+    # exactly (a bias beyond 2**53 is clipped whatever its rounding), a right shift scales
+    # exactly, and rint rounds half to even: fewer passes than round_shift's integer ones
+    floats = shift >= 0
+    wide = np.float64 if floats else np.int64
+    pre = np.add(acc, np.asarray(bias_acc, wide)[None, :], dtype=wide, casting="unsafe")  # exact integers
+    p_lo, p_hi = (int(pre.min()), int(pre.max())) if pre.size else (0, 0)
+    if p_lo < lo or p_hi > hi:
         clipped = (pre < lo) | (pre > hi)
         np.clip(pre, lo, hi, out=pre)
+        p_lo, p_hi = max(p_lo, lo), min(p_hi, hi)
     else:  # the common case: the bias add clips nothing
         clipped = np.zeros(pre.shape, bool)
     if floats:
         shifted = np.rint(np.multiply(pre, math.ldexp(1.0, -shift), out=pre), out=pre)
     else:
-        shifted = round_shift(pre.astype(np.int64, copy=False), shift)
+        shifted = round_shift(pre, shift)
     a_lo, a_hi = int_range(target.act_bits)
-    # clipping a negative value that ReLU then zeroes changes nothing: not counted
-    over = int(shifted.max(initial=a_hi)) > a_hi
-    under = not relu and int(shifted.min(initial=a_lo)) < a_lo
+    # the shift is monotonic: the extremes of `shifted` are pre's, shifted. Clipping a negative
+    # value that ReLU then zeroes changes nothing: not counted
+    s_lo, s_hi = (int(v) for v in round_shift(np.array([p_lo, p_hi], np.int64), shift))
+    under = not relu and s_lo < a_lo
     changed = 0
-    if over or under:
+    if s_hi > a_hi or under:
         changed = int(np.count_nonzero(shifted > a_hi)) + (int(np.count_nonzero(shifted < a_lo)) if under else 0)
     y = np.empty(shifted.shape, int_type(target.act_bits))
     np.clip(shifted, 0 if relu else a_lo, a_hi, out=y, casting="unsafe")  # within act_bits: exact
