@@ -222,13 +222,14 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
                 lb = (base[..., None] + a_before[..., :k1 - k0 - depth]).max(axis=0)
                 np.maximum(smax[:, k0 + depth:k1], lb, out=smax[:, k0 + depth:k1])
             t = empty_(k1 - k0)
+            first = (issue + 1 - k0)[:, None]  # b_k >= b_{k0-1} + 1 + (k - k0)
             b = None
             while True:
                 g = smax[:, k0:k1] - ks
                 np.maximum.accumulate(g, axis=-1, out=g)
-                np.maximum(g, (issue + 1 - k0)[:, None], out=g)
+                np.maximum(g, first, out=g)
                 g += ks
-                if b is not None and np.array_equal(g, b):
+                if b is not None and (g == b).all():
                     break
                 b = g
                 np.subtract(b[None], a_before, out=t)
@@ -237,7 +238,7 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
                 np.maximum(t[..., 0], base, out=t[..., 0])
                 _scan(np.maximum, t)  # now f - A
                 t += a_before  # s = f - work
-                smax[:, k0 + depth:k1 + depth] = t.max(axis=0)
+                t.max(axis=0, out=smax[:, k0 + depth:k1 + depth])
                 if k1 - k0 <= depth:
                     break
             issue_all[:, k0:k1] = b
