@@ -33,6 +33,10 @@ _SELECT_MIN_WORK = 1 << 16  # ... and the product has at least this many entries
 _DENSE_MIN_VECTORS = 64
 _DENSE_MIN_DENSITY = 0.1
 _DENSE_MAX_ELEMS = 1 << 23
+# a grouped conv's tile of whole diagonal blocks multiplies them with BLAS (float64, exact as
+# the dense product is) from this many rows per block; a depthwise conv's one-row blocks with
+# an einsum in place
+_BLOCKS_BLAS_ROWS = 8
 
 
 @dataclass
@@ -283,9 +287,15 @@ def _signed_product(tile: SparseImage, codebook_q: np.ndarray, x_rows: np.ndarra
     order, is at most `reach` in magnitude). `blocks`: a grouped layer's diagonal block shape."""
     vectors = x_rows.shape[0]
     dense = _diagonal_blocks(tile, codebook_q, blocks) if blocks is not None else None
-    if dense is not None:  # a depthwise conv: each row reads its group's columns, in place (no copy of x)
+    if dense is not None:  # a grouped conv: each row reads its group's columns
         groups, rg, cg = dense.shape
         x_groups = x_rows.reshape(vectors, groups, cg)
+        if rg >= _BLOCKS_BLAS_ROWS:  # blocks of many rows: one BLAS product per group, exact as below
+            blocks_t = tile_cached(tile, _codebook_key(f"blocks{rg}x{cg}_t", codebook_q), lambda t: (
+                np.ascontiguousarray(dense.transpose(0, 2, 1), np.float64)))
+            product = np.matmul(x_groups.transpose(1, 0, 2).astype(np.float64), blocks_t)  # [groups, B, rg]
+            return product.transpose(1, 0, 2).reshape(vectors, tile.rows)
+        # a depthwise conv's one-row blocks: a dot per group and vector, in place (no copy of x)
         narrow = tile_cached(tile, _codebook_key(f"blocks{rg}x{cg}_int16", codebook_q), lambda t: (
             dense.astype(np.int16) if np.abs(dense).max(initial=0) <= np.iinfo(np.int16).max else None))
         if narrow is not None and reach <= np.iinfo(np.int32).max and x_rows.dtype.itemsize <= 2:

@@ -149,12 +149,13 @@ def test_sparse_and_dense_inputs_give_the_dense_product(seed, density, signed, b
     assert np.array_equal(y, x @ codebook[idx].T)
 
 
-@given(seed=st.integers(0, 2 ** 32 - 1), group_shape=st.sampled_from([(1, 9), (2, 4), (3, 1)]),
+@given(seed=st.integers(0, 2 ** 32 - 1), group_shape=st.sampled_from([(1, 9), (2, 4), (3, 1), (8, 3)]),
        aligned=st.booleans(), density=st.sampled_from([0.3, 0.9]))
 @settings(max_examples=30, deadline=None)
 def test_grouped_layer_blocks_give_the_sparse_product(seed, group_shape, aligned, density):
     # a depthwise / grouped conv's block-diagonal matrix: tiles holding whole blocks (dense
-    # enough) multiply them in place; tiles cut through blocks or too sparse take the sparse path
+    # enough) multiply them (one-row blocks in place, blocks of 8 rows with BLAS); tiles cut
+    # through blocks or too sparse take the sparse path
     rng = np.random.default_rng(seed)
     (rg, cg), groups = group_shape, 6
     idx = np.zeros((groups * rg, groups * cg), np.uint8)
