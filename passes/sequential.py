@@ -247,7 +247,7 @@ class Sequential:
             return self._finish(layer, t, P, bits, ps)
         counts = (P != 0).sum(axis=1)
         if reconstruct.greedy_prune_cost(W.shape[0], t.H.shape[-1], int(counts.max(initial=0))) \
-                > reconstruct.MAX_GREEDY_FLOPS:
+                > reconstruct.MAX_GREEDY_FLOPS or not reconstruct.greedy_promising(t.optimum(), t.H, P, counts):
             return self._finish(layer, t, P, bits, ps)
 
         def greedy() -> tuple[float, LayerResult]:

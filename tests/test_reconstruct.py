@@ -192,6 +192,20 @@ def test_greedy_prune_beats_obs_when_inputs_span_few_directions(seed):
     assert layer_error(W, W_greedy, H) < 0.5 * layer_error(W, W_obs, H)
 
 
+def test_greedy_is_tried_on_a_large_layer_only_where_its_sample_rows_come_closer(monkeypatch):
+    """Inputs in 12 directions: the greedy mask's sample rows beat OBS's, so it is built. Isotropic
+    inputs (H = I): OBS keeps each row's largest weights, already the closest, and greedy can only tie."""
+    monkeypatch.setattr(reconstruct, "GREEDY_SAMPLE_ROWS", 8)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 12)) @ rng.standard_normal((12, 150))
+    for H, promising in ((layer_hessian(X), True), (np.eye(150), False), (np.eye(150)[None], False)):
+        W = rng.standard_normal((40, 150))
+        W_obs = obs_prune(W, H, 0.06)
+        assert reconstruct.greedy_promising(W, H, W_obs, (W_obs != 0).sum(axis=1)) is promising
+    # a layer of at most twice the sample's rows is not sampled
+    assert reconstruct.greedy_promising(W[:16], np.eye(150), W_obs[:16], (W_obs[:16] != 0).sum(axis=1))
+
+
 def test_obs_prune_keeps_dead_input_weights_only_as_a_last_resort():
     rng = np.random.default_rng(3)
     X = rng.standard_normal((100, 10))
