@@ -150,15 +150,10 @@ def seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[fl
     return statistics.median(times), min(times)
 
 
-def ort_session(model: onnx.ModelProto, threads: int = 0, stop_spinning: bool = False) -> onnxruntime.InferenceSession:
-    """CPU provider; threads 0 = onnxruntime's default (one per core). stop_spinning: its
-    threads spin while a run lasts, as by default, but stop when it returns (by default they
-    spin on for tens of ms: 15 ms of CPU in the 20 ms after an Alex-6 run), for timings that
-    alternate it with the simulator, whose second thread needs that core."""
+def ort_session(model: onnx.ModelProto, threads: int = 0) -> onnxruntime.InferenceSession:
+    """CPU provider; threads 0 = onnxruntime's default (one per core)."""
     opts = onnxruntime.SessionOptions()
     opts.intra_op_num_threads = threads
-    if stop_spinning:
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

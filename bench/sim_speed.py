@@ -12,9 +12,8 @@ Two parts (issue 15):
   row at a time, and the session its host ops, each segment once on all rows; and the same
   graph with a free batch dim, as an export with dynamic axes writes it) at batch 32, target <= 20x onnxruntime dense per image; an
   AlexNet-sized model (bench/alexnet.py's, no reconstruction) at batch 8, target < 3 s.
-Simulator and onnxruntime runs alternate, so machine load hits both alike; onnxruntime's
-threads stop spinning when its run returns (eie_layers.ort_session), so they do not take the
-core the next timed call uses.
+Simulator and onnxruntime alternate in blocks of consecutive calls (`alternate`), so machine load
+hits both alike while each runs call after call, as a user runs it (onnxruntime at its defaults).
 Usage: python bench/sim_speed.py [--parts alex6 lenet5 mobilenet mobilenet_free alexnet]
        [--repeats 30] [--out bench/results/sim_speed.json]
 """
@@ -48,6 +47,10 @@ TARGET_RATIO = 1.0  # Alex-6, InferenceSession.run at batch 1, against onnxrunti
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models")
 # the MobileNet-style model's recipe: half its weights, 4 bits, no reconstruction (a fast compile)
 MOBILE_RECIPE = "defaults: {density: 0.5, bits: 4, obs: false, gptq: false, refit: false, bias_correction: false}\n"
+# sim_speed's timing: each measured call runs in this many blocks of consecutive calls, a pause of
+# PAUSE_S before each block (onnxruntime's threads spin for tens of ms after a run)
+BLOCKS = 3
+PAUSE_S = 0.2
 # part -> (what it is, batch, target: ratio per image against onnxruntime dense, or seconds)
 MODEL_PARTS = {
     "lenet5": ("LeNet-5, Deep Compression recipe", 32, ("ratio", 20.0)),
@@ -57,14 +60,23 @@ MODEL_PARTS = {
 }
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each fn per round, the fns called in turn every round (one warm-up round)."""
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, blocks: int = BLOCKS) -> dict[str, list[float]]:
+    """Seconds of `repeats` calls of each fn: `blocks` rounds in which each fn in turn runs a
+    block of consecutive calls (after a pause and one untimed warm-up call), so machine load
+    hits all alike while each runs as a user would run it, call after call: onnxruntime's
+    threads keep spinning between its own calls (its default; stopped, or with other work
+    between its calls, a MobileNet-sized run takes 1.7x longer), and the pause lets them go
+    idle before the next fn's block."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(repeats + 1):
+    blocks = min(blocks, repeats)
+    per_block = -(-repeats // blocks)
+    for b in range(blocks):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            time.sleep(PAUSE_S)
             fn()
-            if r:
+            for _ in range(min(per_block, repeats - b * per_block)):
+                t0 = time.perf_counter()
+                fn()
                 times[k].append(time.perf_counter() - t0)
     return times
 
@@ -86,8 +98,8 @@ def alex6(repeats: int, workdir: str) -> dict[str, Any]:
     run_segment(seg8, x8)
     first8_ms = (time.perf_counter() - t0) * 1e3
 
-    ort = ort_session(model, stop_spinning=True)
-    ort1 = ort_session(model, threads=1, stop_spinning=True)
+    ort = ort_session(model)
+    ort1 = ort_session(model, threads=1)
     sess = InferenceSession(eie_path)
     sess.run(None, {"x": x1})
     spec, target = seg.layers[0], seg.target
@@ -148,7 +160,7 @@ def alex6(repeats: int, workdir: str) -> dict[str, Any]:
     print("batch-1 parts (called alone):", ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items()))
     ratio = rows[3]["ratio"]
     best_ratio = best["session_b1"] / best["ort_dense_b1"]
-    print(f"fastest of {repeats} rounds: InferenceSession.run {best['session_b1']:.2f} ms, onnxruntime "
+    print(f"fastest of {repeats} calls: InferenceSession.run {best['session_b1']:.2f} ms, onnxruntime "
           f"{best['ort_dense_b1']:.2f} ms: {best_ratio:.2f}x")
     print(f"target: InferenceSession.run <= {TARGET_RATIO:.1f}x onnxruntime dense at batch 1: "
           f"{ratio:.2f}x, {'met' if ratio <= TARGET_RATIO else 'MISSED'}")
@@ -209,7 +221,7 @@ def whole_model(part: str, repeats: int, workdir: str) -> dict[str, Any]:
     fresh = InferenceSession(eie_path)  # first run: a freshly loaded model, per-tile caches built
     fresh.run(None, feed)
     first_s = time.perf_counter() - t0
-    ort = ort_session(onnx.load(onnx_path), stop_spinning=True)
+    ort = ort_session(onnx.load(onnx_path))
     sess = InferenceSession(eie_path)
 
     def report():
@@ -239,8 +251,8 @@ def whole_model(part: str, repeats: int, workdir: str) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+", choices=["alex6", *MODEL_PARTS], default=["alex6", *MODEL_PARTS])
-    ap.add_argument("--repeats", type=int, default=30, help="rounds for Alex-6; whole models run a tenth "
-                    "as many (at least 3; AlexNet 2)")
+    ap.add_argument("--repeats", type=int, default=30, help="timed calls of each measured call "
+                    "(the AlexNet-sized model: 2)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "sim_speed.json"))
     args = ap.parse_args()
 
@@ -249,12 +261,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sim_speed-") as workdir:
         if "alex6" in args.parts:
             result.update(alex6(args.repeats, workdir))
-        result["models"] = [whole_model(p, 2 if p == "alexnet" else max(3, args.repeats // 10), workdir)
+        result["models"] = [whole_model(p, 2 if p == "alexnet" else args.repeats, workdir)
                             for p in MODEL_PARTS if p in args.parts]
-    result["timing"] = ("median of the rounds after one warm-up round; in each round every measured call "
-                        "runs once, in turn; first-run times are on a freshly loaded segment or model; "
-                        "onnxruntime dense with session.force_spinning_stop (its threads spin during a run, "
-                        "not after it)")
+    result["timing"] = (f"median of the timed calls: each measured call runs in {BLOCKS} blocks of consecutive "
+                        f"calls, the blocks of all calls in turn, each after a {PAUSE_S} s pause and one untimed "
+                        "call; onnxruntime at its default session options; first-run times are on a freshly "
+                        "loaded segment or model")
     result["machine"] = machine_info()
     result["load_average_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
     write_json(args.out, result)
