@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
+import onnxruntime
 
 from alexnet import alexnet, recipe_text
 from eie_layers import (LAYER_BY_NAME, RESULTS, SEED, command_line, compile_layer, layer_inputs,
@@ -51,6 +52,10 @@ MOBILE_RECIPE = "defaults: {density: 0.5, bits: 4, obs: false, gptq: false, refi
 # PAUSE_S before each block (onnxruntime's threads spin for tens of ms after a run)
 BLOCKS = 3
 PAUSE_S = 0.2
+# ort_warmup: onnxruntime's per-call time after this many calls back to back, each count in
+# WARMUP_ROUNDS rounds (a pause, one untimed call, then the timed ones)
+WARMUP_CALLS = (1, 10, 30)
+WARMUP_ROUNDS = 5
 # part -> (what it is, batch, target: ratio per image against onnxruntime dense, or seconds)
 MODEL_PARTS = {
     "lenet5": ("LeNet-5, Deep Compression recipe", 32, ("ratio", 20.0)),
@@ -63,10 +68,9 @@ MODEL_PARTS = {
 def alternate(fns: dict[str, Callable[[], object]], repeats: int, blocks: int = BLOCKS) -> dict[str, list[float]]:
     """Seconds of `repeats` calls of each fn: `blocks` rounds in which each fn in turn runs a
     block of consecutive calls (after a pause and one untimed warm-up call), so machine load
-    hits all alike while each runs as a user would run it, call after call: onnxruntime's
-    threads keep spinning between its own calls (its default; stopped, or with other work
-    between its calls, a MobileNet-sized run takes 1.7x longer), and the pause lets them go
-    idle before the next fn's block."""
+    hits all alike while each runs as a user would run it, call after call (onnxruntime's
+    threads spin between its own calls, at its defaults); the pause lets them go idle before
+    the next fn's block. What this does to onnxruntime's time: `ort_warmup`."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     blocks = min(blocks, repeats)
     per_block = -(-repeats // blocks)
@@ -213,6 +217,32 @@ def model_case(part: str, workdir: str) -> tuple[str, str, dict[str, np.ndarray]
     return onnx_path, eie_path, feed
 
 
+def ort_warmup(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """onnxruntime's median per-call ms on `feed` against how many calls ran back to back (after
+    a pause), at its default session options and with its threads' spinning stopped when a run
+    returns (`session.force_spinning_stop`): what the comparator's timing method does to it."""
+    out = {}
+    for name, stop in (("default", False), ("spinning_stopped", True)):
+        opts = onnxruntime.SessionOptions()
+        if stop:
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
+        sess = onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        out[name] = {}
+        for calls in WARMUP_CALLS:
+            times = []
+            for _ in range(WARMUP_ROUNDS):
+                time.sleep(PAUSE_S)
+                run_rows(sess, None, feed)
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    run_rows(sess, None, feed)
+                    times.append(time.perf_counter() - t0)
+            out[name][str(calls)] = 1e3 * statistics.median(times)
+    print("onnxruntime ms per call after n calls back to back: " + "; ".join(
+        f"{k}: " + ", ".join(f"n={n} {v:.2f}" for n, v in d.items()) for k, d in out.items()), flush=True)
+    return out
+
+
 def whole_model(part: str, repeats: int, workdir: str) -> dict[str, Any]:
     """One whole model at its batch: InferenceSession.run against onnxruntime dense."""
     what, batch, (kind, target) = MODEL_PARTS[part]
@@ -240,6 +270,8 @@ def whole_model(part: str, repeats: int, workdir: str) -> dict[str, Any]:
            "ort_dense_ms_per_image": 1e3 * med["ort_dense"] / batch, "ratio": ratio,
            "cycles_per_input": fresh.last_report["cycles_per_input"],
            "target": {"kind": kind, "value": target}, "target_met": value <= target}
+    if kind == "ratio":
+        row["onnxruntime_warmup_ms"] = ort_warmup(onnx.load(onnx_path), feed)
     print(f"{part}: batch {batch}: simulator {row['sim_s']:.3f} s ({row['sim_ms_per_image']:.2f} ms/image; "
           f"first run {first_s:.2f} s; with report {row['sim_with_report_s']:.3f} s), onnxruntime dense "
           f"{row['ort_dense_s'] * 1e3:.2f} ms: {ratio:.1f}x; target "
