@@ -150,10 +150,13 @@ def seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[fl
     return statistics.median(times), min(times)
 
 
-def ort_session(model: onnx.ModelProto, threads: int = 0) -> onnxruntime.InferenceSession:
-    """CPU provider; threads 0 = onnxruntime's default (one per core)."""
+def ort_session(model: onnx.ModelProto, threads: int = 0, stop_spinning: bool = False) -> onnxruntime.InferenceSession:
+    """CPU provider; threads 0 = onnxruntime's default (one per core). stop_spinning: its threads
+    stop spinning when a run returns (`session.force_spinning_stop`; by default they spin on)."""
     opts = onnxruntime.SessionOptions()
     opts.intra_op_num_threads = threads
+    if stop_spinning:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

@@ -30,7 +30,6 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-import onnxruntime
 
 from alexnet import alexnet, recipe_text
 from eie_layers import (LAYER_BY_NAME, RESULTS, SEED, command_line, compile_layer, layer_inputs,
@@ -220,24 +219,13 @@ def model_case(part: str, workdir: str) -> tuple[str, str, dict[str, np.ndarray]
 def ort_warmup(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """onnxruntime's median per-call ms on `feed` against how many calls ran back to back (after
     a pause), at its default session options and with its threads' spinning stopped when a run
-    returns (`session.force_spinning_stop`): what the comparator's timing method does to it."""
+    returns: what the comparator's timing method does to it."""
     out = {}
     for name, stop in (("default", False), ("spinning_stopped", True)):
-        opts = onnxruntime.SessionOptions()
-        if stop:
-            opts.add_session_config_entry("session.force_spinning_stop", "1")
-        sess = onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        out[name] = {}
-        for calls in WARMUP_CALLS:
-            times = []
-            for _ in range(WARMUP_ROUNDS):
-                time.sleep(PAUSE_S)
-                run_rows(sess, None, feed)
-                for _ in range(calls):
-                    t0 = time.perf_counter()
-                    run_rows(sess, None, feed)
-                    times.append(time.perf_counter() - t0)
-            out[name][str(calls)] = 1e3 * statistics.median(times)
+        sess = ort_session(model, stop_spinning=stop)
+        out[name] = {str(calls): 1e3 * statistics.median(alternate(
+            {name: lambda: run_rows(sess, None, feed)}, calls * WARMUP_ROUNDS, blocks=WARMUP_ROUNDS)[name])
+            for calls in WARMUP_CALLS}
     print("onnxruntime ms per call after n calls back to back: " + "; ".join(
         f"{k}: " + ", ".join(f"n={n} {v:.2f}" for n, v in d.items()) for k, d in out.items()), flush=True)
     return out
