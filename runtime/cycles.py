@@ -132,17 +132,20 @@ def _queue_pes(tile: SparseImage) -> np.ndarray:
     return first[keep]
 
 
-def _scan(op: np.ufunc, a: np.ndarray) -> np.ndarray:
-    """op.accumulate along the last axis of a [pes, batch, L] array, in place: one call when
-    that axis is contiguous, else one call per step (numpy's accumulate walks a strided
-    axis slowly; each step is then one contiguous [batch, pes] row)."""
+def _scan(op: np.ufunc, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """op.accumulate along the last axis of a [pes, batch, L] array, into `out` (default: in
+    place): one call when that axis is contiguous, else one call per step (numpy's
+    accumulate walks a strided axis slowly; each step is then one contiguous [batch, pes] row)."""
+    out = a if out is None else out
     if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
-        rows = a.transpose(2, 1, 0)  # the memory's own order, [L, batch, pes]: each row contiguous
+        rows, to = a.transpose(2, 1, 0), out.transpose(2, 1, 0)  # the memory's own order, [L, batch, pes]
+        if out is not a:
+            to[0] = rows[0]
         for i in range(1, rows.shape[0]):
-            op(rows[i - 1], rows[i], out=rows[i])
+            op(to[i - 1], rows[i], out=to[i])
     else:
-        op.accumulate(a, axis=-1, out=a)
-    return a
+        op.accumulate(a, axis=-1, out=out)
+    return out
 
 
 def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
@@ -199,7 +202,11 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     def empty_(n: int) -> np.ndarray:
         return np.empty((n, batch, pes), dtype).transpose(2, 1, 0) if wide else np.empty((pes, batch, n), dtype)
 
-    chunk = max(1, _BLOCK_ELEMS // (elems * block)) * block  # broadcasts whose work is gathered at once
+    # broadcasts whose work is gathered at once: wide rows take their running sums once per
+    # chunk of blocks; narrow ones gather each block as they reach it, into the same buffers
+    # (small arrays, reused: they stay in cache, and a fresh large array page-faults each call)
+    chunk = max(1, _BLOCK_ELEMS // (elems * block)) * block if wide else block
+    work_buf, before_buf, t_buf = empty_(chunk), empty_(chunk), empty_(block)
     finish = np.zeros((pes, batch), dtype)  # f of the last broadcast solved
     issue = np.full(batch, -1, dtype)  # b of the last broadcast solved
     # smax[:, k + depth] = max_p s[p, k]; the first `depth` columns stand for "no item" (-1)
@@ -208,42 +215,52 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     starts = empty_(n_bcast) if trace else None
     for c0 in range(0, n_bcast, chunk):
         c1 = min(n_bcast, c0 + chunk)
-        w = work[cols_k[c0:c1]].transpose(2, 1, 0).astype(dtype, order=order)  # [pes, B, n]
+        w, before = work_buf[..., :c1 - c0], before_buf[..., :c1 - c0]  # [pes, B, n]
+        np.copyto(w, work[cols_k[c0:c1]].transpose(2, 1, 0), casting="unsafe")  # times fit dtype (above)
         if c1 > all_valid:
             w[:, ~valid[c0:c1].T] = 0  # an invalid item adds no work
-        after = _scan(np.add, w.copy(order="K"))  # A from the chunk's first item
-        before = after - w  # A'
+        before[..., 0] = 0  # A', the running sum of work before each item from the chunk's first
+        _scan(np.add, w[..., :-1], out=before[..., 1:])
         for k0 in range(c0, c1, block):
             k1 = min(c1, k0 + block)
-            a_before = before[..., k0 - c0:k1 - c0]
-            base = finish - a_before[..., 0]  # f[k0-1] - A'[k0]
             ks = np.arange(k0, k1, dtype=dtype)
+            t_block = t_buf[..., :k1 - k0]
             if k1 - k0 > depth:  # start from a lower bound on the block's own pops: each PE busy from its last finish
-                lb = (base[..., None] + a_before[..., :k1 - k0 - depth]).max(axis=0)
-                np.maximum(smax[:, k0 + depth:k1], lb, out=smax[:, k0 + depth:k1])
-            t = empty_(k1 - k0)
-            first = (issue + 1 - k0)[:, None]  # b_k >= b_{k0-1} + 1 + (k - k0)
-            b = None
+                a_before = before[..., k0 - c0:k1 - c0]
+                lb = t_block[..., :k1 - k0 - depth]
+                np.add((finish - a_before[..., 0])[..., None], a_before[..., :k1 - k0 - depth], out=lb)
+                np.maximum(smax[:, k0 + depth:k1], lb.max(axis=0), out=smax[:, k0 + depth:k1])
+            lo, b = k0, None  # items before lo are solved: their b, s, f are the recurrence's
             while True:
-                g = smax[:, k0:k1] - ks
+                g = smax[:, lo:k1] - ks[lo - k0:]
                 np.maximum.accumulate(g, axis=-1, out=g)
-                np.maximum(g, first, out=g)
-                g += ks
-                if b is not None and (g == b).all():
-                    break
+                np.maximum(g, (issue + 1 - lo)[:, None], out=g)  # b_k >= b_{lo-1} + 1 + (k - lo)
+                g += ks[lo - k0:]
+                if b is not None:
+                    moved = (g != b).any(axis=0)
+                    j = int(moved.argmax())
+                    if not moved[j]:
+                        break
+                    # b held before item lo + j: there the previous round's b was its own closed form
+                    # (a fixed point), so b, s and f of items lo..lo+j-1 are solved; go on from there
+                    issue_all[:, lo:lo + j] = b[:, :j]
+                    finish, issue = t[..., j - 1] + w[..., lo + j - 1 - c0], b[:, j - 1]
+                    lo, g = lo + j, g[:, j:]
                 b = g
+                a_before = before[..., lo - c0:k1 - c0]
+                t = t_block[..., lo - k0:]
                 np.subtract(b[None], a_before, out=t)
                 if k1 > all_valid:
-                    t[:, ~valid[k0:k1].T] = never  # an invalid item issues nothing
-                np.maximum(t[..., 0], base, out=t[..., 0])
+                    t[:, ~valid[lo:k1].T] = never  # an invalid item issues nothing
+                np.maximum(t[..., 0], finish - a_before[..., 0], out=t[..., 0])  # f[lo-1] - A'[lo]
                 _scan(np.maximum, t)  # now f - A
                 t += a_before  # s = f - work
-                t.max(axis=0, out=smax[:, k0 + depth:k1 + depth])
-                if k1 - k0 <= depth:
+                t.max(axis=0, out=smax[:, lo + depth:k1 + depth])
+                if k1 - lo <= depth:
                     break
-            issue_all[:, k0:k1] = b
+            issue_all[:, lo:k1] = b
             if trace:
-                starts[..., k0:k1] = t
+                starts[..., k0:k1] = t_block
             finish, issue = t[..., -1] + w[..., k1 - 1 - c0], b[:, -1]
     # valid items are a prefix: sum_k (b_k - b_{k-1} - 1) telescopes to b_last + 1 - n
     last = issue_all[np.arange(batch), np.maximum(n_valid - 1, 0)].astype(np.int64)

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from eiec.codec import encode_matrix
 from eiec.conv import im2col
-from eiec.runtime.cycles import _LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, cycle_pass
+from eiec.runtime.cycles import _LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, _queue_span_stepwise, cycle_pass
 from eiec.runtime.executor import _patch_index, _positions
 from eiec.segment import ConvGeometry
 from eiec.runtime.simulator import _diagonal_blocks, accumulate_fixed, spmv_fixed, spmv_float
@@ -75,6 +75,22 @@ def test_queue_span_over_many_blocks_matches_the_scalar_recurrence():
         work = np.maximum(rng.integers(0, 12, (cols, pes)), 1)
         x_nonzero = rng.random((2, cols)) < np.array([[0.9], [0.6]])
         check_against_scalar(work, x_nonzero, depth)
+
+
+def test_queue_span_of_one_long_stalling_list_matches_the_scalar_recurrence():
+    # one input (Alex-6 at batch 1): every PE has several entries in most columns, so the
+    # queues stay full and blocks of broadcasts are solved again from the item where a
+    # round's issue times first moved; the traced pop times too
+    rng = np.random.default_rng(19)
+    pes, cols, depth = 64, 900, 8
+    work = np.maximum(rng.poisson(5, (cols, pes)), 1)
+    x_nonzero = rng.random((1, cols)) < 0.7
+    cols_k, valid = broadcast_lists(x_nonzero)
+    span, stall, issue, starts = _queue_span(work, cols_k, valid, depth, trace=True)
+    assert (span[0], stall[0]) == scalar_queue_span(work, list(np.flatnonzero(x_nonzero[0])), depth)
+    assert stall[0] > span[0] // 2
+    step = _queue_span_stepwise(work, cols_k, valid, depth, trace=True)
+    assert np.array_equal(issue, step[2]) and np.array_equal(starts, step[3])
 
 
 @given(seed=st.integers(0, 2 ** 32 - 1), pes=st.sampled_from([1, 3, 8, 9, 64]), depth=st.sampled_from([1, 2, 8]),
