@@ -30,8 +30,8 @@ from eiec.image import SparseImage
 from .cycles import LoadCost, PassCycles, Timeline, cycle_pass, layer_cycles, load_ptr_cost, load_spmat_cost, queue_occupancy
 from .energy import MODULES, access_energies, layer_energy, pe_area_mm2
 from eiec.fixedpoint import dequantize, quantize_counting
-from .simulator import (accumulate_fixed, accumulate_float, check_widths, error_bound, tile_cached,
-                        write_back_fixed, write_back_float)
+from .simulator import (accumulate_fixed, accumulate_float, check_widths, depthwise_product, error_bound,
+                        tile_cached, write_back_fixed, write_back_float)
 
 
 @dataclass
@@ -257,7 +257,7 @@ class _LayerState:
     tiles: list = field(default_factory=list)  # the tiles its RUNs used, in program order
     load_cycles: np.ndarray | int = 0  # cycles loads held this layer's RUNs back
     moved: LoadCost = field(default_factory=lambda: LoadCost(0, 0))
-    x_nonzero: np.ndarray | None = None  # [B * positions, cols] of its input
+    x_nonzero: Callable[[], np.ndarray] | None = None  # makes [B * positions, cols]: its input's nonzeros
 
 
 class _Machine:
@@ -425,30 +425,50 @@ def _run(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycles: b
     src = m.buffers[ins.src] if ins.src in m.buffers else None
     if src is None or src.layer != ins.layer - 1:
         raise FormatError(None, f"{where}: buffer b{ins.src} does not hold the layer's input")
-    xs = src.positions(seg, spec, ins.layer, batch)
+    # a depthwise conv in one tile may multiply its input in place (simulator.depthwise_product):
+    # its patches are gathered only if that declines
+    direct = (mode == "fixed" and spec.conv is not None and spec.conv.group > 1
+              and spec.conv.group == spec.rows == spec.in_shape[0] and (tile.rows, tile.cols) == (spec.rows, spec.cols))
+    xs = None if direct else src.positions(seg, spec, ins.layer, batch)
     return _run_tile(m, ins, st, mode, want_cycles, tile, src, xs)
 
 
 def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycles: bool, tile: SparseImage,
-              src: _Buffer, xs: np.ndarray) -> Callable[[], PassCycles] | None:
-    """`_run` on its checked tile and input positions: the cycle model beside the arithmetic."""
+              src: _Buffer, xs: np.ndarray | None) -> Callable[[], PassCycles] | None:
+    """`_run` on its checked tile and input positions (None: a depthwise conv's FIRST RUN, tried
+    on its input in place first): the cycle model beside the arithmetic."""
     seg, batch, t = m.seg, m.batch, m.seg.target
     spec = seg.layers[ins.layer]
+    vectors = xs.shape[0] if xs is not None else batch * int(np.prod(spec.out_shape[1:]))
     cycles = None
     if want_cycles:  # the cycle model reads only which inputs are nonzero: it runs beside the arithmetic
         if st.x_nonzero is None:
-            st.x_nonzero = xs != 0
-        cycles = _beside(tile.code.size * xs.shape[0], cycle_pass, tile, st.x_nonzero, t,
-                         write_back=bool(ins.flags & isa.Flag.LAST), inputs=batch)
+            if xs is not None:
+                nonzero = xs != 0
+                st.x_nonzero = lambda: nonzero
+            else:  # the patches' nonzero mask is gathered beside too
+                x = src.read(seg, batch)
+                st.x_nonzero = functools.cache(lambda: _positions(x != 0, spec))
+        x_nonzero = st.x_nonzero
+        cycles = _beside(tile.code.size * vectors, lambda: cycle_pass(
+            tile, x_nonzero(), t, write_back=bool(ins.flags & isa.Flag.LAST), inputs=batch))
     if mode == "fixed":
         check_widths(t, spec.cols)
-        # FIRST: the accumulators start at zero
-        group = spec.conv.group if spec.conv is not None else 1
-        blocks = (spec.rows // group, spec.cols // group) if group > 1 else None
-        acc, clipped = accumulate_fixed(tile, spec.codebook_q, xs, None if ins.flags & isa.Flag.FIRST else m.acc, t,
-                                        blocks)
-        m.acc_clipped = clipped if ins.flags & isa.Flag.FIRST else m.acc_clipped | clipped
-        m.acc = acc
+        acc = None
+        if xs is None:
+            acc = depthwise_product(tile, spec.codebook_q, src.read(seg, batch).transpose(0, 2, 3, 1), spec.conv, t)
+            if acc is None:
+                xs = src.positions(seg, spec, ins.layer, batch)
+            else:
+                m.acc, m.acc_clipped = acc, np.zeros(acc.shape, bool)
+        if acc is None:
+            # FIRST: the accumulators start at zero
+            group = spec.conv.group if spec.conv is not None else 1
+            blocks = (spec.rows // group, spec.cols // group) if group > 1 else None
+            acc, clipped = accumulate_fixed(tile, spec.codebook_q, xs, None if ins.flags & isa.Flag.FIRST else m.acc,
+                                            t, blocks)
+            m.acc_clipped = clipped if ins.flags & isa.Flag.FIRST else m.acc_clipped | clipped
+            m.acc = acc
     else:
         if ins.flags & isa.Flag.FIRST:
             m.acc = np.zeros((xs.shape[0], ins.b - ins.a), np.float64)
@@ -464,7 +484,7 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
             st.sat.outputs += changed
         else:
             y = write_back_float(m.acc, bias, relu)
-        _write(m, ins, y, src, xs)
+        _write(m, ins, y, src)
         m.acc = m.acc_clipped = None
     st.tiles.append(tile)
     return cycles
@@ -489,7 +509,7 @@ def _beside(work: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Cal
     return _beside_pool[0].submit(fn, *args, **kwargs).result
 
 
-def _write(m: _Machine, ins: isa.Instr, y: np.ndarray, src: _Buffer, xs: np.ndarray) -> None:
+def _write(m: _Machine, ins: isa.Instr, y: np.ndarray, src: _Buffer) -> None:
     """Write rows ins.a..ins.b of the layer's output into buffer dst."""
     seg, batch = m.seg, m.batch
     spec = seg.layers[ins.layer]
@@ -497,7 +517,7 @@ def _write(m: _Machine, ins: isa.Instr, y: np.ndarray, src: _Buffer, xs: np.ndar
     if dst is None or dst.layer != ins.layer or dst.written is None or dst.written[ins.a:ins.b].any():
         act_in, e_in = src.read(seg, batch), src.bound
         bound = functools.cache(lambda: _layer_bound(spec, act_in, e_in(), batch))
-        dst = m.buffers[ins.dst] = _Buffer(ins.layer, np.zeros((xs.shape[0], spec.rows), y.dtype), bound,
+        dst = m.buffers[ins.dst] = _Buffer(ins.layer, np.zeros((y.shape[0], spec.rows), y.dtype), bound,
                                            np.zeros(spec.rows, bool))
     dst.values[:, ins.a:ins.b] = y
     dst.written[ins.a:ins.b] = True
@@ -517,7 +537,7 @@ def _layer_bound(spec: LayerSpec, act: np.ndarray, e_in: np.ndarray | None, batc
 def _layer_run(seg: Segment, spec: LayerSpec, st: _LayerState, batch: int) -> LayerRun:
     """The layer's report from its RUNs (passes summed over a conv's positions) and loads."""
     t = seg.target
-    nz = st.x_nonzero
+    nz = st.x_nonzero()
     loads = dataclasses.replace(st.moved, cycles=st.load_cycles)
     per_input_nz = nz.reshape(batch, -1).sum(axis=1).astype(np.int64)
     run = layer_cycles(st.passes, loads, per_input_nz, spec.rows, spec.cols, t)

@@ -17,8 +17,10 @@ import scipy.sparse as sp
 
 from eiec.errors import FormatError
 from eiec.image import SparseImage
+from eiec.segment import ConvGeometry
 from eiec.parallel import BLAS_THREADS_MIN_MACS, one_blas_thread
 from eiec.codec import entry_positions
+from eiec.conv import conv_output_hw
 from eiec.fixedpoint import int_range, int_type, round_shift
 from eiec.target import Target
 
@@ -324,6 +326,52 @@ def _signed_product(tile: SparseImage, codebook_q: np.ndarray, x_rows: np.ndarra
     return (w @ x_cols).T
 
 
+def _reach(tile: SparseImage, codebook_q: np.ndarray, x: np.ndarray, room: int, target: Target) -> int:
+    """A bound on sum_j |w_ij x_j| over the tile's rows and the vectors of x (any layout of
+    the activations it reads): every running sum lies within acc +- that. (sum_j |w_ij|)
+    2**(act_bits - 1) when it is within `room` (x unread), else (sum_j |w_ij|) max |x|."""
+    l1 = _row_l1_max(tile, codebook_q)
+    reach = l1 << (target.act_bits - 1)
+    return reach if reach <= room else l1 * _abs_max(x)
+
+
+def depthwise_product(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, conv: ConvGeometry,
+                      target: Target) -> np.ndarray | None:
+    """A depthwise conv's FIRST RUN computed on its input x_q (int [B, H, W, C]) itself, when
+    its one tile is the whole layer (row c reads channel c's kh x kw patch): per kernel tap,
+    the shifted (strided, dilated) slice of the zero-padded input times that tap's weight of
+    every channel, summed in int32. The result is accumulate_fixed's on the im2col patches,
+    [B * Ho * Wo, C] in their row order, without gathering them (k*k multiply-adds over the
+    input instead of a gather of k*k copies and a dot per position). None when some running
+    sum might leave the accumulator range or int32, or the tile is not the whole layer."""
+    batch, height, width, channels = x_q.shape
+    kh, kw = conv.kernel
+    if (tile.row_lo, tile.col_lo, tile.rows, tile.cols) != (0, 0, channels, channels * kh * kw):
+        return None
+    _, hi = int_range(target.acc_bits)
+    if _reach(tile, codebook_q, x_q, hi, target) > min(hi, np.iinfo(np.int32).max):
+        return None
+    dense = _diagonal_blocks(tile, codebook_q, (1, kh * kw))
+    if dense is None:
+        return None
+    taps = tile_cached(tile, _codebook_key("depthwise_taps", codebook_q), lambda t: (
+        np.ascontiguousarray(dense[:, 0, :].T, np.int32)))  # [kh * kw, C]
+    top, left, bottom, right = conv.pads
+    (sh, sw), (dh, dw) = conv.strides, conv.dilations
+    out_h, out_w = conv_output_hw((height, width), conv.kernel, conv.pads, conv.strides, conv.dilations)
+    padded = np.zeros((batch, height + top + bottom, width + left + right, channels), np.int32)
+    padded[:, top:top + height, left:left + width] = x_q
+    out = np.empty((batch, out_h, out_w, channels), np.int32)
+    term = np.empty_like(out)
+    for i in range(kh):  # a loop over the kernel's taps, each over the whole batch
+        for j in range(kw):
+            window = padded[:, i * dh:i * dh + sh * (out_h - 1) + 1:sh, j * dw:j * dw + sw * (out_w - 1) + 1:sw]
+            np.multiply(window, taps[i * kw + j], out=out if i == j == 0 else term)
+            if i or j:
+                out += term
+    return out.reshape(-1, channels)
+
+
 def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, acc: np.ndarray | None,
                      target: Target, blocks: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One RUN's arithmetic: add the tile's products to its rows' accumulators, bit-exact.
@@ -338,12 +386,7 @@ def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray,
     lo, hi = int_range(target.acc_bits)
     x_rows = x_q[:, tile.col_lo:tile.col_lo + tile.cols]
     start = 0 if acc is None else _abs_max(acc)
-    # every running sum lies within acc +- sum_j |w_ij x_j| <= acc +- (sum_j |w_ij|) max |x|;
-    # |x| <= 2**(act_bits - 1) often settles it without reading x
-    l1 = _row_l1_max(tile, codebook_q)
-    reach = l1 << (target.act_bits - 1)
-    if start + reach > hi:
-        reach = l1 * _abs_max(x_rows)
+    reach = _reach(tile, codebook_q, x_rows, hi - start, target)
     if start + reach <= hi:  # the common case: no running sum can leave the range
         product = _signed_product(tile, codebook_q, x_rows, reach, target, blocks)
         if acc is None:

@@ -16,7 +16,7 @@ from eiec.conv import im2col
 from eiec.runtime.cycles import _LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, _queue_span_stepwise, cycle_pass
 from eiec.runtime.executor import _patch_index, _positions
 from eiec.segment import ConvGeometry
-from eiec.runtime.simulator import _diagonal_blocks, accumulate_fixed, spmv_fixed, spmv_float
+from eiec.runtime.simulator import _diagonal_blocks, accumulate_fixed, depthwise_product, spmv_fixed, spmv_float
 from eiec.target import Target
 
 
@@ -196,6 +196,38 @@ def test_grouped_layer_blocks_give_the_sparse_product(seed, group_shape, aligned
                 assert np.array_equal(got, expect) and not clipped.any()
         if aligned and density > 0.5 and t.row_lo // rg == t.col_lo // cg:  # whole diagonal blocks
             assert _diagonal_blocks(t, codebook, (rg, cg)) is not None  # the in-place path ran
+
+
+@given(seed=st.integers(0, 2 ** 32 - 1), k=st.sampled_from([(1, 1), (3, 3), (2, 3)]), pad=st.integers(0, 2),
+       stride=st.integers(1, 2), dilation=st.integers(1, 2), nchw_view=st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_depthwise_conv_on_its_input_is_the_patch_product(seed, k, pad, stride, dilation, nchw_view):
+    # a depthwise conv's one tile multiplied tap by tap on its input (any geometry, asymmetric
+    # pads) gives accumulate_fixed's product on the im2col patches, exactly
+    rng = np.random.default_rng(seed)
+    channels, taps = 5, k[0] * k[1]
+    idx = np.zeros((channels, channels * taps), np.uint8)
+    for c in range(channels):
+        kept = rng.random(taps) < 0.8
+        kept[:taps // 4 + 1] = True  # dense enough for the block form
+        idx[c, c * taps:(c + 1) * taps] = rng.integers(1, 16, taps) * kept
+    tile = encode_matrix(idx, 2)
+    codebook = np.r_[0, rng.integers(1, 3000, 15) * rng.choice([-1, 1], 15)]
+    x = (rng.integers(-2 ** 15, 2 ** 15, (3, 6, 7, channels)) * (rng.random((3, 6, 7, channels)) < 0.7)).astype(np.int16)
+    x[0, 0, 0, 0] = -2 ** 15  # sums of 16-bit accumulators may overflow (the declined case below)
+    if nchw_view:  # a segment input's [B, C, H, W] memory seen as [B, H, W, C]
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+    geometry = ConvGeometry(k, (pad, pad + 1, 1, pad), (stride, 1), (dilation, 1), channels)
+    target = dataclasses.replace(Target(), pes=2, acc_bits=40)
+    got = depthwise_product(tile, codebook, x, geometry, target)
+    patches = _positions(x.transpose(0, 3, 1, 2), types.SimpleNamespace(kind="conv", conv=geometry))
+    expect, _ = accumulate_fixed(tile, codebook, patches, None, target, (1, taps))
+    assert got is not None and got.dtype == np.int32 and np.array_equal(got, expect)
+    # declined: sums that may leave the accumulator range, or a tile that is not the whole layer
+    assert depthwise_product(tile, codebook, x, geometry, dataclasses.replace(target, acc_bits=16)) is None
+    part = encode_matrix(idx[:3, :3 * taps], 2)
+    assert depthwise_product(part, codebook, x[..., :3], dataclasses.replace(geometry, group=3), target) is not None
+    assert depthwise_product(part, codebook, x, geometry, target) is None
 
 
 @given(seed=st.integers(0, 2 ** 32 - 1), pes=st.sampled_from([1, 2, 4, 16]), depth=st.sampled_from([1, 2, 4, 8]),
