@@ -480,7 +480,7 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
         relu = bool(ins.flags & isa.Flag.RELU)
         if mode == "fixed":
             y, clipped, changed = write_back_fixed(m.acc, bias, spec.shift, relu, t)
-            st.sat.accumulators += int((m.acc_clipped | clipped).sum())
+            st.sat.accumulators += int(np.count_nonzero(m.acc_clipped | clipped))
             st.sat.outputs += changed
         else:
             y = write_back_float(m.acc, bias, relu)
@@ -517,6 +517,9 @@ def _write(m: _Machine, ins: isa.Instr, y: np.ndarray, src: _Buffer) -> None:
     if dst is None or dst.layer != ins.layer or dst.written is None or dst.written[ins.a:ins.b].any():
         act_in, e_in = src.read(seg, batch), src.bound
         bound = functools.cache(lambda: _layer_bound(spec, act_in, e_in(), batch))
+        if (ins.a, ins.b) == (0, spec.rows):  # the RUN writes every row: its output is the buffer
+            m.buffers[ins.dst] = _Buffer(ins.layer, y, bound, np.ones(spec.rows, bool))
+            return
         dst = m.buffers[ins.dst] = _Buffer(ins.layer, np.zeros((y.shape[0], spec.rows), y.dtype), bound,
                                            np.zeros(spec.rows, bool))
     dst.values[:, ins.a:ins.b] = y

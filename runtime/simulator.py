@@ -338,12 +338,12 @@ def _reach(tile: SparseImage, codebook_q: np.ndarray, x: np.ndarray, room: int, 
 def depthwise_product(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, conv: ConvGeometry,
                       target: Target) -> np.ndarray | None:
     """A depthwise conv's FIRST RUN computed on its input x_q (int [B, H, W, C]) itself, when
-    its one tile is the whole layer (row c reads channel c's kh x kw patch): per kernel tap,
-    the shifted (strided, dilated) slice of the zero-padded input times that tap's weight of
-    every channel, summed in int32. The result is accumulate_fixed's on the im2col patches,
-    [B * Ho * Wo, C] in their row order, without gathering them (k*k multiply-adds over the
-    input instead of a gather of k*k copies and a dot per position). None when some running
-    sum might leave the accumulator range or int32, or the tile is not the whole layer."""
+    its one tile is the whole layer (row c reads channel c's kh x kw patch): each output
+    position's sum over the kernel's taps of the zero-padded input's window times the taps'
+    weights, in int32, read through a strided view of the windows. The result is
+    accumulate_fixed's on the im2col patches, [B * Ho * Wo, C] in their row order, without
+    gathering them (k*k copies of the input). None when some running sum might leave the
+    accumulator range or int32, or the tile is not the whole layer."""
     batch, height, width, channels = x_q.shape
     kh, kw = conv.kernel
     if (tile.row_lo, tile.col_lo, tile.rows, tile.cols) != (0, 0, channels, channels * kh * kw):
@@ -355,21 +355,16 @@ def depthwise_product(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray
     if dense is None:
         return None
     taps = tile_cached(tile, _codebook_key("depthwise_taps", codebook_q), lambda t: (
-        np.ascontiguousarray(dense[:, 0, :].T, np.int32)))  # [kh * kw, C]
+        np.ascontiguousarray(dense.reshape(channels, kh, kw).transpose(1, 2, 0), np.int32)))  # [kh, kw, C]
     top, left, bottom, right = conv.pads
     (sh, sw), (dh, dw) = conv.strides, conv.dilations
     out_h, out_w = conv_output_hw((height, width), conv.kernel, conv.pads, conv.strides, conv.dilations)
+    # int32 throughout: einsum's loops are quicker with one type than summing int16 into int32
     padded = np.zeros((batch, height + top + bottom, width + left + right, channels), np.int32)
     padded[:, top:top + height, left:left + width] = x_q
-    out = np.empty((batch, out_h, out_w, channels), np.int32)
-    term = np.empty_like(out)
-    for i in range(kh):  # a loop over the kernel's taps, each over the whole batch
-        for j in range(kw):
-            window = padded[:, i * dh:i * dh + sh * (out_h - 1) + 1:sh, j * dw:j * dw + sw * (out_w - 1) + 1:sw]
-            np.multiply(window, taps[i * kw + j], out=out if i == j == 0 else term)
-            if i or j:
-                out += term
-    return out.reshape(-1, channels)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
+    windows = windows[:, :sh * (out_h - 1) + 1:sh, :sw * (out_w - 1) + 1:sw, :, ::dh, ::dw]  # [B, Ho, Wo, C, kh, kw]
+    return np.einsum("bhwcij,ijc->bhwc", windows, taps).reshape(-1, channels)
 
 
 def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, acc: np.ndarray | None,
