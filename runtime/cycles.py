@@ -8,7 +8,7 @@ blocks of broadcasts, vectorised over (broadcast, batch, pe).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -410,13 +410,49 @@ class PassCycles:
     writeback_rows: np.ndarray  # int64 [B]: rows written back (0 unless LAST)
 
 
+def pass_events(tile: SparseImage, x_nonzero: np.ndarray, target: Target,
+                inputs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The counted events of one RUN (cycle_pass' vectors and inputs): int64 [inputs, pes + 2],
+    each PE's entries, then the padding entries and the SRAM lines of the broadcast columns;
+    and the broadcasts [inputs]. Linear in the broadcast mask: one product with the event table."""
+    n, pes = x_nonzero.shape[0], target.pes
+    inputs = n if inputs is None else inputs
+    per = n // inputs
+    name, table = _events_of(tile, target)
+    nz = x_nonzero[:, tile.col_lo:tile.col_lo + tile.cols]
+    if per == 1:
+        summed, used = _table_product(tile, name, table, slice(0, pes + 2), nz, 1)
+        broadcasts = np.count_nonzero(nz, axis=1).astype(np.int64)
+    else:
+        # an input's events are those of its vectors' broadcast columns, each counted over
+        # them: a product of [inputs, cols] counts rather than of every vector
+        counts = np.add.reduce(nz.reshape(inputs, per, -1).view(np.uint8), axis=1,
+                               dtype=np.uint8 if per < 256 else np.int64)
+        summed, used = _table_product(tile, name, table, slice(0, pes + 2), counts, per)
+        broadcasts = counts.sum(axis=1, dtype=np.int64)
+    events = np.zeros((inputs, pes + 2), np.int64)
+    events[:, used] = summed
+    return events, broadcasts
+
+
+def _events_of(tile: SparseImage, target: Target) -> tuple[str, np.ndarray]:
+    """The tile's event table (_event_table) for the target's line width, and its cache name."""
+    name = f"events{target.entries_per_line}"
+    return name, tile_cached(tile, name, lambda tt: _event_table(tt, target.entries_per_line))
+
+
 def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_back: bool,
-               inputs: int | None = None) -> PassCycles:
+               inputs: int | None = None,
+               counted: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> PassCycles:
     """One RUN of `tile` on each vector of x_nonzero (bool [N, layer cols], the nonzero =
     broadcast activations): pipeline fill, the activation queues' span and, for a LAST
     RUN, the write-back of the tile's rows (one row per PE per cycle). The vectors are
     `inputs` runs of N / inputs consecutive ones (a conv's output positions of each input;
-    default: one vector each), and each count is the sum over an input's vectors."""
+    default: one vector each), and each count is the sum over an input's vectors.
+
+    counted: returns pass_events' counts of this RUN, called after the queues are solved
+    (eiec.runtime.executor lets whichever of its threads is free count them); default: counted
+    here, in one product with the PEs' excess when the queues need that."""
     if tile.pes != target.pes:
         raise FormatError(None, f"tile built for {tile.pes} PEs, target has {target.pes}")
     if tile.col_lo + tile.cols > x_nonzero.shape[1]:
@@ -424,29 +460,28 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
     n, pes = x_nonzero.shape[0], target.pes
     inputs = n if inputs is None else inputs
     per = n // inputs
-    name = f"events{target.entries_per_line}"
-    table = tile_cached(tile, name, lambda tt: _event_table(tt, target.entries_per_line))
+    name, table = _events_of(tile, target)
     nz = x_nonzero[:, tile.col_lo:tile.col_lo + tile.cols]
-    events = np.zeros((inputs, pes + 2), np.int64)
+    shared = counted is None
+    counted = counted or (lambda: pass_events(tile, x_nonzero, target, inputs))
     # the excess of the PEs with some work beyond one cycle (none: the queues never hold a broadcast back)
     excess_pes = _table_part(tile, name, table, slice(pes + 2, 2 * pes + 2))[0]
-    excess = None
-    if per == 1:  # one product for the events and the excess
-        summed, used = _table_product(tile, name, table, slice(0, 2 * pes + 2), nz, 1)
-        events[:, used[used < pes + 2]] = summed[:, used < pes + 2]
-        excess = summed[:, used >= pes + 2]
-        broadcasts = count = np.count_nonzero(nz, axis=1).astype(np.int64)
-    else:
-        # an input's events are those of its vectors' broadcast columns, each counted over
-        # them (linear): a product of [inputs, cols] counts rather than of every vector
-        counts = np.add.reduce(nz.reshape(inputs, per, -1).view(np.uint8), axis=1,
-                               dtype=np.uint8 if per < 256 else np.int64)
-        summed, used = _table_product(tile, name, table, slice(0, pes + 2), counts, per)
-        events[:, used] = summed
-        broadcasts = counts.sum(axis=1, dtype=np.int64)
+    counts = None
     if not excess_pes.size:
-        span, stall = broadcasts, np.zeros(inputs, np.int64)
+        counts = counted()
+        span, stall = counts[1], np.zeros(inputs, np.int64)
     elif per == 1:
+        count = np.count_nonzero(nz, axis=1).astype(np.int64)
+        excess = None  # every vector surely stalls: the queues need no excess
+        if not _surely_stall(tile, nz, count, target.queue_depth):
+            if shared:  # one product for the events and the excess
+                summed, used = _table_product(tile, name, table, slice(0, 2 * pes + 2), nz, 1)
+                events = np.zeros((inputs, pes + 2), np.int64)
+                events[:, used[used < pes + 2]] = summed[:, used < pes + 2]
+                counts = events, count
+                excess = summed[:, used >= pes + 2]
+            else:
+                excess = _table_product(tile, name, table, slice(pes + 2, 2 * pes + 2), nz, 1)[0]
         span, stall = _spans(tile, nz, count, excess, target.queue_depth)
     else:  # a conv's positions repeat few patterns (a zero border, all-nonzero patches): each once
         first, inverse = _unique_rows(nz)
@@ -455,6 +490,7 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
         span, stall = _spans(tile, patterns, np.count_nonzero(patterns, axis=1).astype(np.int64), excess,
                              target.queue_depth)
         span, stall = span[inverse].reshape(inputs, per).sum(axis=1), stall[inverse].reshape(inputs, per).sum(axis=1)
+    events, broadcasts = counts if counts is not None else counted()
     write = -(-tile.rows // pes) if write_back else 0
     fill = np.full(inputs, per * (target.pipeline_depth + write), np.int64)
     return PassCycles(cycles=span + fill, busy=events[:, :pes], padding=events[:, pes], lines=events[:, pes + 1],
@@ -475,22 +511,29 @@ def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndar
     depth + 1 broadcasts never stalls: span = K + max_p excess_p. Only the other vectors
     run the queue recurrence, each distinct broadcast pattern once, on the PEs that can
     set its times (_queue_pes): many vectors at once broadcast by broadcast
-    (_queue_span_lanes), few in blocks of broadcasts (_queue_span)."""
-    most = excess.max(axis=1, initial=0)
-    span, stall = count + most, np.zeros(count.size, np.int64)
-    maybe = np.flatnonzero(most > depth)
-    if not maybe.size:
-        return span, stall
+    (_queue_span_lanes), few in blocks of broadcasts (_queue_span). excess None: every
+    vector is known to stall (_surely_stall)."""
+    stall = np.zeros(count.size, np.int64)
+    if excess is None:
+        span, maybe = count.copy(), np.arange(count.size)
+    else:
+        most = excess.max(axis=1, initial=0)
+        span = count + most
+        maybe = np.flatnonzero(most > depth)
+        if not maybe.size:
+            return span, stall
     first, inverse = _unique_rows(nz[maybe])  # each distinct pattern once
     _, j_idx = np.nonzero(nz[maybe[first]])  # row-major: each pattern's columns ascending
     n_u = count[maybe[first]]
     starts = np.cumsum(n_u) - n_u
-    # the excess of each pattern's last depth + 1 broadcasts: a gather of their table rows
-    back = starts[:, None] + n_u[:, None] - 1 - np.arange(depth + 1)  # [U, depth + 1]
-    over = tile_cached(tile, "excess_rows", _excess_rows)
-    tail_cols = np.where(back >= starts[:, None], j_idx[np.maximum(back, 0)], over.shape[0] - 1)
-    head = excess[maybe[first]] - over[tail_cols].sum(axis=1, dtype=np.int64)
-    stalls = np.flatnonzero(head.max(axis=1, initial=0) > depth)
+    if excess is None:
+        stalls = np.arange(first.size)
+    else:  # the excess of each pattern's last depth + 1 broadcasts: a gather of their table rows
+        back = starts[:, None] + n_u[:, None] - 1 - np.arange(depth + 1)  # [U, depth + 1]
+        over = tile_cached(tile, "excess_rows", _excess_rows)
+        tail_cols = np.where(back >= starts[:, None], j_idx[np.maximum(back, 0)], over.shape[0] - 1)
+        head = excess[maybe[first]] - over[tail_cols].sum(axis=1, dtype=np.int64)
+        stalls = np.flatnonzero(head.max(axis=1, initial=0) > depth)
     if stalls.size:
         work = tile_cached(tile, "queue_work", lambda t: np.ascontiguousarray(
             tile_cached(t, "column_tables", _column_tables)[1][:, _queue_pes(t)]))
@@ -504,6 +547,20 @@ def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndar
         s_u[stalls], st_u[stalls] = solved
         span[maybe], stall[maybe] = s_u[inverse], st_u[inverse]
     return span, stall
+
+
+def _surely_stall(tile: SparseImage, nz: np.ndarray, count: np.ndarray, depth: int) -> bool:
+    """Whether every vector of nz [N, tile cols] stalls the broadcast (_spans' test passes
+    whatever the per-PE excess): the excess over all PEs of all but its last depth + 1
+    broadcasts exceeds depth * pes, so some PE's exceeds depth. One product with a column's
+    summed excess instead of one with each PE's: a vector of a dense layer (Alex-6) then
+    needs the event counts only."""
+    summed = tile_cached(tile, "excess_sums", lambda t: (
+        tile_cached(t, "column_tables", _column_tables)[1].sum(axis=1, dtype=np.int64) - t.pes).astype(np.float64))
+    after = np.cumsum(nz, axis=1, dtype=np.int16 if nz.shape[1] < 1 << 15 else np.int64)
+    tail = nz & (count[:, None] - after <= depth)  # its last depth + 1 broadcasts
+    head = blas_product((nz & ~tail).astype(np.float64), summed[:, None])[:, 0]  # exact: integers below 2**53
+    return bool((head > depth * tile.pes).all())
 
 
 def _excess_rows(tile: SparseImage) -> np.ndarray:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,7 +28,8 @@ from eiec.errors import FormatError
 from eiec.parallel import one_blas_thread
 from eiec.image import SparseImage
 
-from .cycles import LoadCost, PassCycles, Timeline, cycle_pass, layer_cycles, load_ptr_cost, load_spmat_cost, queue_occupancy
+from .cycles import (LoadCost, PassCycles, Timeline, cycle_pass, layer_cycles, load_ptr_cost, load_spmat_cost,
+                     pass_events, queue_occupancy)
 from .energy import MODULES, access_energies, layer_energy, pe_area_mm2
 from eiec.fixedpoint import dequantize, quantize_counting
 from .simulator import (accumulate_fixed, accumulate_float, check_widths, depthwise_product, error_bound,
@@ -450,8 +452,12 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
                 x = src.read(seg, batch)
                 st.x_nonzero = functools.cache(lambda: _positions(x != 0, spec))
         x_nonzero = st.x_nonzero
-        cycles = _beside(tile.code.size * vectors, lambda: cycle_pass(
-            tile, x_nonzero(), t, write_back=bool(ins.flags & isa.Flag.LAST), inputs=batch))
+        # its event counts are made by whichever thread is free first: this one when the run
+        # settles (its arithmetic done), or the cycle model's once the queues are solved
+        counted = _once(lambda: pass_events(tile, x_nonzero(), t, inputs=batch))
+        queues = _beside(tile.code.size * vectors, lambda: cycle_pass(
+            tile, x_nonzero(), t, write_back=bool(ins.flags & isa.Flag.LAST), inputs=batch, counted=counted))
+        cycles = lambda: (counted(), queues())[1]
     if mode == "fixed":
         check_widths(t, spec.cols)
         acc = None
@@ -507,6 +513,18 @@ def _beside(work: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Cal
     if not _beside_pool:
         _beside_pool.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="eiec-cycles"))
     return _beside_pool[0].submit(fn, *args, **kwargs).result
+
+
+def _once(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn(), made by the first thread that asks for it; the others wait for it then."""
+    lock, made = threading.Lock(), []
+
+    def get() -> Any:
+        with lock:
+            if not made:
+                made.append(fn())
+        return made[0]
+    return get
 
 
 def _write(m: _Machine, ins: isa.Instr, y: np.ndarray, src: _Buffer) -> None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from eiec.codec import encode_matrix
 from eiec.conv import im2col
-from eiec.runtime.cycles import _LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, _queue_span_stepwise, cycle_pass
+from eiec.runtime.cycles import _LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, _queue_span_stepwise, _surely_stall, cycle_pass
 from eiec.runtime.executor import _patch_index, _positions
 from eiec.segment import ConvGeometry
 from eiec.runtime.simulator import _diagonal_blocks, accumulate_fixed, depthwise_product, spmv_fixed, spmv_float
@@ -132,6 +132,28 @@ def test_pass_cycles_of_many_stalling_vectors_match_the_scalar_recurrence():
     for v, row in enumerate(x_nonzero):
         span, stall = scalar_queue_span(work, list(np.flatnonzero(row)), depth)
         assert (got.cycles[v], got.stall[v]) == (span + target.pipeline_depth, stall)
+
+
+def test_vectors_that_surely_stall_skip_the_excess_product_and_match_the_scalar_recurrence():
+    # a dense layer's vector: the summed excess alone shows it stalls, so only the event
+    # counts are multiplied out; a batch with a vector that may not stall takes the full product
+    rng = np.random.default_rng(23)
+    pes, depth, cols = 8, 2, 120
+    idx = rng.integers(1, 16, (pes * 6, cols)) * (rng.random((pes * 6, cols)) < 0.5)
+    tile = encode_matrix(idx.astype(np.uint8), pes)
+    target = dataclasses.replace(Target(), pes=pes, queue_depth=depth)
+    work = np.maximum(tile.col_entries(), 1).T
+    dense = rng.random((2, cols)) < 0.6
+    sparse = np.zeros((1, cols), bool)
+    sparse[0, :3] = True
+    for x_nonzero, sure in ((dense[:1], True), (dense, True), (np.vstack([dense[:1], sparse]), False)):
+        count = np.count_nonzero(x_nonzero, axis=1)
+        assert _surely_stall(tile, x_nonzero, count, depth) == sure
+        got = cycle_pass(tile, x_nonzero, target, write_back=False)
+        for v, row in enumerate(x_nonzero):
+            span, stall = scalar_queue_span(work, list(np.flatnonzero(row)), depth)
+            assert (got.cycles[v], got.stall[v]) == (span + target.pipeline_depth, stall)
+            assert got.busy[v].tolist() == tile.col_entries()[:, row].sum(axis=1).tolist()
 
 
 def test_one_tile_with_two_codebooks_gives_each_codebooks_product():
