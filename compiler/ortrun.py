@@ -301,17 +301,28 @@ def skeleton_row_axes(skeleton: onnx.ModelProto, fed: Collection[str]) -> dict[s
     return {**row_axes(skeleton, fed), **json.loads(stored)}
 
 
+def quiet_options(stop_spinning: bool = False) -> ort.SessionOptions:
+    """Session options that do not warn (overridable initializers make ORT warn once per weight).
+
+    stop_spinning: onnxruntime's threads stop spinning when a run returns (by default they spin
+    on, on the cores the numpy work between runs needs; what they compute does not change)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if stop_spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
 def session(model: onnx.ModelProto | bytes | str | os.PathLike,
             options: ort.SessionOptions | None = None) -> RowSession:
-    """A CPU onnxruntime session (quiet: overridable initializers make ORT warn once per weight)."""
+    """A CPU onnxruntime session (`quiet_options` unless `options` are given)."""
     proto = model if isinstance(model, onnx.ModelProto) else None
     if proto is not None:
         model = proto.SerializeToString()
     elif isinstance(model, os.PathLike):
         model = os.fspath(model)
     if options is None:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = quiet_options()
     sess = RowSession(model, options, None)
     if any(d and d[0] is not None for d in _declared(sess).values()):
         if proto is None:

@@ -14,7 +14,7 @@ import onnx
 from eiec.conv import conv_output_hw, im2col
 from eiec.ir import Layer
 from eiec.ortrun import (NO_ROW_AXIS, RowSession, common_batch, free_rows, graph_inputs, join_rows, node_reads, pad_rows,
-                         producers, rows_independent, session, shape_skeleton, skeleton_row_axes, upstream_nodes)
+                         producers, quiet_options, rows_independent, session, shape_skeleton, skeleton_row_axes, upstream_nodes)
 
 # Rows per layer the passes and the auto search reconstruct from, and their memory cap.
 CAPTURE_ROWS = 8192
@@ -154,7 +154,7 @@ class Subgraphs:
         sub.output.extend(onnx.ValueInfoProto(name=t) for t in outputs)
         m = onnx.helper.make_model(sub, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
         m.functions.extend(self.model.functions)
-        sess = session(m)
+        sess = session(m, quiet_options(stop_spinning=True))  # numpy work on the layer follows each run
         self._sessions[key] = sess
         while len(self._sessions) > 2:  # the dense and compressed streams take the same steps
             self._sessions.popitem(last=False)

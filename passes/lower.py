@@ -32,7 +32,7 @@ from eiec.errors import RecipeError
 from eiec.fixedpoint import choose_frac, int_range, quantize, round_shift
 from eiec.image import LINE_BYTES, SparseImage
 from eiec.ir import ACTIVATION_PRODUCT, EIE_DOMAIN, Layer, copy_model, find_layers, get_initializer, producers, remove_initializer
-from eiec.ortrun import free_rows, graph_inputs, rows_independent, session
+from eiec.ortrun import free_rows, graph_inputs, quiet_options, rows_independent, session
 from eiec.parallel import map_layers
 from eiec.passmanager import Context, PassResult
 from eiec.segment import ConvGeometry, LayerSpec, Segment, blob_name
@@ -331,7 +331,7 @@ def _ranges_by_rows(probe: onnx.ModelProto, feeds: dict[str, np.ndarray], weight
     outputs = [t for t in tensors if t not in feeds]
     del model.graph.output[:]
     model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in outputs)
-    sess = session(model)
+    sess = session(model, quiet_options(stop_spinning=True))  # the ranges' numpy reductions follow each run
     n = len(feeds[fed[0]])
     observed: dict[str, tuple[tuple[int, ...], float]] = {t: (feeds[t].shape, _max_abs(feeds[t])) for t in tensors if t in feeds}
     r0, step = 0, 1
