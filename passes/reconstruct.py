@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from typing import Callable
 
 import numpy as np
@@ -110,9 +111,9 @@ def _damping(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
 
 # Inputs (per group) from which a layer's Hessian work takes the paths that give the same numbers
 # up to rounding, in less time: dead inputs left out of the factorizations (the live block alone:
-# ResNet-50's random-weight ReLU layers have up to a fifth dead, half the work) and the refit's
-# sparse product M H in float32. Below this the saving is small, and the results stay bit-identical
-# to the plain paths' (the shipped models' .eie bytes).
+# ResNet-50's random-weight ReLU layers have up to a fifth dead, half the work), and the refit's
+# sparse product M H (or M X^T) and `LayerTarget`'s error products with H in float32. Below this the saving
+# is small, and the results stay bit-identical to the plain paths' (the shipped models' .eie bytes).
 LARGE_INPUTS = 1024
 
 
@@ -445,8 +446,9 @@ def gptq_assign(W: np.ndarray, H: np.ndarray, codebook: np.ndarray, block: int =
         return err(c[idx]), idx
 
     # the candidates side by side on the cores, BLAS on one thread in each whatever the other does
-    # (the numbers never depend on the threads' timing); the first of equals wins, as in a loop
-    with one_blas_thread():
+    # (the numbers never depend on the threads' timing); the first of equals wins, as in a loop. A
+    # lone candidate keeps BLAS's threads (its lazy updates and its error are large products)
+    with one_blas_thread() if len(cands) > 1 else contextlib.nullcontext():
         done = map_layers(measured, cands)
     for cand in done:
         if cand is not None and cand[0] < best_err:
@@ -582,6 +584,24 @@ def layer_error(W_ref: np.ndarray, W_new: np.ndarray, H: np.ndarray,
     return num / den
 
 
+def _sparse_product(M: sp.csr_matrix, B: np.ndarray) -> np.ndarray:
+    """M @ B (dense), M's rows split over the cores at equal numbers of nonzeros: scipy's sparse
+    kernel runs on one thread, with the GIL released; each row of the result is summed as in
+    one product, so the result is the same."""
+    parts = min(os.cpu_count() or 1, M.shape[0])
+    if parts <= 1:
+        return np.asarray(M @ B)
+    cuts = np.searchsorted(M.indptr, np.linspace(0, M.nnz, parts + 1)[1:-1])
+    bounds = [0, *cuts.tolist(), M.shape[0]]
+    out = np.empty((M.shape[0], B.shape[1]), np.result_type(M.dtype, B.dtype))
+
+    def rows(i: int) -> None:
+        out[bounds[i]:bounds[i + 1]] = M[bounds[i]:bounds[i + 1]] @ B
+
+    map_layers(rows, range(parts))
+    return out
+
+
 def _codebook_normal_equations(
     W_ref: np.ndarray, indices: np.ndarray, K: int, H: np.ndarray | None, X: np.ndarray | None,
     R: np.ndarray | None = None, D: np.ndarray | None = None,
@@ -622,34 +642,32 @@ def _codebook_normal_equations(
     depth = n_in if Xg is None else Xg.shape[-2]
     # ~256 MB of Q, ~32 MB of W_ref rows in float64
     chunk = max(1, min(int(2**25 // max(1, K * depth)), int(2**22 // max(1, n_in))))
+    # M H (or M F) in float32 for large float32 layers, twice the speed of the float64 sparse product:
+    # H's entries carry the ~7 digits of the float32 X^T X of captured rows (`layer_hessian`), F
+    # is the float32 rows themselves; A and r still sum in float64
+    ft = np.float32 if W_ref.dtype == np.float32 and n_in >= LARGE_INPUTS else np.float64
     for gi in range(g):
-        F = None if Xg is None else Xg[gi].astype(np.float64).T / np.sqrt(Xg.shape[-2])  # [in, n]
+        # [in, n], rows contiguous as the sparse kernel reads them
+        F = None if Xg is None else np.divide(Xg[gi].T, np.sqrt(Xg.shape[-2]), dtype=ft, order="C")
         Dg = None if D is None or F is None else np.asarray(D, np.float64).reshape(g, -1, rows)[gi]  # [n, out_g]
-        # M H in float32 for large float32 layers, twice the speed of the float64 sparse product: H's
-        # entries carry the ~7 digits of the float32 X^T X of captured rows (`layer_hessian`); A and
-        # r still sum in float64
-        Hs = None
-        if F is None:
-            Hs = Hg[gi].astype(np.float32 if W_ref.dtype == np.float32 and n_in >= LARGE_INPUTS else np.float64,
-                               copy=False)
+        Hs = None if F is not None else Hg[gi].astype(ft, copy=False)
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
             o, i = np.nonzero(idx[gi, r0:r1])
             cls = idx[gi, r0:r1][o, i].astype(np.int64)
-            M = sp.csr_matrix((np.ones(len(o), np.float64 if Hs is None else Hs.dtype), (cls * (r1 - r0) + o, i)),
-                              shape=(K * (r1 - r0), n_in))
-            W_c = Wg[gi, r0:r1].astype(np.float64)
+            M = sp.csr_matrix((np.ones(len(o), ft), (cls * (r1 - r0) + o, i)), shape=(K * (r1 - r0), n_in))
             if F is None:
-                Q = np.asarray(M @ Hs).reshape(K, r1 - r0, n_in)  # Q[k, o] = M_k[o] H
+                Q = _sparse_product(M, Hs).reshape(K, r1 - r0, n_in)  # Q[k, o] = M_k[o] H
                 # A[:, l] sums Q[:, o, i] over the entries (o, i) of class l.
                 A += sp.csr_matrix((np.ones(len(o)), (np.arange(len(o)), cls)), shape=(len(o), K)).T.dot(
                     Q[:, o, i].T
                 ).T
-                r += Q.reshape(K, -1) @ W_c.reshape(-1)
+                r += Q.reshape(K, -1) @ Wg[gi, r0:r1].astype(np.float64).reshape(-1)
             else:
-                Q = np.asarray(M @ F).reshape(K, -1)  # Q[k, o] = M_k[o] F
+                Q = _sparse_product(M, F).astype(np.float64, copy=False).reshape(K, -1)  # Q[k, o] = M_k[o] F
                 A += Q @ Q.T
-                TF = W_c @ F  # the outputs X W_ref^T of these rows, transposed, / sqrt(n)
+                # the outputs X W_ref^T of these rows, transposed, / sqrt(n)
+                TF = (Wg[gi, r0:r1].astype(ft, copy=False) @ F).astype(np.float64, copy=False)
                 if Dg is not None:
                     TF -= Dg[:, r0:r1].T / np.sqrt(F.shape[1])
                 r += Q @ TF.reshape(-1)
@@ -739,9 +757,10 @@ class LayerTarget:
     MAX_HESSIAN_INPUTS (per group): then no OBS and no error stats, and the refit goes
     through X.
     Arithmetic: through X when there are fewer rows than inputs (n < in: errors cost
-    n*in*out, the least-squares optimum n^2*in), else through H (in^2*out), in row blocks
-    of W; W and X are kept in the dtype given (float32 as captured), never copied whole
-    to float64 (E = W_new - W is formed in float64, so nearly equal weights lose nothing).
+    n*in*out, the least-squares optimum n^2*in), else through H (in^2*out; in float32 for
+    a float32 layer of LARGE_INPUTS or more), in row blocks of W; W and X are kept in the
+    dtype given (float32 as captured), never copied whole to float64 (E = W_new - W is
+    formed in float64, so nearly equal weights lose nothing).
     """
 
     def __init__(self, W: np.ndarray, X: np.ndarray, X_ref: np.ndarray | None = None):
@@ -756,6 +775,11 @@ class LayerTarget:
         self.groups = g
         self.H = layer_hessian(X) if n_in <= MAX_HESSIAN_INPUTS else None
         self.via_x = self.H is None or n < n_in
+        # the errors' products with H in float32 for a large float32 layer (half the time of
+        # float64; H's entries carry the ~7 digits of the float32 X^T X of captured rows, and the
+        # products are summed in float64), else in float64
+        self._H_products = None if self.via_x else self.H.astype(
+            np.float32 if self.W.dtype == np.float32 and n_in >= LARGE_INPUTS else np.float64, copy=False)
         self.X = X
         self.mean_x = X.mean(axis=1, dtype=np.float64)  # [g, in_g]
         sequential = X_ref is not None and X_ref is not X
@@ -779,14 +803,16 @@ class LayerTarget:
                 self.D = D.astype(np.float64)
             else:
                 self.R = (np.swapaxes(Xf, 1, 2) @ D).astype(np.float64) / n  # [g, in_g, out_g]
-        # the denominator of every relative error: the dense outputs' |X_ref W^T|^2 / n
+        # the denominator of every relative error: the dense outputs' |X_ref W^T|^2 / n (None
+        # without H: no error is measured then)
+        self.energy: float | None = None
         if self.H is not None and 2 * n_in < n:  # = tr(W H W^T) - 2 tr(W R) + f0: out*in^2 multiply-adds
-            Wg = self._grouped(self.W).astype(np.float64)  # in float64, against the outputs' n*in*out
-            energy = float(np.sum((Wg @ self.H) * Wg))
+            Wg = self._grouped(self.W).astype(self._H_products.dtype)
+            energy = float(np.sum((Wg @ self._H_products) * Wg, dtype=np.float64))
             if self.R is not None:
                 energy += self.f0 - 2 * float(np.sum(Wg * np.swapaxes(self.R, 1, 2)))
             self.energy = max(energy, 0.0)
-        else:
+        elif self.H is not None:
             self.energy = float(np.sum(np.square(Xr @ Wt, dtype=np.float64))) / n
 
     @property
@@ -854,7 +880,7 @@ class LayerTarget:
                     Y += self.D[:, :, b]
                 num += float(np.sum(Y * Y)) / n
             elif E.any():  # the dense weights themselves (E = 0) carry only the input mismatch f0
-                num += float(np.sum((E @ self.H) * E))
+                num += float(np.sum((E.astype(self._H_products.dtype, copy=False) @ self._H_products) * E))
                 if self.R is not None:
                     num += 2 * float(np.sum(E * np.swapaxes(self.R[:, :, b], 1, 2)))
         if not self.via_x:

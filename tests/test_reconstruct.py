@@ -521,3 +521,8 @@ def test_large_layer_paths_equal_the_plain_ones(monkeypatch, groups):
     np.testing.assert_allclose(live_block.optimum(), whole.optimum(), rtol=1e-9, atol=1e-12)
     assert live_block.error(W_new) == pytest.approx(whole.error(W_new), rel=1e-12)
     assert live_block.error(W_new.astype(np.float32)) == live_block.error(W_new.astype(np.float32).astype(np.float64))
+    # a large float32 layer's errors (and their denominator) take float32 products with H
+    t32 = LayerTarget(f32(W), sq(f32(X)), sq(f32(X_ref)))
+    assert t32._H_products.dtype == np.float32
+    assert t32.error(W_new) == pytest.approx(whole.error(W_new), rel=1e-4)
+    assert t32.energy == pytest.approx(whole.energy, rel=1e-4)
