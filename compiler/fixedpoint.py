@@ -7,6 +7,7 @@ quantized activations, which the simulator holds in the narrowest type of their 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -48,6 +49,7 @@ def count_saturated(x: np.ndarray, frac: int, bits: int) -> int:
     return _saturated(_scaled(x, frac), bits)
 
 
+@functools.cache  # np.iinfo builds an object per call; the simulator asks on every write-back
 def int_type(bits: int) -> type:
     """The narrowest numpy signed integer type that holds signed `bits`-bit values."""
     return next((t for t in (np.int8, np.int16, np.int32) if bits <= np.iinfo(t).bits), np.int64)

@@ -488,7 +488,7 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
         patterns = nz[first]
         excess = _table_product(tile, name, table, slice(pes + 2, 2 * pes + 2), patterns, 1)[0]
         span, stall = _spans(tile, patterns, np.count_nonzero(patterns, axis=1).astype(np.int64), excess,
-                             target.queue_depth)
+                             target.queue_depth, distinct=True)
         span, stall = span[inverse].reshape(inputs, per).sum(axis=1), stall[inverse].reshape(inputs, per).sum(axis=1)
     events, broadcasts = counts if counts is not None else counted()
     write = -(-tile.rows // pes) if write_back else 0
@@ -499,10 +499,11 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
 
 
 def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndarray,
-           depth: int) -> tuple[np.ndarray, np.ndarray]:
+           depth: int, distinct: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The queue span and stall cycles of each vector of nz [N, tile cols], given its
     broadcast count and the summed excess work (work - 1 over its broadcasts) of each PE
-    with some excess (`_excess_rows`' PEs).
+    with some excess (`_excess_rows`' PEs). `distinct`: no two rows of nz are equal (a conv's
+    patterns), so none is looked for.
 
     Every work is at least one cycle and broadcasts come at most one a cycle, so until the
     first stall each PE pops item k at k + (its excess over items 0..k-1), and item k
@@ -522,7 +523,7 @@ def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndar
         maybe = np.flatnonzero(most > depth)
         if not maybe.size:
             return span, stall
-    first, inverse = _unique_rows(nz[maybe])  # each distinct pattern once
+    first, inverse = (np.arange(maybe.size),) * 2 if distinct else _unique_rows(nz[maybe])  # each pattern once
     _, j_idx = np.nonzero(nz[maybe[first]])  # row-major: each pattern's columns ascending
     n_u = count[maybe[first]]
     starts = np.cumsum(n_u) - n_u
