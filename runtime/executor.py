@@ -448,9 +448,9 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
             if xs is not None:
                 nonzero = xs != 0
                 st.x_nonzero = lambda: nonzero
-            else:  # the patches' nonzero mask is gathered beside too
+            else:  # the patches' nonzero mask is gathered beside too (by the first thread to ask)
                 x = src.read(seg, batch)
-                st.x_nonzero = functools.cache(lambda: _positions(x != 0, spec))
+                st.x_nonzero = _once(lambda: _positions(x != 0, spec))
         x_nonzero = st.x_nonzero
         # its event counts are made by whichever thread is free first: this one when the run
         # settles (its arithmetic done), or the cycle model's once the queues are solved
