@@ -13,7 +13,9 @@ from hypothesis import given, settings, strategies as st
 
 from eiec.codec import encode_matrix
 from eiec.conv import im2col
-from eiec.runtime.cycles import _LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, _queue_span_stepwise, _surely_stall, cycle_pass
+from eiec.image import SparseImage
+from eiec.runtime.cycles import (_LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, _queue_span_stepwise, _surely_stall,
+                                 cycle_pass)
 from eiec.runtime.executor import _patch_index, _positions
 from eiec.segment import ConvGeometry
 from eiec.runtime.simulator import _diagonal_blocks, accumulate_fixed, depthwise_product, spmv_fixed, spmv_float
@@ -118,42 +120,43 @@ def test_queue_span_in_lanes_declines_lags_beyond_32_bits():
                              np.array([3]), 8) is None
 
 
+def stalling_tile(rng: np.random.Generator, pes: int, depth: int, cols: int, rows: int,
+                  density: float) -> tuple[SparseImage, Target]:
+    """A tile of random 4-bit entries and a target with `pes` PEs and queues of `depth`."""
+    idx = rng.integers(1, 16, (rows, cols)) * (rng.random((rows, cols)) < density)
+    return encode_matrix(idx.astype(np.uint8), pes), dataclasses.replace(Target(), pes=pes, queue_depth=depth)
+
+
+def check_pass_against_scalar(tile: SparseImage, x_nonzero: np.ndarray, target: Target) -> np.ndarray:
+    """cycle_pass' cycles, stalls and entries per PE of each vector against the scalar recurrence; its stalls."""
+    got = cycle_pass(tile, x_nonzero, target, write_back=False)
+    work = np.maximum(tile.col_entries(), 1).T
+    for v, row in enumerate(x_nonzero):
+        span, stall = scalar_queue_span(work, list(np.flatnonzero(row)), target.queue_depth)
+        assert (got.cycles[v], got.stall[v]) == (span + target.pipeline_depth, stall)
+        assert got.busy[v].tolist() == tile.col_entries()[:, row].sum(axis=1).tolist()
+    return got.stall
+
+
 def test_pass_cycles_of_many_stalling_vectors_match_the_scalar_recurrence():
     # enough distinct stalling vectors x PEs to take the lanes path
     rng = np.random.default_rng(11)
-    pes, depth, cols = 64, 4, 30
-    idx = rng.integers(1, 16, (pes * 3, cols)) * (rng.random((pes * 3, cols)) < 0.6)
-    tile = encode_matrix(idx.astype(np.uint8), pes)
-    target = dataclasses.replace(Target(), pes=pes, queue_depth=depth)
-    x_nonzero = rng.random((2 * _LANES_MIN_ELEMS // pes, cols)) < 0.8
-    got = cycle_pass(tile, x_nonzero, target, write_back=False)
-    work = np.maximum(tile.col_entries(), 1).T
-    assert got.stall.min() > 0
-    for v, row in enumerate(x_nonzero):
-        span, stall = scalar_queue_span(work, list(np.flatnonzero(row)), depth)
-        assert (got.cycles[v], got.stall[v]) == (span + target.pipeline_depth, stall)
+    tile, target = stalling_tile(rng, pes=64, depth=4, cols=30, rows=64 * 3, density=0.6)
+    x_nonzero = rng.random((2 * _LANES_MIN_ELEMS // 64, 30)) < 0.8
+    assert check_pass_against_scalar(tile, x_nonzero, target).min() > 0
 
 
 def test_vectors_that_surely_stall_skip_the_excess_product_and_match_the_scalar_recurrence():
     # a dense layer's vector: the summed excess alone shows it stalls, so only the event
     # counts are multiplied out; a batch with a vector that may not stall takes the full product
     rng = np.random.default_rng(23)
-    pes, depth, cols = 8, 2, 120
-    idx = rng.integers(1, 16, (pes * 6, cols)) * (rng.random((pes * 6, cols)) < 0.5)
-    tile = encode_matrix(idx.astype(np.uint8), pes)
-    target = dataclasses.replace(Target(), pes=pes, queue_depth=depth)
-    work = np.maximum(tile.col_entries(), 1).T
-    dense = rng.random((2, cols)) < 0.6
-    sparse = np.zeros((1, cols), bool)
+    tile, target = stalling_tile(rng, pes=8, depth=2, cols=120, rows=8 * 6, density=0.5)
+    dense = rng.random((2, 120)) < 0.6
+    sparse = np.zeros((1, 120), bool)
     sparse[0, :3] = True
     for x_nonzero, sure in ((dense[:1], True), (dense, True), (np.vstack([dense[:1], sparse]), False)):
-        count = np.count_nonzero(x_nonzero, axis=1)
-        assert _surely_stall(tile, x_nonzero, count, depth) == sure
-        got = cycle_pass(tile, x_nonzero, target, write_back=False)
-        for v, row in enumerate(x_nonzero):
-            span, stall = scalar_queue_span(work, list(np.flatnonzero(row)), depth)
-            assert (got.cycles[v], got.stall[v]) == (span + target.pipeline_depth, stall)
-            assert got.busy[v].tolist() == tile.col_entries()[:, row].sum(axis=1).tolist()
+        assert _surely_stall(tile, x_nonzero, np.count_nonzero(x_nonzero, axis=1), 2) == sure
+        check_pass_against_scalar(tile, x_nonzero, target)
 
 
 def test_one_tile_with_two_codebooks_gives_each_codebooks_product():
