@@ -27,9 +27,9 @@ POINTER_BANKS = 2
 # (memory); below the second figure per block numpy's per-call overhead dominates, so
 # blocks grow past the queue depth (up to _MAX_BLOCK_ROUNDS times it) and are iterated.
 _BLOCK_ELEMS = 1 << 21
-_SMALL_BLOCK_ELEMS = 1 << 14
+_SMALL_BLOCK_ELEMS = 1 << 16
 _MAX_BLOCK_ROUNDS = 32
-_SCAN_ROW_ELEMS = 256  # B * pes from which _queue_span's memory runs along (B, pes)
+_SCAN_ROW_ELEMS = 1024  # B * pes from which _queue_span's memory runs along (B, pes)
 _INT16_TIMES = 1 << 13  # cycle times below this are solved in int16 (a conv's short broadcast lists)
 _INT32_TIMES = 1 << 29  # ... below this in int32
 _NEVER = -(1 << 40)  # an int64 time below any real one: never wins a max
