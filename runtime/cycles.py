@@ -415,24 +415,32 @@ def pass_events(tile: SparseImage, x_nonzero: np.ndarray, target: Target,
     """The counted events of one RUN (cycle_pass' vectors and inputs): int64 [inputs, pes + 2],
     each PE's entries, then the padding entries and the SRAM lines of the broadcast columns;
     and the broadcasts [inputs]. Linear in the broadcast mask: one product with the event table."""
-    n, pes = x_nonzero.shape[0], target.pes
+    n = x_nonzero.shape[0]
     inputs = n if inputs is None else inputs
     per = n // inputs
-    name, table = _events_of(tile, target)
     nz = x_nonzero[:, tile.col_lo:tile.col_lo + tile.cols]
-    if per == 1:
-        summed, used = _table_product(tile, name, table, slice(0, pes + 2), nz, 1)
-        broadcasts = np.count_nonzero(nz, axis=1).astype(np.int64)
-    else:
-        # an input's events are those of its vectors' broadcast columns, each counted over
-        # them: a product of [inputs, cols] counts rather than of every vector
-        counts = np.add.reduce(nz.reshape(inputs, per, -1).view(np.uint8), axis=1,
-                               dtype=np.uint8 if per < 256 else np.int64)
-        summed, used = _table_product(tile, name, table, slice(0, pes + 2), counts, per)
-        broadcasts = counts.sum(axis=1, dtype=np.int64)
-    events = np.zeros((inputs, pes + 2), np.int64)
+    # an input's events are those of its vectors' broadcast columns, each counted over
+    # them: a product of [inputs, cols] counts rather than of every vector
+    counts = nz if per == 1 else np.add.reduce(nz.reshape(inputs, per, -1).view(np.uint8), axis=1,
+                                                dtype=np.uint8 if per < 256 else np.int64)
+    return counted_events(tile, counts, per, target)
+
+
+def counted_events(tile: SparseImage, counts: np.ndarray, per: int, target: Target) -> tuple[np.ndarray, np.ndarray]:
+    """pass_events from each input's column counts [inputs, tile cols] (how many of its `per`
+    vectors broadcast each of the tile's columns)."""
+    name, table = _events_of(tile, target)
+    summed, used = _table_product(tile, name, table, slice(0, target.pes + 2), counts, per)
+    events = np.zeros((counts.shape[0], target.pes + 2), np.int64)
     events[:, used] = summed
-    return events, broadcasts
+    return events, counts.sum(axis=1, dtype=np.int64)
+
+
+def queues_idle(tile: SparseImage, target: Target) -> bool:
+    """No PE of the tile has a column of two or more entries: its queues never hold a broadcast
+    back (span = broadcasts, no stall), so a RUN's cycles need only its counted events."""
+    name, table = _events_of(tile, target)
+    return not _table_part(tile, name, table, slice(target.pes + 2, 2 * target.pes + 2))[0].size
 
 
 def _events_of(tile: SparseImage, target: Target) -> tuple[str, np.ndarray]:
@@ -464,13 +472,10 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
     nz = x_nonzero[:, tile.col_lo:tile.col_lo + tile.cols]
     shared = counted is None
     counted = counted or (lambda: pass_events(tile, x_nonzero, target, inputs))
-    # the excess of the PEs with some work beyond one cycle (none: the queues never hold a broadcast back)
-    excess_pes = _table_part(tile, name, table, slice(pes + 2, 2 * pes + 2))[0]
+    if queues_idle(tile, target):
+        return counted_pass(tile, counted(), per, target, write_back)
     counts = None
-    if not excess_pes.size:
-        counts = counted()
-        span, stall = counts[1], np.zeros(inputs, np.int64)
-    elif per == 1:
+    if per == 1:
         count = np.count_nonzero(nz, axis=1).astype(np.int64)
         excess = None  # every vector surely stalls: the queues need no excess
         if not _surely_stall(tile, nz, count, target.queue_depth):
@@ -490,7 +495,18 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
         span, stall = _spans(tile, patterns, np.count_nonzero(patterns, axis=1).astype(np.int64), excess,
                              target.queue_depth, distinct=True)
         span, stall = span[inverse].reshape(inputs, per).sum(axis=1), stall[inverse].reshape(inputs, per).sum(axis=1)
-    events, broadcasts = counts if counts is not None else counted()
+    return counted_pass(tile, counts if counts is not None else counted(), per, target, write_back, span, stall)
+
+
+def counted_pass(tile: SparseImage, counted: tuple[np.ndarray, np.ndarray], per: int, target: Target,
+              write_back: bool, span: np.ndarray | None = None, stall: np.ndarray | None = None) -> PassCycles:
+    """A RUN's PassCycles (cycle_pass') from its counted events (pass_events) and its queues'
+    span and stall per input; by default those of idle queues (`queues_idle`): span =
+    broadcasts, no stall."""
+    events, broadcasts = counted
+    inputs, pes = broadcasts.size, target.pes
+    span = broadcasts if span is None else span
+    stall = np.zeros(inputs, np.int64) if stall is None else stall
     write = -(-tile.rows // pes) if write_back else 0
     fill = np.full(inputs, per * (target.pipeline_depth + write), np.int64)
     return PassCycles(cycles=span + fill, busy=events[:, :pes], padding=events[:, pes], lines=events[:, pes + 1],

@@ -22,14 +22,14 @@ import numpy as np
 
 from eiec import isa
 from eiec.segment import LayerSpec, Segment
-from eiec.conv import im2col
+from eiec.conv import conv_output_hw, im2col
 
 from eiec.errors import FormatError
 from eiec.parallel import one_blas_thread
 from eiec.image import SparseImage
 
-from .cycles import (LoadCost, PassCycles, Timeline, cycle_pass, layer_cycles, load_ptr_cost, load_spmat_cost,
-                     pass_events, queue_occupancy)
+from .cycles import (LoadCost, PassCycles, Timeline, counted_events, counted_pass, cycle_pass, layer_cycles,
+                     load_ptr_cost, load_spmat_cost, pass_events, queue_occupancy, queues_idle)
 from .energy import MODULES, access_energies, layer_energy, pe_area_mm2
 from eiec.fixedpoint import dequantize, quantize_counting
 from .simulator import (accumulate_fixed, accumulate_float, check_widths, depthwise_product, error_bound,
@@ -201,6 +201,23 @@ def _positions(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
     flat = np.zeros((x.shape[0], x[0].size + 1), x.dtype)  # the last element: a zero for the padding
     flat[:, :-1].reshape(x.shape)[...] = x  # one strided copy (x is often a transposed view)
     return flat.take(index.ravel(), axis=1).reshape(-1, index.shape[1])  # C order: the reshape is free
+
+
+def _window_counts(nonzero: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """Each input's im2col column counts of a conv's input mask nonzero (bool [B, C, H, W]):
+    for every (channel, tap) column of the patches, at how many output positions it is
+    nonzero, [B, C * kh * kw] in the patches' column order; summed over a strided view of
+    the zero-padded mask's windows, without gathering the patches."""
+    c = spec.conv
+    batch, channels, height, width = nonzero.shape
+    top, left, bottom, right = c.pads
+    (sh, sw), (dh, dw), (kh, kw) = c.strides, c.dilations, c.kernel
+    out_h, out_w = conv_output_hw((height, width), c.kernel, c.pads, c.strides, c.dilations)
+    padded = np.zeros((batch, height + top + bottom, width + left + right, channels), np.uint8)
+    padded[:, top:top + height, left:left + width] = nonzero.transpose(0, 2, 3, 1)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
+    windows = windows[:, :sh * (out_h - 1) + 1:sh, :sw * (out_w - 1) + 1:sw, :, ::dh, ::dw]  # [B, Ho, Wo, C, kh, kw]
+    return windows.sum(axis=(1, 2), dtype=np.uint8 if out_h * out_w < 256 else np.int64).reshape(batch, -1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -448,16 +465,25 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
             if xs is not None:
                 nonzero = xs != 0
                 st.x_nonzero = lambda: nonzero
-            else:  # the patches' nonzero mask is gathered beside too (by the first thread to ask)
+            else:  # the patches' nonzero mask, gathered by the first thread to ask (if any)
                 x = src.read(seg, batch)
                 st.x_nonzero = _once(lambda: _positions(x != 0, spec))
         x_nonzero = st.x_nonzero
-        # its event counts are made by whichever thread is free first: this one when the run
-        # settles (its arithmetic done), or the cycle model's once the queues are solved
-        counted = _once(lambda: pass_events(tile, x_nonzero(), t, inputs=batch))
-        queues = _beside(tile.code.size * vectors, lambda: cycle_pass(
-            tile, x_nonzero(), t, write_back=bool(ins.flags & isa.Flag.LAST), inputs=batch, counted=counted))
-        cycles = lambda: (counted(), queues())[1]
+        write_back = bool(ins.flags & isa.Flag.LAST)
+        if xs is None and queues_idle(tile, t):
+            # a depthwise conv whose queues never stall needs only each input's column counts:
+            # summed over its input's nonzero mask's windows, with no patches gathered
+            x = src.read(seg, batch)
+            cycles = _beside(tile.code.size * vectors, lambda: counted_pass(
+                tile, counted_events(tile, _window_counts(x != 0, spec), vectors // batch, t), vectors // batch, t,
+                write_back))
+        else:
+            # its event counts are made by whichever thread is free first: this one when the run
+            # settles (its arithmetic done), or the cycle model's once the queues are solved
+            counted = _once(lambda: pass_events(tile, x_nonzero(), t, inputs=batch))
+            queues = _beside(tile.code.size * vectors, lambda: cycle_pass(
+                tile, x_nonzero(), t, write_back=write_back, inputs=batch, counted=counted))
+            cycles = lambda: (counted(), queues())[1]
     if mode == "fixed":
         check_widths(t, spec.cols)
         acc = None

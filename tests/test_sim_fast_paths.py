@@ -15,8 +15,8 @@ from eiec.codec import encode_matrix
 from eiec.conv import im2col
 from eiec.image import SparseImage
 from eiec.runtime.cycles import (_LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, _queue_span_stepwise, _surely_stall,
-                                 cycle_pass)
-from eiec.runtime.executor import _patch_index, _positions
+                                 counted_events, counted_pass, cycle_pass, queues_idle)
+from eiec.runtime.executor import _patch_index, _positions, _window_counts
 from eiec.segment import ConvGeometry
 from eiec.runtime.simulator import _diagonal_blocks, accumulate_fixed, depthwise_product, spmv_fixed, spmv_float
 from eiec.target import Target
@@ -256,6 +256,35 @@ def test_depthwise_conv_on_its_input_is_the_patch_product(seed, k, pad, stride, 
     part = encode_matrix(idx[:3, :3 * taps], 2)
     assert depthwise_product(part, codebook, x[..., :3], dataclasses.replace(geometry, group=3), target) is not None
     assert depthwise_product(part, codebook, x, geometry, target) is None
+
+
+@given(seed=st.integers(0, 2 ** 32 - 1), k=st.sampled_from([(1, 1), (3, 3), (2, 3)]), pad=st.integers(0, 2),
+       stride=st.integers(1, 2), dilation=st.integers(1, 2), write_back=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_depthwise_cycles_from_window_counts_are_cycle_pass(seed, k, pad, stride, dilation, write_back):
+    # a depthwise conv's column counts summed over its input mask's windows are those of the
+    # gathered patches, and where its queues never stall they give cycle_pass's cycles
+    rng = np.random.default_rng(seed)
+    channels, taps, batch = 6, k[0] * k[1], 3
+    geometry = ConvGeometry(k, (pad, pad + 1, 1, pad), (stride, 1), (dilation, 1), channels)
+    spec = types.SimpleNamespace(kind="conv", conv=geometry)
+    mask = rng.random((batch, 7, 6, channels)) < rng.random()
+    mask = mask.transpose(0, 3, 1, 2)  # [B, C, H, W] over channels-last memory, as a layer's output
+    patches = _positions(mask, spec)
+    per = patches.shape[0] // batch
+    counts = _window_counts(mask, spec)
+    assert np.array_equal(counts, patches.reshape(batch, per, -1).sum(axis=1))
+    idx = np.zeros((channels, channels * taps), np.uint8)
+    for c in range(channels):
+        idx[c, c * taps:(c + 1) * taps] = rng.integers(0, 16, taps)
+    target = dataclasses.replace(Target(), pes=4)
+    tile = encode_matrix(idx, 4)
+    assert queues_idle(tile, target)  # one entry per column: a broadcast never waits
+    got = counted_pass(tile, counted_events(tile, counts, per, target), per, target, write_back)
+    expect = cycle_pass(tile, patches, target, write_back, inputs=batch)
+    for f in dataclasses.fields(expect):
+        assert np.array_equal(getattr(got, f.name), getattr(expect, f.name)), f.name
+    assert not queues_idle(encode_matrix(np.ones((8, 3), np.uint8), 4), target)  # two entries a column per PE
 
 
 @given(seed=st.integers(0, 2 ** 32 - 1), pes=st.sampled_from([1, 2, 4, 16]), depth=st.sampled_from([1, 2, 4, 8]),
