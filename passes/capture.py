@@ -14,7 +14,8 @@ import onnx
 from eiec.conv import conv_output_hw, im2col
 from eiec.ir import Layer
 from eiec.ortrun import (NO_ROW_AXIS, RowSession, common_batch, free_rows, graph_inputs, join_rows, node_reads, pad_rows,
-                         producers, quiet_options, rows_independent, session, shape_skeleton, skeleton_row_axes, upstream_nodes)
+                         producers, quiet_options, rows_independent, session, shape_skeleton, skeleton_row_axes,
+                         upstream_nodes)
 
 # Rows per layer the passes and the auto search reconstruct from, and their memory cap.
 CAPTURE_ROWS = 8192

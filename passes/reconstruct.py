@@ -112,8 +112,9 @@ def _damping(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
 # Inputs (per group) from which a layer's Hessian work takes the paths that give the same numbers
 # up to rounding, in less time: dead inputs left out of the factorizations (the live block alone:
 # ResNet-50's random-weight ReLU layers have up to a fifth dead, half the work), and the refit's
-# sparse product M H (or M X^T) and `LayerTarget`'s error products with H in float32. Below this the saving
-# is small, and the results stay bit-identical to the plain paths' (the shipped models' .eie bytes).
+# sparse product M H (or M X^T) and `LayerTarget`'s error products with H in float32. Below this
+# the saving is small, and the results stay bit-identical to the plain paths' (the shipped
+# models' .eie bytes).
 LARGE_INPUTS = 1024
 
 
