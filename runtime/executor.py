@@ -461,11 +461,11 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
     vectors = xs.shape[0] if xs is not None else batch * int(np.prod(spec.out_shape[1:]))
     cycles = None
     if want_cycles:  # the cycle model reads only which inputs are nonzero: it runs beside the arithmetic
-        if st.x_nonzero is None:
+        if st.x_nonzero is None:  # made by the first thread to ask (the cycle model's, mostly)
             if xs is not None:
-                nonzero = xs != 0
-                st.x_nonzero = lambda: nonzero
-            else:  # the patches' nonzero mask, gathered by the first thread to ask (if any)
+                positions = xs
+                st.x_nonzero = _once(lambda: positions != 0)
+            else:  # the patches' nonzero mask, gathered only if a report reads it
                 x = src.read(seg, batch)
                 st.x_nonzero = _once(lambda: _positions(x != 0, spec))
         x_nonzero = st.x_nonzero
