@@ -52,6 +52,20 @@ def im2col(
     return np.ascontiguousarray(p.transpose(1, 0, 2))
 
 
+def windows_nhwc(x: np.ndarray, kernel: tuple[int, int], pads: tuple[int, int, int, int],
+                 strides: tuple[int, int], dilations: tuple[int, int], dtype: type) -> np.ndarray:
+    """Each output position's patch of x [N, H, W, C] (channels last), zero-padded, as a strided
+    view [N, Ho, Wo, C, kh, kw] of one padded copy in `dtype`: the patches without gathering them."""
+    batch, height, width, channels = x.shape
+    top, left, bottom, right = pads
+    (sh, sw), (dh, dw), (kh, kw) = strides, dilations, kernel
+    out_h, out_w = conv_output_hw((height, width), kernel, pads, strides, dilations)
+    padded = np.zeros((batch, height + top + bottom, width + left + right, channels), dtype)
+    padded[:, top:top + height, left:left + width] = x
+    win = sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
+    return win[:, :sh * (out_h - 1) + 1:sh, :sw * (out_w - 1) + 1:sw, :, ::dh, ::dw]
+
+
 def block_diagonal(matrix: np.ndarray, group: int) -> np.ndarray:
     """A grouped conv's matrices [out, cols/group-per-group] as one [out, group * cols] matrix.
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from eiec import isa
 from eiec.segment import LayerSpec, Segment
-from eiec.conv import conv_output_hw, im2col
+from eiec.conv import im2col, windows_nhwc
 
 from eiec.errors import FormatError
 from eiec.parallel import one_blas_thread
@@ -209,15 +209,9 @@ def _window_counts(nonzero: np.ndarray, spec: LayerSpec) -> np.ndarray:
     nonzero, [B, C * kh * kw] in the patches' column order; summed over a strided view of
     the zero-padded mask's windows, without gathering the patches."""
     c = spec.conv
-    batch, channels, height, width = nonzero.shape
-    top, left, bottom, right = c.pads
-    (sh, sw), (dh, dw), (kh, kw) = c.strides, c.dilations, c.kernel
-    out_h, out_w = conv_output_hw((height, width), c.kernel, c.pads, c.strides, c.dilations)
-    padded = np.zeros((batch, height + top + bottom, width + left + right, channels), np.uint8)
-    padded[:, top:top + height, left:left + width] = nonzero.transpose(0, 2, 3, 1)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
-    windows = windows[:, :sh * (out_h - 1) + 1:sh, :sw * (out_w - 1) + 1:sw, :, ::dh, ::dw]  # [B, Ho, Wo, C, kh, kw]
-    return windows.sum(axis=(1, 2), dtype=np.uint8 if out_h * out_w < 256 else np.int64).reshape(batch, -1)
+    windows = windows_nhwc(nonzero.transpose(0, 2, 3, 1), c.kernel, c.pads, c.strides, c.dilations, np.uint8)
+    _, out_h, out_w = windows.shape[:3]
+    return windows.sum(axis=(1, 2), dtype=np.uint8 if out_h * out_w < 256 else np.int64).reshape(nonzero.shape[0], -1)
 
 
 @functools.lru_cache(maxsize=256)

@@ -20,7 +20,7 @@ from eiec.image import SparseImage
 from eiec.segment import ConvGeometry
 from eiec.parallel import BLAS_THREADS_MIN_MACS, one_blas_thread
 from eiec.codec import entry_positions
-from eiec.conv import conv_output_hw
+from eiec.conv import windows_nhwc
 from eiec.fixedpoint import int_range, int_type, round_shift
 from eiec.target import Target
 
@@ -344,7 +344,7 @@ def depthwise_product(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray
     accumulate_fixed's on the im2col patches, [B * Ho * Wo, C] in their row order, without
     gathering them (k*k copies of the input). None when some running sum might leave the
     accumulator range or int32, or the tile is not the whole layer."""
-    batch, height, width, channels = x_q.shape
+    channels = x_q.shape[-1]
     kh, kw = conv.kernel
     if (tile.row_lo, tile.col_lo, tile.rows, tile.cols) != (0, 0, channels, channels * kh * kw):
         return None
@@ -356,14 +356,8 @@ def depthwise_product(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray
         return None
     taps = tile_cached(tile, _codebook_key("depthwise_taps", codebook_q), lambda t: (
         np.ascontiguousarray(dense.reshape(channels, kh, kw).transpose(1, 2, 0), np.int32)))  # [kh, kw, C]
-    top, left, bottom, right = conv.pads
-    (sh, sw), (dh, dw) = conv.strides, conv.dilations
-    out_h, out_w = conv_output_hw((height, width), conv.kernel, conv.pads, conv.strides, conv.dilations)
     # int32 throughout: einsum's loops are quicker with one type than summing int16 into int32
-    padded = np.zeros((batch, height + top + bottom, width + left + right, channels), np.int32)
-    padded[:, top:top + height, left:left + width] = x_q
-    windows = np.lib.stride_tricks.sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
-    windows = windows[:, :sh * (out_h - 1) + 1:sh, :sw * (out_w - 1) + 1:sw, :, ::dh, ::dw]  # [B, Ho, Wo, C, kh, kw]
+    windows = windows_nhwc(x_q, conv.kernel, conv.pads, conv.strides, conv.dilations, np.int32)
     return np.einsum("bhwcij,ijc->bhwc", windows, taps).reshape(-1, channels)
 
 
