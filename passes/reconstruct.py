@@ -118,6 +118,12 @@ def _damping(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
 LARGE_INPUTS = 1024
 
 
+def _large_layer_dtype(dtype: np.dtype, n_in: int) -> type:
+    """float32 for a float32 layer of LARGE_INPUTS or more inputs (per group), else float64: the
+    precision of its large products (H and X carry float32's digits anyway; sums stay float64)."""
+    return np.float32 if dtype == np.float32 and n_in >= LARGE_INPUTS else np.float64
+
+
 def _inverse_cholesky(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
     """Upper Cholesky factor U of the damped inverse Hessian (H^-1 = U^T U) and the live-input mask.
 
@@ -646,7 +652,7 @@ def _codebook_normal_equations(
     # M H (or M F) in float32 for large float32 layers, twice the speed of the float64 sparse product:
     # H's entries carry the ~7 digits of the float32 X^T X of captured rows (`layer_hessian`), F
     # is the float32 rows themselves; A and r still sum in float64
-    ft = np.float32 if W_ref.dtype == np.float32 and n_in >= LARGE_INPUTS else np.float64
+    ft = _large_layer_dtype(W_ref.dtype, n_in)
     for gi in range(g):
         # [in, n], rows contiguous as the sparse kernel reads them
         F = None if Xg is None else np.divide(Xg[gi].T, np.sqrt(Xg.shape[-2]), dtype=ft, order="C")
@@ -779,8 +785,7 @@ class LayerTarget:
         # the errors' products with H in float32 for a large float32 layer (half the time of
         # float64; H's entries carry the ~7 digits of the float32 X^T X of captured rows, and the
         # products are summed in float64), else in float64
-        self._H_products = None if self.via_x else self.H.astype(
-            np.float32 if self.W.dtype == np.float32 and n_in >= LARGE_INPUTS else np.float64, copy=False)
+        self._H_products = None if self.via_x else self.H.astype(_large_layer_dtype(self.W.dtype, n_in), copy=False)
         self.X = X
         self.mean_x = X.mean(axis=1, dtype=np.float64)  # [g, in_g]
         sequential = X_ref is not None and X_ref is not X
