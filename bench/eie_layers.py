@@ -40,6 +40,7 @@ from eiec.artifact import load_eie
 from eiec.progress import peak_bytes, reset_peak
 from eiec.driver import CompileResult, compile_model
 from eiec.ir import OPSET
+from eiec.ortrun import quiet_options
 from eiec.runtime import InferenceSession
 from eiec.runtime.cycles import cycle_layer
 from eiec.runtime.energy import MODULES
@@ -152,11 +153,9 @@ def seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[fl
 
 def ort_session(model: onnx.ModelProto, threads: int = 0, stop_spinning: bool = False) -> onnxruntime.InferenceSession:
     """CPU provider; threads 0 = onnxruntime's default (one per core). stop_spinning: its threads
-    stop spinning when a run returns (`session.force_spinning_stop`; by default they spin on)."""
-    opts = onnxruntime.SessionOptions()
+    stop spinning when a run returns (`eiec.ortrun.quiet_options`; by default they spin on)."""
+    opts = quiet_options(stop_spinning)
     opts.intra_op_num_threads = threads
-    if stop_spinning:
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
