@@ -912,8 +912,9 @@ class LayerTarget:
         """The unpruned least-squares weights W* = W - R^T (H + lambda I)^-1 [out, in] (float64, read-only),
         the matrix OBS and the greedy mask prune: computed once per damping.
 
-        The damping (lambda = damp * mean diag H) shrinks the correction toward the dense W,
-        never W itself toward zero. W itself when not sequential.
+        The damping (lambda = damp * mean diag H; for a layer of LARGE_INPUTS or more, OBS's factor
+        and its lambda, `_damping`) shrinks the correction toward the dense W, never W itself toward
+        zero. W itself when not sequential.
         Through X (n < in): (H + lambda I)^-1 X^T = X^T (X X^T / n + lambda I)^-1, an n x n solve.
         """
         cache = self.__dict__.setdefault("_optima", {})
@@ -935,13 +936,13 @@ class LayerTarget:
                 Xi, n = self.X[i].astype(np.float64), self.X.shape[1]
                 S = scipy.linalg.solve(Xi @ Xi.T / n + lam[i] * np.eye(n), self.D[i], assume_a="pos")  # [n, out_g]
                 corr[i] = S.T @ Xi / n
-            else:  # a dead input (zero row of H and of R) gets no correction: solve on the live block
-                keep = np.flatnonzero(diag[i] > 0) if n_in >= LARGE_INPUTS else np.arange(n_in)
-                Hk = self.H[i, keep[:, None], keep]
-                Hk[np.arange(keep.size), np.arange(keep.size)] += lam[i]
-                corr[i] = 0.0
-                if keep.size:
-                    corr[i][:, keep] = scipy.linalg.solve(Hk, self.R[i, keep], assume_a="pos").T
+            elif n_in >= LARGE_INPUTS:  # (H + lambda I)^-1 = U^T U, OBS's factor (its lambda: the live inputs'
+                # mean diagonal): two triangular products, no second factorization; a dead input's row of R
+                # is zero, so it gets no correction
+                U = self.factor(damp)[0][i]
+                corr[i] = scipy.linalg.blas.dtrmm(1.0, U, scipy.linalg.blas.dtrmm(1.0, U, self.R[i]), trans_a=1).T
+            else:
+                corr[i] = scipy.linalg.solve(self.H[i] + lam[i] * np.eye(n_in), self.R[i], assume_a="pos").T
         return (W.reshape(corr.shape) - corr).reshape(W.shape)
 
     def factor(self, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:

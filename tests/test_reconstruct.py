@@ -518,7 +518,16 @@ def test_large_layer_paths_equal_the_plain_ones(monkeypatch, groups):
     U, live = live_block.factor()
     np.testing.assert_array_equal(live, live_whole)
     np.testing.assert_allclose(U, U_whole, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(live_block.optimum(), whole.optimum(), rtol=1e-9, atol=1e-12)
+    # the optimum through OBS's factor: the normal equations on the live inputs, with OBS's damping
+    # (the live inputs' mean diagonal); a dead input's weight keeps its dense value
+    H, R = live_block.H, live_block.R
+    want = W.reshape(groups, out_g, n_in).copy()
+    for i in range(groups):
+        keep = np.flatnonzero(live[i])
+        lam = 0.01 * (np.diagonal(H[i])[keep].mean() if keep.size else 1.0)
+        if keep.size:
+            want[i][:, keep] -= np.linalg.solve(H[i][np.ix_(keep, keep)] + lam * np.eye(keep.size), R[i][keep]).T
+    np.testing.assert_allclose(live_block.optimum(), want.reshape(W.shape), rtol=1e-9, atol=1e-12)
     assert live_block.error(W_new) == pytest.approx(whole.error(W_new), rel=1e-12)
     assert live_block.error(W_new.astype(np.float32)) == live_block.error(W_new.astype(np.float32).astype(np.float64))
     # a large float32 layer's errors (and their denominator) take float32 products with H
