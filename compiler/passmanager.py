@@ -52,6 +52,9 @@ class CompileState:
     # the reconstruct pass: the compression plan, `passes.sequential.LayerResult` per layer
     # name; the prune pass writes its pruned weights, the cluster pass its codebooks and biases
     plan: dict[str, Any] = field(default_factory=dict)
+    # the reconstruct pass: `passes.capture.ObservedRun` of the compressed model's tensors the lower
+    # pass reads the ranges of, when its walk ran the whole model (lower checks it is the same run)
+    observed_run: Any = None
     # the lower pass: the accelerator segments, in graph order
     segments: list[Segment] = field(default_factory=list)
     # the auto pass: its choices as recipe YAML (written beside the .eie), and notes for the user

@@ -5,8 +5,11 @@ onnxruntime runs of the subgraphs between consecutive layers' inputs (`Stream`).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import os
 from collections import OrderedDict
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -16,10 +19,69 @@ from eiec.ir import Layer
 from eiec.ortrun import (NO_ROW_AXIS, RowSession, common_batch, free_rows, graph_inputs, join_rows, node_reads, pad_rows,
                          producers, quiet_options, rows_independent, session, shape_skeleton, skeleton_row_axes,
                          upstream_nodes)
+from eiec.parallel import map_layers
 
 # Rows per layer the passes and the auto search reconstruct from, and their memory cap.
 CAPTURE_ROWS = 8192
 CAPTURE_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """What lowering reads of a calibration tensor that is not kept whole: its shape and largest magnitude."""
+
+    shape: tuple[int, ...]
+    max_abs: float
+
+
+# Bytes of a tensor above which `max_abs` reduces its parts on all cores.
+MAX_ABS_SPLIT_BYTES = 16 << 20
+
+
+def max_abs(values: np.ndarray) -> float:
+    """The largest |value| (0.0 for an empty tensor), without a |values| temporary (a ResNet activation is
+    200 MB); a large tensor's parts on all cores."""
+    if values.size == 0:
+        return 0.0
+    if values.nbytes < MAX_ABS_SPLIT_BYTES or not values.flags.c_contiguous:
+        return _max_abs(values)
+    return max(map_layers(_max_abs, np.array_split(values.reshape(-1), os.cpu_count() or 1)))
+
+
+def _max_abs(values: np.ndarray) -> float:
+    return max(-float(values.min()), float(values.max()), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObservedRun:
+    """Tensors' `Observed` from one run of a model on calibration rows, and the run's `run_fingerprint`:
+    they hold for any run with the same fingerprint."""
+
+    fingerprint: bytes
+    ranges: dict[str, Observed]
+
+
+def run_fingerprint(nodes: Iterable[onnx.NodeProto], functions: Iterable[onnx.FunctionProto],
+                    values: Mapping[str, np.ndarray | onnx.TensorProto], rows: Mapping[str, np.ndarray]) -> bytes:
+    """sha256 of what a run of `nodes` (in order, calling `functions`) on calibration `rows` computes
+    from: the nodes, the functions, the values of the tensors the nodes read that no node computes
+    (initializers and fed weights, name -> array) and the rows. Equal fingerprints, equal tensors."""
+    h = hashlib.sha256()
+
+    def put(b: bytes) -> None:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    for part in (*nodes, *functions):
+        put(part.SerializeToString(deterministic=True))
+    for kind, arrays in ((b"value", values), (b"row", rows)):
+        for name in sorted(arrays):
+            a = arrays[name]
+            a = np.ascontiguousarray(onnx.numpy_helper.to_array(a) if isinstance(a, onnx.TensorProto) else a)
+            put(kind + name.encode())
+            put(f"{a.dtype.str}{a.shape}".encode())
+            put(a.view(np.uint8).reshape(-1).data if a.size else b"")
+    return h.digest()
 
 
 def conv_params(layer: Layer) -> dict:
@@ -168,19 +230,31 @@ class Stream:
     `advance` runs only the nodes between what the stream holds and the tensors asked for,
     then keeps just the tensors the nodes still to come will read (`later`): at any time the
     stream holds the frontier of the graph, not every layer's input. Copies share arrays
-    (they are never written to).
+    (they are never written to). The `watch`ed tensors the stream feeds or computes are
+    outputs of its runs, and reduced to their `Observed` on the way (`observed`; None: not
+    reduced), whether kept or not.
     """
 
-    def __init__(self, graph: Subgraphs, rows: dict[str, np.ndarray]):
+    def __init__(self, graph: Subgraphs, rows: dict[str, np.ndarray], watch: Collection[str] = ()):
         self.graph = graph
         chunks, self.real = graph.chunks(rows)
         self.held: dict[str, list[np.ndarray]] = {k: [c[k] for c in chunks] for k in chunks[0]}
         self.done: set[int] = set()  # the nodes run
+        self.watch = frozenset(watch)
+        self.observed: dict[str, Observed] | None = {}
+        for name in self.watch & rows.keys():
+            v = np.asarray(rows[name])
+            self.observed[name] = Observed(v.shape, max_abs(v))
 
     def copy(self) -> "Stream":
         other = copy.copy(self)
         other.held, other.done = dict(self.held), set(self.done)
+        other.observed = None if self.observed is None else dict(self.observed)
         return other
+
+    def _observe(self, name: str) -> None:
+        v = self.graph.join(name, self.held[name], self.real)
+        self.observed[name] = Observed(v.shape, max_abs(v))
 
     def ran(self, node_name: str) -> bool:
         return self.graph.order[node_name] in self.done
@@ -195,7 +269,7 @@ class Stream:
         available = self.held.keys() | produced
         keep = set(later) | set().union(*(gr.reads[i] for i in gr.nodes_for(later, available)))
         if nodes:
-            outputs = [target] + sorted((keep & produced) - {target})
+            outputs = [target] + sorted(((keep | self.watch) & produced) - {target})
             read = set().union(*(gr.reads[i] for i in nodes))
             inputs = sorted(read & self.held.keys())
             sess = gr.session(nodes, [(n, self.held[n][0]) for n in inputs], outputs)
@@ -204,6 +278,8 @@ class Stream:
                        for c in range(len(self.real))]
             for j, name in enumerate(outputs):
                 self.held[name] = [r[j] for r in results]
+                if name in self.watch and self.observed is not None:
+                    self._observe(name)
             del results
         if target in self.held:
             value = gr.join(target, self.held[target], self.real)

@@ -39,7 +39,7 @@ from eiec.segment import ConvGeometry, LayerSpec, Segment, blob_name
 from eiec.target import Target
 from eiec.tiling import tile_layer
 
-from .capture import Stream, Subgraphs
+from .capture import Observed, Stream, Subgraphs, max_abs, run_fingerprint
 from .recurrent import fc_view, layer_ranges, time_steps, unroll
 
 # A format holds at least this many times the largest calibration value (up to twice that
@@ -65,7 +65,7 @@ class Lower:
             return PassResult(model, {"segments": [], "host_layers": _host_layers(model)}, False)
         names = list(layers)
         indices = dict(zip(names, map_layers(lambda n: _indices_of(model, layers[n]), names)))
-        values = _run_for_ranges(model, layers, indices, _candidate_tensors(model, layers), ctx)
+        values = _run_for_ranges(model, layers, indices, range_tensors(model, layers), ctx)
         chains = find_chains(model, {n: l for n, l in layers.items() if l.kind != "recurrent"},
                              {t: v.shape[1:] for t, v in values.items()})
         recurrent = [l for l in layers.values() if l.kind == "recurrent"]
@@ -250,8 +250,8 @@ def find_chains(model: onnx.ModelProto, layers: dict[str, Layer],
     return chains
 
 
-def _candidate_tensors(model: onnx.ModelProto, layers: dict[str, Layer]) -> list[str]:
-    """Tensors around the encoded layers whose shapes and ranges the chains may need."""
+def range_tensors(model: onnx.ModelProto, layers: dict[str, Layer]) -> list[str]:
+    """Tensors around the (encoded) layers whose shapes and ranges the chains may need."""
     around = set()
     for l in layers.values():
         around |= {l.node.input[0], l.node.output[0]}
@@ -264,24 +264,19 @@ def _candidate_tensors(model: onnx.ModelProto, layers: dict[str, Layer]) -> list
     return sorted(around)
 
 
-@dataclasses.dataclass(frozen=True)
-class Observed:
-    """What lowering reads of a calibration tensor that is not kept whole: its shape and largest magnitude."""
-
-    shape: tuple[int, ...]
-    max_abs: float
-
-
 def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: dict[str, np.ndarray],
                     tensors: list[str], ctx: Context) -> dict[str, np.ndarray | Observed]:
     """Run the IR3 model on the calibration inputs: the watched tensors' shapes and ranges.
 
     Each EIEDecode is replaced by a graph input fed the weight it decodes to: the same
     model in plain ONNX, without handing VGG-sized weights through a Python op or
-    serialising them into the probe model. It runs tensor by tensor (`capture.Stream`,
-    holding only what the tensors still to come need), each reduced to its `Observed` on
-    the way, except a recurrent node's hidden states (`recurrent.layer_ranges` reads them
-    whole); a row-wise model runs whole, a few rows at a time instead (`_ranges_by_rows`).
+    serialising them into the probe model. When the reconstruct pass ran this very model
+    on these rows (ctx.state.observed_run: the same `run_fingerprint`) and watched these
+    tensors, its ranges are the answer and nothing runs. Else the model runs tensor by
+    tensor (`capture.Stream`, holding only what the tensors still to come need), each
+    reduced to its `Observed` on the way, except a recurrent node's hidden states
+    (`recurrent.layer_ranges` reads them whole); a row-wise model runs whole, a few rows
+    at a time instead (`_ranges_by_rows`).
     """
     decode_nodes = {_decode_node(model, l).name for l in layers.values()}
     kept = [n for n in model.graph.node if n.name not in decode_nodes]
@@ -297,6 +292,12 @@ def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: d
         list(model.graph.output), [t for t in model.graph.initializer if t.name in used])
     probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     whole = {l.node.output[0] for l in layers.values() if l.kind == "recurrent"}
+    run = ctx.state.observed_run
+    if not whole and run is not None and run.ranges.keys() >= set(tensors):
+        inits = {t.name: t for t in graph.initializer}
+        if run.fingerprint == run_fingerprint(kept, model.functions, {**inits, **weights}, ctx.calibration):
+            ctx.progress("ranges: the reconstruct pass's run of this model")
+            return {t: run.ranges[t] for t in tensors}
     made = {o: i for i, n in enumerate(kept) for o in n.output}
     order = sorted(tensors, key=lambda t: made.get(t, -1))  # graph inputs first, then as computed
     feeds = {i.name: ctx.calibration[i.name] for i in graph_inputs(probe) if i.name not in weights}
@@ -306,7 +307,7 @@ def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: d
     values: dict[str, np.ndarray | Observed] = {}
     for i, t in enumerate(order):
         v = stream.advance(t, order[i + 1:], weights)
-        values[t] = v if t in whole else Observed(v.shape, _max_abs(v))
+        values[t] = v if t in whole else Observed(v.shape, max_abs(v))
     return {t: values[t] for t in tensors}
 
 
@@ -333,14 +334,14 @@ def _ranges_by_rows(probe: onnx.ModelProto, feeds: dict[str, np.ndarray], weight
     model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in outputs)
     sess = session(model, quiet_options(stop_spinning=True))  # the ranges' numpy reductions follow each run
     n = len(feeds[fed[0]])
-    observed: dict[str, tuple[tuple[int, ...], float]] = {t: (feeds[t].shape, _max_abs(feeds[t])) for t in tensors if t in feeds}
+    observed: dict[str, tuple[tuple[int, ...], float]] = {t: (feeds[t].shape, max_abs(feeds[t])) for t in tensors if t in feeds}
     r0, step = 0, 1
     while r0 < n:
         r1 = min(n, r0 + step)
         got = sess.run(outputs, {**{k: v[r0:r1] for k, v in feeds.items()}, **weights})
         for t, v in zip(outputs, got):
             shape = (n, *v.shape[1:]) if v.ndim and v.shape[0] == r1 - r0 else v.shape
-            observed[t] = (shape, max(_max_abs(v), observed[t][1] if t in observed else 0.0))
+            observed[t] = (shape, max(max_abs(v), observed[t][1] if t in observed else 0.0))
         if r0 == 0:
             step = max(1, PROBE_BYTES // max(1, sum(v.nbytes for v in got)))
         del got
@@ -349,11 +350,7 @@ def _ranges_by_rows(probe: onnx.ModelProto, feeds: dict[str, np.ndarray], weight
 
 
 def _max_abs(values: np.ndarray | Observed) -> float:
-    if isinstance(values, Observed):
-        return values.max_abs
-    if values.size == 0:
-        return 0.0
-    return max(-float(values.min()), float(values.max()), 0.0)  # no |values| temporary: a ResNet activation is 200 MB
+    return values.max_abs if isinstance(values, Observed) else max_abs(values)
 
 
 def chain_formats(chain: Chain, overrides: dict[str, dict[str, int]],

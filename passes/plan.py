@@ -15,6 +15,7 @@ from eiec.errors import RecipeError
 from eiec.ir import get_initializer
 from eiec.passmanager import Context, PassResult
 
+from .lower import range_tensors
 from .select import check_weight, layers_to_rewrite
 from .sequential import Sequential, Steps
 
@@ -27,6 +28,8 @@ class Reconstruct:
     The `Sequential` the auto search measured with (ctx.state.sequential) is reused when it
     was built for this model, so the compiled layers are the measured ones; the rows are
     ctx.state.reconstruction_calibration when `auto` held some out, else all calibration rows.
+    ctx.state.observed_run: the ranges the lower pass reads, from the plan's run of the
+    compressed model (when it ran the whole model; lower checks it ran the model it lowers).
     Part of the import stage in dumps (the model is unchanged).
     """
 
@@ -56,5 +59,11 @@ class Reconstruct:
         if not reused:
             ctx.progress("prune: capturing layer inputs on the calibration data")
             seq = Sequential(model, layers, rows, steps, seed=ctx.seed, progress=ctx.progress)
-        state.plan = seq.compress(choices)
+        # the tensors lowering reads the ranges of, observed on the way (ctx.state.observed_run); not
+        # in the search's `Sequential`, whose results came from runs that watched nothing (a watched
+        # tensor is an output of its onnxruntime session, which then fuses fewer nodes: the last
+        # bits of the tensors can differ, and a layer recomputed here must be the measured one)
+        watch = () if reused else range_tensors(model, {layer.name: layer for layer in layers})
+        state.plan = seq.compress(choices, observe=watch)
+        state.observed_run = seq.observed
         return PassResult(model, {"reconstruction": "sequential", "reused_auto_reconstruction": reused}, False)

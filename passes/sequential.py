@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 import onnx
@@ -17,7 +17,8 @@ from eiec.parallel import one_blas_thread
 from eiec.progress import counted, section
 
 from . import reconstruct
-from .capture import CAPTURE_BYTES, CAPTURE_ROWS, Stream, Subgraphs, layer_matrix, layer_rows, pick_rows, row_cap
+from .capture import (CAPTURE_BYTES, CAPTURE_ROWS, ObservedRun, Stream, Subgraphs, layer_matrix, layer_rows, pick_rows,
+                      row_cap, run_fingerprint)
 from .compress import cluster_weights, magnitude_mask
 
 Progress = Callable[[str], None]
@@ -108,6 +109,7 @@ class Sequential:
         self._cache: OrderedDict[tuple, LayerResult] = OrderedDict()
         self._cache_bytes = 0
         self.cache_limit = cache_bytes
+        self.observed: ObservedRun | None = None  # of the last `compress` call that observed tensors
 
     def _matrix(self, layer: Layer, x: np.ndarray) -> np.ndarray:
         """The layer's calibration rows of its input tensor x (the same rows whatever the weights)."""
@@ -134,12 +136,17 @@ class Sequential:
             return False
         return all(np.array_equal(get_initializer(model, n), w) for n, w in self.weights.items())
 
-    def compress(self, choices: dict[str, tuple[float, int | None]]) -> dict[str, LayerResult]:
+    def compress(self, choices: dict[str, tuple[float, int | None]],
+                 observe: Collection[str] = ()) -> dict[str, LayerResult]:
         """Every layer in `choices` compressed to its (density, bits), in graph order (bits None: no clustering).
 
         From the first layer not cached on, two `Stream`s walk the model: the dense one (the
         targets' X_ref) and, once some earlier layer is compressed, one running the compressed
-        layers (each layer's X); each runs only the nodes up to the next layer's input."""
+        layers (each layer's X); each runs only the nodes up to the next layer's input.
+        `observe`: tensors the streams reduce to their `capture.Observed` on the way; when some
+        layer was not cached, the compressed stream then runs on to the model's outputs, and
+        `self.observed` is the compressed model's `ObservedRun` (else None): the one run of the
+        compressed model, which lowering would otherwise repeat for its ranges."""
         results: dict[str, LayerResult] = {}
         overrides: dict[str, np.ndarray] = {}
         prefix: tuple = ()
@@ -147,6 +154,7 @@ class Sequential:
         dense = compressed = None
         key = lambda l: (l.name, float(choices[l.name][0]), None if choices[l.name][1] is None else int(choices[l.name][1]))
         ahead = None  # the future of the next layer's X_ref: the dense stream runs a layer ahead, on the other core
+        outputs = [o.name for o in self.graph.model.graph.output] if observe else []
         with ThreadPoolExecutor(1, thread_name_prefix="eiec-dense") as pool:
             for i, layer in enumerate(todo):
                 density, bits = choices[layer.name]
@@ -156,12 +164,12 @@ class Sequential:
                     counted(self.progress, "reconstruct", i, len(todo))
                     self.progress(f"reconstruct {layer.name}: density {density:g}, bits {bits}")
                     with section(f"reconstruct {layer.name}"):
-                        later = [l.input for l in todo[i + 1:]]
+                        later = [l.input for l in todo[i + 1:]] + outputs  # outputs: [] unless observing
                         with section("capture"):
                             if dense is None:
-                                dense = Stream(self.graph, self.calibration)
+                                dense = Stream(self.graph, self.calibration, observe)
                             if overrides and compressed is None:
-                                compressed = self._compressed_stream(dense, todo[:i])
+                                compressed = self._compressed_stream(dense, todo[:i], observe)
                             X_ref = ahead.result() if ahead is not None else self._ref(layer, dense, later)
                             X = self._matrix(layer, compressed.advance(layer.input, later, overrides)) if overrides else None
                         if compressed is not None and compressed.ran(layer.node.name):
@@ -171,7 +179,7 @@ class Sequential:
                             # the next layer's dense rows while this one is compressed (onnxruntime and
                             # numpy release the GIL); its compressed stream starts from the dense one first
                             if compressed is None:
-                                compressed = self._compressed_stream(dense, todo[:i + 1])
+                                compressed = self._compressed_stream(dense, todo[:i + 1], observe)
                             ahead = pool.submit(self._ref, todo[i + 1], dense, later[1:])
                         res = self._compress_layer(layer, X_ref, X, float(density), bits)
                     self._remember(prefix, res)
@@ -179,13 +187,34 @@ class Sequential:
                     self._cache.move_to_end(prefix)
                 results[layer.name] = res
                 overrides[layer.weight], overrides[layer.bias] = res.weight, res.bias
+        self.observed = None
+        if observe and dense is not None:
+            stream = compressed if compressed is not None else self._compressed_stream(dense, todo, observe)
+            if stream.observed is not None:  # None: forked from the dense stream after it stopped watching
+                with section("observe"):
+                    self.observed = self._observed_run(stream, outputs, overrides)
         counted(self.progress, "reconstruct", len(todo), len(todo))
         return results
 
-    def _compressed_stream(self, dense: Stream, changed: list[Layer]) -> Stream:
-        """The stream to run the compressed layers `changed` from: where the dense one is, unless it ran one of them."""
-        stale = any(dense.ran(l.node.name) for l in changed)
-        return Stream(self.graph, self.calibration) if stale else dense.copy()
+    def _compressed_stream(self, dense: Stream, changed: list[Layer], watch: Collection[str]) -> Stream:
+        """The stream to run the compressed layers `changed` from, watching `watch`: where the dense one
+        is, unless it ran one of them (else everything it holds and observed is the compressed model's too)."""
+        if any(dense.ran(l.node.name) for l in changed):
+            return Stream(self.graph, self.calibration, watch)
+        forked = dense.copy()
+        # what the dense stream computes from here on is not the compressed model's: not watched
+        # (its onnxruntime sessions output only what it holds, and fuse what they may)
+        dense.watch, dense.observed = frozenset(), None
+        return forked
+
+    def _observed_run(self, stream: Stream, outputs: list[str], overrides: dict[str, np.ndarray]) -> ObservedRun:
+        """`stream` (of the model with `overrides`) run on to the model's `outputs`: its `ObservedRun`."""
+        model = self.graph.model
+        for j, name in enumerate(outputs):
+            stream.advance(name, outputs[j + 1:], overrides)
+        read = {t for n in model.graph.node for t in n.input}
+        values = {name: overrides.get(name, init) for name, init in self.graph.inits.items() if name in read}
+        return ObservedRun(run_fingerprint(model.graph.node, model.functions, values, self.calibration), stream.observed)
 
     def _ref(self, layer: Layer, dense: Stream, later: list[str]) -> np.ndarray:
         """The layer's dense rows X_ref (from `dense`, advanced to the layer unless kept from an earlier call)."""

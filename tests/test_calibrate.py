@@ -229,6 +229,40 @@ def test_sequential_on_a_batch_1_residual_net_sees_the_compressed_predecessors_o
         done[layer.weight], done[layer.bias] = results[layer.name].weight, results[layer.name].bias
 
 
+@pytest.mark.parametrize("net", ["residual_batch_1", "free_batch"])
+def test_sequential_observes_the_compressed_models_tensors_as_one_run_of_it_would(net):
+    """Every watched tensor's shape and largest magnitude, observed while the layers are compressed,
+    are those of onnxruntime running the finished compressed model; the run's fingerprint is that of
+    the compressed model (not the dense one) on these rows."""
+    from eiec.passes.capture import run_fingerprint
+
+    rng = np.random.default_rng(21)
+    model = residual_net(rng) if net == "residual_batch_1" else small_net(rng)
+    shape = (4, 2, 6, 6) if net == "residual_batch_1" else (5, 2, 7, 7)
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+    layers = find_layers(model)
+    watch = ["x"] + [o for n in model.graph.node for o in n.output]
+    seq = Sequential(model, layers, feeds)
+    results = seq.compress({l.name: (0.5, 2) for l in layers}, observe=watch)
+    done = {n: a for l in layers for n, a in ((l.weight, results[l.name].weight), (l.bias, results[l.name].bias))}
+    compressed = with_initializers(model, done)
+    assert set(seq.observed.ranges) == set(watch)
+    for name in watch:
+        want = feeds["x"] if name == "x" else per_row(compressed, name, feeds) if net == "residual_batch_1" else \
+            intermediate(compressed, name, feeds)
+        got = seq.observed.ranges[name]
+        assert got.shape == want.shape
+        assert got.max_abs == pytest.approx(float(np.abs(want).max()), rel=1e-5), name
+    values = {t.name: done.get(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer}
+    assert seq.observed.fingerprint == run_fingerprint(model.graph.node, [], values, feeds)
+    dense = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert seq.observed.fingerprint != run_fingerprint(model.graph.node, [], dense, feeds)
+    assert seq.observed.fingerprint != run_fingerprint(model.graph.node, [], values, {"x": feeds["x"][:-1]})
+    # a call whose layers all come from the cache runs nothing: it observes nothing
+    seq.compress({l.name: (0.5, 2) for l in layers}, observe=watch)
+    assert seq.observed is None
+
+
 def with_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)

@@ -188,7 +188,7 @@ def test_range_probe_by_rows_matches_the_probe_per_tensor(tmp_path, monkeypatch)
     ir3 = onnx.load(str(tmp_path / "ir" / "3_encode.onnx"))
     layers = {l.name: l for l in find_layers(ir3) if lower._decode_node(ir3, l) is not None}
     indices = {n: lower._indices_of(ir3, l) for n, l in layers.items()}
-    tensors = lower._candidate_tensors(ir3, layers)
+    tensors = lower.range_tensors(ir3, layers)
     x = np.random.default_rng(1).standard_normal((10, 3, 8, 8)).astype(np.float32)
     ctx = Context(recipe=parse_recipe({}), calibration={ir3.graph.input[0].name: x})
     runs = []
@@ -200,3 +200,54 @@ def test_range_probe_by_rows_matches_the_probe_per_tensor(tmp_path, monkeypatch)
     per_tensor = lower._run_for_ranges(ir3, layers, indices, tensors, ctx)
     assert by_rows == per_tensor
     assert all(v.shape[0] == 10 for v in by_rows.values())
+
+
+def test_lower_takes_the_reconstruct_passs_ranges_only_from_a_run_of_the_model_it_lowers(tmp_path, monkeypatch):
+    """A compile lowers from the ranges its reconstruct pass observed running the compressed model (no
+    probe runs) to the formats the probe gives; an observed run of another model or other rows is
+    not taken."""
+    from eiec.ir import find_layers, get_initializer
+    from eiec.passes import lower, plan
+    from eiec.passes.capture import Observed, ObservedRun, run_fingerprint
+    from eiec.passmanager import Context
+    from eiec.recipe import parse_recipe
+
+    onnx.save(canonical_convnet(), tmp_path / "m.onnx")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("defaults: {density: 0.5, bits: 4}\n")
+    probes = []
+    probe = lower._ranges_by_rows
+    monkeypatch.setattr(lower, "_ranges_by_rows", lambda *a: probes.append(1) or probe(*a))
+    said = []
+    observed = compile_model(str(tmp_path / "m.onnx"), str(tmp_path / "a.eie"), str(recipe), progress=said.append,
+                             dump_dir=str(tmp_path / "ir"))
+    assert not probes and "ranges: the reconstruct pass's run of this model" in said
+    monkeypatch.setattr(plan, "range_tensors", lambda *a: [])  # nothing observed: lower probes
+    probed = compile_model(str(tmp_path / "m.onnx"), str(tmp_path / "b.eie"), str(recipe))
+    assert probes
+    assert [l["q_formats"] for l in observed.manifest["layers"]] == [l["q_formats"] for l in probed.manifest["layers"]]
+
+    ir3 = onnx.load(str(tmp_path / "ir" / "3_encode.onnx"))
+    layers = {l.name: l for l in find_layers(ir3) if lower._decode_node(ir3, l) is not None}
+    indices = {n: lower._indices_of(ir3, l) for n, l in layers.items()}
+    tensors = lower.range_tensors(ir3, layers)
+    x = np.random.default_rng(2).standard_normal((6, 3, 8, 8)).astype(np.float32)
+    ctx = Context(recipe=parse_recipe({}), calibration={ir3.graph.input[0].name: x})
+    want = lower._run_for_ranges(ir3, layers, indices, tensors, ctx)
+    # ranges said to be of this model on these rows are taken as they are (here: made up) ...
+    made_up = {t: Observed((6, 1), 1e3) for t in tensors}
+    decodes = {lower._decode_node(ir3, l).name for l in layers.values()}
+    kept = [n for n in ir3.graph.node if n.name not in decodes]
+    read = {t for n in kept for t in n.input}
+    values = {t.name: t for t in ir3.graph.initializer if t.name in read}
+    values.update({l.weight: get_initializer(ir3, lower._decode_node(ir3, l).input[3]).astype(np.float32)[indices[n]]
+                   .reshape(l.shape) for n, l in layers.items()})
+    ctx.state.observed_run = ObservedRun(run_fingerprint(kept, ir3.functions, values, ctx.calibration), made_up)
+    assert lower._run_for_ranges(ir3, layers, indices, tensors, ctx) == {t: made_up[t] for t in tensors}
+    # ... and not when they are of other rows, or miss a tensor
+    other_rows = {k: v[:-1] for k, v in ctx.calibration.items()}
+    ctx.state.observed_run = ObservedRun(run_fingerprint(kept, ir3.functions, values, other_rows), made_up)
+    assert lower._run_for_ranges(ir3, layers, indices, tensors, ctx) == want
+    ctx.state.observed_run = ObservedRun(run_fingerprint(kept, ir3.functions, values, ctx.calibration),
+                                         {t: made_up[t] for t in tensors[1:]})
+    assert lower._run_for_ranges(ir3, layers, indices, tensors, ctx) == want
