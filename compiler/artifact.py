@@ -24,6 +24,7 @@ from .container import read_eie, write_eie
 from .errors import FormatError, ModelError, RecipeError
 from .importer import check_tensors, check_strings
 from .ir import copy_model
+from .parallel import map_layers
 from .recipe import target_from_dict
 from .segment import Segment, blob_name
 from .storage import STORAGE_FORMS, derive_layers, huffman_record, pe_memory_bytes
@@ -63,9 +64,13 @@ def save_eie(path: str | os.PathLike, model: onnx.ModelProto, segments: list[Seg
     members = {HOST_MEMBER: host.SerializeToString(deterministic=True)}
     sizes: dict[str, dict[str, int]] = {}
     entries = []
+    # every layer's Huffman record, the layers on all cores (each re-encodes its whole matrix)
+    pairs = [(s, l) for s in segments for l in s.layers]
+    made = map_layers(lambda pair: huffman_record(pair[1], pair[0].target), pairs)
+    by_layer = {(s.name, l.name): rec for (s, l), rec in zip(pairs, made)}
     for s in segments:
         members[f"{s.name}/program.isa"] = isa.encode(s.program)
-        records = [huffman_record(l, s.target) for l in s.layers]
+        records = [by_layer[s.name, l.name] for l in s.layers]
         for l, rec in zip(s.layers, records):
             sizes[l.name] = {**pe_memory_bytes(l, s.target), **{f"{k}_huffman": len(v) for k, v in rec.items()},
                              "bytes_huffman": sum(len(v) for v in rec.values()),
