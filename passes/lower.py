@@ -251,14 +251,22 @@ def find_chains(model: onnx.ModelProto, layers: dict[str, Layer],
 
 
 def range_tensors(model: onnx.ModelProto, layers: dict[str, Layer]) -> list[str]:
-    """Tensors around the (encoded) layers whose shapes and ranges the chains may need."""
+    """The tensors whose shapes and ranges lowering the (encoded) layers may read: each layer's input
+    (a chain's input), its output or, when a Relu is its only consumer, the Relu's (a link's output:
+    `find_chains` fuses that Relu), and the output of a Flatten/Reshape reading one of them (to tell
+    whether it only relabels). A fused Relu's input and the tensors between chains are not read."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
     around = set()
     for l in layers.values():
-        around |= {l.node.input[0], l.node.output[0]}
+        out = l.node.output[0]
+        users = consumers.get(out, [])
+        fused = len(users) == 1 and users[0].op_type == "Relu" and out not in graph_outputs
+        around |= {l.node.input[0], users[0].output[0] if fused else out}
     for n in model.graph.node:
-        if n.op_type in ("Relu",) + RELABEL_OPS and (n.input[0] in around or n.output[0] in around):
-            around |= {n.input[0], n.output[0]}
-    for n in model.graph.node:  # relabels after a Relu
         if n.op_type in RELABEL_OPS and n.input[0] in around:
             around.add(n.output[0])
     return sorted(around)
