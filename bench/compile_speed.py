@@ -240,7 +240,20 @@ def reconstruction_gain() -> list[dict]:
     return rows
 
 
-def save(path: str, rows: list[dict], gain: list[dict]) -> None:
+def machine_gflops() -> float:
+    """float32 GFLOP/s of X^T X for X [8192, 2304] (ResNet-50's largest Hessians) on this machine now,
+    the best of three: the development machine's speed varies by a third between quiet hours (0.29
+    against 0.43 s for this product on 1 Dec), so a run's times are read against it."""
+    X = np.random.default_rng(SEED).standard_normal((8192, 2304), dtype=np.float32)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        X.T @ X
+        best = min(best, time.perf_counter() - t0)
+    return round(8192 * 2304 * 2304 / best / 1e9, 1)  # the symmetric product's multiply-adds, x 2 flops, / 2
+
+
+def save(path: str, rows: list[dict], gain: list[dict], speed: dict[str, float]) -> None:
     """Write the rows measured so far to `path`, keeping its rows of the cases and modes not measured."""
     ran = {(r["case"], r["mode"]) for r in rows}
     rows = list(rows)
@@ -255,6 +268,7 @@ def save(path: str, rows: list[dict], gain: list[dict]) -> None:
         "seed": SEED, "rows": rows, "reconstruction_gain": gain,
         "memory_measure": "peak RSS of the compiling process (a fresh one per row, its VmHWM mark reset at its start): /proc/self/status VmHWM",
         "machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
+                    "syrk_gflops": speed,
                     "platform": platform.platform(), "load_average": os.getloadavg()},
     })
 
@@ -279,6 +293,8 @@ def main() -> None:
 
     rows: list[dict] = []
     gain = reconstruction_gain()
+    speed = {"start": machine_gflops()}
+    print(f"machine: {speed['start']} GFLOP/s float32 X^T X at the start", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
             build, recipe, calibration, seconds_target, bytes_target = CASES[case]
@@ -300,7 +316,7 @@ def main() -> None:
                     row["met"] = ("error" not in r and r["seconds"] <= seconds_target
                                   and (bytes_target is None or r["peak_bytes"] <= bytes_target))
                 rows.append(row)
-                save(args.out, rows, gain)  # a long run keeps what it measured
+                save(args.out, rows, gain, speed)  # a long run keeps what it measured
                 if case == "mlp3m" and mode == "reconstruction" and "error" not in r:
                     test = np.load(os.path.join(ROOT, "models", "digits_test.npz"))
                     rows16 = os.path.join(tmp, "test16.npz")
@@ -309,8 +325,11 @@ def main() -> None:
                     rows.append({"case": case, "mode": f"validate {VALIDATE_ROWS} rows", "weights": weights, **v,
                                  "target_seconds": VALIDATE_SECONDS,
                                  "met": "error" not in v and v["seconds"] <= VALIDATE_SECONDS})
-                    save(args.out, rows, gain)
+                    save(args.out, rows, gain, speed)
 
+    speed["end"] = machine_gflops()
+    save(args.out, rows, gain, speed)
+    print(f"\nmachine: {speed['start']} GFLOP/s float32 X^T X at the start, {speed['end']} at the end")
     print(f"\n{'model':<10}{'weights':>9}  {'mode':<20}{'seconds':>9}{'CPU s':>8}{'peak GiB':>10}  {'target':<16}{'met':>5}"
           "  passes (s)")
     for r in rows:
