@@ -173,24 +173,33 @@ def test_diagonal_blocks_inverts_block_diagonal():
         diagonal_blocks(b, 3)
 
 
-def test_range_probe_by_rows_matches_the_probe_per_tensor(tmp_path, monkeypatch):
-    """A row-wise model's ranges from one session run a few rows at a time (1, then 9 here) are
-    those of the session-per-tensor stream, tensor for tensor."""
+def lowering_inputs(ir_dir, rows: int, seed: int):
+    """What the lower pass works from for the IR3 model dumped in `ir_dir` (canonical_convnet's): the
+    model, its encoded layers and their indices, the tensors it takes ranges of, and a context with
+    `rows` random calibration rows."""
     from eiec.ir import find_layers
     from eiec.passes import lower
     from eiec.passmanager import Context
     from eiec.recipe import parse_recipe
 
+    ir3 = onnx.load(os.path.join(ir_dir, "3_encode.onnx"))
+    layers = {l.name: l for l in find_layers(ir3) if lower._decode_node(ir3, l) is not None}
+    indices = {n: lower._indices_of(ir3, l) for n, l in layers.items()}
+    x = np.random.default_rng(seed).standard_normal((rows, 3, 8, 8)).astype(np.float32)
+    ctx = Context(recipe=parse_recipe({}), calibration={ir3.graph.input[0].name: x})
+    return ir3, layers, indices, lower.range_tensors(ir3, layers), ctx
+
+
+def test_range_probe_by_rows_matches_the_probe_per_tensor(tmp_path, monkeypatch):
+    """A row-wise model's ranges from one session run a few rows at a time (1, then 9 here) are
+    those of the session-per-tensor stream, tensor for tensor."""
+    from eiec.passes import lower
+
     onnx.save(canonical_convnet(), tmp_path / "m.onnx")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("defaults: {density: 0.5, bits: 4}\n")
     compile_model(str(tmp_path / "m.onnx"), str(tmp_path / "m.eie"), str(recipe), dump_dir=str(tmp_path / "ir"))
-    ir3 = onnx.load(str(tmp_path / "ir" / "3_encode.onnx"))
-    layers = {l.name: l for l in find_layers(ir3) if lower._decode_node(ir3, l) is not None}
-    indices = {n: lower._indices_of(ir3, l) for n, l in layers.items()}
-    tensors = lower.range_tensors(ir3, layers)
-    x = np.random.default_rng(1).standard_normal((10, 3, 8, 8)).astype(np.float32)
-    ctx = Context(recipe=parse_recipe({}), calibration={ir3.graph.input[0].name: x})
+    ir3, layers, indices, tensors, ctx = lowering_inputs(tmp_path / "ir", rows=10, seed=1)
     runs = []
     by_rows_of = lower._ranges_by_rows
     monkeypatch.setattr(lower, "_ranges_by_rows", lambda *a: runs.append(1) or by_rows_of(*a))
@@ -206,11 +215,9 @@ def test_lower_takes_the_reconstruct_passs_ranges_only_from_a_run_of_the_model_i
     """A compile lowers from the ranges its reconstruct pass observed running the compressed model (no
     probe runs) to the formats the probe gives; an observed run of another model or other rows is
     not taken."""
-    from eiec.ir import find_layers, get_initializer
+    from eiec.ir import get_initializer
     from eiec.passes import lower, plan
     from eiec.passes.capture import Observed, ObservedRun, run_fingerprint
-    from eiec.passmanager import Context
-    from eiec.recipe import parse_recipe
 
     onnx.save(canonical_convnet(), tmp_path / "m.onnx")
     recipe = tmp_path / "r.yaml"
@@ -227,12 +234,7 @@ def test_lower_takes_the_reconstruct_passs_ranges_only_from_a_run_of_the_model_i
     assert probes
     assert [l["q_formats"] for l in observed.manifest["layers"]] == [l["q_formats"] for l in probed.manifest["layers"]]
 
-    ir3 = onnx.load(str(tmp_path / "ir" / "3_encode.onnx"))
-    layers = {l.name: l for l in find_layers(ir3) if lower._decode_node(ir3, l) is not None}
-    indices = {n: lower._indices_of(ir3, l) for n, l in layers.items()}
-    tensors = lower.range_tensors(ir3, layers)
-    x = np.random.default_rng(2).standard_normal((6, 3, 8, 8)).astype(np.float32)
-    ctx = Context(recipe=parse_recipe({}), calibration={ir3.graph.input[0].name: x})
+    ir3, layers, indices, tensors, ctx = lowering_inputs(tmp_path / "ir", rows=6, seed=2)
     want = lower._run_for_ranges(ir3, layers, indices, tensors, ctx)
     # ranges said to be of this model on these rows are taken as they are (here: made up) ...
     made_up = {t: Observed((6, 1), 1e3) for t in tensors}
