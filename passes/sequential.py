@@ -109,7 +109,7 @@ class Sequential:
         self._cache: OrderedDict[tuple, LayerResult] = OrderedDict()
         self._cache_bytes = 0
         self.cache_limit = cache_bytes
-        self.observed: ObservedRun | None = None  # of the last `compress` call that observed tensors
+        self.observed: ObservedRun | None = None  # the last `compress` call's (None unless it observed a run)
 
     def _matrix(self, layer: Layer, x: np.ndarray) -> np.ndarray:
         """The layer's calibration rows of its input tensor x (the same rows whatever the weights)."""
