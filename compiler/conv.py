@@ -38,30 +38,23 @@ def im2col(
     if C % group:
         raise ValueError(f"{C} channels do not split into {group} groups")
     Ho, Wo = conv_output_hw((H, Wd), kernel, pads, strides, dilations)
-    if rows is not None and kh * kw > 1:  # only the chosen positions are copied: per kernel offset, each
-        # position's channels from a zero-padded channels-last copy (contiguous runs of C, not strided
-        # C x kh x kw windows: 0.5-0.7x the time on ResNet-50's 3x3 layers; a 1x1 kernel gathers its
-        # positions' channels directly, without the copy)
+    if rows is not None:
         n_i, rem = np.divmod(np.asarray(rows), Ho * Wo)
         h_i, w_i = np.divmod(rem, Wo)
-        xp = np.zeros((N, H + pads[0] + pads[2], Wd + pads[1] + pads[3], C), x.dtype)
-        xp[:, pads[0]:pads[0] + H, pads[1]:pads[1] + Wd] = x.transpose(0, 2, 3, 1)
-        patches = np.empty((n_i.size, C, kh, kw), x.dtype)
-        for a in range(kh):
-            for b in range(kw):
-                patches[:, :, a, b] = xp[n_i, h_i * strides[0] + a * dilations[0], w_i * strides[1] + b * dilations[1]]
+    if rows is not None and kh * kw > 1:
+        # only the chosen positions' patches are copied, from one zero-padded channels-last copy of x
+        # (`windows_nhwc`: each patch runs of C, not C x kh x kw strided windows of x; 0.5-0.8x the
+        # time on ResNet-50's 3x3 layers, 1.8x on its 3-channel stem, 0.01 s); a 1x1 kernel gathers
+        # from x itself, without the copy
+        patches = windows_nhwc(x.transpose(0, 2, 3, 1), kernel, pads, strides, dilations, x.dtype)[n_i, h_i, w_i]
     else:
         xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3]))) if any(pads) else x  # np.pad copies
         span = ((kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1)
         win = sliding_window_view(xp, span, axis=(2, 3))  # [N, C, Hp-sh+1, Wp-sw+1, span_h, span_w], a view
         win = win[:, :, : (Ho - 1) * strides[0] + 1 : strides[0], : (Wo - 1) * strides[1] + 1 : strides[1],
                   :: dilations[0], :: dilations[1]]
-        if rows is None:
-            patches = win.transpose(0, 2, 3, 1, 4, 5)  # [N, Ho, Wo, C, kh, kw]
-        else:
-            n_i, rem = np.divmod(np.asarray(rows), Ho * Wo)
-            h_i, w_i = np.divmod(rem, Wo)
-            patches = win[n_i, :, h_i, w_i]  # [rows, C, kh, kw]: only the chosen positions are copied
+        # [N, Ho, Wo, C, kh, kw], or [rows, C, kh, kw]: only the chosen positions are copied
+        patches = win.transpose(0, 2, 3, 1, 4, 5) if rows is None else win[n_i, :, h_i, w_i]
     p = patches.reshape(-1, group, C // group * kh * kw)
     return np.ascontiguousarray(p.transpose(1, 0, 2))
 
