@@ -293,19 +293,20 @@ def _run_for_ranges(model: onnx.ModelProto, layers: dict[str, Layer], indices: d
     for name, layer in layers.items():
         codebook = get_initializer(model, _decode_node(model, layer).input[3]).astype(np.float32)
         weights[layer.weight] = codebook[indices[name]].reshape(layer.shape)
+    inits = [t for t in model.graph.initializer if t.name in used]
+    whole = {l.node.output[0] for l in layers.values() if l.kind == "recurrent"}
+    run = ctx.state.observed_run
+    if not whole and run is not None and run.ranges.keys() >= set(tensors):
+        values = {**{t.name: t for t in inits}, **weights}
+        if run.fingerprint == run_fingerprint(kept, model.functions, values, ctx.calibration):
+            ctx.progress("ranges: the reconstruct pass's run of this model")
+            return {t: run.ranges[t] for t in tensors}
     graph = helper.make_graph(
         kept, "lower_probe",
         list(model.graph.input) + [helper.make_tensor_value_info(w, TensorProto.FLOAT, list(v.shape))
                                    for w, v in weights.items()],
-        list(model.graph.output), [t for t in model.graph.initializer if t.name in used])
+        list(model.graph.output), inits)
     probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    whole = {l.node.output[0] for l in layers.values() if l.kind == "recurrent"}
-    run = ctx.state.observed_run
-    if not whole and run is not None and run.ranges.keys() >= set(tensors):
-        inits = {t.name: t for t in graph.initializer}
-        if run.fingerprint == run_fingerprint(kept, model.functions, {**inits, **weights}, ctx.calibration):
-            ctx.progress("ranges: the reconstruct pass's run of this model")
-            return {t: run.ranges[t] for t in tensors}
     made = {o: i for i, n in enumerate(kept) for o in n.output}
     order = sorted(tensors, key=lambda t: made.get(t, -1))  # graph inputs first, then as computed
     feeds = {i.name: ctx.calibration[i.name] for i in graph_inputs(probe) if i.name not in weights}
