@@ -170,9 +170,8 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     block: s[p, k] >= f[p, k-1]): each round fixes at least `depth` more broadcasts, and
     the iterates rise monotonically to the recurrence's unique solution, usually in two or
     three rounds. Arrays are [pes, B, L] views; when B * pes is small their memory runs
-    along the broadcasts, in int64 (numpy's running max is several times faster there
-    than along a strided axis or in narrower integers), else along (B, pes), in the
-    narrowest integer the times fit.
+    along the broadcasts (numpy's running max is several times faster there than along a
+    strided axis), else along (B, pes); either way in the narrowest integer the times fit.
     """
     n_bcast, batch = cols_k.shape
     pes = work.shape[1]
@@ -192,10 +191,10 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     # every time is below n_bcast * (max work + 1): a narrower type moves fewer bytes. `never`
     # is below any b - A' (>= -1 - that bound) and stays in range when an A' is added to it
     dtype, never = np.int64, _NEVER
-    longest = n_bcast * (int(work.max(initial=0)) + 1) if wide else None
-    if wide and longest < _INT16_TIMES:
+    longest = n_bcast * (int(work.max(initial=0)) + 1)
+    if longest < _INT16_TIMES:
         dtype, never = np.int16, -2 * _INT16_TIMES
-    elif wide and longest < _INT32_TIMES:
+    elif longest < _INT32_TIMES:
         dtype, never = np.int32, -2 * _INT32_TIMES
     order = "K" if wide else "C"  # a [pes, B, L] view of [L, B, pes] memory, or [pes, B, L] memory
 
