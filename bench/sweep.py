@@ -10,7 +10,8 @@ All of it runs through eiec.sweep.sweep (what `eiec sweep` runs) on one local Da
 once per --workers value; the rows must be identical, and the wall-clock ratio is the
 speed-up. Usage: python bench/sweep.py [--layers ...] [--workers 1 2] [--out-dir bench/results]
 With --cost MODEL.onnx it times instead a two-point sweep of one model on random inputs
-(bench/results/sweep_cost.json), the per-point costs docs/sweep.md extrapolates from.
+(bench/results/sweep_cost.json), the per-point costs docs/sweep.md extrapolates from; `--cost
+resnet50` sweeps bench/compile_speed.py's ResNet-50 (torchvision's architecture, random weights).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import onnx
 import yaml
 
+from compile_speed import resnet50
 from eie_layers import (LAYER_BY_NAME, LAYERS, RESULTS, SEED, BenchLayer, command_line, layer_inputs,
                         layer_model, layer_weights, machine_info, write_json)
 from eiec.sweep import SweepResult, parse_vary, plot as plot_sweep, sweep, write_csv
@@ -139,6 +141,9 @@ def cost(model: str, images: int, out_dir: str) -> None:
     """Per-point times of a sweep over `model` (random inputs), for docs/sweep.md's extrapolation:
     one compress shared by two points (32 and 64 PEs), each simulating `images` inputs."""
     with tempfile.TemporaryDirectory(prefix="eiec-bench-cost-") as folder:
+        if model == "resnet50":
+            model = os.path.join(folder, "resnet50.onnx")
+            onnx.save(resnet50(), model)
         m = onnx.load(model, load_external_data=False)
         shape = [d.dim_value or 1 for d in m.graph.input[0].type.tensor_type.shape.dim]
         test = os.path.join(folder, "test.npz")
@@ -169,7 +174,8 @@ def main() -> None:
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="local worker counts to time")
     ap.add_argument("--out-dir", default=RESULTS)
     ap.add_argument("--cost", metavar="MODEL.onnx",
-                    help="instead: time a two-point sweep of this model (per-point costs, docs/sweep.md)")
+                    help="instead: time a two-point sweep of this model, or of compile_speed.py's ResNet-50 "
+                         "with 'resnet50' (per-point costs, docs/sweep.md)")
     ap.add_argument("--cost-images", type=int, default=4, help="inputs per point with --cost")
     args = ap.parse_args()
     if args.cost:
