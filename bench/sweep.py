@@ -9,9 +9,10 @@ fc1's density on the first 100 rows of the digits test set.
 All of it runs through eiec.sweep.sweep (what `eiec sweep` runs) on one local Dask cluster,
 once per --workers value; the rows must be identical, and the wall-clock ratio is the
 speed-up. Usage: python bench/sweep.py [--layers ...] [--workers 1 2] [--out-dir bench/results]
-With --cost MODEL.onnx it times instead a two-point sweep of one model on random inputs
-(bench/results/sweep_cost.json), the per-point costs docs/sweep.md extrapolates from; `--cost
-resnet50` sweeps bench/compile_speed.py's ResNet-50 (torchvision's architecture, random weights).
+With --cost MODEL.onnx it times instead two-point sweeps of one model on random inputs, one per
+--cost-images count (bench/results/sweep_cost.json): the per-point and per-input costs
+docs/sweep.md extrapolates from; `--cost resnet50` sweeps bench/compile_speed.py's ResNet-50
+(torchvision's architecture, random weights).
 """
 
 from __future__ import annotations
@@ -137,32 +138,44 @@ COST_RECIPE = {"defaults": {"density": 0.3, "bits": 4, "refit": False, "bias_cor
                              "obs": False, "gptq": False}}
 
 
-def cost(model: str, images: int, out_dir: str) -> None:
+def cost(model: str, counts: list[int], out_dir: str) -> None:
     """Per-point times of a sweep over `model` (random inputs), for docs/sweep.md's extrapolation:
-    one compress shared by two points (32 and 64 PEs), each simulating `images` inputs."""
+    for each count of inputs, one compress shared by two points (32 and 64 PEs), each point
+    lowering the model and simulating that many inputs. With two or more counts, the per-input
+    time is the slope of the points' times against the count (what lowering and a fresh
+    session's first run cost is the intercept)."""
+    runs = []
     with tempfile.TemporaryDirectory(prefix="eiec-bench-cost-") as folder:
         if model == "resnet50":
             model = os.path.join(folder, "resnet50.onnx")
             onnx.save(resnet50(), model)
         m = onnx.load(model, load_external_data=False)
         shape = [d.dim_value or 1 for d in m.graph.input[0].type.tensor_type.shape.dim]
-        test = os.path.join(folder, "test.npz")
-        np.savez(test, **{m.graph.input[0].name: np.random.default_rng(SEED).standard_normal(
-            [images, *shape[1:]]).astype(np.float32)})
         recipe = os.path.join(folder, "recipe.yaml")
         with open(recipe, "w") as f:
             yaml.safe_dump(COST_RECIPE, f)
-        load = os.getloadavg()[0]
-        with dask_client(1) as client:
-            res = sweep([model], test, [parse_vary("target.pes=32,64")], config=recipe, seed=SEED, client=client)
-    for r in res.rows:
-        print({k: r[k] for k in ("target.pes", "latency_us", "cycles", "energy_uj", "bytes_huffman", "error")})
+        for images in counts:
+            test = os.path.join(folder, f"test{images}.npz")
+            np.savez(test, **{m.graph.input[0].name: np.random.default_rng(SEED).standard_normal(
+                [images, *shape[1:]]).astype(np.float32)})
+            load = os.getloadavg()[0]
+            with dask_client(1) as client:
+                res = sweep([model], test, [parse_vary("target.pes=32,64")], config=recipe, seed=SEED,
+                            client=client)
+            for r in res.rows:
+                print({k: r[k] for k in ("target.pes", "latency_us", "cycles", "energy_uj", "bytes_huffman", "error")})
+            print(f"{images} inputs: compress {res.compress_seconds[0]:.1f} s; per point (lower + {images} inputs): "
+                  + ", ".join(f"{s:.1f} s" for s in res.point_seconds), flush=True)
+            runs.append({"images_per_point": images, "compress_seconds": res.compress_seconds,
+                         "point_seconds": res.point_seconds, "wall_seconds": res.seconds, "rows": res.rows,
+                         "load_average_1min_before": load})
     record = {"benchmark": "sweep_cost", "command": command_line(), "model": os.path.basename(model),
-              "recipe": COST_RECIPE, "images_per_point": images, "compress_seconds": res.compress_seconds,
-              "point_seconds": res.point_seconds, "wall_seconds": res.seconds, "rows": res.rows,
-              "load_average_1min_before": load, "machine": machine_info()}
-    print(f"compress {res.compress_seconds[0]:.1f} s; per point (lower + {images} inputs): "
-          + ", ".join(f"{s:.1f} s" for s in res.point_seconds))
+              "recipe": COST_RECIPE, "runs": runs, "machine": machine_info()}
+    if len(runs) > 1:
+        n = np.repeat([r["images_per_point"] for r in runs], [len(r["point_seconds"]) for r in runs])
+        slope, intercept = np.polyfit(n, np.concatenate([r["point_seconds"] for r in runs]), 1)
+        record["seconds_per_input"], record["seconds_per_point_without_inputs"] = float(slope), float(intercept)
+        print(f"per input {slope:.2f} s; per point without inputs (lower, a fresh session) {intercept:.1f} s")
     out = os.path.join(out_dir, "sweep_cost.json")
     write_json(out, record)
     print(f"wrote {out}")
@@ -176,7 +189,9 @@ def main() -> None:
     ap.add_argument("--cost", metavar="MODEL.onnx",
                     help="instead: time a two-point sweep of this model, or of compile_speed.py's ResNet-50 "
                          "with 'resnet50' (per-point costs, docs/sweep.md)")
-    ap.add_argument("--cost-images", type=int, default=4, help="inputs per point with --cost")
+    ap.add_argument("--cost-images", type=int, nargs="+", default=[4, 12],
+                    help="inputs per point with --cost, one sweep per count (default 4 12: the per-input "
+                         "time is the slope)")
     args = ap.parse_args()
     if args.cost:
         return cost(args.cost, args.cost_images, args.out_dir)
