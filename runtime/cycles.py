@@ -8,7 +8,7 @@ blocks of broadcasts, vectorised over (broadcast, batch, pe).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -449,17 +449,14 @@ def _events_of(tile: SparseImage, target: Target) -> tuple[str, np.ndarray]:
 
 
 def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_back: bool,
-               inputs: int | None = None,
-               counted: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> PassCycles:
+               inputs: int | None = None) -> PassCycles:
     """One RUN of `tile` on each vector of x_nonzero (bool [N, layer cols], the nonzero =
     broadcast activations): pipeline fill, the activation queues' span and, for a LAST
     RUN, the write-back of the tile's rows (one row per PE per cycle). The vectors are
     `inputs` runs of N / inputs consecutive ones (a conv's output positions of each input;
-    default: one vector each), and each count is the sum over an input's vectors.
-
-    counted: returns pass_events' counts of this RUN, called after the queues are solved
-    (eiec.runtime.executor lets whichever of its threads is free count them); default: counted
-    here, in one product with the PEs' excess when the queues need that."""
+    default: one vector each), and each count is the sum over an input's vectors. The
+    events are counted after the queues are solved, in one product with the PEs' excess
+    when the queues need that."""
     if tile.pes != target.pes:
         raise FormatError(None, f"tile built for {tile.pes} PEs, target has {target.pes}")
     if tile.col_lo + tile.cols > x_nonzero.shape[1]:
@@ -469,23 +466,18 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
     per = n // inputs
     name, table = _events_of(tile, target)
     nz = x_nonzero[:, tile.col_lo:tile.col_lo + tile.cols]
-    shared = counted is None
-    counted = counted or (lambda: pass_events(tile, x_nonzero, target, inputs))
     if queues_idle(tile, target):
-        return counted_pass(tile, counted(), per, target, write_back)
+        return counted_pass(tile, pass_events(tile, x_nonzero, target, inputs), per, target, write_back)
     counts = None
     if per == 1:
         count = np.count_nonzero(nz, axis=1).astype(np.int64)
         excess = None  # every vector surely stalls: the queues need no excess
-        if not _surely_stall(tile, nz, count, target.queue_depth):
-            if shared:  # one product for the events and the excess
-                summed, used = _table_product(tile, name, table, slice(0, 2 * pes + 2), nz, 1)
-                events = np.zeros((inputs, pes + 2), np.int64)
-                events[:, used[used < pes + 2]] = summed[:, used < pes + 2]
-                counts = events, count
-                excess = summed[:, used >= pes + 2]
-            else:
-                excess = _table_product(tile, name, table, slice(pes + 2, 2 * pes + 2), nz, 1)[0]
+        if not _surely_stall(tile, nz, count, target.queue_depth):  # one product for the events and the excess
+            summed, used = _table_product(tile, name, table, slice(0, 2 * pes + 2), nz, 1)
+            events = np.zeros((inputs, pes + 2), np.int64)
+            events[:, used[used < pes + 2]] = summed[:, used < pes + 2]
+            counts = events, count
+            excess = summed[:, used >= pes + 2]
         span, stall = _spans(tile, nz, count, excess, target.queue_depth)
     else:  # a conv's positions repeat few patterns (a zero border, all-nonzero patches): each once
         first, inverse = _unique_rows(nz)
@@ -494,7 +486,9 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
         span, stall = _spans(tile, patterns, np.count_nonzero(patterns, axis=1).astype(np.int64), excess,
                              target.queue_depth, distinct=True)
         span, stall = span[inverse].reshape(inputs, per).sum(axis=1), stall[inverse].reshape(inputs, per).sum(axis=1)
-    return counted_pass(tile, counts if counts is not None else counted(), per, target, write_back, span, stall)
+    if counts is None:
+        counts = pass_events(tile, x_nonzero, target, inputs)
+    return counted_pass(tile, counts, per, target, write_back, span, stall)
 
 
 def counted_pass(tile: SparseImage, counted: tuple[np.ndarray, np.ndarray], per: int, target: Target,

@@ -29,7 +29,7 @@ from eiec.parallel import one_blas_thread
 from eiec.image import SparseImage
 
 from .cycles import (LoadCost, PassCycles, Timeline, counted_events, counted_pass, cycle_pass, layer_cycles,
-                     load_ptr_cost, load_spmat_cost, pass_events, queue_occupancy, queues_idle)
+                     load_ptr_cost, load_spmat_cost, queue_occupancy, queues_idle)
 from .energy import MODULES, access_energies, layer_energy, pe_area_mm2
 from eiec.fixedpoint import dequantize, quantize_counting
 from .simulator import (accumulate_fixed, accumulate_float, check_widths, depthwise_product, error_bound,
@@ -472,12 +472,10 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
                 tile, counted_events(tile, _window_counts(x != 0, spec), vectors // batch, t), vectors // batch, t,
                 write_back))
         else:
-            # its event counts are made by whichever thread is free first: this one when the run
-            # settles (its arithmetic done), or the cycle model's once the queues are solved
-            counted = _once(lambda: pass_events(tile, x_nonzero(), t, inputs=batch))
-            queues = _beside(tile.code.size * vectors, lambda: cycle_pass(
-                tile, x_nonzero(), t, write_back=write_back, inputs=batch, counted=counted))
-            cycles = lambda: (counted(), queues())[1]
+            # its event counts too: counted on this thread as the run settles, they ran beside
+            # the queues still being solved and slowed them (numpy's small calls hold the GIL)
+            cycles = _beside(tile.code.size * vectors, lambda: cycle_pass(
+                tile, x_nonzero(), t, write_back=write_back, inputs=batch))
     if mode == "fixed":
         check_widths(t, spec.cols)
         acc = None
