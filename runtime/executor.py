@@ -472,8 +472,8 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
                 tile, counted_events(tile, _window_counts(x != 0, spec), vectors // batch, t), vectors // batch, t,
                 write_back))
         else:
-            # its event counts too: counted on this thread as the run settles, they ran beside
-            # the queues still being solved and slowed them (numpy's small calls hold the GIL)
+            # its event counts too, after its queues: counted on this thread as the run settles,
+            # they would slow the queues still being solved beside (numpy's small calls hold the GIL)
             cycles = _beside(tile.code.size * vectors, lambda: cycle_pass(
                 tile, x_nonzero(), t, write_back=write_back, inputs=batch))
     if mode == "fixed":
