@@ -31,6 +31,7 @@ from .compress import kept_count, magnitude_mask, top_k_mask
 # Widest layer input (per group) that gets a Hessian: H and the ~5 work copies OBS makes
 # of it are in^2 float64 each, 128 MB at 4096. Wider layers: no OBS, refit through X.
 MAX_HESSIAN_INPUTS = 4096
+_CANONICAL_PROBE = 1 << 12  # entries `_canonical` checks first, before converting a whole float64 layer
 
 
 def layer_hessian(X: np.ndarray) -> np.ndarray:
@@ -404,11 +405,16 @@ def _nearest_code(values: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def nearest_assign(W: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """Indices of W's nearest codebook entries: 0 for W's zeros, 1..K-1 (nearest nonzero entry) otherwise."""
-    W = np.asarray(W, np.float64)
+    """Indices of W's nearest codebook entries: 0 for W's zeros, 1..K-1 (nearest nonzero entry) otherwise.
+    Only the kept weights are searched (in float64): a pruned layer is mostly zeros."""
+    W = np.asarray(W)
     c = np.asarray(codebook, np.float64)
     order = np.argsort(c[1:], kind="stable") + 1
-    return np.where(W != 0, order[_nearest_code(c[order], W)], 0).astype(np.uint8)
+    idx = np.zeros(W.shape, np.uint8)
+    flat = W.reshape(-1)
+    live = np.flatnonzero(flat)
+    idx.reshape(-1)[live] = order[_nearest_code(c[order], flat[live].astype(np.float64))]
+    return idx
 
 
 # Per-row GPTQ solves one kept-weights-only problem per output row, ~sum over rows of
@@ -762,6 +768,25 @@ def _row_blocks(rows: int, cols: int) -> list[slice]:
     return [slice(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
+def _canonical(W: np.ndarray) -> tuple[bool, np.ndarray]:
+    """(flipped, values): W's values as one C-contiguous array, W's transpose when W is in
+    Fortran order (as GPTQ's column sweeps leave a layer: transposing it costs more than
+    measuring it again), float32 when they all are float32 values (as most candidates are: the
+    IR1 weights pruned, or a float32 codebook's entries) else float64. Equal values in the same
+    layout give equal bytes whatever W's dtype, with no float64 copy of a float32 layer."""
+    W = np.asarray(W)
+    flipped = W.ndim == 2 and W.flags.f_contiguous and not W.flags.c_contiguous
+    values = W.T if flipped else W
+    if values.dtype != np.float32:
+        values = np.asarray(values, np.float64)
+        head = values.flat[:_CANONICAL_PROBE]  # a float64 layer shows it on its first entries, mostly
+        if np.array_equal(head.astype(np.float32), head):
+            narrow = values.astype(np.float32, order="C")
+            if np.array_equal(narrow, values):
+                values = narrow
+    return flipped, np.ascontiguousarray(values)
+
+
 class LayerTarget:
     """One layer's sequential reconstruction problem on the calibration rows.
 
@@ -878,18 +903,18 @@ class LayerTarget:
         change; float32 or float64 alike), and each measure is a product of the whole layer with
         H or X.
         """
-        a = np.ascontiguousarray(W_new, dtype=np.float64)
+        flipped, a = _canonical(W_new)
         # sha256 (OpenSSL's): 1.4 GB/s on the development machine against blake2b's 0.5, and a
         # ResNet-50 compile hashes ~3 s of candidates
-        key = (a.shape, hashlib.sha256(a.view(np.uint8).reshape(-1)).digest())
+        key = (a.shape, flipped, a.dtype.char, hashlib.sha256(a.view(np.uint8).reshape(-1)).digest())
         memo = self.__dict__.setdefault("_weight_errors", {})
         if key in memo:
             return memo[key]
-        Wg, Ng = self._grouped(self.W), self._grouped(a)
+        Wg, Ng = self._grouped(self.W), self._grouped(a.T if flipped else a)
         n = self.X.shape[1]
         num = 0.0
         for b in self._blocks():
-            E = Ng[:, b] - Wg[:, b]  # [g, rows, in], float64
+            E = np.subtract(Ng[:, b], Wg[:, b], dtype=np.float64)  # [g, rows, in]
             if self.via_x:  # |X E^T + D|^2 / n, the outputs themselves, in X's precision
                 if not E.any():  # the dense weights: X E^T = 0, no product (n * in * out) needed
                     if self.D is not None:

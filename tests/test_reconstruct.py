@@ -535,3 +535,45 @@ def test_large_layer_paths_equal_the_plain_ones(monkeypatch, groups):
     assert t32._H_products.dtype == np.float32
     assert t32.error(W_new) == pytest.approx(whole.error(W_new), rel=1e-4)
     assert t32.energy == pytest.approx(whole.energy, rel=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 12), n_in=st.integers(1, 30), k=st.integers(2, 16), density=st.sampled_from([0.0, 0.3, 1.0]),
+       grid=st.booleans(), fortran=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_nearest_assign_is_the_nearest_nonzero_entry_of_each_kept_weight(out, n_in, k, density, grid, fortran, seed):
+    # the obvious oracle, one weight at a time in float64: the nearest of entries 1..K-1 (distinct,
+    # as k-means leaves them), a tie to the smaller value (grid: weights and entries on a coarse
+    # grid, so ties happen); zeros get 0
+    rng = np.random.default_rng(seed)
+    if grid:
+        codebook = np.r_[0.0, rng.choice(np.arange(-8, 9) / 4, k - 1, replace=False)]
+        W = rng.choice(np.arange(-12, 13) / 8, (out, n_in))
+    else:
+        codebook = np.r_[0.0, rng.standard_normal(k - 1)]
+        W = rng.standard_normal((out, n_in))
+    W = np.where(rng.random(W.shape) < density, W, 0.0).astype(rng.choice([np.float32, np.float64]))
+    W = np.asfortranarray(W) if fortran else W
+    want = np.zeros(W.shape, np.uint8)
+    for (r, c), w in np.ndenumerate(W):
+        if w != 0:
+            dist = [(abs(float(w) - codebook[j]), codebook[j], j) for j in range(1, k)]
+            want[r, c] = min(dist)[2]
+    np.testing.assert_array_equal(nearest_assign(W, codebook), want)
+
+
+def test_a_candidate_is_measured_once_whatever_its_dtype_and_the_same_in_either_layout():
+    # the error memo: float32 values are one candidate held as float32 or float64; a Fortran-ordered
+    # copy gives the same error (measured again: its bytes differ); values float32 cannot hold
+    # are a candidate of their own
+    rng = np.random.default_rng(5)
+    X_ref = correlated_inputs(rng, 200, 24).astype(np.float32)
+    X = X_ref + np.float32(0.1) * rng.standard_normal(X_ref.shape).astype(np.float32)
+    W = rng.standard_normal((10, 24)).astype(np.float32)
+    t = LayerTarget(W, X, X_ref)
+    W_new = magnitude_prune(W, 0.5).astype(np.float32)
+    e = t.error(W_new)
+    assert t.error(W_new.astype(np.float64)) == e and len(t._weight_errors) == 1
+    assert t.error(np.asfortranarray(W_new)) == pytest.approx(e, rel=1e-12) and len(t._weight_errors) == 2
+    nudged = W_new.astype(np.float64) + 1e-12 * (W_new != 0)
+    assert t.error(nudged) != e and len(t._weight_errors) == 3
+    assert t.error(W_new.astype(np.float64)[:, ::-1][:, ::-1]) == e and len(t._weight_errors) == 3
