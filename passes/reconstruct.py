@@ -898,10 +898,10 @@ class LayerTarget:
     def _weight_error(self, W_new: np.ndarray) -> float:
         """|X E^T + D|^2 / n, E = W_new - W: the output error of the weights alone (no bias change).
 
-        Remembered per W_new's values: a layer's candidates are each measured more than once
-        (inside `obs_prune` and `gptq_assign`, then by the caller, and again with their bias
-        change; float32 or float64 alike), and each measure is a product of the whole layer with
-        H or X.
+        Remembered per W_new's values and layout (`_canonical`): a layer's candidates are each
+        measured more than once (inside `obs_prune` and `gptq_assign`, then by the caller, and
+        again with their bias change; float32 or float64 alike), and each measure is a product of
+        the whole layer with H or X.
         """
         flipped, a = _canonical(W_new)
         # sha256 (OpenSSL's): 1.4 GB/s on the development machine against blake2b's 0.5, and a
@@ -914,7 +914,7 @@ class LayerTarget:
         n = self.X.shape[1]
         num = 0.0
         for b in self._blocks():
-            E = np.subtract(Ng[:, b], Wg[:, b], dtype=np.float64)  # [g, rows, in]
+            E = np.subtract(Ng[:, b], Wg[:, b], dtype=np.float64, order="C")  # [g, rows, in], either layout of W_new
             if self.via_x:  # |X E^T + D|^2 / n, the outputs themselves, in X's precision
                 if not E.any():  # the dense weights: X E^T = 0, no product (n * in * out) needed
                     if self.D is not None:
