@@ -23,13 +23,15 @@ POINTER_READ_CYCLES = 1
 # Pointers sit in two banks (even / odd columns): two pointers written per cycle on reload.
 POINTER_BANKS = 2
 
-# _queue_span sizes: at most this many [pes, batch, broadcasts] elements per array
-# (memory); below the second figure per block numpy's per-call overhead dominates, so
-# blocks grow past the queue depth (up to _MAX_BLOCK_ROUNDS times it) and are iterated.
+# _queue_span sizes: at most this many [broadcasts, batch, pes] elements per block;
+# below the second figure per block numpy's per-call overhead dominates, so blocks grow
+# past the queue depth (up to _MAX_BLOCK_ROUNDS times it) and are iterated. A chunk of
+# blocks takes its work at once, at least _CHUNK_ELEMS elements.
 _BLOCK_ELEMS = 1 << 21
 _SMALL_BLOCK_ELEMS = 1 << 16
 _MAX_BLOCK_ROUNDS = 32
-_SCAN_ROW_ELEMS = 1024  # B * pes from which _queue_span's memory runs along (B, pes)
+_CHUNK_ELEMS = 1 << 16
+_SCAN_ROW_ELEMS = 1024  # B * pes from which a running max or sum goes one numpy call per step
 _INT16_TIMES = 1 << 13  # cycle times below this are solved in int16 (a conv's short broadcast lists)
 _INT32_TIMES = 1 << 29  # ... below this in int32
 _NEVER = -(1 << 40)  # an int64 time below any real one: never wins a max
@@ -132,19 +134,17 @@ def _queue_pes(tile: SparseImage) -> np.ndarray:
     return first[keep]
 
 
-def _scan(op: np.ufunc, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """op.accumulate along the last axis of a [pes, batch, L] array, into `out` (default: in
-    place): one call when that axis is contiguous, else one call per step (numpy's
-    accumulate walks a strided axis slowly; each step is then one contiguous [batch, pes] row)."""
-    out = a if out is None else out
-    if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
-        rows, to = a.transpose(2, 1, 0), out.transpose(2, 1, 0)  # the memory's own order, [L, batch, pes]
-        if out is not a:
-            to[0] = rows[0]
-        for i in range(1, rows.shape[0]):
-            op(to[i - 1], rows[i], out=to[i])
-    else:
-        op.accumulate(a, axis=-1, out=out)
+def _scan(op: np.ufunc, a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """op.accumulate along the first axis of a [L, batch, pes] array, into `out` (may be `a`).
+    numpy's running max or sum takes ~4 ns an element whatever the layout (each element
+    waits for the one before), so rows of many elements go one numpy call per step instead,
+    each an elementwise op on a contiguous row."""
+    if a.shape[1] * a.shape[2] < _SCAN_ROW_ELEMS:
+        return op.accumulate(a, axis=0, out=out)
+    if out is not a:
+        out[0] = a[0]
+    for i in range(1, a.shape[0]):
+        op(out[i - 1], a[i], out=out[i])
     return out
 
 
@@ -169,9 +169,8 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     changing, from a lower bound on the block's g (each PE busy from its finish before the
     block: s[p, k] >= f[p, k-1]): each round fixes at least `depth` more broadcasts, and
     the iterates rise monotonically to the recurrence's unique solution, usually in two or
-    three rounds. Arrays are [pes, B, L] views; when B * pes is small their memory runs
-    along the broadcasts (numpy's running max is several times faster there than along a
-    strided axis), else along (B, pes); either way in the narrowest integer the times fit.
+    three rounds. Arrays are [L, B, pes], in the narrowest integer the times fit; a chunk
+    of blocks takes its work and running sums at once.
     """
     n_bcast, batch = cols_k.shape
     pes = work.shape[1]
@@ -180,9 +179,8 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
         empty = (np.zeros((0, batch), np.int64), np.zeros((0, batch, pes), np.int64)) if trace else ()
         return (np.zeros(batch, np.int64), np.zeros(batch, np.int64)) + empty
     elems = batch * pes
-    wide = elems >= _SCAN_ROW_ELEMS
     block = min(depth, max(1, _BLOCK_ELEMS // elems))
-    if depth * elems < _SMALL_BLOCK_ELEMS and not wide:
+    if depth * elems < _SMALL_BLOCK_ELEMS and elems < _SCAN_ROW_ELEMS:
         block = min(max(depth, _SMALL_BLOCK_ELEMS // elems), _MAX_BLOCK_ROUNDS * depth)
     block = min(block, n_bcast)
     if block == 1:  # wide rows and depth 1: the plain recurrence has fewer numpy calls per step
@@ -196,77 +194,75 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
         dtype, never = np.int16, -2 * _INT16_TIMES
     elif longest < _INT32_TIMES:
         dtype, never = np.int32, -2 * _INT32_TIMES
-    order = "K" if wide else "C"  # a [pes, B, L] view of [L, B, pes] memory, or [pes, B, L] memory
-
-    def empty_(n: int) -> np.ndarray:
-        return np.empty((n, batch, pes), dtype).transpose(2, 1, 0) if wide else np.empty((pes, batch, n), dtype)
-
-    # broadcasts whose work is gathered at once: wide rows take their running sums once per
-    # chunk of blocks; narrow ones gather each block as they reach it, into the same buffers
-    # (small arrays, reused: they stay in cache, and a fresh large array page-faults each call)
-    chunk = max(1, _BLOCK_ELEMS // (elems * block)) * block if wide else block
-    work_buf, before_buf, t_buf = empty_(chunk), empty_(chunk), empty_(block)
-    finish = np.zeros((pes, batch), dtype)  # f of the last broadcast solved
+    # broadcasts whose work and running sums are taken at once: several blocks' (buffers
+    # reused: a fresh large array page-faults each call)
+    chunk = max(1, max(_CHUNK_ELEMS, elems * block) // (elems * block)) * block
+    work_buf, before_buf = np.empty((2, chunk, batch, pes), dtype)
+    t_buf = np.empty((block, batch, pes), dtype)
+    finish = np.zeros((batch, pes), dtype)  # f of the last broadcast solved
     issue = np.full(batch, -1, dtype)  # b of the last broadcast solved
-    # smax[:, k + depth] = max_p s[p, k]; the first `depth` columns stand for "no item" (-1)
-    smax = np.full((batch, n_bcast + depth), -1, dtype)
-    issue_all = np.empty((batch, n_bcast), dtype)
-    starts = empty_(n_bcast) if trace else None
+    # smax[k + depth] = max_p s[p, k]; the first `depth` rows stand for "no item" (-1)
+    smax = np.full((n_bcast + depth, batch), -1, dtype)
+    issue_all = np.empty((n_bcast, batch), dtype)
+    ks_all = np.arange(n_bcast, dtype=dtype)[:, None]
+    starts = np.empty((n_bcast, batch, pes), dtype) if trace else None
     for c0 in range(0, n_bcast, chunk):
         c1 = min(n_bcast, c0 + chunk)
-        w, before = work_buf[..., :c1 - c0], before_buf[..., :c1 - c0]  # [pes, B, n]
-        np.copyto(w, work[cols_k[c0:c1]].transpose(2, 1, 0), casting="unsafe")  # times fit dtype (above)
+        w, before = work_buf[:c1 - c0], before_buf[:c1 - c0]  # [n, B, pes]
+        if work.dtype == dtype:
+            np.take(work, cols_k[c0:c1], axis=0, out=w, mode="clip")
+        else:
+            w[...] = work[cols_k[c0:c1]]  # times fit dtype (above)
         if c1 > all_valid:
-            w[:, ~valid[c0:c1].T] = 0  # an invalid item adds no work
-        before[..., 0] = 0  # A', the running sum of work before each item from the chunk's first
-        _scan(np.add, w[..., :-1], out=before[..., 1:])
+            w[~valid[c0:c1]] = 0  # an invalid item adds no work
+        before[0] = 0  # A', the running sum of work before each item from the chunk's first
+        _scan(np.add, w[:-1], out=before[1:])
         for k0 in range(c0, c1, block):
             k1 = min(c1, k0 + block)
-            ks = np.arange(k0, k1, dtype=dtype)
-            t_block = t_buf[..., :k1 - k0]
             if k1 - k0 > depth:  # start from a lower bound on the block's own pops: each PE busy from its last finish
-                a_before = before[..., k0 - c0:k1 - c0]
-                lb = t_block[..., :k1 - k0 - depth]
-                np.add((finish - a_before[..., 0])[..., None], a_before[..., :k1 - k0 - depth], out=lb)
-                np.maximum(smax[:, k0 + depth:k1], lb.max(axis=0), out=smax[:, k0 + depth:k1])
+                a_before = before[k0 - c0:k1 - c0 - depth]
+                lb = t_buf[:k1 - k0 - depth]
+                np.add(finish - a_before[0], a_before, out=lb)
+                np.maximum(smax[k0 + depth:k1], lb.max(axis=2), out=smax[k0 + depth:k1])
             lo, b = k0, None  # items before lo are solved: their b, s, f are the recurrence's
             while True:
-                g = smax[:, lo:k1] - ks[lo - k0:]
-                np.maximum.accumulate(g, axis=-1, out=g)
-                np.maximum(g, (issue + 1 - lo)[:, None], out=g)  # b_k >= b_{lo-1} + 1 + (k - lo)
-                g += ks[lo - k0:]
+                ks = ks_all[lo:k1]
+                g = smax[lo:k1] - ks
+                np.maximum.accumulate(g, axis=0, out=g)
+                np.maximum(g, issue + 1 - lo, out=g)  # b_k >= b_{lo-1} + 1 + (k - lo)
+                g += ks
                 if b is not None:
-                    moved = (g != b).any(axis=0)
+                    moved = (g != b).any(axis=1)
                     j = int(moved.argmax())
                     if not moved[j]:
                         break
                     # b held before item lo + j: there the previous round's b was its own closed form
                     # (a fixed point), so b, s and f of items lo..lo+j-1 are solved; go on from there
-                    issue_all[:, lo:lo + j] = b[:, :j]
-                    finish, issue = t[..., j - 1] + w[..., lo + j - 1 - c0], b[:, j - 1]
-                    lo, g = lo + j, g[:, j:]
+                    issue_all[lo:lo + j] = b[:j]
+                    finish, issue = t[j - 1] + w[lo + j - 1 - c0], b[j - 1]
+                    lo, g = lo + j, g[j:]
                 b = g
-                a_before = before[..., lo - c0:k1 - c0]
-                t = t_block[..., lo - k0:]
-                np.subtract(b[None], a_before, out=t)
+                a_before = before[lo - c0:k1 - c0]
+                t = t_buf[lo - k0:k1 - k0]
+                np.subtract(b[:, :, None], a_before, out=t)
                 if k1 > all_valid:
-                    t[:, ~valid[lo:k1].T] = never  # an invalid item issues nothing
-                np.maximum(t[..., 0], finish - a_before[..., 0], out=t[..., 0])  # f[lo-1] - A'[lo]
-                _scan(np.maximum, t)  # now f - A
+                    t[~valid[lo:k1]] = never  # an invalid item issues nothing
+                np.maximum(t[0], finish - a_before[0], out=t[0])  # f[lo-1] - A'[lo]
+                _scan(np.maximum, t, out=t)  # now f - A
                 t += a_before  # s = f - work
-                t.max(axis=0, out=smax[:, lo + depth:k1 + depth])
+                t.max(axis=2, out=smax[lo + depth:k1 + depth])
                 if k1 - lo <= depth:
                     break
-            issue_all[:, lo:k1] = b
+            issue_all[lo:k1] = b
             if trace:
-                starts[..., k0:k1] = t_block
-            finish, issue = t[..., -1] + w[..., k1 - 1 - c0], b[:, -1]
+                starts[k0:k1] = t_buf[:k1 - k0]
+            finish, issue = t[-1] + w[k1 - 1 - c0], b[-1]
     # valid items are a prefix: sum_k (b_k - b_{k-1} - 1) telescopes to b_last + 1 - n
-    last = issue_all[np.arange(batch), np.maximum(n_valid - 1, 0)].astype(np.int64)
+    last = issue_all[np.maximum(n_valid - 1, 0), np.arange(batch)].astype(np.int64)
     stall = np.where(n_valid > 0, last + 1 - n_valid, 0)
-    out = (finish.max(axis=0, initial=0).astype(np.int64), stall)
+    out = (finish.max(axis=1, initial=0).astype(np.int64), stall)
     if trace:
-        out += (issue_all.T.astype(np.int64), starts.transpose(2, 1, 0).astype(np.int64, order="C"))
+        out += (issue_all.astype(np.int64), starts.astype(np.int64))
     return out
 
 

@@ -58,15 +58,16 @@ def check_against_scalar(work: np.ndarray, x_nonzero: np.ndarray, depth: int) ->
 
 @given(seed=st.integers(0, 2 ** 32 - 1), pes=st.sampled_from([1, 3, 8, 64, 80]),
        batch=st.sampled_from([1, 2, 5, 16]), depth=st.sampled_from([1, 2, 3, 8, 16, 64]),
-       scale=st.sampled_from([1, 1 << 10, 1 << 26]))
+       scale=st.sampled_from([1, 1 << 10, 1 << 26]), table=st.sampled_from([np.int64, np.int32]))
 @settings(max_examples=60, deadline=None)
-def test_queue_span_matches_the_scalar_recurrence(seed, pes, batch, depth, scale):
+def test_queue_span_matches_the_scalar_recurrence(seed, pes, batch, depth, scale, table):
     # pes x batch spans all three code paths: iterated long blocks (narrow rows), one pass
     # per block of <= depth broadcasts (wide rows), and the stepwise loop (depth 1, wide);
-    # larger work values force int32 times (scale 2**10), int64 (2**26) instead of int16
+    # larger work values force int32 times (scale 2**10), int64 (2**26) instead of int16,
+    # from a work table in int64 or in int32 (the column tables')
     rng = np.random.default_rng(seed)
     cols = int(rng.integers(1, 40))
-    work = rng.integers(0, int(rng.integers(1, 20)), (cols, pes)) * scale
+    work = (rng.integers(0, int(rng.integers(1, 20)), (cols, pes)) * scale).astype(table)
     x_nonzero = rng.random((batch, cols)) < rng.choice([0.1, 0.5, 1.0])
     check_against_scalar(work, x_nonzero, depth)
 
@@ -85,9 +86,9 @@ def test_queue_span_over_many_blocks_matches_the_scalar_recurrence():
 def test_queue_span_of_one_long_stalling_list_matches_the_scalar_recurrence():
     # one input (Alex-6 at batch 1): every PE has several entries in most columns, so the
     # queues stay full and blocks of broadcasts are solved again from the item where a
-    # round's issue times first moved; the traced pop times too
+    # round's issue times first moved, over several chunks of blocks; the traced pop times too
     rng = np.random.default_rng(19)
-    pes, cols, depth = 64, 900, 8
+    pes, cols, depth = 64, 3000, 8
     work = np.maximum(rng.poisson(5, (cols, pes)), 1)
     x_nonzero = rng.random((1, cols)) < 0.7
     cols_k, valid = broadcast_lists(x_nonzero)
