@@ -31,7 +31,8 @@ _BLOCK_ELEMS = 1 << 21
 _SMALL_BLOCK_ELEMS = 1 << 16
 _MAX_BLOCK_ROUNDS = 32
 _CHUNK_ELEMS = 1 << 16
-_SCAN_ROW_ELEMS = 1024  # B * pes from which a running max or sum goes one numpy call per step
+_WIDE_ELEMS = 1024  # B * pes from which _queue_span's blocks are at most `depth` broadcasts long
+_STEP_SCAN_ELEMS = 256  # B * pes from which a running max or sum goes one numpy call per step
 _INT16_TIMES = 1 << 13  # cycle times below this are solved in int16 (a conv's short broadcast lists)
 _INT32_TIMES = 1 << 29  # ... below this in int32
 _NEVER = -(1 << 40)  # an int64 time below any real one: never wins a max
@@ -134,14 +135,26 @@ def _queue_pes(tile: SparseImage) -> np.ndarray:
     return first[keep]
 
 
+def _queue_work(tile: SparseImage) -> np.ndarray:
+    """The queue model's work table [cols, its PEs (_queue_pes)], in the narrowest integer type
+    that holds it: the recurrence gathers a row of it for every broadcast, and a small table
+    stays in cache beside the arithmetic's stream of the weights on the other core (Alex-6's
+    is 2.4 MB in int32, 0.6 MB in int8)."""
+    work = tile_cached(tile, "column_tables", _column_tables)[1][:, _queue_pes(tile)]
+    most = int(work.max(initial=0))
+    narrow = next(t for t in (np.int8, np.int16, np.int32) if most <= np.iinfo(t).max)
+    return np.ascontiguousarray(work, narrow)
+
+
 def _scan(op: np.ufunc, a: np.ndarray, out: np.ndarray) -> np.ndarray:
     """op.accumulate along the first axis of a [L, batch, pes] array, into `out` (may be `a`).
-    numpy's running max or sum takes ~4 ns an element whatever the layout (each element
-    waits for the one before), so rows of many elements go one numpy call per step instead,
-    each an elementwise op on a contiguous row."""
-    if a.shape[1] * a.shape[2] < _SCAN_ROW_ELEMS:
+    numpy's running max or sum takes ~4 ns an element while a step's row is short (each
+    element waits for the one before), and more once the rows it strides across leave the
+    first-level cache; rows of many elements go one numpy call per step instead, each an
+    elementwise op on a contiguous row."""
+    if a.shape[1] * a.shape[2] < _STEP_SCAN_ELEMS:
         return op.accumulate(a, axis=0, out=out)
-    if out is not a:
+    if out is not a and a.shape[0]:
         out[0] = a[0]
     for i in range(1, a.shape[0]):
         op(out[i - 1], a[i], out=out[i])
@@ -180,7 +193,7 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
         return (np.zeros(batch, np.int64), np.zeros(batch, np.int64)) + empty
     elems = batch * pes
     block = min(depth, max(1, _BLOCK_ELEMS // elems))
-    if depth * elems < _SMALL_BLOCK_ELEMS and elems < _SCAN_ROW_ELEMS:
+    if depth * elems < _SMALL_BLOCK_ELEMS and elems < _WIDE_ELEMS:
         block = min(max(depth, _SMALL_BLOCK_ELEMS // elems), _MAX_BLOCK_ROUNDS * depth)
     block = min(block, n_bcast)
     if block == 1:  # wide rows and depth 1: the plain recurrence has fewer numpy calls per step
@@ -211,8 +224,8 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
         w, before = work_buf[:c1 - c0], before_buf[:c1 - c0]  # [n, B, pes]
         if work.dtype == dtype:
             np.take(work, cols_k[c0:c1], axis=0, out=w, mode="clip")
-        else:
-            w[...] = work[cols_k[c0:c1]]  # times fit dtype (above)
+        else:  # a narrower table (_queue_work), or a wider one whose values fit dtype (above)
+            w[...] = work[cols_k[c0:c1]]
         if c1 > all_valid:
             w[~valid[c0:c1]] = 0  # an invalid item adds no work
         before[0] = 0  # A', the running sum of work before each item from the chunk's first
@@ -541,8 +554,7 @@ def _spans(tile: SparseImage, nz: np.ndarray, count: np.ndarray, excess: np.ndar
         head = excess[maybe[first]] - over[tail_cols].sum(axis=1, dtype=np.int64)
         stalls = np.flatnonzero(head.max(axis=1, initial=0) > depth)
     if stalls.size:
-        work = tile_cached(tile, "queue_work", lambda t: np.ascontiguousarray(
-            tile_cached(t, "column_tables", _column_tables)[1][:, _queue_pes(t)]))
+        work = tile_cached(tile, "queue_work", _queue_work)
         s_u, st_u = span[maybe[first]], np.zeros(first.size, np.int64)
         solved = None
         if stalls.size * work.shape[1] >= _LANES_MIN_ELEMS:

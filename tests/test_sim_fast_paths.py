@@ -58,16 +58,19 @@ def check_against_scalar(work: np.ndarray, x_nonzero: np.ndarray, depth: int) ->
 
 @given(seed=st.integers(0, 2 ** 32 - 1), pes=st.sampled_from([1, 3, 8, 64, 80]),
        batch=st.sampled_from([1, 2, 5, 16]), depth=st.sampled_from([1, 2, 3, 8, 16, 64]),
-       scale=st.sampled_from([1, 1 << 10, 1 << 26]), table=st.sampled_from([np.int64, np.int32]))
+       scale=st.sampled_from([1, 1 << 10, 1 << 26]), table=st.sampled_from(["int64", "int32", "narrowest"]))
 @settings(max_examples=60, deadline=None)
 def test_queue_span_matches_the_scalar_recurrence(seed, pes, batch, depth, scale, table):
     # pes x batch spans all three code paths: iterated long blocks (narrow rows), one pass
     # per block of <= depth broadcasts (wide rows), and the stepwise loop (depth 1, wide);
     # larger work values force int32 times (scale 2**10), int64 (2**26) instead of int16,
-    # from a work table in int64 or in int32 (the column tables')
+    # from a work table in int64, int32 (the column tables') or the narrowest type (_queue_work's)
     rng = np.random.default_rng(seed)
     cols = int(rng.integers(1, 40))
-    work = (rng.integers(0, int(rng.integers(1, 20)), (cols, pes)) * scale).astype(table)
+    work = rng.integers(0, int(rng.integers(1, 20)), (cols, pes)) * scale
+    if table == "narrowest":
+        table = next(t for t in (np.int8, np.int16, np.int32, np.int64) if work.max() <= np.iinfo(t).max)
+    work = work.astype(table)
     x_nonzero = rng.random((batch, cols)) < rng.choice([0.1, 0.5, 1.0])
     check_against_scalar(work, x_nonzero, depth)
 
@@ -81,6 +84,15 @@ def test_queue_span_over_many_blocks_matches_the_scalar_recurrence():
         work = np.maximum(rng.integers(0, 12, (cols, pes)), 1)
         x_nonzero = rng.random((batch, cols)) < rng.choice([0.9, 0.6], (batch, 1))
         check_against_scalar(work, x_nonzero, depth)
+
+
+def test_queue_span_of_a_chunk_of_one_broadcast_matches_the_scalar_recurrence():
+    # 16 inputs x 64 PEs, depth 8: chunks of 64 broadcasts, so 65 and 129 leave a last chunk
+    # of one (its running sum of the work before it is empty)
+    rng = np.random.default_rng(5)
+    for cols in (65, 129):
+        work = np.maximum(rng.integers(0, 12, (cols, 64)), 1).astype(np.int8)
+        check_against_scalar(work, np.ones((16, cols), bool), 8)
 
 
 def test_queue_span_of_one_long_stalling_list_matches_the_scalar_recurrence():
