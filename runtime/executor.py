@@ -290,10 +290,11 @@ class _Machine:
         self.buffers: dict[int, _Buffer] = {}
         self.acc: np.ndarray | None = None  # the open accumulation's [B * positions, rows]
         self.acc_clipped: np.ndarray | None = None
+        self.tail: isa.Instr | None = None  # the RUN whose write-back waits for the cycle model (run_segment)
 
 
 def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool = True,
-                trace: bool = False, settle: bool = True) -> SegmentRun:
+                trace: bool = False, settle: bool = True, tail_waits: bool = True) -> SegmentRun:
     """Execute the segment's program on a batch `x` (float32 [B, *in_shape]), instruction by
     instruction, each input of the batch at once.
 
@@ -304,18 +305,24 @@ def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool =
     false, it returns once the arithmetic is done, while the cycle model of its last RUNs may
     still run on the second thread: the caller holds `eiec.parallel.one_blas_thread` until it
     has called `SegmentRun.settle` (so a run of several segments overlaps them).
+
+    With `tail_waits`, the program's last RUN waits for the cycle model before its write-back:
+    what is left of the program then is small numpy steps, which beside the cycle model's own
+    would hand the GIL back and forth (Alex-6 at batch 1 through InferenceSession: 9.2
+    against 11.1 ms, interleaved). A caller with more arithmetic to run beside the cycle
+    model (a later segment of the same run) passes false.
     """
     # BLAS stays on one thread while the cycle model's thread may be inside BLAS: OpenBLAS's thread
     # count is the process's, and setting it while the other thread was inside a BLAS call could
     # leave it at 1 for good (a later compile's floats, and so its bytes, then differ)
     with one_blas_thread() if cycles else contextlib.nullcontext():
-        run = _run_program(seg, x, mode, cycles, trace)
+        run = _run_program(seg, x, mode, cycles, trace, tail_waits)
         if settle:
             run.settle()
     return run
 
 
-def _run_program(seg: Segment, x: np.ndarray, mode: str, cycles: bool, trace: bool) -> SegmentRun:
+def _run_program(seg: Segment, x: np.ndarray, mode: str, cycles: bool, trace: bool, tail_waits: bool) -> SegmentRun:
     """run_segment's walk: the arithmetic instruction by instruction, each RUN's cycle model
     started beside it; the CCU's clock runs when the run settles, once every RUN's cycles are known."""
     t = seg.target
@@ -327,6 +334,8 @@ def _run_program(seg: Segment, x: np.ndarray, mode: str, cycles: bool, trace: bo
     e_x = functools.cache(lambda: np.abs(dequantize(act, first.in_frac) - x) if mode == "fixed" else None)
     run = SegmentRun(input=x, output=np.empty(0, np.float32))
     m = _Machine(seg, batch)
+    if tail_waits:
+        m.tail = next((ins for ins in reversed(seg.program) if ins.op == isa.Op.RUN), None)
     layers: dict[int, _LayerState] = {}
     names = [l.name for l in seg.layers]
 
@@ -497,6 +506,8 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
         if ins.flags & isa.Flag.FIRST:
             m.acc = np.zeros((xs.shape[0], ins.b - ins.a), np.float64)
         m.acc = accumulate_float(tile, spec.codebook, xs, m.acc)
+    if cycles is not None and ins is m.tail:
+        cycles()  # the cycle model done before the program's last small steps (run_segment's tail_waits)
     if ins.flags & isa.Flag.LAST:
         bias = (spec.bias_acc if mode == "fixed" else spec.bias)[ins.a:ins.b]
         if not ins.flags & isa.Flag.BIAS:

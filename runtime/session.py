@@ -133,19 +133,22 @@ def _settle(state: _Run) -> None:
 
 
 def _simulate(state: _Run, seg: Segment, xs: list[np.ndarray], chunks: list[tuple[int, int] | None],
-              first_rows: list[int]) -> list[np.ndarray]:
+              first_rows: list[int], last: bool = False) -> list[np.ndarray]:
     """The segment's output for each chunk's input xs (the chunk's (real rows, rows fed) and
     first row among the run's inputs beside), simulated in one run on all their rows.
     Rows that only pad a fixed-batch chunk are not simulated (their outputs repeat the last
-    real row's): the report counts the real inputs only."""
+    real row's): the report counts the real inputs only. `last`: no segment follows in this
+    run, so nothing is left to overlap with its cycle model (run_segment's tail_waits)."""
     reals = [c[0] if c is not None and c[0] < c[1] == x.shape[0] else x.shape[0] for x, c in zip(xs, chunks)]
     start = time.perf_counter()
     try:
         with section(f"simulate {seg.name}"):
             rows = xs[0][:reals[0]] if len(xs) == 1 else np.concatenate([x[:r] for x, r in zip(xs, reals)])
             # the cycle model of its last RUNs goes on beside the next host ops and segments
-            # (InferenceSession.run settles every run before it returns); a trace is read now
-            run = run_segment(seg, rows, state.mode, cycles=state.cycles, trace=state.trace, settle=state.trace)
+            # (InferenceSession.run settles every run before it returns), the last segment's
+            # finishes before its program's tail; a trace is read now
+            run = run_segment(seg, rows, state.mode, cycles=state.cycles, trace=state.trace, settle=state.trace,
+                              tail_waits=last)
     finally:
         state.simulated_s += time.perf_counter() - start
     state.runs.setdefault(seg.name, []).append(run)
@@ -284,6 +287,7 @@ class InferenceSession:
         if not self._stages or not set(input_feed) <= self._stage_inputs:
             return None
         stages = self._stages
+        last = next((s.segment for s in reversed(stages) if s.segment is not None), None)
 
         def run_chunks(names: list[str], feeds: list[dict[str, Any]], reals: list[int]) -> list[list[Any]]:
             chunks = [(r, size or r) for r in reals]
@@ -291,7 +295,7 @@ class InferenceSession:
 
             def segment(node: onnx.NodeProto, xs: list[np.ndarray]) -> list[np.ndarray]:
                 try:
-                    return _simulate(state, self._node_segment(node), xs, chunks, firsts)
+                    return _simulate(state, self._node_segment(node), xs, chunks, firsts, last=node is last)
                 except Exception as e:
                     state.errors.append(e)  # InferenceSession.run raises it as the op's would be
                     raise

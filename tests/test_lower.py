@@ -56,6 +56,25 @@ def test_every_dump_runs_and_ir3_ir4_float_match_ir2(compiled):
     assert sess.last_runs, "IR4 must run its segments on the simulator"
 
 
+def test_waiting_for_the_cycle_model_before_the_last_write_back_changes_no_figure(compiled, monkeypatch):
+    # the last segment's tail waits for its cycle model (run_segment's tail_waits): a reordering
+    # of the two threads' work, so the outputs and every layer's cycles are those of a run that
+    # overlaps them (batch 64: the RUNs' cycle models go to the second thread)
+    import eiec.runtime.session as session_module
+    feeds = _digits()
+    path = str(compiled / "m.eie")
+    out_waits, waits = _run(path, feeds)
+    real = session_module.run_segment
+    monkeypatch.setattr(session_module, "run_segment", lambda *a, **k: real(*a, **{**k, "tail_waits": False}))
+    out_overlaps, overlaps = _run(path, feeds)
+    for name, y in out_waits.items():
+        np.testing.assert_array_equal(y, out_overlaps[name])
+    assert waits.last_runs.keys() == overlaps.last_runs.keys()
+    for seg, run in waits.last_runs.items():
+        for a, b in zip(run.layers, overlaps.last_runs[seg].layers, strict=True):
+            np.testing.assert_array_equal(a.cycles, b.cycles)
+
+
 def test_segments_claim_the_accelerator_chains(compiled):
     cm = load_eie(compiled / "m.eie")
     kinds = [[l.kind for l in s.layers] for s in cm.segments.values()]
