@@ -26,11 +26,12 @@ POINTER_BANKS = 2
 # _queue_span sizes: at most this many [broadcasts, batch, pes] elements per block;
 # below the second figure per block numpy's per-call overhead dominates, so blocks grow
 # past the queue depth (up to _MAX_BLOCK_ROUNDS times it) and are iterated. A chunk of
-# blocks takes its work at once, at least _CHUNK_ELEMS elements.
+# blocks (about _CHUNK_ELEMS elements, at least one block) takes its work at once: its
+# buffers stay in the core's own cache beside the arithmetic's stream on the other core.
 _BLOCK_ELEMS = 1 << 21
 _SMALL_BLOCK_ELEMS = 1 << 16
 _MAX_BLOCK_ROUNDS = 32
-_CHUNK_ELEMS = 1 << 16
+_CHUNK_ELEMS = 1 << 15
 _WIDE_ELEMS = 1024  # B * pes from which _queue_span's blocks are at most `depth` broadcasts long
 _STEP_SCAN_ELEMS = 256  # B * pes from which a running max or sum goes one numpy call per step
 _INT16_TIMES = 1 << 13  # cycle times below this are solved in int16 (a conv's short broadcast lists)
