@@ -7,8 +7,9 @@ blocks of broadcasts, vectorised over (broadcast, batch, pe).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -26,8 +27,8 @@ POINTER_BANKS = 2
 # _queue_span sizes: at most this many [broadcasts, batch, pes] elements per block;
 # below the second figure per block numpy's per-call overhead dominates, so blocks grow
 # past the queue depth (up to _MAX_BLOCK_ROUNDS times it) and are iterated. A chunk of
-# blocks (about _CHUNK_ELEMS elements, at least one block) takes its work at once: its
-# buffers stay in the core's own cache beside the arithmetic's stream on the other core.
+# blocks (about _CHUNK_ELEMS elements, at least one block) takes its work at once, into
+# buffers that fit the core's own cache (128 KB each for Alex-6; 2^16 measured the same).
 _BLOCK_ELEMS = 1 << 21
 _SMALL_BLOCK_ELEMS = 1 << 16
 _MAX_BLOCK_ROUNDS = 32
@@ -459,14 +460,16 @@ def _events_of(tile: SparseImage, target: Target) -> tuple[str, np.ndarray]:
 
 
 def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_back: bool,
-               inputs: int | None = None) -> PassCycles:
+               inputs: int | None = None,
+               counted: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> PassCycles:
     """One RUN of `tile` on each vector of x_nonzero (bool [N, layer cols], the nonzero =
     broadcast activations): pipeline fill, the activation queues' span and, for a LAST
     RUN, the write-back of the tile's rows (one row per PE per cycle). The vectors are
     `inputs` runs of N / inputs consecutive ones (a conv's output positions of each input;
     default: one vector each), and each count is the sum over an input's vectors. The
     events are counted after the queues are solved, in one product with the PEs' excess
-    when the queues need that."""
+    when the queues need that; else by `counted` (default: pass_events on these arguments),
+    which another thread may have called first."""
     if tile.pes != target.pes:
         raise FormatError(None, f"tile built for {tile.pes} PEs, target has {target.pes}")
     if tile.col_lo + tile.cols > x_nonzero.shape[1]:
@@ -476,8 +479,10 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
     per = n // inputs
     name, table = _events_of(tile, target)
     nz = x_nonzero[:, tile.col_lo:tile.col_lo + tile.cols]
+    if counted is None:
+        counted = functools.partial(pass_events, tile, x_nonzero, target, inputs)
     if queues_idle(tile, target):
-        return counted_pass(tile, pass_events(tile, x_nonzero, target, inputs), per, target, write_back)
+        return counted_pass(tile, counted(), per, target, write_back)
     counts = None
     if per == 1:
         count = np.count_nonzero(nz, axis=1).astype(np.int64)
@@ -497,7 +502,7 @@ def cycle_pass(tile: SparseImage, x_nonzero: np.ndarray, target: Target, write_b
                              target.queue_depth, distinct=True)
         span, stall = span[inverse].reshape(inputs, per).sum(axis=1), stall[inverse].reshape(inputs, per).sum(axis=1)
     if counts is None:
-        counts = pass_events(tile, x_nonzero, target, inputs)
+        counts = counted()
     return counted_pass(tile, counts, per, target, write_back, span, stall)
 
 

@@ -29,7 +29,7 @@ from eiec.parallel import one_blas_thread
 from eiec.image import SparseImage
 
 from .cycles import (LoadCost, PassCycles, Timeline, counted_events, counted_pass, cycle_pass, layer_cycles,
-                     load_ptr_cost, load_spmat_cost, queue_occupancy, queues_idle)
+                     load_ptr_cost, load_spmat_cost, pass_events, queue_occupancy, queues_idle)
 from .energy import MODULES, access_energies, layer_energy, pe_area_mm2
 from eiec.fixedpoint import dequantize, quantize_counting
 from .simulator import (accumulate_fixed, accumulate_float, check_widths, depthwise_product, error_bound,
@@ -462,7 +462,7 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
     seg, batch, t = m.seg, m.batch, m.seg.target
     spec = seg.layers[ins.layer]
     vectors = xs.shape[0] if xs is not None else batch * int(np.prod(spec.out_shape[1:]))
-    cycles = None
+    cycles = counted = None
     if want_cycles:  # the cycle model reads only which inputs are nonzero: it runs beside the arithmetic
         if st.x_nonzero is None:  # made by the first thread to ask (the cycle model's, mostly)
             if xs is not None:
@@ -481,10 +481,12 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
                 tile, counted_events(tile, _window_counts(x != 0, spec), vectors // batch, t), vectors // batch, t,
                 write_back))
         else:
-            # its event counts too, after its queues: counted on this thread as the run settles,
-            # they would slow the queues still being solved beside (numpy's small calls hold the GIL)
+            # its event counts too, after its queues (counted on this thread as the run settles,
+            # they would slow the queues still being solved beside: numpy's small calls hold the
+            # GIL), or here before the program's tail, where this thread would wait anyway
+            counted = _once(lambda: pass_events(tile, x_nonzero(), t, inputs=batch))
             cycles = _beside(tile.code.size * vectors, lambda: cycle_pass(
-                tile, x_nonzero(), t, write_back=write_back, inputs=batch))
+                tile, x_nonzero(), t, write_back=write_back, inputs=batch, counted=counted))
     if mode == "fixed":
         check_widths(t, spec.cols)
         acc = None
@@ -506,8 +508,10 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
         if ins.flags & isa.Flag.FIRST:
             m.acc = np.zeros((xs.shape[0], ins.b - ins.a), np.float64)
         m.acc = accumulate_float(tile, spec.codebook, xs, m.acc)
-    if cycles is not None and ins is m.tail:
-        cycles()  # the cycle model done before the program's last small steps (run_segment's tail_waits)
+    if cycles is not None and ins is m.tail:  # the cycle model done before the program's last small steps
+        if counted is not None:
+            counted()  # unless the queues are solved already (run_segment's tail_waits)
+        cycles()
     if ins.flags & isa.Flag.LAST:
         bias = (spec.bias_acc if mode == "fixed" else spec.bias)[ins.a:ins.b]
         if not ins.flags & isa.Flag.BIAS:
