@@ -308,9 +308,9 @@ def run_segment(seg: Segment, x: np.ndarray, mode: str = "fixed", cycles: bool =
 
     With `tail_waits`, the program's last RUN waits for the cycle model before its write-back:
     what is left of the program then is small numpy steps, which beside the cycle model's own
-    would hand the GIL back and forth (Alex-6 at batch 1 through InferenceSession: 9.2
-    against 11.1 ms, interleaved). A caller with more arithmetic to run beside the cycle
-    model (a later segment of the same run) passes false.
+    would hand the GIL back and forth (Alex-6 at batch 1 through InferenceSession: 2-5 %
+    quicker); meanwhile this thread makes the RUN's event counts. A caller with more
+    arithmetic to run beside the cycle model (a later segment of the same run) passes false.
     """
     # BLAS stays on one thread while the cycle model's thread may be inside BLAS: OpenBLAS's thread
     # count is the process's, and setting it while the other thread was inside a BLAS call could
