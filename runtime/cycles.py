@@ -150,10 +150,10 @@ def _queue_work(tile: SparseImage) -> np.ndarray:
 
 def _scan(op: np.ufunc, a: np.ndarray, out: np.ndarray) -> np.ndarray:
     """op.accumulate along the first axis of a [L, batch, pes] array, into `out` (may be `a`).
-    numpy's running max or sum takes ~4 ns an element while a step's row is short (each
-    element waits for the one before), and more once the rows it strides across leave the
-    first-level cache; rows of many elements go one numpy call per step instead, each an
-    elementwise op on a contiguous row."""
+    numpy's running max or sum takes ~4 ns an element (each waits for the one before), but
+    6-22 ns when the rows it strides across are a power of two of 512 bytes or more apart
+    (the same cache sets); rows of many elements go one numpy call per step instead, each
+    an elementwise op on a contiguous row."""
     if a.shape[1] * a.shape[2] < _STEP_SCAN_ELEMS:
         return op.accumulate(a, axis=0, out=out)
     if out is not a and a.shape[0]:
