@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from eiec.errors import FormatError
+from eiec.fixedpoint import int_type
 from eiec.image import LINE_BYTES, SparseImage
 from eiec.runtime.simulator import blas_product, tile_cached
 from eiec.target import Target
@@ -143,9 +144,7 @@ def _queue_work(tile: SparseImage) -> np.ndarray:
     stays in cache beside the arithmetic's stream of the weights on the other core (Alex-6's
     is 2.4 MB in int32, 0.6 MB in int8)."""
     work = tile_cached(tile, "column_tables", _column_tables)[1][:, _queue_pes(tile)]
-    most = int(work.max(initial=0))
-    narrow = next(t for t in (np.int8, np.int16, np.int32) if most <= np.iinfo(t).max)
-    return np.ascontiguousarray(work, narrow)
+    return np.ascontiguousarray(work, int_type(int(work.max(initial=0)).bit_length() + 1))  # + the sign bit
 
 
 def _scan(op: np.ufunc, a: np.ndarray, out: np.ndarray) -> np.ndarray:

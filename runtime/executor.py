@@ -483,8 +483,9 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
         else:
             # its event counts too, after its queues (counted on this thread as the run settles,
             # they would slow the queues still being solved beside: numpy's small calls hold the
-            # GIL), or here before the program's tail, where this thread would wait anyway
-            counted = _once(lambda: pass_events(tile, x_nonzero(), t, inputs=batch))
+            # GIL), or, the program's last RUN's, here before its tail, where this thread would wait anyway
+            if ins is m.tail:
+                counted = _once(lambda: pass_events(tile, x_nonzero(), t, inputs=batch))
             cycles = _beside(tile.code.size * vectors, lambda: cycle_pass(
                 tile, x_nonzero(), t, write_back=write_back, inputs=batch, counted=counted))
     if mode == "fixed":
@@ -510,7 +511,7 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
         m.acc = accumulate_float(tile, spec.codebook, xs, m.acc)
     if cycles is not None and ins is m.tail:  # the cycle model done before the program's last small steps
         if counted is not None:
-            counted()  # unless the queues are solved already (run_segment's tail_waits)
+            counted()  # unless the cycle thread made them already (run_segment's tail_waits)
         cycles()
     if ins.flags & isa.Flag.LAST:
         bias = (spec.bias_acc if mode == "fixed" else spec.bias)[ins.a:ins.b]
