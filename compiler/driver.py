@@ -18,6 +18,7 @@ import onnx
 
 from .artifact import save_eie
 from .fileio import write_atomic
+from .heap import reuse_freed_memory
 from .importer import InputShapes, read_model
 from .inputs import load_calibration, load_held_out, random_inputs
 from .ir import find_layers
@@ -106,8 +107,9 @@ def compile_model(model_path: str, out_path: str, recipe_path: str | None = None
     for key, value in (budget or {}).items():  # command-line budgets override the recipe's
         if value is not None:
             setattr(recipe, key, float(value))
-    compressed = compress_model(model_path, recipe, calibration_path, seed, progress, dump_dir, input_shapes)
-    res = lower_compressed(compressed, out_path, progress=progress, dump_dir=dump_dir, storage=storage)
+    with reuse_freed_memory():
+        compressed = compress_model(model_path, recipe, calibration_path, seed, progress, dump_dir, input_shapes)
+        res = lower_compressed(compressed, out_path, progress=progress, dump_dir=dump_dir, storage=storage)
     if compressed.chosen_recipe is not None:  # only once the .eie is written: a failed compile leaves nothing
         res.recipe_path = os.path.splitext(out_path)[0] + ".recipe.yaml"
         write_atomic(res.recipe_path, compressed.chosen_recipe.encode())

@@ -34,6 +34,7 @@ from eiec.runtime.validate import fidelity, original_session
 from .driver import COMPRESS_TARGET_KEYS, compress_model, lower_compressed
 from .errors import EiecError
 from .fileio import write_atomic
+from .heap import reuse_freed_memory
 from .inputs import load_calibration
 from .ortrun import run_rows
 from .recipe import LAYER_KEYS, Recipe, parse_recipe, read_recipe_document
@@ -174,7 +175,8 @@ def compress_task(model: str, recipe: Recipe, calibration: str | None, seed: int
     """IR2 for one compression setting (or its Failure), and the seconds it took."""
     t0 = time.perf_counter()
     try:
-        return compress_model(model, recipe, calibration, seed), time.perf_counter() - t0
+        with reuse_freed_memory():
+            return compress_model(model, recipe, calibration, seed), time.perf_counter() - t0
     except Exception as e:  # noqa: BLE001 - a failed point is a row, not the end of the sweep
         return _failure(e), time.perf_counter() - t0
 
