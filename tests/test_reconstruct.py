@@ -535,6 +535,25 @@ def test_large_layer_paths_equal_the_plain_ones(monkeypatch, groups):
     assert t32._H_products.dtype == np.float32
     assert t32.error(W_new) == pytest.approx(whole.error(W_new), rel=1e-4)
     assert t32.energy == pytest.approx(whole.energy, rel=1e-4)
+    # ... and its factor of H^-1 in float32 (LAPACK's spotrf), the optimum through it
+    U32, live32 = t32.factor()
+    assert U32.dtype == np.float32
+    np.testing.assert_array_equal(live32, live_whole)
+    np.testing.assert_allclose(U32, U_whole, rtol=1e-3, atol=1e-4 * np.abs(U_whole).max())
+    np.testing.assert_allclose(t32.optimum(), whole.optimum(), rtol=1e-3, atol=1e-4 * np.abs(W).max())
+
+
+def test_float32_factor_is_the_float64_one_and_refuses_an_indefinite_matrix():
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((50, 20))
+    H = (A.T @ A)[None]
+    U64 = reconstruct._upper_inverse_factor(H)
+    U32 = reconstruct._upper_inverse_factor(H.astype(np.float32))
+    assert U32.dtype == np.float32 and np.allclose(np.triu(U32), U32)
+    np.testing.assert_allclose(U32, U64, rtol=1e-3, atol=1e-5 * np.abs(U64).max())
+    np.testing.assert_allclose(U64[0].T @ U64[0], np.linalg.inv(H[0]), rtol=1e-8, atol=1e-12)
+    with pytest.raises(np.linalg.LinAlgError):
+        reconstruct._upper_inverse_factor(-H.astype(np.float32))
 
 
 @settings(max_examples=40, deadline=None)
