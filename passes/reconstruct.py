@@ -859,6 +859,9 @@ class LayerTarget:
                 self.D = D.astype(np.float64)
             else:
                 self.R = (np.swapaxes(Xf, 1, 2) @ D).astype(np.float64) / n  # [g, in_g, out_g]
+                # R^T [g, out_g, in_g] as the errors read it, against E's rows: read through a transposed
+                # view it took 27 of a 104 ms error on ResNet-50's layer4.0.downsample, 4 ms contiguous
+                self._R_rows = np.ascontiguousarray(np.swapaxes(self.R, 1, 2))
         # the denominator of every relative error: the dense outputs' |X_ref W^T|^2 / n (None
         # without H: no error is measured then)
         self.energy: float | None = None
@@ -866,7 +869,7 @@ class LayerTarget:
             Wg = self._grouped(self.W).astype(self._H_products.dtype)
             energy = float(np.sum((Wg @ self._H_products) * Wg, dtype=np.float64))
             if self.R is not None:
-                energy += self.f0 - 2 * float(np.sum(Wg * np.swapaxes(self.R, 1, 2)))
+                energy += self.f0 - 2 * float(np.sum(Wg * self._R_rows))
             self.energy = max(energy, 0.0)
         elif self.H is not None:
             self.energy = float(np.sum(np.square(Xr @ Wt, dtype=np.float64))) / n
@@ -940,7 +943,7 @@ class LayerTarget:
             elif E.any():  # the dense weights themselves (E = 0) carry only the input mismatch f0
                 num += float(np.sum((E.astype(self._H_products.dtype, copy=False) @ self._H_products) * E))
                 if self.R is not None:
-                    num += 2 * float(np.sum(E * np.swapaxes(self.R[:, :, b], 1, 2)))
+                    num += 2 * float(np.sum(E * self._R_rows[:, b]))
         if not self.via_x:
             num += self.f0
         memo[key] = num
