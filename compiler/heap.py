@@ -6,8 +6,8 @@ zeroed. Compression allocates and drops arrays of tens to hundreds of MiB per la
 inputs on the calibration rows, Hessian copies, error products): measured on a ResNet-50
 compile (`bench/compile_speed.py`, 2 cores), 17 s of the process's 189 CPU-seconds were
 the kernel's; raising glibc's mmap and trim thresholds to REUSE_BYTES took the compile from
-107.5 to 100.0 s, its peak RSS from 2.5 to 2.7 GB (VGG-16's FC stack: 58.0 -> 51.4 s, 3.5 ->
-3.6 GB; at 1 GiB: 96.5 and 46.0 s, but 3.7 and 4.0 GB). Larger blocks are still mapped and
+107.5 to 100.0 s, at a peak RSS of 2.59 GiB (VGG-16's FC stack: 58.0 -> 51.4 s, 3.35 -> 3.47
+GiB; at 1 GiB: 96.5 and 46.0 s, but 3.50 and 3.86 GiB). Larger blocks are still mapped and
 unmapped as before.
 
 Elsewhere (musl, macOS, Windows) nothing changes.
