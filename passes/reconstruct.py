@@ -982,7 +982,7 @@ class LayerTarget:
                 # input's row of R is zero, so it gets no correction
                 U = self.factor(damp)[0][i]
                 trmm = scipy.linalg.blas.get_blas_funcs("trmm", (U,))
-                corr[i] = trmm(1.0, U, trmm(1.0, U, self.R[i].astype(U.dtype)), trans_a=1).T
+                corr[i] = trmm(1.0, U, trmm(1.0, U, self.R[i].astype(U.dtype, copy=False)), trans_a=1).T
             else:
                 corr[i] = scipy.linalg.solve(self.H[i] + lam[i] * np.eye(n_in), self.R[i], assume_a="pos").T
         return (W.reshape(corr.shape) - corr).reshape(W.shape)

@@ -38,4 +38,3 @@ def test_other_allocators_are_left_alone(monkeypatch):
     with heap.reuse_freed_memory():
         ran = True
     assert ran and heap._depth == [0]
-
