@@ -15,10 +15,10 @@ Elsewhere (musl, macOS, Windows) nothing changes.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import threading
-from typing import Iterator
+from typing import ContextManager
+
+from .parallel import ProcessWide
 
 # Blocks up to this size are taken from, and freed back to, the heap while a compile runs.
 REUSE_BYTES = 128 << 20
@@ -27,8 +27,6 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 # 64 bits, trim threshold twice that): what the block leaves behind, as setting a threshold
 # turns the dynamic one off for the rest of the process.
 _AFTER_MMAP, _AFTER_TRIM = 32 << 20, 64 << 20
-_lock = threading.Lock()
-_depth = [0]
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -40,25 +38,25 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-@contextlib.contextmanager
-def reuse_freed_memory() -> Iterator[None]:
+def _keep_freed() -> ctypes.CDLL | None:
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, REUSE_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, REUSE_BYTES)
+    return libc
+
+
+def _give_back(libc: ctypes.CDLL | None) -> None:
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
+        libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
+        libc.malloc_trim(0)
+
+
+_reuse = ProcessWide(_keep_freed, _give_back)
+
+
+def reuse_freed_memory() -> ContextManager[None]:
     """Run the block with freed blocks of up to REUSE_BYTES kept for reuse (glibc only); on leaving
     the outermost such block, the free memory goes back to the kernel (malloc_trim)."""
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    with _lock:
-        if _depth[0] == 0:
-            libc.mallopt(_M_MMAP_THRESHOLD, REUSE_BYTES)
-            libc.mallopt(_M_TRIM_THRESHOLD, REUSE_BYTES)
-        _depth[0] += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _depth[0] -= 1
-            if _depth[0] == 0:
-                libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
-                libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
-                libc.malloc_trim(0)
+    return _reuse.held()

@@ -30,11 +30,11 @@ def test_outermost_block_sets_and_restores(monkeypatch):
             raise RuntimeError("a failed compile restores them too")
     assert libc.calls[2:] == [("mallopt", heap._M_MMAP_THRESHOLD, heap._AFTER_MMAP),
                               ("mallopt", heap._M_TRIM_THRESHOLD, heap._AFTER_TRIM), ("malloc_trim", 0)]
-    assert heap._depth == [0]
+    assert heap._reuse.open == 0
 
 
 def test_other_allocators_are_left_alone(monkeypatch):
     monkeypatch.setattr(heap, "_glibc", lambda: None)
     with heap.reuse_freed_memory():
         ran = True
-    assert ran and heap._depth == [0]
+    assert ran and heap._reuse.open == 0
