@@ -858,10 +858,11 @@ class LayerTarget:
             if self.via_x:
                 self.D = D.astype(np.float64)
             else:
-                self.R = (np.swapaxes(Xf, 1, 2) @ D).astype(np.float64) / n  # [g, in_g, out_g]
-                # R^T [g, out_g, in_g] as the errors read it, against E's rows: read through a transposed
-                # view it took 27 of a 104 ms error on ResNet-50's layer4.0.downsample, 4 ms contiguous
-                self._R_rows = np.ascontiguousarray(np.swapaxes(self.R, 1, 2))
+                # R [g, in_g, out_g], held as R^T [g, out_g, in_g], as the errors read it against E's rows:
+                # through a transposed view it took 27 of a 104 ms error on ResNet-50's layer4.0.downsample,
+                # 4 ms contiguous
+                self._R_rows = np.ascontiguousarray(np.swapaxes((np.swapaxes(Xf, 1, 2) @ D).astype(np.float64) / n, 1, 2))
+                self.R = np.swapaxes(self._R_rows, 1, 2)
         # the denominator of every relative error: the dense outputs' |X_ref W^T|^2 / n (None
         # without H: no error is measured then)
         self.energy: float | None = None
