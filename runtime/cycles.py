@@ -35,7 +35,6 @@ _SMALL_BLOCK_ELEMS = 1 << 16
 _MAX_BLOCK_ROUNDS = 32
 _CHUNK_ELEMS = 1 << 15
 _WIDE_ELEMS = 1024  # B * pes from which _queue_span's blocks are at most `depth` broadcasts long
-_STEP_SCAN_ELEMS = 256  # B * pes from which a running max or sum goes one numpy call per step
 _INT16_TIMES = 1 << 13  # cycle times below this are solved in int16 (a conv's short broadcast lists)
 _INT32_TIMES = 1 << 29  # ... below this in int32
 _NEVER = -(1 << 40)  # an int64 time below any real one: never wins a max
@@ -147,18 +146,44 @@ def _queue_work(tile: SparseImage) -> np.ndarray:
     return np.ascontiguousarray(work, int_type(int(work.max(initial=0)).bit_length() + 1))  # + the sign bit
 
 
-def _scan(op: np.ufunc, a: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """op.accumulate along the first axis of a [L, batch, pes] array, into `out` (may be `a`).
-    numpy's running max or sum takes ~4 ns an element (each waits for the one before), but
-    6-22 ns when the rows it strides across are a power of two of 512 bytes or more apart
-    (the same cache sets); rows of many elements go one numpy call per step instead, each
-    an elementwise op on a contiguous row."""
-    if a.shape[1] * a.shape[2] < _STEP_SCAN_ELEMS:
+def _scan(op: np.ufunc, a: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """op.accumulate along the first axis of a [L, batch, pes] array, into `out` (may be `a`;
+    `scratch`: a buffer of a's shape and dtype, overwritten), by whichever of three ways
+    costs least for the shape (per-call and per-element costs measured with numpy 2 on
+    int16 and int32 rows):
+    - numpy's accumulate: ~1.9 ns an element, each waiting for the one before;
+    - one call per step, an elementwise op on a contiguous row: ~0.4 us a call;
+    - a log-step (Hillis-Steele) scan: ceil(log2 L) elementwise calls on the whole block,
+      each ~1 us plus ~0.02 ns an element per byte, ping-ponged between `out` and `scratch`
+      (an op whose output overlaps its input would make numpy copy it first)."""
+    n, row = a.shape[0], a[0:1].size
+    if n < 2:
+        if out is not a:
+            out[...] = a
+        return out
+    steps = (n - 1).bit_length()
+    per_elem = 2e-5 * a.itemsize  # us
+    costs = (1.9e-3 * n * row, (n - 1) * (0.4 + per_elem * row), steps * (1.0 + per_elem * n * row))
+    way = costs.index(min(costs))
+    if way == 0:
         return op.accumulate(a, axis=0, out=out)
-    if out is not a and a.shape[0]:
-        out[0] = a[0]
-    for i in range(1, a.shape[0]):
-        op(out[i - 1], a[i], out=out[i])
+    if way == 1:
+        if out is not a:
+            out[0] = a[0]
+        for i in range(1, n):
+            op(out[i - 1], a[i], out=out[i])
+        return out
+    # step i (shift 2**i) writes the buffer the previous one did not; the last writes `out`,
+    # unless the first would then write `a` in place: then it lands in `scratch` and is copied
+    first = out if steps % 2 and out is not a else scratch
+    other = scratch if first is out else out
+    src, dst, shift = a, first, 1
+    while shift < n:
+        dst[:shift] = src[:shift]
+        op(src[shift:], src[:-shift], out=dst[shift:])
+        src, dst, shift = dst, (other if dst is first else first), shift * 2
+    if src is not out:
+        out[...] = src
     return out
 
 
@@ -211,7 +236,7 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
     # broadcasts whose work and running sums are taken at once: several blocks' (buffers
     # reused: a fresh large array page-faults each call)
     chunk = max(1, max(_CHUNK_ELEMS, elems * block) // (elems * block)) * block
-    work_buf, before_buf = np.empty((2, chunk, batch, pes), dtype)
+    work_buf, before_buf, scan_buf = np.empty((3, max(chunk, block), batch, pes), dtype)
     t_buf = np.empty((block, batch, pes), dtype)
     finish = np.zeros((batch, pes), dtype)  # f of the last broadcast solved
     issue = np.full(batch, -1, dtype)  # b of the last broadcast solved
@@ -230,7 +255,7 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
         if c1 > all_valid:
             w[~valid[c0:c1]] = 0  # an invalid item adds no work
         before[0] = 0  # A', the running sum of work before each item from the chunk's first
-        _scan(np.add, w[:-1], out=before[1:])
+        _scan(np.add, w[:-1], before[1:], scan_buf[:c1 - c0 - 1])
         for k0 in range(c0, c1, block):
             k1 = min(c1, k0 + block)
             if k1 - k0 > depth:  # start from a lower bound on the block's own pops: each PE busy from its last finish
@@ -262,7 +287,7 @@ def _queue_span(work: np.ndarray, cols_k: np.ndarray, valid: np.ndarray,
                 if k1 > all_valid:
                     t[~valid[lo:k1]] = never  # an invalid item issues nothing
                 np.maximum(t[0], finish - a_before[0], out=t[0])  # f[lo-1] - A'[lo]
-                _scan(np.maximum, t, out=t)  # now f - A
+                _scan(np.maximum, t, t, scan_buf[:k1 - lo])  # now f - A
                 t += a_before  # s = f - work
                 t.max(axis=2, out=smax[lo + depth:k1 + depth])
                 if k1 - lo <= depth:

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from eiec.codec import encode_matrix
 from eiec.conv import im2col
 from eiec.image import SparseImage
-from eiec.runtime.cycles import (_LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, _queue_span_stepwise, _surely_stall,
+from eiec.runtime.cycles import (_LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, _queue_span_stepwise, _scan, _surely_stall,
                                  counted_events, counted_pass, cycle_pass, queues_idle)
 from eiec.runtime.executor import _patch_index, _positions, _window_counts
 from eiec.segment import ConvGeometry
@@ -109,6 +109,20 @@ def test_queue_span_of_one_long_stalling_list_matches_the_scalar_recurrence():
     assert stall[0] > span[0] // 2
     step = _queue_span_stepwise(work, cols_k, valid, depth, trace=True)
     assert np.array_equal(issue, step[2]) and np.array_equal(starts, step[3])
+
+
+@given(seed=st.integers(0, 2 ** 32 - 1), op=st.sampled_from([np.add, np.maximum]),
+       shape=st.sampled_from([(0, 1, 1), (1, 2, 3), (100, 1, 1), (256, 1, 64), (255, 2, 32), (100, 2, 32), (8, 64, 64), (3, 1, 4096)]),
+       dtype=st.sampled_from([np.int16, np.int64]), in_place=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_scan_is_numpys_accumulate_whichever_way_it_takes(seed, op, shape, dtype, in_place):
+    # the shapes reach all three ways: long thin lists accumulate, long wide blocks take
+    # the log-step scan (odd and even step counts), short very wide ones go step by step
+    a = np.random.default_rng(seed).integers(-99, 99, shape).astype(dtype)
+    want = op.accumulate(a, axis=0)
+    out = a if in_place else np.empty_like(a)
+    assert np.array_equal(_scan(op, a, out, np.empty_like(a)), want)
+    assert in_place or np.array_equal(out, want)
 
 
 @given(seed=st.integers(0, 2 ** 32 - 1), pes=st.sampled_from([1, 3, 8, 9, 64]), depth=st.sampled_from([1, 2, 8]),
