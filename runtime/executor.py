@@ -519,7 +519,7 @@ def _run_tile(m: _Machine, ins: isa.Instr, st: _LayerState, mode: str, want_cycl
             bias = np.zeros_like(bias)
         relu = bool(ins.flags & isa.Flag.RELU)
         if mode == "fixed":
-            y, clipped, changed = write_back_fixed(m.acc, bias, spec.shift, relu, t)
+            y, clipped, changed = write_back_fixed(m.acc, bias, spec.shift, relu, t, in_place=True)
             st.sat.accumulators += int(np.count_nonzero(m.acc_clipped | clipped))
             st.sat.outputs += changed
         else:

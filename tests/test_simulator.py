@@ -16,7 +16,8 @@ from eiec.image import SparseImage
 from eiec.fixedpoint import (choose_frac, count_saturated, dequantize, int_range, int_type, quantize,
                              quantize_counting, round_shift,
                                      saturate)
-from eiec.runtime.simulator import _dense_pays, _sign_split, error_bound, spmv_fixed, spmv_float, tile_matrix
+from eiec.runtime.simulator import (_dense_pays, _sign_split, error_bound, spmv_fixed, spmv_float, tile_matrix,
+                                   write_back_fixed)
 from eiec.target import Target
 
 # ---------------------------------------------------------------- slow helpers
@@ -440,3 +441,37 @@ def test_many_vectors_take_the_dense_product_and_stay_bit_exact(seed, widths, si
     y_ref, sat_acc, sat_out = reference_spmv(tiles, codebook, x, bias, shift, relu, target)
     assert np.array_equal(y, y_ref)
     assert (stats.saturated_accumulators, stats.saturated_outputs) == (sat_acc, sat_out)
+
+
+@given(seed=st.integers(0, 2 ** 32 - 1), bits=st.sampled_from([(16, 32), (8, 16), (12, 24), (16, 48)]),
+       shift=st.integers(-3, 20), relu=st.booleans(), kind=st.sampled_from(["float64", "int32", "int64"]),
+       in_place=st.booleans(), spread=st.sampled_from([0.01, 1.0, 4.0]))
+@settings(max_examples=150, deadline=None)
+def test_write_back_is_the_obvious_integer_one(seed, bits, shift, relu, kind, in_place, spread):
+    # bias add saturating at acc_bits, round half to even by 2**shift (a left shift when
+    # negative), clip to act_bits, ReLU; in exact Python integers, one value at a time
+    act_bits, acc_bits = bits
+    target = dataclasses.replace(Target(), act_bits=act_bits, acc_bits=acc_bits)
+    lo, hi = int_range(acc_bits)
+    a_lo, a_hi = int_range(act_bits)
+    rng = np.random.default_rng(seed)
+    reach = min(int(spread * hi), np.iinfo(kind).max if kind != "float64" else hi)
+    acc = rng.integers(-reach, reach, (int(rng.integers(0, 5)), int(rng.integers(1, 9))), endpoint=True)
+    bias = rng.integers(-(hi // 2), hi // 2, acc.shape[1], endpoint=True)
+    got_y, got_clipped, got_changed = write_back_fixed(acc.astype(kind), bias, shift, relu, target, in_place=in_place)
+    want_y, want_clipped, changed = [], [], 0
+    for v in (acc + bias).ravel().tolist():
+        want_clipped.append(not lo <= v <= hi)
+        v = min(max(v, lo), hi)
+        if shift > 0:
+            q = Fraction(v, 1 << shift)
+            v = round(q)  # Python rounds a Fraction half to even
+        else:
+            v <<= -shift
+        out = min(max(v, a_lo), a_hi)
+        changed += out != v and not (relu and v < 0)
+        want_y.append(max(out, 0) if relu else out)
+    assert got_y.dtype == int_type(act_bits)
+    assert got_y.ravel().tolist() == want_y
+    assert got_clipped.ravel().tolist() == want_clipped
+    assert got_changed == changed
