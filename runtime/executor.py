@@ -22,7 +22,7 @@ import numpy as np
 
 from eiec import isa
 from eiec.segment import LayerSpec, Segment
-from eiec.conv import im2col, windows_nhwc
+from eiec.conv import im2col
 
 from eiec.errors import FormatError
 from eiec.parallel import one_blas_thread
@@ -32,7 +32,7 @@ from .cycles import (LoadCost, PassCycles, Timeline, counted_events, counted_pas
                      load_ptr_cost, load_spmat_cost, pass_events, queue_occupancy, queues_idle)
 from .energy import MODULES, access_energies, layer_energy, pe_area_mm2
 from eiec.fixedpoint import dequantize, quantize_counting
-from .simulator import (accumulate_fixed, accumulate_float, check_widths, depthwise_product, error_bound,
+from .simulator import (accumulate_fixed, accumulate_float, blas_product, check_widths, depthwise_product, error_bound,
                         tile_cached, write_back_fixed, write_back_float)
 
 
@@ -206,12 +206,28 @@ def _positions(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
 def _window_counts(nonzero: np.ndarray, spec: LayerSpec) -> np.ndarray:
     """Each input's im2col column counts of a conv's input mask nonzero (bool [B, C, H, W]):
     for every (channel, tap) column of the patches, at how many output positions it is
-    nonzero, [B, C * kh * kw] in the patches' column order; summed over a strided view of
-    the zero-padded mask's windows, without gathering the patches."""
+    nonzero, [B, C * kh * kw] in the patches' column order; one product of each channel's
+    mask with the geometry's pixel-to-tap incidence (_tap_reads), without gathering the
+    patches. float32 is exact: a count is at most the output positions."""
     c = spec.conv
-    windows = windows_nhwc(nonzero.transpose(0, 2, 3, 1), c.kernel, c.pads, c.strides, c.dilations, np.uint8)
-    _, out_h, out_w = windows.shape[:3]
-    return windows.sum(axis=(1, 2), dtype=np.uint8 if out_h * out_w < 256 else np.int64).reshape(nonzero.shape[0], -1)
+    batch, channels, height, width = nonzero.shape
+    reads = _tap_reads((height, width), c.kernel, c.pads, c.strides, c.dilations)
+    mask = nonzero.reshape(batch * channels, height * width).astype(np.float32)
+    counts = blas_product(mask, reads).reshape(batch, -1)
+    positions = int(reads.sum(axis=0).max(initial=0))  # the most a tap is read: its positions in the image
+    return counts.astype(np.uint8 if positions < 256 else np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _tap_reads(hw: tuple[int, int], kernel, pads, strides, dilations) -> np.ndarray:
+    """float32 [H * W, kh * kw]: at how many output positions each tap reads each pixel of
+    one channel (0 or 1: a tap reads a pixel at most at one position)."""
+    index = _patch_index((1, *hw), kernel, pads, strides, dilations)  # [positions, taps], H * W: padding
+    reads = np.zeros((hw[0] * hw[1] + 1, index.shape[1]), np.float32)
+    np.add.at(reads, (index, np.arange(index.shape[1])), 1)
+    reads = reads[:-1]
+    reads.setflags(write=False)  # shared by every call with this geometry
+    return reads
 
 
 @functools.lru_cache(maxsize=256)
