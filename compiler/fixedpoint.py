@@ -98,6 +98,13 @@ def round_shift(acc: np.ndarray, shift: int) -> np.ndarray:
     return out
 
 
+def round_shift_int(v: int, shift: int) -> int:
+    """round_shift of one Python int, without an array (the write-back's range check, per RUN)."""
+    if shift <= 0:
+        return v << -shift
+    return (v + ((v >> shift) & 1) + (1 << (shift - 1)) - 1) >> shift
+
+
 def choose_frac(max_abs: float, bits: int) -> int:
     """The largest frac with quantize(+-max_abs, frac, bits) not saturating.
 

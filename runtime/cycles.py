@@ -115,7 +115,7 @@ def _table_product(tile: SparseImage, name: str, table: np.ndarray, part: slice,
     every sum stays below 2**24 (else float64: BLAS products of integers are then exact)."""
     used, reach = _table_part(tile, name, table, part)
     dtype = np.float32 if most * reach < 1 << 24 else np.float64
-    compact = tile_cached(tile, f"{name}_{part.start}_{part.stop}_{np.dtype(dtype).name}",
+    compact = tile_cached(tile, f"{name}_{part.start}_{part.stop}_{dtype.__name__}",
                           lambda t: np.ascontiguousarray(table[:, part][:, used], dtype))
     return blas_product(weights.astype(dtype), compact).astype(np.int64), used
 

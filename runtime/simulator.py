@@ -21,7 +21,7 @@ from eiec.segment import ConvGeometry
 from eiec.parallel import BLAS_THREADS_MIN_MACS, one_blas_thread
 from eiec.codec import entry_positions
 from eiec.conv import windows_nhwc
-from eiec.fixedpoint import int_range, int_type, round_shift
+from eiec.fixedpoint import int_range, int_type, round_shift, round_shift_int
 from eiec.target import Target
 
 # Prefix checks materialise [batch chunk, entries] int64 arrays; keep them ~32 MB.
@@ -481,14 +481,15 @@ def write_back_fixed(acc: np.ndarray, bias_acc: np.ndarray, shift: int, relu: bo
     a_lo, a_hi = int_range(target.act_bits)
     # the shift is monotonic: the extremes of `shifted` are pre's, shifted. Clipping a negative
     # value that ReLU then zeroes changes nothing: not counted
-    s_lo, s_hi = (int(v) for v in round_shift(np.array([p_lo, p_hi], np.int64), shift))
+    s_lo, s_hi = round_shift_int(p_lo, shift), round_shift_int(p_hi, shift)
     under = not relu and s_lo < a_lo
     changed = 0
     if s_hi > a_hi or under:
         changed = int(np.count_nonzero(shifted > a_hi)) + (int(np.count_nonzero(shifted < a_lo)) if under else 0)
     out_type = int_type(target.act_bits)
     y_lo = 0 if relu else a_lo
-    if np.iinfo(out_type).min <= s_lo and s_hi <= np.iinfo(out_type).max:
+    t_lo, t_hi = int_range(8 * np.dtype(out_type).itemsize)
+    if t_lo <= s_lo and s_hi <= t_hi:
         # every value fits the output type: cast it, then clip the narrow copy (if anything is out)
         y = shifted.astype(out_type)
         if s_lo < y_lo:

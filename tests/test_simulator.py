@@ -14,8 +14,7 @@ from hypothesis.extra.numpy import arrays
 from eiec.errors import FormatError
 from eiec.image import SparseImage
 from eiec.fixedpoint import (choose_frac, count_saturated, dequantize, int_range, int_type, quantize,
-                             quantize_counting, round_shift,
-                                     saturate)
+                             quantize_counting, round_shift, round_shift_int, saturate)
 from eiec.runtime.simulator import (_dense_pays, _sign_split, error_bound, spmv_fixed, spmv_float, tile_matrix,
                                    write_back_fixed)
 from eiec.target import Target
@@ -156,6 +155,7 @@ def test_round_shift_matches_exact_rational_rounding(values, shift):
     got = round_shift(np.array(values, np.int64), shift).tolist()
     # Python's round() on a Fraction is round-half-to-even
     assert got == [round(Fraction(v, 1) / Fraction(2) ** shift) for v in values]
+    assert [round_shift_int(v, shift) for v in values] == got  # the scalar twin
 
 
 @given(x=arrays(np.float32, st.integers(0, 12), elements=st.floats(width=32, allow_nan=True, allow_infinity=True)
