@@ -20,7 +20,7 @@ from eiec.image import SparseImage
 from eiec.segment import ConvGeometry
 from eiec.parallel import BLAS_THREADS_MIN_MACS, one_blas_thread
 from eiec.codec import entry_positions
-from eiec.conv import windows_nhwc
+from eiec.conv import conv_output_hw, windows_nhwc
 from eiec.fixedpoint import int_range, int_type, round_shift, round_shift_int
 from eiec.target import Target
 
@@ -39,6 +39,9 @@ _DENSE_MAX_ELEMS = 1 << 23
 # the dense product is) from this many rows per block; a depthwise conv's one-row blocks with
 # an einsum in place
 _BLOCKS_BLAS_ROWS = 8
+# a depthwise conv on a small image multiplies each channel's image by its spatial matrix
+# (BLAS, float64) while that matrix, for all channels, stays within this many bytes
+_SPATIAL_MAX_BYTES = 16 << 20
 
 
 @dataclass
@@ -338,13 +341,16 @@ def _reach(tile: SparseImage, codebook_q: np.ndarray, x: np.ndarray, room: int, 
 def depthwise_product(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, conv: ConvGeometry,
                       target: Target) -> np.ndarray | None:
     """A depthwise conv's FIRST RUN computed on its input x_q (int [B, H, W, C]) itself, when
-    its one tile is the whole layer (row c reads channel c's kh x kw patch): each output
-    position's sum over the kernel's taps of the zero-padded input's window times the taps'
-    weights, in int32, read through a strided view of the windows. The result is
-    accumulate_fixed's on the im2col patches, [B * Ho * Wo, C] in their row order, without
-    gathering them (k*k copies of the input). None when some running sum might leave the
-    accumulator range or int32, or the tile is not the whole layer."""
-    channels = x_q.shape[-1]
+    its one tile is the whole layer (row c reads channel c's kh x kw patch), without gathering
+    the im2col patches (k*k copies of the input). The result is accumulate_fixed's on the
+    patches, [B * Ho * Wo, C] int32 in their row order. Of two exact ways, the one
+    `_spatial_pays` expects quicker: each channel's image times the channel's spatial matrix
+    (`_spatial_matrix`), a batched BLAS product in float64; or each output position's sum over
+    the taps of the zero-padded input's windows times the taps' weights, one int32 einsum
+    over a strided view of the windows. None when some running sum might leave the
+    accumulator range or int32 (so float64 holds every sum exactly too), or the tile is not
+    the whole layer."""
+    batch, height, width, channels = x_q.shape
     kh, kw = conv.kernel
     if (tile.row_lo, tile.col_lo, tile.rows, tile.cols) != (0, 0, channels, channels * kh * kw):
         return None
@@ -354,11 +360,41 @@ def depthwise_product(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray
     dense = _diagonal_blocks(tile, codebook_q, (1, kh * kw))
     if dense is None:
         return None
+    out_h, out_w = conv_output_hw((height, width), conv.kernel, conv.pads, conv.strides, conv.dilations)
+    pixels, positions = height * width, out_h * out_w
+    if _spatial_pays(batch, channels, pixels, positions, kh * kw):
+        spatial = tile_cached(tile, _codebook_key(f"depthwise_spatial{height}x{width}", codebook_q),
+                              lambda t: _spatial_matrix(dense.reshape(channels, kh * kw), (height, width), conv))
+        images = np.ascontiguousarray(x_q.transpose(3, 0, 1, 2).reshape(channels, batch, pixels), np.float64)
+        product = np.matmul(images, spatial)  # [C, B, positions]: integers below 2**31, exact
+        return product.transpose(1, 2, 0).reshape(batch * positions, channels).astype(np.int32)
     taps = tile_cached(tile, _codebook_key("depthwise_taps", codebook_q), lambda t: (
         np.ascontiguousarray(dense.reshape(channels, kh, kw).transpose(1, 2, 0), np.int32)))  # [kh, kw, C]
     # int32 throughout: einsum's loops are quicker with one type than summing int16 into int32
     windows = windows_nhwc(x_q, conv.kernel, conv.pads, conv.strides, conv.dilations, np.int32)
     return np.einsum("bhwcij,ijc->bhwc", windows, taps).reshape(-1, channels)
+
+
+def _spatial_pays(batch: int, channels: int, pixels: int, positions: int, taps: int) -> bool:
+    """Whether depthwise_product's spatial-matrix product beats its einsum, by costs measured
+    with numpy 2 and OpenBLAS (2-core x86-64, AVX-512): the product ~0.05 ns a multiply-add
+    plus ~0.3 ns for each element of the matrix it reads, B C HW P (0.05 + 0.3 / B); the
+    einsum ~0.8 + 40 / C ns a multiply-add (its inner loop is over the channels), B C P k
+    (0.8 + 40 / C). The matrices of all channels must stay within _SPATIAL_MAX_BYTES."""
+    if 8 * channels * pixels * positions > _SPATIAL_MAX_BYTES:
+        return False
+    return pixels * (0.05 * batch + 0.3) < taps * batch * (0.8 + 40 / channels)
+
+
+def _spatial_matrix(taps: np.ndarray, hw: tuple[int, int], conv: ConvGeometry) -> np.ndarray:
+    """float64 [C, H * W, Ho * Wo]: channel c's depthwise conv of one H x W image as a matrix,
+    row = pixel, column = output position, the weight of the tap that reads the pixel there
+    (0 where none does); taps [C, kh * kw] in the patches' order."""
+    pixels = hw[0] * hw[1]
+    one_hot = np.eye(pixels).reshape(pixels, *hw, 1)  # each pixel alone, as an NHWC image
+    reads = windows_nhwc(one_hot, conv.kernel, conv.pads, conv.strides, conv.dilations, np.float64)
+    reads = reads.reshape(pixels, -1, taps.shape[1])  # [pixel, position, tap]: 1 where the tap reads it
+    return np.ascontiguousarray(np.einsum("ipk,ck->cip", reads, taps.astype(np.float64)))
 
 
 def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, acc: np.ndarray | None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import unittest.mock
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
@@ -18,6 +19,7 @@ from eiec.runtime.cycles import (_LANES_MIN_ELEMS, _queue_span, _queue_span_lane
                                  counted_events, counted_pass, cycle_pass, queues_idle)
 from eiec.runtime.executor import _patch_index, _positions, _window_counts
 from eiec.segment import ConvGeometry
+from eiec.runtime import simulator
 from eiec.runtime.simulator import _diagonal_blocks, accumulate_fixed, depthwise_product, spmv_fixed, spmv_float
 from eiec.target import Target
 
@@ -254,11 +256,12 @@ def test_grouped_layer_blocks_give_the_sparse_product(seed, group_shape, aligned
 
 
 @given(seed=st.integers(0, 2 ** 32 - 1), k=st.sampled_from([(1, 1), (3, 3), (2, 3)]), pad=st.integers(0, 2),
-       stride=st.integers(1, 2), dilation=st.integers(1, 2), nchw_view=st.booleans())
-@settings(max_examples=40, deadline=None)
-def test_depthwise_conv_on_its_input_is_the_patch_product(seed, k, pad, stride, dilation, nchw_view):
-    # a depthwise conv's one tile multiplied tap by tap on its input (any geometry, asymmetric
-    # pads) gives accumulate_fixed's product on the im2col patches, exactly
+       stride=st.integers(1, 2), dilation=st.integers(1, 2), nchw_view=st.booleans(), spatial=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_depthwise_conv_on_its_input_is_the_patch_product(seed, k, pad, stride, dilation, nchw_view, spatial):
+    # a depthwise conv's one tile multiplied on its input (any geometry, asymmetric pads), by
+    # its spatial matrices or tap by tap over the windows, gives accumulate_fixed's product on
+    # the im2col patches, exactly
     rng = np.random.default_rng(seed)
     channels, taps = 5, k[0] * k[1]
     idx = np.zeros((channels, channels * taps), np.uint8)
@@ -274,7 +277,8 @@ def test_depthwise_conv_on_its_input_is_the_patch_product(seed, k, pad, stride, 
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
     geometry = ConvGeometry(k, (pad, pad + 1, 1, pad), (stride, 1), (dilation, 1), channels)
     target = dataclasses.replace(Target(), pes=2, acc_bits=40)
-    got = depthwise_product(tile, codebook, x, geometry, target)
+    with unittest.mock.patch.object(simulator, "_spatial_pays", lambda *args: spatial):
+        got = depthwise_product(tile, codebook, x, geometry, target)
     patches = _positions(x.transpose(0, 3, 1, 2), types.SimpleNamespace(kind="conv", conv=geometry))
     expect, _ = accumulate_fixed(tile, codebook, patches, None, target, (1, taps))
     assert got is not None and got.dtype == np.int32 and np.array_equal(got, expect)
@@ -374,3 +378,11 @@ def test_pointwise_positions_are_im2col(seed, stride, view):
     got = _positions(x, types.SimpleNamespace(kind="conv", conv=geometry))
     assert np.array_equal(got, im2col(x, (1, 1), (0, 0, 0, 0), (stride, stride), (1, 1))[0])
     assert np.shares_memory(got, held) == (view and stride == 1)
+
+
+def test_depthwise_spatial_matrices_only_for_small_images():
+    # a MobileNet's late 4x4 and 7x7 images at batch 32 take them; a 112x112 image never
+    # (its matrices would take gigabytes), nor one image on a 14x14 map (reading them costs more)
+    assert simulator._spatial_pays(32, 120, 16, 16, 25) and simulator._spatial_pays(32, 72, 49, 49, 9)
+    assert not simulator._spatial_pays(32, 16, 112 * 112, 112 * 112, 9)
+    assert not simulator._spatial_pays(1, 64, 196, 196, 9)
