@@ -393,7 +393,8 @@ def _run_program(seg: Segment, x: np.ndarray, mode: str, cycles: bool, trace: bo
         for pc, (ins, step) in enumerate(zip(seg.program, steps)):
             if ins.op in (isa.Op.LOAD_PTR, isa.Op.LOAD_SPMAT, isa.Op.LOAD_CB):
                 last_loaded = ins.layer
-                start, end = clock.load(ins.op.name, step)
+                if step or trace:  # a load of what is held moves no time (docs/simulator.md): only its trace row
+                    start, end = clock.load(ins.op.name, step)
             elif ins.op == isa.Op.RUN:
                 st = layers[ins.layer]
                 st.load_cycles = st.load_cycles + clock.waiting()  # the loads hold the RUN back
