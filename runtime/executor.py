@@ -379,7 +379,7 @@ def _run_program(seg: Segment, x: np.ndarray, mode: str, cycles: bool, trace: bo
             buf = _read(m, ins.src, pc, ins)
             res = buf.read(seg, batch)
             last = seg.layers[buf.layer]
-            run.output = (dequantize(res, last.out_frac) if mode == "fixed" else res).astype(np.float32)
+            run.output = dequantize(res, last.out_frac) if mode == "fixed" else res.astype(np.float32)  # new arrays
             run.bound_of = buf.bound
         steps.append(step)
 
