@@ -391,10 +391,13 @@ def _spatial_matrix(taps: np.ndarray, hw: tuple[int, int], conv: ConvGeometry) -
     row = pixel, column = output position, the weight of the tap that reads the pixel there
     (0 where none does); taps [C, kh * kw] in the patches' order."""
     pixels = hw[0] * hw[1]
-    one_hot = np.eye(pixels).reshape(pixels, *hw, 1)  # each pixel alone, as an NHWC image
-    reads = windows_nhwc(one_hot, conv.kernel, conv.pads, conv.strides, conv.dilations, np.float64)
-    reads = reads.reshape(pixels, -1, taps.shape[1])  # [pixel, position, tap]: 1 where the tap reads it
-    return np.ascontiguousarray(np.einsum("ipk,ck->cip", reads, taps.astype(np.float64)))
+    marked = np.arange(1, pixels + 1, dtype=np.float64).reshape(1, *hw, 1)  # 0 will mark the padding
+    read = windows_nhwc(marked, conv.kernel, conv.pads, conv.strides, conv.dilations, np.float64)
+    read = read.reshape(-1, taps.shape[1]).astype(np.int64) - 1  # [position, tap]: the pixel it reads, -1 none
+    position, tap = np.nonzero(read >= 0)  # at one position, each tap reads its own pixel
+    matrix = np.zeros((taps.shape[0], pixels, read.shape[0]))
+    matrix[:, read[position, tap], position] = taps[:, tap]
+    return matrix
 
 
 def accumulate_fixed(tile: SparseImage, codebook_q: np.ndarray, x_q: np.ndarray, acc: np.ndarray | None,
