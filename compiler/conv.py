@@ -6,6 +6,8 @@ every output position's patch; calibration captures the same patches as layer in
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -57,6 +59,21 @@ def im2col(
         patches = win.transpose(0, 2, 3, 1, 4, 5) if rows is None else win[n_i, :, h_i, w_i]
     p = patches.reshape(-1, group, C // group * kh * kw)
     return np.ascontiguousarray(p.transpose(1, 0, 2))
+
+
+@functools.lru_cache(maxsize=256)
+def patch_index(shape: tuple[int, ...], kernel, pads, strides, dilations) -> np.ndarray:
+    """int [positions, cols]: where im2col's patch element of one input [C, H, W] comes from
+    in the input flattened with a zero appended (its index, C * H * W, = the padding); made
+    once per geometry and shared (read-only)."""
+    size = int(np.prod(shape))
+    where = np.arange(size, dtype=np.float64).reshape(1, *shape)
+    marked = np.pad(where + 1, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))  # 0: padding
+    index = im2col(marked, kernel, (0, 0, 0, 0), strides, dilations)[0].astype(np.int64) - 1
+    index[index < 0] = size
+    index = index.astype(np.int32 if size < 1 << 31 else np.int64)
+    index.setflags(write=False)  # shared by every call with this geometry
+    return index
 
 
 def windows_nhwc(x: np.ndarray, kernel: tuple[int, int], pads: tuple[int, int, int, int],

@@ -22,7 +22,7 @@ import numpy as np
 
 from eiec import isa
 from eiec.segment import LayerSpec, Segment
-from eiec.conv import im2col
+from eiec.conv import patch_index
 
 from eiec.errors import FormatError
 from eiec.parallel import one_blas_thread
@@ -197,7 +197,7 @@ def _positions(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
         # when x is the layout view of an earlier layer's [B * positions, rows] output
         x = x[:, :, ::c.strides[0], ::c.strides[1]]
         return x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
-    index = _patch_index(x.shape[1:], c.kernel, c.pads, c.strides, c.dilations)
+    index = patch_index(x.shape[1:], c.kernel, c.pads, c.strides, c.dilations)
     flat = np.zeros((x.shape[0], x[0].size + 1), x.dtype)  # the last element: a zero for the padding
     flat[:, :-1].reshape(x.shape)[...] = x  # one strided copy (x is often a transposed view)
     return flat.take(index.ravel(), axis=1).reshape(-1, index.shape[1])  # C order: the reshape is free
@@ -222,26 +222,12 @@ def _window_counts(nonzero: np.ndarray, spec: LayerSpec) -> np.ndarray:
 def _tap_reads(hw: tuple[int, int], kernel, pads, strides, dilations) -> np.ndarray:
     """float32 [H * W, kh * kw]: at how many output positions each tap reads each pixel of
     one channel (0 or 1: a tap reads a pixel at most at one position)."""
-    index = _patch_index((1, *hw), kernel, pads, strides, dilations)  # [positions, taps], H * W: padding
+    index = patch_index((1, *hw), kernel, pads, strides, dilations)  # [positions, taps], H * W: padding
     reads = np.zeros((hw[0] * hw[1] + 1, index.shape[1]), np.float32)
     np.add.at(reads, (index, np.arange(index.shape[1])), 1)
     reads = reads[:-1]
     reads.setflags(write=False)  # shared by every call with this geometry
     return reads
-
-
-@functools.lru_cache(maxsize=256)
-def _patch_index(shape: tuple[int, ...], kernel, pads, strides, dilations) -> np.ndarray:
-    """int [positions, cols]: where im2col's patch element of one input [C, H, W] comes from
-    in the input flattened with a zero appended (its index = the padding)."""
-    size = int(np.prod(shape))
-    where = np.arange(size, dtype=np.float64).reshape(1, *shape)
-    marked = np.pad(where + 1, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))  # 0: padding
-    index = im2col(marked, kernel, (0, 0, 0, 0), strides, dilations)[0].astype(np.int64) - 1
-    index[index < 0] = size
-    index = index.astype(np.int32 if size < 1 << 31 else np.int64)
-    index.setflags(write=False)  # shared by every call with this geometry
-    return index
 
 
 def _to_output(y: np.ndarray, spec: LayerSpec, batch: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from eiec.image import SparseImage
 from eiec.segment import ConvGeometry
 from eiec.parallel import BLAS_THREADS_MIN_MACS, one_blas_thread
 from eiec.codec import entry_positions
-from eiec.conv import conv_output_hw, windows_nhwc
+from eiec.conv import conv_output_hw, patch_index, windows_nhwc
 from eiec.fixedpoint import int_range, int_type, round_shift, round_shift_int
 from eiec.target import Target
 
@@ -391,12 +391,10 @@ def _spatial_matrix(taps: np.ndarray, hw: tuple[int, int], conv: ConvGeometry) -
     row = pixel, column = output position, the weight of the tap that reads the pixel there
     (0 where none does); taps [C, kh * kw] in the patches' order."""
     pixels = hw[0] * hw[1]
-    marked = np.arange(1, pixels + 1, dtype=np.float64).reshape(1, *hw, 1)  # 0 will mark the padding
-    read = windows_nhwc(marked, conv.kernel, conv.pads, conv.strides, conv.dilations, np.float64)
-    read = read.reshape(-1, taps.shape[1]).astype(np.int64) - 1  # [position, tap]: the pixel it reads, -1 none
-    position, tap = np.nonzero(read >= 0)  # at one position, each tap reads its own pixel
+    read = patch_index((1, *hw), conv.kernel, conv.pads, conv.strides, conv.dilations)  # [position, tap]
+    position, tap = np.nonzero(read < pixels)  # the padding reads pixel number H * W
     matrix = np.zeros((taps.shape[0], pixels, read.shape[0]))
-    matrix[:, read[position, tap], position] = taps[:, tap]
+    matrix[:, read[position, tap], position] = taps[:, tap]  # at one position, each tap reads its own pixel
     return matrix
 
 

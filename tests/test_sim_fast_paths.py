@@ -13,11 +13,11 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from eiec.codec import encode_matrix
-from eiec.conv import im2col
+from eiec.conv import im2col, patch_index
 from eiec.image import SparseImage
 from eiec.runtime.cycles import (_LANES_MIN_ELEMS, _queue_span, _queue_span_lanes, _queue_span_stepwise, _scan, _surely_stall,
                                  counted_events, counted_pass, cycle_pass, queues_idle)
-from eiec.runtime.executor import _patch_index, _positions, _window_counts
+from eiec.runtime.executor import _positions, _window_counts
 from eiec.segment import ConvGeometry
 from eiec.runtime import simulator
 from eiec.runtime.simulator import _diagonal_blocks, accumulate_fixed, depthwise_product, spmv_fixed, spmv_float
@@ -358,7 +358,7 @@ def test_patch_gather_is_im2col(seed, k, pad, stride, dilation):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
     pads, strides, dilations = (pad, pad + 1, pad, 0), (stride, 1), (dilation, 1)
-    index = _patch_index(x.shape[1:], (k, k), pads, strides, dilations)
+    index = patch_index(x.shape[1:], (k, k), pads, strides, dilations)
     flat = np.concatenate([x.reshape(2, -1), np.zeros((2, 1), np.float32)], axis=1)
     expect = im2col(x, (k, k), pads, strides, dilations)[0]
     assert np.array_equal(flat[:, index].reshape(-1, index.shape[1]), expect)
